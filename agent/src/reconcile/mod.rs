@@ -1,0 +1,2 @@
+//! Reconcile core: per-guest queue, desired state, normalization, plan, engine, journal.
+//! (Issue 5.)
