@@ -66,9 +66,15 @@ impl std::str::FromStr for Vmid {
     type Err = ValueError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || s.len() > 10 {
-            return Err(ValueError::invalid("vmid", format!("{s:?} is not a number")));
+            return Err(ValueError::invalid(
+                "vmid",
+                format!("{s:?} is not a number"),
+            ));
         }
-        Vmid::new(s.parse::<u64>().map_err(|e| ValueError::invalid("vmid", e.to_string()))?)
+        Vmid::new(
+            s.parse::<u64>()
+                .map_err(|e| ValueError::invalid("vmid", e.to_string()))?,
+        )
     }
 }
 
@@ -97,6 +103,9 @@ mod tests {
     fn vmid_decoding_validates() {
         assert!(serde_json::from_str::<Vmid>("42").is_err());
         assert_eq!(serde_json::from_str::<Vmid>("120").unwrap().get(), 120);
-        assert_eq!(serde_json::to_string(&Vmid::new(120).unwrap()).unwrap(), "120");
+        assert_eq!(
+            serde_json::to_string(&Vmid::new(120).unwrap()).unwrap(),
+            "120"
+        );
     }
 }

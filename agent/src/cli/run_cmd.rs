@@ -1,0 +1,7 @@
+//! `felhom-agent run`.
+
+use super::{Cli, CliError};
+
+pub fn run(_cli: &Cli) -> Result<(), CliError> {
+    Err(super::not_built("run"))
+}
