@@ -548,7 +548,7 @@ fn b64_value(c: u8) -> Option<u32> {
 /// Decodes standard base64 (with padding). `None` on any malformed input.
 fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.is_empty() || b.len() % 4 != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(b.len() / 4 * 3);
