@@ -139,7 +139,10 @@ pub fn read_head(log: &Path) -> std::io::Result<Option<(u64, String)>> {
     let v: Value = serde_json::from_str(&s).map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, format!("head file: {e}"))
     })?;
-    match (v.get("seq").and_then(Value::as_u64), v.get("hash").and_then(Value::as_str)) {
+    match (
+        v.get("seq").and_then(Value::as_u64),
+        v.get("hash").and_then(Value::as_str),
+    ) {
         (Some(seq), Some(hash)) => Ok(Some((seq, hash.to_string()))),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -184,7 +187,10 @@ fn scan_tail(f: &mut File, len: u64) -> std::io::Result<TailScan> {
         None
     } else {
         let without_nl = &body[..body.len() - 1];
-        let from = without_nl.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let from = without_nl
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
         if from == 0 && start > 0 {
             // The line is longer than the scan window; treat as unreadable.
             None
@@ -316,7 +322,12 @@ impl AuditLog {
 
     /// Works out the last record from the file (and head), repairing a torn tail and
     /// noting a cut in `pending`.
-    fn find_tip(&self, f: &mut File, len: u64, pending: &mut Vec<Entry>) -> Result<Tip, AuditError> {
+    fn find_tip(
+        &self,
+        f: &mut File,
+        len: u64,
+        pending: &mut Vec<Entry>,
+    ) -> Result<Tip, AuditError> {
         let scan = scan_tail(f, len).map_err(io_err(&self.log))?;
         let head = read_head(&self.log).map_err(io_err(&head_path(&self.log)))?;
         if let Some((offset, bytes)) = &scan.torn {
@@ -357,7 +368,10 @@ impl AuditLog {
         {
             pending.push(
                 Entry::new("cut")
-                    .with("reason", "the log ends before the record its head file names: records were removed")
+                    .with(
+                        "reason",
+                        "the log ends before the record its head file names: records were removed",
+                    )
                     .with("head_seq", *hseq)
                     .with("head_hash", hhash.clone())
                     .with("log_last_seq", tip.seq),
@@ -464,7 +478,12 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
         files.push(rotated_path(log, k));
     }
     if rotated_path(log, n + 1).exists() {
-        return Err(fail(&rotated_path(log, n), 0, None, "rotated file missing (a later one exists)".into()));
+        return Err(fail(
+            &rotated_path(log, n),
+            0,
+            None,
+            "rotated file missing (a later one exists)".into(),
+        ));
     }
     if log.exists() {
         files.push(log.to_path_buf());
@@ -475,12 +494,20 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
     let mut first_seq = None;
     let mut where_last = (log.to_path_buf(), 0usize);
     for file in &files {
-        let bytes = std::fs::read(file).map_err(|e| fail(file, 0, None, format!("cannot read: {e}")))?;
+        let bytes =
+            std::fs::read(file).map_err(|e| fail(file, 0, None, format!("cannot read: {e}")))?;
         if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
             let line_no = bytes.iter().filter(|&&b| b == b'\n').count() + 1;
             // Check everything before the torn line first, so an earlier fault is named first.
             let cut = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            check_lines(file, &bytes[..cut], &mut prev, &mut records, &mut first_seq, &mut notes)?;
+            check_lines(
+                file,
+                &bytes[..cut],
+                &mut prev,
+                &mut records,
+                &mut first_seq,
+                &mut notes,
+            )?;
             return Err(fail(
                 file,
                 line_no,
@@ -492,17 +519,36 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
                 ),
             ));
         }
-        check_lines(file, &bytes, &mut prev, &mut records, &mut first_seq, &mut notes)?;
+        check_lines(
+            file,
+            &bytes,
+            &mut prev,
+            &mut records,
+            &mut first_seq,
+            &mut notes,
+        )?;
         where_last = (file.clone(), bytes.iter().filter(|&&b| b == b'\n').count());
     }
-    let head = read_head(log).map_err(|e| fail(&head_path(log), 0, None, format!("head file unreadable: {e}")))?;
+    let head = read_head(log).map_err(|e| {
+        fail(
+            &head_path(log),
+            0,
+            None,
+            format!("head file unreadable: {e}"),
+        )
+    })?;
     match (&prev, head) {
         (None, None) => {}
         (Some(_), None) => {
             return Err(fail(&head_path(log), 0, None, "head file missing".into()));
         }
         (None, Some((hseq, _))) => {
-            return Err(fail(log, 0, Some(hseq), format!("log is empty but the head names seq {hseq}: records removed (truncated)")));
+            return Err(fail(
+                log,
+                0,
+                Some(hseq),
+                format!("log is empty but the head names seq {hseq}: records removed (truncated)"),
+            ));
         }
         (Some((lseq, lhash)), Some((hseq, hhash))) => {
             if hseq > *lseq {
@@ -510,7 +556,10 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
                     &where_last.0,
                     where_last.1,
                     Some(*lseq),
-                    format!("log ends at seq {lseq} but the head names seq {hseq}: records {}..={hseq} were removed (truncated)", lseq + 1),
+                    format!(
+                        "log ends at seq {lseq} but the head names seq {hseq}: records {}..={hseq} were removed (truncated)",
+                        lseq + 1
+                    ),
                 ));
             }
             if hseq == *lseq && hhash != *lhash {
@@ -556,10 +605,20 @@ fn check_lines(
     for (i, line) in body.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
         let v: Value = serde_json::from_slice(line).map_err(|e| {
-            fail(line_no, prev.as_ref().map(|p| p.0 + 1), format!("not a JSON record ({e}): edited or corrupted"))
+            fail(
+                line_no,
+                prev.as_ref().map(|p| p.0 + 1),
+                format!("not a JSON record ({e}): edited or corrupted"),
+            )
         })?;
-        let seq = v.get("seq").and_then(Value::as_u64).ok_or_else(|| fail(line_no, None, "no integer seq".into()))?;
-        let p = v.get("prev").and_then(Value::as_str).ok_or_else(|| fail(line_no, Some(seq), "no prev".into()))?;
+        let seq = v
+            .get("seq")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| fail(line_no, None, "no integer seq".into()))?;
+        let p = v
+            .get("prev")
+            .and_then(Value::as_str)
+            .ok_or_else(|| fail(line_no, Some(seq), "no prev".into()))?;
         if v.get("kind").and_then(Value::as_str) == Some("cut") {
             return Err(fail(
                 line_no,
@@ -574,25 +633,43 @@ fn check_lines(
         match prev {
             None => {
                 if seq == 1 && p != ZERO_HASH {
-                    return Err(fail(line_no, Some(seq), "first record's prev is not 64 zeros".into()));
+                    return Err(fail(
+                        line_no,
+                        Some(seq),
+                        "first record's prev is not 64 zeros".into(),
+                    ));
                 }
                 if seq != 1 {
-                    notes.push(format!("chain starts at seq {seq} (older records rotated away)"));
+                    notes.push(format!(
+                        "chain starts at seq {seq} (older records rotated away)"
+                    ));
                 }
                 *first_seq = Some(seq);
             }
             Some((pseq, phash)) => {
                 if seq <= *pseq {
-                    return Err(fail(line_no, Some(seq), format!("out of order: follows seq {pseq} (records reordered or duplicated)")));
+                    return Err(fail(
+                        line_no,
+                        Some(seq),
+                        format!(
+                            "out of order: follows seq {pseq} (records reordered or duplicated)"
+                        ),
+                    ));
                 }
                 if seq != *pseq + 1 {
-                    return Err(fail(line_no, Some(seq), format!("records {}..={} are missing (removed)", *pseq + 1, seq - 1)));
+                    return Err(fail(
+                        line_no,
+                        Some(seq),
+                        format!("records {}..={} are missing (removed)", *pseq + 1, seq - 1),
+                    ));
                 }
                 if p != phash {
                     return Err(fail(
                         line_no.saturating_sub(1).max(1),
                         Some(*pseq),
-                        format!("record seq {pseq} was altered: its hash does not match the prev of seq {seq}"),
+                        format!(
+                            "record seq {pseq} was altered: its hash does not match the prev of seq {seq}"
+                        ),
                     ));
                 }
             }
@@ -665,7 +742,10 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         let torn: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
         assert_eq!(torn["kind"], "torn");
-        assert_eq!(torn["torn"]["sha256"], sha256_hex(b"{\"seq\":2,\"prev\":\"ab"));
+        assert_eq!(
+            torn["torn"]["sha256"],
+            sha256_hex(b"{\"seq\":2,\"prev\":\"ab")
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -97,12 +97,18 @@ fn untrusted(path: &Path, reason: impl Into<String>) -> ConfigError {
 /// Owned by root, not writable by group or others.
 fn check_root_owned(path: &Path, md: &Metadata) -> Result<(), ConfigError> {
     if md.uid() != 0 {
-        return Err(untrusted(path, format!("owned by uid {}, not root", md.uid())));
+        return Err(untrusted(
+            path,
+            format!("owned by uid {}, not root", md.uid()),
+        ));
     }
     if md.permissions().mode() & 0o022 != 0 {
         return Err(untrusted(
             path,
-            format!("mode {:o} is writable by group or others", md.permissions().mode() & 0o7777),
+            format!(
+                "mode {:o} is writable by group or others",
+                md.permissions().mode() & 0o7777
+            ),
         ));
     }
     Ok(())
@@ -142,7 +148,10 @@ fn check_parents(canon: &Path) -> Result<(), ConfigError> {
         let mode = md.permissions().mode();
         let sticky = mode & 0o1000 != 0;
         if md.uid() != 0 {
-            return Err(untrusted(d, format!("directory owned by uid {}, not root", md.uid())));
+            return Err(untrusted(
+                d,
+                format!("directory owned by uid {}, not root", md.uid()),
+            ));
         }
         if mode & 0o022 != 0 && !sticky {
             return Err(untrusted(d, "directory writable by group or others"));
@@ -219,7 +228,9 @@ impl Config {
                 ));
             }
             (None, Some(uid), Some(gid)) => {
-                warnings.push(format!("agent_uid {uid} / agent_gid {gid} given as numbers"));
+                warnings.push(format!(
+                    "agent_uid {uid} / agent_gid {gid} given as numbers"
+                ));
                 (uid, gid)
             }
             (None, Some(_), None) | (None, None, Some(_)) => {
@@ -240,17 +251,24 @@ impl Config {
                 "the agent must not run as root (agent uid 0)".into(),
             ));
         }
-        let mut path = |value: Option<PathBuf>, default: &str, what: &str| -> Result<PathBuf, ConfigError> {
-            let p = value.unwrap_or_else(|| PathBuf::from(default));
-            if !p.is_absolute() {
-                return Err(ConfigError::Invalid(format!("{what} must be an absolute path")));
-            }
-            if p != Path::new(default) {
-                warnings.push(format!("{what} is {} (default {default})", p.display()));
-            }
-            Ok(p)
-        };
-        let audit_log = path(raw.audit_log, "/var/log/felhom/privhelper-audit.jsonl", "audit_log")?;
+        let mut path =
+            |value: Option<PathBuf>, default: &str, what: &str| -> Result<PathBuf, ConfigError> {
+                let p = value.unwrap_or_else(|| PathBuf::from(default));
+                if !p.is_absolute() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what} must be an absolute path"
+                    )));
+                }
+                if p != Path::new(default) {
+                    warnings.push(format!("{what} is {} (default {default})", p.display()));
+                }
+                Ok(p)
+            };
+        let audit_log = path(
+            raw.audit_log,
+            "/var/log/felhom/privhelper-audit.jsonl",
+            "audit_log",
+        )?;
         let mount_root = path(raw.mount_root, "/mnt/felhom", "mount_root")?;
         let fstab = path(raw.fstab, "/etc/fstab", "fstab")?;
         let sysfs_root = path(raw.sysfs_root, "/sys", "sysfs_root")?;
@@ -268,7 +286,9 @@ impl Config {
         }
         let audit_max_bytes = raw.audit_max_bytes.unwrap_or(8 * 1024 * 1024);
         if audit_max_bytes < 4096 {
-            return Err(ConfigError::Invalid("audit_max_bytes must be at least 4096".into()));
+            return Err(ConfigError::Invalid(
+                "audit_max_bytes must be at least 4096".into(),
+            ));
         }
         let secs = |v: Option<u64>, d: u64, what: &str| -> Result<Duration, ConfigError> {
             let v = v.unwrap_or(d);
@@ -324,18 +344,27 @@ mod tests {
     fn numbers_instead_of_name() {
         let c = raw(r#"{"agent_uid": 990, "agent_gid": 990}"#).unwrap();
         assert_eq!((c.agent_uid, c.agent_gid), (990, 990));
-        assert_eq!(c.audit_log, Path::new("/var/log/felhom/privhelper-audit.jsonl"));
+        assert_eq!(
+            c.audit_log,
+            Path::new("/var/log/felhom/privhelper-audit.jsonl")
+        );
         assert_eq!(c.idle_exit, Duration::from_secs(60));
         assert!(raw(r#"{"agent_uid": 990}"#).is_err());
         assert!(raw(r#"{"agent_uid": 0, "agent_gid": 0}"#).is_err());
         assert!(raw(r#"{"agent_user": "x", "agent_uid": 5, "agent_gid": 5}"#).is_err());
-        assert!(serde_json::from_str::<RawConfig>(r#"{"agent_uid": 1, "shell": "/bin/sh"}"#).is_err());
+        assert!(
+            serde_json::from_str::<RawConfig>(r#"{"agent_uid": 1, "shell": "/bin/sh"}"#).is_err()
+        );
     }
 
     #[test]
     fn non_default_paths_warn() {
         let c = raw(r#"{"agent_uid": 990, "agent_gid": 990, "fstab": "/tmp/x/fstab", "tools": {"pct": "/tmp/pct"}}"#).unwrap();
-        assert!(c.warnings.iter().any(|w| w.contains("fstab is /tmp/x/fstab")));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("fstab is /tmp/x/fstab"))
+        );
         assert!(c.warnings.iter().any(|w| w.contains("tools.pct")));
         assert!(raw(r#"{"agent_uid": 990, "agent_gid": 990, "fstab": "rel/fstab"}"#).is_err());
     }

@@ -14,10 +14,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// The only environment a tool sees.
-pub const TOOL_ENV: [(&str, &str); 2] = [
-    ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-    ("LC_ALL", "C"),
-];
+pub const TOOL_ENV: [(&str, &str); 2] =
+    [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("LC_ALL", "C")];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -145,12 +143,8 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
             secs: limits.timeout.as_secs(),
         });
     }
-    let (stdout, stdout_truncated) = out_thread
-        .and_then(|t| t.join().ok())
-        .unwrap_or_default();
-    let (stderr, _) = err_thread
-        .and_then(|t| t.join().ok())
-        .unwrap_or_default();
+    let (stdout, stdout_truncated) = out_thread.and_then(|t| t.join().ok()).unwrap_or_default();
+    let (stderr, _) = err_thread.and_then(|t| t.join().ok()).unwrap_or_default();
     Ok(ToolOutput {
         stdout,
         stdout_truncated,
@@ -187,7 +181,10 @@ mod tests {
         let env = String::from_utf8(out.stdout).unwrap();
         let mut lines: Vec<&str> = env.lines().collect();
         lines.sort();
-        assert_eq!(lines, vec!["LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]);
+        assert_eq!(
+            lines,
+            vec!["LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+        );
         let out = run(Path::new("/usr/bin/seq"), &["1000".into()], limits(10_000)).unwrap();
         assert_eq!(out.stdout, b"1\n2\n3\n4\n5\n");
         assert!(out.stdout_truncated);

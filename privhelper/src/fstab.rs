@@ -65,7 +65,12 @@ fn is_managed_for(line: &[u8], name: &MountName) -> bool {
 /// Adds (or makes exact) the managed entry for `name`. Returns `None` when the content
 /// already has exactly that one line. Refuses when another line mounts at `mount_point`
 /// or another filesystem holds the name.
-pub fn with_entry(content: &[u8], name: &MountName, line: &str, mount_point: &str) -> Result<Option<Vec<u8>>, FstabError> {
+pub fn with_entry(
+    content: &[u8],
+    name: &MountName,
+    line: &str,
+    mount_point: &str,
+) -> Result<Option<Vec<u8>>, FstabError> {
     let lines = split_lines(content);
     let mut managed = Vec::new();
     for l in &lines {
@@ -197,9 +202,14 @@ mod tests {
             line,
             "UUID=0f3c1a9e-8d2b-4c1e-9a55-3b7d2e1f0a11 /mnt/felhom/backup ext4 defaults,nofail,noatime,x-felhom.name=backup 0 2"
         );
-        let added = with_entry(BASE, &n("backup"), &line, "/mnt/felhom/backup").unwrap().unwrap();
+        let added = with_entry(BASE, &n("backup"), &line, "/mnt/felhom/backup")
+            .unwrap()
+            .unwrap();
         assert!(added.starts_with(BASE));
-        assert_eq!(with_entry(&added, &n("backup"), &line, "/mnt/felhom/backup").unwrap(), None);
+        assert_eq!(
+            with_entry(&added, &n("backup"), &line, "/mnt/felhom/backup").unwrap(),
+            None
+        );
         assert_eq!(without_entry(&added, &n("backup")).unwrap(), BASE);
         assert_eq!(without_entry(BASE, &n("backup")), None);
         // A name that is a prefix of another is not confused with it.
@@ -214,7 +224,9 @@ mod tests {
         assert!(with_entry(other, &n("x"), &line, "/mnt/felhom/x").is_err());
         let uuid2 = FsUuid::new("1234-5678").unwrap();
         let line2 = managed_line(&uuid2, "/mnt/felhom/x", Fstype::Vfat, &n("x"));
-        let with1 = with_entry(b"", &n("x"), &line, "/mnt/felhom/x").unwrap().unwrap();
+        let with1 = with_entry(b"", &n("x"), &line, "/mnt/felhom/x")
+            .unwrap()
+            .unwrap();
         assert!(matches!(
             with_entry(&with1, &n("x"), &line2, "/mnt/felhom/x"),
             Err(FstabError::NameInUse { .. })

@@ -95,7 +95,9 @@ fn parse_flags(args: &[String]) -> Result<Flags, MainError> {
                 f.class = Some(
                     value("--class")?
                         .parse()
-                        .map_err(|e: felhom_protocol::ValueError| MainError::Usage(e.to_string()))?,
+                        .map_err(|e: felhom_protocol::ValueError| {
+                            MainError::Usage(e.to_string())
+                        })?,
                 )
             }
             "--config" => f.config = Some(value("--config")?.into()),
@@ -126,7 +128,10 @@ fn serve(f: Flags) -> Result<(), MainError> {
             ));
         }
         (None, Some(path)) => {
-            server::log(class, &format!("development mode: listening on {}", path.display()));
+            server::log(
+                class,
+                &format!("development mode: listening on {}", path.display()),
+            );
             if let Ok(md) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
                 if md.file_type().is_socket() {
@@ -144,7 +149,12 @@ fn serve(f: Flags) -> Result<(), MainError> {
             ));
         }
     };
-    let (audit, audit_warnings) = audit::AuditLog::open(&cfg.audit_log, cfg.audit_max_bytes, cfg.audit_keep, cfg.agent_gid)?;
+    let (audit, audit_warnings) = audit::AuditLog::open(
+        &cfg.audit_log,
+        cfg.audit_max_bytes,
+        cfg.audit_keep,
+        cfg.agent_gid,
+    )?;
     for w in cfg.warnings.iter().chain(audit_warnings.iter()) {
         server::log(class, &format!("warning: {w}"));
     }
@@ -156,10 +166,20 @@ fn serve(f: Flags) -> Result<(), MainError> {
         &format!(
             "serving (agent uid {}, capabilities: {})",
             cfg.agent_uid,
-            if class == Class::Pct { format!("{} kept", names.len()) } else { names.join(",") }
+            if class == Class::Pct {
+                format!("{} kept", names.len())
+            } else {
+                names.join(",")
+            }
         ),
     );
-    let srv = Arc::new(server::Server::new(class, cfg, tools, audit, Box::new(ops::RealSystem)));
+    let srv = Arc::new(server::Server::new(
+        class,
+        cfg,
+        tools,
+        audit,
+        Box::new(ops::RealSystem),
+    ));
     srv.run(listener).map_err(|source| MainError::Io {
         what: "serving".into(),
         source,
@@ -168,7 +188,9 @@ fn serve(f: Flags) -> Result<(), MainError> {
 
 fn verify(f: Flags) -> Result<(), MainError> {
     if f.class.is_some() || f.listen.is_some() {
-        return Err(MainError::Usage("audit verify takes --log and --config only".into()));
+        return Err(MainError::Usage(
+            "audit verify takes --log and --config only".into(),
+        ));
     }
     let log = match f.log {
         Some(l) => l,
@@ -193,9 +215,15 @@ fn verify(f: Flags) -> Result<(), MainError> {
 fn run(args: &[String]) -> Result<(), MainError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(parse_flags(&args[1..])?),
-        Some("audit") if args.get(1).map(String::as_str) == Some("verify") => verify(parse_flags(&args[2..])?),
+        Some("audit") if args.get(1).map(String::as_str) == Some("verify") => {
+            verify(parse_flags(&args[2..])?)
+        }
         Some("--version") => {
-            println!("felhom-privhelper {} (protocol {})", env!("CARGO_PKG_VERSION"), felhom_protocol::PROTOCOL_VERSION);
+            println!(
+                "felhom-privhelper {} (protocol {})",
+                env!("CARGO_PKG_VERSION"),
+                felhom_protocol::PROTOCOL_VERSION
+            );
             Ok(())
         }
         Some("--help") | Some("-h") => {

@@ -68,7 +68,9 @@ impl From<ExecError> for OpError {
 impl From<fstab::FstabError> for OpError {
     fn from(e: fstab::FstabError) -> Self {
         match e {
-            fstab::FstabError::NameInUse { .. } => OpError::denied(ErrorKind::NameInUse, e.to_string()),
+            fstab::FstabError::NameInUse { .. } => {
+                OpError::denied(ErrorKind::NameInUse, e.to_string())
+            }
             other => OpError::failed(ErrorKind::Internal, other.to_string()),
         }
     }
@@ -76,7 +78,12 @@ impl From<fstab::FstabError> for OpError {
 
 /// The privileged effects. [`RealSystem`] does them; tests use a recording fake.
 pub trait System {
-    fn run_tool(&self, tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput, ExecError>;
+    fn run_tool(
+        &self,
+        tool: &Path,
+        args: &[OsString],
+        limits: Limits,
+    ) -> Result<ToolOutput, ExecError>;
     fn mount(&self, source: &Path, target: &Path, fstype: Fstype) -> std::io::Result<()>;
     fn umount(&self, target: &Path) -> std::io::Result<()>;
     fn mountinfo(&self) -> std::io::Result<String>;
@@ -86,7 +93,12 @@ pub trait System {
 pub struct RealSystem;
 
 impl System for RealSystem {
-    fn run_tool(&self, tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput, ExecError> {
+    fn run_tool(
+        &self,
+        tool: &Path,
+        args: &[OsString],
+        limits: Limits,
+    ) -> Result<ToolOutput, ExecError> {
         crate::exec::run(tool, args, limits)
     }
     fn mount(&self, source: &Path, target: &Path, fstype: Fstype) -> std::io::Result<()> {
@@ -100,7 +112,8 @@ impl System for RealSystem {
         .map_err(std::io::Error::from)
     }
     fn umount(&self, target: &Path) -> std::io::Result<()> {
-        nix::mount::umount2(target, nix::mount::MntFlags::UMOUNT_NOFOLLOW).map_err(std::io::Error::from)
+        nix::mount::umount2(target, nix::mount::MntFlags::UMOUNT_NOFOLLOW)
+            .map_err(std::io::Error::from)
     }
     fn mountinfo(&self) -> std::io::Result<String> {
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -111,7 +124,14 @@ pub type OpResult = Result<(Response, Value), OpError>;
 
 fn stderr_tail(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
-    let t: String = s.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+    let t: String = s
+        .chars()
+        .rev()
+        .take(2000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     t.trim().to_string()
 }
 
@@ -126,7 +146,12 @@ pub fn smart_argv(dev: &DiskDevice) -> Vec<OsString> {
         .collect()
 }
 
-pub fn smart_read(sys: &dyn System, tools: &Tools, timeout: Duration, dev: &DiskDevice) -> OpResult {
+pub fn smart_read(
+    sys: &dyn System,
+    tools: &Tools,
+    timeout: Duration,
+    dev: &DiskDevice,
+) -> OpResult {
     let out = sys.run_tool(
         &tools.smartctl,
         &smart_argv(dev),
@@ -187,7 +212,12 @@ pub fn pct_argv(spec: &PctCreateSpec, keys_file: Option<&Path>) -> Vec<OsString>
         a.push("--ssh-public-keys".into());
         a.push(k.as_os_str().to_owned());
     }
-    a.extend(["--start".into(), b(spec.start).into(), "--onboot".into(), b(spec.onboot).into()]);
+    a.extend([
+        "--start".into(),
+        b(spec.start).into(),
+        "--onboot".into(),
+        b(spec.onboot).into(),
+    ]);
     a
 }
 
@@ -253,11 +283,21 @@ impl Drop for KeysFile {
     }
 }
 
-pub fn pct_create(sys: &dyn System, tools: &Tools, timeout: Duration, spec: &PctCreateSpec) -> OpResult {
+pub fn pct_create(
+    sys: &dyn System,
+    tools: &Tools,
+    timeout: Duration,
+    spec: &PctCreateSpec,
+) -> OpResult {
     let keys = if spec.ssh_public_keys.is_empty() {
         None
     } else {
-        Some(KeysFile::create(spec).map_err(|e| OpError::failed(ErrorKind::Internal, format!("writing the SSH keys file: {e}")))?)
+        Some(KeysFile::create(spec).map_err(|e| {
+            OpError::failed(
+                ErrorKind::Internal,
+                format!("writing the SSH keys file: {e}"),
+            )
+        })?)
     };
     let argv = pct_argv(spec, keys.as_ref().map(|k| k.file.as_path()));
     let out = sys.run_tool(
@@ -284,7 +324,10 @@ pub fn pct_create(sys: &dyn System, tools: &Tools, timeout: Duration, spec: &Pct
             format!(
                 "pct create {} exited with {}: {}",
                 spec.vmid,
-                out.code.map_or_else(|| format!("signal {}", out.signal.unwrap_or(0)), |c| c.to_string()),
+                out.code.map_or_else(
+                    || format!("signal {}", out.signal.unwrap_or(0)),
+                    |c| c.to_string()
+                ),
                 stderr_tail(&out.stderr)
             ),
         )),
@@ -303,7 +346,10 @@ pub struct UsbPartition {
 }
 
 fn is_kname(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Follows `device`'s symlinks to `/dev/<kname>` (a block device directly in /dev), then
@@ -311,32 +357,54 @@ fn is_kname(s: &str) -> bool {
 /// `<sysfs>/class/block/<kname>` resolves inside `<sysfs>/devices/` through a `usb…`
 /// component, has a `partition` file, and its `dev` matches the node's major:minor.
 /// The same check runs on the real /sys and on a test tree.
-pub fn resolve_usb_partition(device: &BlockDevicePath, sysfs_root: &Path) -> Result<UsbPartition, OpError> {
+pub fn resolve_usb_partition(
+    device: &BlockDevicePath,
+    sysfs_root: &Path,
+) -> Result<UsbPartition, OpError> {
     let not_usb = |m: String| OpError::denied(ErrorKind::NotUsb, m);
-    let dev = std::fs::canonicalize(device.as_str())
-        .map_err(|e| not_usb(format!("{device}: {e}")))?;
+    let dev =
+        std::fs::canonicalize(device.as_str()).map_err(|e| not_usb(format!("{device}: {e}")))?;
     let kname = match (dev.parent(), dev.file_name().and_then(|n| n.to_str())) {
         (Some(p), Some(n)) if p == Path::new("/dev") && is_kname(n) => n.to_string(),
-        _ => return Err(not_usb(format!("{device} resolves to {}, not a device node in /dev", dev.display()))),
+        _ => {
+            return Err(not_usb(format!(
+                "{device} resolves to {}, not a device node in /dev",
+                dev.display()
+            )));
+        }
     };
     let md = std::fs::metadata(&dev).map_err(|e| not_usb(format!("{}: {e}", dev.display())))?;
     if !md.file_type().is_block_device() {
         return Err(not_usb(format!("{} is not a block device", dev.display())));
     }
-    let rdev = (nix::sys::stat::major(md.rdev()), nix::sys::stat::minor(md.rdev()));
+    let rdev = (
+        nix::sys::stat::major(md.rdev()),
+        nix::sys::stat::minor(md.rdev()),
+    );
     let sys_devices = std::fs::canonicalize(sysfs_root.join("devices"))
         .map_err(|e| not_usb(format!("sysfs {}: {e}", sysfs_root.display())))?;
     let link = sysfs_root.join("class/block").join(&kname);
-    let real = std::fs::canonicalize(&link).map_err(|e| not_usb(format!("{}: {e}", link.display())))?;
+    let real =
+        std::fs::canonicalize(&link).map_err(|e| not_usb(format!("{}: {e}", link.display())))?;
     if !real.starts_with(&sys_devices) {
-        return Err(not_usb(format!("{} is outside {}", real.display(), sys_devices.display())));
+        return Err(not_usb(format!(
+            "{} is outside {}",
+            real.display(),
+            sys_devices.display()
+        )));
     }
     let usb = real
         .strip_prefix(&sys_devices)
-        .map(|rel| rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with("usb")))
+        .map(|rel| {
+            rel.components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with("usb"))
+        })
         .unwrap_or(false);
     if !usb {
-        return Err(not_usb(format!("{kname} is not attached through USB ({})", real.display())));
+        return Err(not_usb(format!(
+            "{kname} is not attached through USB ({})",
+            real.display()
+        )));
     }
     if !real.join("partition").is_file() {
         return Err(not_usb(format!("{kname} is not a partition")));
@@ -355,10 +423,20 @@ pub fn resolve_usb_partition(device: &BlockDevicePath, sysfs_root: &Path) -> Res
 }
 
 /// `blkid -p -o export <dev>` → (TYPE, UUID).
-fn probe(sys: &dyn System, tools: &Tools, timeout: Duration, dev: &Path) -> Result<(Fstype, FsUuid), OpError> {
+fn probe(
+    sys: &dyn System,
+    tools: &Tools,
+    timeout: Duration,
+    dev: &Path,
+) -> Result<(Fstype, FsUuid), OpError> {
     let out = sys.run_tool(
         &tools.blkid,
-        &["-p".into(), "-o".into(), "export".into(), dev.as_os_str().to_owned()],
+        &[
+            "-p".into(),
+            "-o".into(),
+            "export".into(),
+            dev.as_os_str().to_owned(),
+        ],
         Limits {
             timeout,
             stdout_cap: 16 * 1024,
@@ -368,17 +446,33 @@ fn probe(sys: &dyn System, tools: &Tools, timeout: Duration, dev: &Path) -> Resu
     if out.code != Some(0) {
         return Err(OpError::denied(
             ErrorKind::UnsupportedFilesystem,
-            format!("{}: blkid found no filesystem (exit {:?}) {}", dev.display(), out.code, stderr_tail(&out.stderr)),
+            format!(
+                "{}: blkid found no filesystem (exit {:?}) {}",
+                dev.display(),
+                out.code,
+                stderr_tail(&out.stderr)
+            ),
         ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('='))).map(str::to_string);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+            .map(str::to_string)
+    };
     let ty = get("TYPE").unwrap_or_default();
     let fstype: Fstype = ty.parse().map_err(|e: felhom_protocol::ValueError| {
-        OpError::denied(ErrorKind::UnsupportedFilesystem, format!("{}: {e}", dev.display()))
+        OpError::denied(
+            ErrorKind::UnsupportedFilesystem,
+            format!("{}: {e}", dev.display()),
+        )
     })?;
-    let uuid = FsUuid::new(get("UUID").unwrap_or_default())
-        .map_err(|e| OpError::denied(ErrorKind::UnsupportedFilesystem, format!("{}: {e}", dev.display())))?;
+    let uuid = FsUuid::new(get("UUID").unwrap_or_default()).map_err(|e| {
+        OpError::denied(
+            ErrorKind::UnsupportedFilesystem,
+            format!("{}: {e}", dev.display()),
+        )
+    })?;
     Ok((fstype, uuid))
 }
 
@@ -388,7 +482,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -414,7 +511,10 @@ pub fn mounted_at(mountinfo: &str, target: &Path) -> Option<(u64, u64)> {
 }
 
 fn io_failed(what: &str, path: &Path, e: std::io::Error) -> OpError {
-    OpError::failed(ErrorKind::Internal, format!("{what} {}: {e}", path.display()))
+    OpError::failed(
+        ErrorKind::Internal,
+        format!("{what} {}: {e}", path.display()),
+    )
 }
 
 /// The mount root: created 0755 if missing (its parent must exist); must be a real
@@ -430,7 +530,10 @@ fn check_mount_root(root: &Path) -> Result<(), OpError> {
     if !md.is_dir() || md.uid() != 0 || md.permissions().mode() & 0o022 != 0 {
         return Err(OpError::failed(
             ErrorKind::Internal,
-            format!("mount root {} must be a directory (not a symlink) owned by root and not writable by group or others", root.display()),
+            format!(
+                "mount root {} must be a directory (not a symlink) owned by root and not writable by group or others",
+                root.display()
+            ),
         ));
     }
     Ok(())
@@ -448,11 +551,25 @@ fn open_mount_point(root: &Path, name: &MountName) -> Result<(std::fs::File, Pat
         .read(true)
         .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(&mp)
-        .map_err(|e| OpError::denied(ErrorKind::NameInUse, format!("{} is not a plain directory (symlinks refused): {e}", mp.display())))?;
+        .map_err(|e| {
+            OpError::denied(
+                ErrorKind::NameInUse,
+                format!(
+                    "{} is not a plain directory (symlinks refused): {e}",
+                    mp.display()
+                ),
+            )
+        })?;
     Ok((f, mp))
 }
 
-pub fn usb_mount(sys: &dyn System, cfg: &Config, tools: &Tools, device: &BlockDevicePath, name: &MountName) -> OpResult {
+pub fn usb_mount(
+    sys: &dyn System,
+    cfg: &Config,
+    tools: &Tools,
+    device: &BlockDevicePath,
+    name: &MountName,
+) -> OpResult {
     let part = resolve_usb_partition(device, &cfg.sysfs_root)?;
     let (fstype, uuid) = probe(sys, tools, cfg.tool_timeout, &part.dev)?;
     check_mount_root(&cfg.mount_root)?;
@@ -462,13 +579,20 @@ pub fn usb_mount(sys: &dyn System, cfg: &Config, tools: &Tools, device: &BlockDe
     let old = fstab::read(&cfg.fstab)?;
     // Check the fstab before any effect, so a taken name changes nothing.
     let new = fstab::with_entry(&old, name, &line, &mp_str)?;
-    let info = sys.mountinfo().map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
+    let info = sys
+        .mountinfo()
+        .map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
     let already_mounted = match mounted_at(&info, &mp) {
         Some(d) if d == part.rdev => true,
         Some(d) => {
             return Err(OpError::denied(
                 ErrorKind::NameInUse,
-                format!("{} already has another filesystem mounted (device {}:{})", mp.display(), d.0, d.1),
+                format!(
+                    "{} already has another filesystem mounted (device {}:{})",
+                    mp.display(),
+                    d.0,
+                    d.1
+                ),
             ));
         }
         None => false,
@@ -484,7 +608,14 @@ pub fn usb_mount(sys: &dyn System, cfg: &Config, tools: &Tools, device: &BlockDe
             } else {
                 ErrorKind::ToolFailed
             };
-            OpError::failed(kind, format!("mount {} on {} ({fstype}): {e}", part.dev.display(), mp.display()))
+            OpError::failed(
+                kind,
+                format!(
+                    "mount {} on {} ({fstype}): {e}",
+                    part.dev.display(),
+                    mp.display()
+                ),
+            )
         })?;
     }
     let fstab_changed = match new {
@@ -518,7 +649,9 @@ pub fn usb_mount(sys: &dyn System, cfg: &Config, tools: &Tools, device: &BlockDe
 pub fn usb_unmount(sys: &dyn System, cfg: &Config, name: &MountName) -> OpResult {
     let mp = cfg.mount_root.join(name.as_str());
     let old = fstab::read(&cfg.fstab)?;
-    let info = sys.mountinfo().map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
+    let info = sys
+        .mountinfo()
+        .map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
     let was_mounted = mounted_at(&info, &mp).is_some();
     if was_mounted {
         sys.umount(&mp).map_err(|e| {
@@ -568,7 +701,12 @@ pub(crate) mod fake {
     }
 
     impl System for RecordingSystem {
-        fn run_tool(&self, tool: &Path, args: &[OsString], _l: Limits) -> Result<ToolOutput, ExecError> {
+        fn run_tool(
+            &self,
+            tool: &Path,
+            args: &[OsString],
+            _l: Limits,
+        ) -> Result<ToolOutput, ExecError> {
             let mut line = tool.display().to_string();
             for a in args {
                 line.push(' ');
@@ -584,11 +722,17 @@ pub(crate) mod fake {
             })
         }
         fn mount(&self, s: &Path, t: &Path, f: Fstype) -> std::io::Result<()> {
-            self.calls.lock().unwrap().push(format!("mount {} {} {f}", s.display(), t.display()));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("mount {} {} {f}", s.display(), t.display()));
             Ok(())
         }
         fn umount(&self, t: &Path) -> std::io::Result<()> {
-            self.calls.lock().unwrap().push(format!("umount {}", t.display()));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("umount {}", t.display()));
             Ok(())
         }
         fn mountinfo(&self) -> std::io::Result<String> {
@@ -619,7 +763,9 @@ mod tests {
         pct_create(&sys, &tools(), Duration::from_secs(5), &spec).unwrap();
         assert_eq!(
             sys.calls.lock().unwrap().as_slice(),
-            ["/usr/sbin/pct create 120 local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst --hostname web1 --memory 1024 --swap 512 --cores 2 --rootfs local-lvm:8 --net0 name=eth0,bridge=vmbr0,ip=dhcp --unprivileged 1 --features keyctl=1,nesting=1 --start 0 --onboot 1"]
+            [
+                "/usr/sbin/pct create 120 local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst --hostname web1 --memory 1024 --swap 512 --cores 2 --rootfs local-lvm:8 --net0 name=eth0,bridge=vmbr0,ip=dhcp --unprivileged 1 --features keyctl=1,nesting=1 --start 0 --onboot 1"
+            ]
         );
     }
 
@@ -632,7 +778,11 @@ mod tests {
         let spec = PctCreateSpec::from_json(SPEC).unwrap();
         let e = pct_create(&sys, &tools(), Duration::from_secs(5), &spec).unwrap_err();
         assert_eq!(e.kind, ErrorKind::ToolFailed);
-        assert!(e.message.contains("255") && e.message.contains("boom"), "{}", e.message);
+        assert!(
+            e.message.contains("255") && e.message.contains("boom"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -642,15 +792,30 @@ mod tests {
             tool_stdout: b"{}".to_vec(),
             ..Default::default()
         };
-        let (resp, _) = smart_read(&sys, &tools(), Duration::from_secs(5), &DiskDevice::new("nvme0n1").unwrap()).unwrap();
-        assert_eq!(sys.calls.lock().unwrap().as_slice(), ["/usr/sbin/smartctl --json=c -a -n standby /dev/nvme0n1"]);
-        assert!(matches!(resp, Response::Smart(SmartOutput { exit_status: 4, .. })));
+        let (resp, _) = smart_read(
+            &sys,
+            &tools(),
+            Duration::from_secs(5),
+            &DiskDevice::new("nvme0n1").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            sys.calls.lock().unwrap().as_slice(),
+            ["/usr/sbin/smartctl --json=c -a -n standby /dev/nvme0n1"]
+        );
+        assert!(matches!(
+            resp,
+            Response::Smart(SmartOutput { exit_status: 4, .. })
+        ));
     }
 
     #[test]
     fn mountinfo_lookup() {
         let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n90 22 7:0 / /mnt/felhom/my\\040disk rw - ext4 /dev/loop0 rw\n";
-        assert_eq!(mounted_at(mi, Path::new("/mnt/felhom/my disk")), Some((7, 0)));
+        assert_eq!(
+            mounted_at(mi, Path::new("/mnt/felhom/my disk")),
+            Some((7, 0))
+        );
         assert_eq!(mounted_at(mi, Path::new("/mnt/felhom/other")), None);
     }
 }

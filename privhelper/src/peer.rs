@@ -17,18 +17,15 @@ pub struct Peer {
 
 impl Peer {
     pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
-        let cred = getsockopt(stream, sockopt::PeerCredentials)
-            .map_err(std::io::Error::from)?;
+        let cred = getsockopt(stream, sockopt::PeerCredentials).map_err(std::io::Error::from)?;
         let pid = cred.pid();
-        let comm = std::fs::read(format!("/proc/{pid}/comm"))
-            .ok()
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .trim_end_matches('\n')
-                    .chars()
-                    .take(32)
-                    .collect()
-            });
+        let comm = std::fs::read(format!("/proc/{pid}/comm")).ok().map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\n')
+                .chars()
+                .take(32)
+                .collect()
+        });
         Ok(Peer {
             pid,
             uid: cred.uid(),

@@ -42,7 +42,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("class", &self.class).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("class", &self.class)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,7 +53,13 @@ pub fn log(class: Class, msg: &str) {
 }
 
 impl Server {
-    pub fn new(class: Class, cfg: Config, tools: Tools, audit: AuditLog, sys: Box<dyn System + Send + Sync>) -> Self {
+    pub fn new(
+        class: Class,
+        cfg: Config,
+        tools: Tools,
+        audit: AuditLog,
+        sys: Box<dyn System + Send + Sync>,
+    ) -> Self {
         Server {
             class,
             cfg,
@@ -81,7 +89,9 @@ impl Server {
                 last_activity = Instant::now();
             }
             if !ready {
-                if active.load(Ordering::SeqCst) == 0 && last_activity.elapsed() >= self.cfg.idle_exit {
+                if active.load(Ordering::SeqCst) == 0
+                    && last_activity.elapsed() >= self.cfg.idle_exit
+                {
                     log(self.class, "idle, exiting (the socket starts us again)");
                     return Ok(());
                 }
@@ -110,7 +120,10 @@ impl Server {
                 });
             if let Err(e) = spawned {
                 active.fetch_sub(1, Ordering::SeqCst);
-                log(self.class, &format!("cannot start a connection thread: {e}"));
+                log(
+                    self.class,
+                    &format!("cannot start a connection thread: {e}"),
+                );
             }
         }
     }
@@ -128,7 +141,16 @@ impl Server {
     }
 
     /// Audits a refusal and answers it; the caller then ends the connection.
-    fn refuse(&self, stream: &mut UnixStream, peer: &Peer, category: &str, kind: ErrorKind, message: String, op: Option<&str>, args: Value) {
+    fn refuse(
+        &self,
+        stream: &mut UnixStream,
+        peer: &Peer,
+        category: &str,
+        kind: ErrorKind,
+        message: String,
+        op: Option<&str>,
+        args: Value,
+    ) {
         let e = self
             .base("refused", peer)
             .with("result", "denied")
@@ -150,8 +172,19 @@ impl Server {
             }
         };
         if !peer.allowed(self.cfg.agent_uid) {
-            let msg = format!("uid {} is not served (only root and the agent's uid {})", peer.uid, self.cfg.agent_uid);
-            self.refuse(&mut stream, &peer, "peer", ErrorKind::PeerRefused, msg, None, Value::Null);
+            let msg = format!(
+                "uid {} is not served (only root and the agent's uid {})",
+                peer.uid, self.cfg.agent_uid
+            );
+            self.refuse(
+                &mut stream,
+                &peer,
+                "peer",
+                ErrorKind::PeerRefused,
+                msg,
+                None,
+                Value::Null,
+            );
             return;
         }
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
@@ -162,33 +195,83 @@ impl Server {
                 Ok(None) => return,
                 Ok(Some(Ok(req))) => req,
                 Ok(Some(Err(FrameError::Invalid(msg)))) => {
-                    self.refuse(&mut stream, &peer, "validation", ErrorKind::Invalid, msg, None, Value::Null);
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "validation",
+                        ErrorKind::Invalid,
+                        msg,
+                        None,
+                        Value::Null,
+                    );
                     return;
                 }
                 Ok(Some(Err(e))) => {
-                    self.refuse(&mut stream, &peer, "framing", ErrorKind::Framing, e.to_string(), None, Value::Null);
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "framing",
+                        ErrorKind::Framing,
+                        e.to_string(),
+                        None,
+                        Value::Null,
+                    );
                     return;
                 }
                 Err(e) => {
-                    self.refuse(&mut stream, &peer, "framing", ErrorKind::Framing, format!("reading a frame: {e}"), None, Value::Null);
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "framing",
+                        ErrorKind::Framing,
+                        format!("reading a frame: {e}"),
+                        None,
+                        Value::Null,
+                    );
                     return;
                 }
             };
             match req {
                 Request::Hello { version } if version == PROTOCOL_VERSION => {
                     greeted = true;
-                    if send(&mut stream, &Response::Hello { version: PROTOCOL_VERSION, class: self.class }).is_err() {
+                    if send(
+                        &mut stream,
+                        &Response::Hello {
+                            version: PROTOCOL_VERSION,
+                            class: self.class,
+                        },
+                    )
+                    .is_err()
+                    {
                         return;
                     }
                 }
                 Request::Hello { version } => {
-                    let msg = format!("protocol version mismatch: client speaks {version}, this helper speaks {PROTOCOL_VERSION}");
-                    self.refuse(&mut stream, &peer, "version", ErrorKind::VersionMismatch, msg, None, json!({"version": version}));
+                    let msg = format!(
+                        "protocol version mismatch: client speaks {version}, this helper speaks {PROTOCOL_VERSION}"
+                    );
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "version",
+                        ErrorKind::VersionMismatch,
+                        msg,
+                        None,
+                        json!({"version": version}),
+                    );
                     return;
                 }
                 _ if !greeted => {
                     let op = req.operation().map(|o| o.as_str());
-                    self.refuse(&mut stream, &peer, "handshake", ErrorKind::HandshakeRequired, "the first frame must be Hello".into(), op, Value::Null);
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "handshake",
+                        ErrorKind::HandshakeRequired,
+                        "the first frame must be Hello".into(),
+                        op,
+                        Value::Null,
+                    );
                     return;
                 }
                 Request::Ping => {
@@ -199,8 +282,20 @@ impl Server {
                 req => {
                     let Some(op) = req.operation() else { return };
                     if op.class() != self.class {
-                        let msg = format!("{op} belongs to the {} helper; this is the {} helper", op.class(), self.class);
-                        self.refuse(&mut stream, &peer, "class", ErrorKind::WrongClass, msg, Some(op.as_str()), Value::Null);
+                        let msg = format!(
+                            "{op} belongs to the {} helper; this is the {} helper",
+                            op.class(),
+                            self.class
+                        );
+                        self.refuse(
+                            &mut stream,
+                            &peer,
+                            "class",
+                            ErrorKind::WrongClass,
+                            msg,
+                            Some(op.as_str()),
+                            Value::Null,
+                        );
                         return;
                     }
                     let resp = self.execute(&peer, &req);
@@ -214,17 +309,25 @@ impl Server {
 
     fn execute(&self, peer: &Peer, req: &Request) -> Response {
         let Some(op) = req.operation() else {
-            return Response::Error { kind: ErrorKind::Internal, message: "not an operation".into() };
+            return Response::Error {
+                kind: ErrorKind::Internal,
+                message: "not an operation".into(),
+            };
         };
         let args = match req {
             Request::PctCreateKeyctl(spec) => ops::pct_audit_args(spec),
-            Request::UsbMount { device, name } => json!({"device": device.as_str(), "name": name.as_str()}),
+            Request::UsbMount { device, name } => {
+                json!({"device": device.as_str(), "name": name.as_str()})
+            }
             Request::UsbUnmount { name } => json!({"name": name.as_str()}),
             Request::SmartRead { device } => json!({"device": device.as_str()}),
             Request::Hello { .. } | Request::Ping => Value::Null,
         };
         let _serial = self.op_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let intent = self.base("intent", peer).with("op", op.as_str()).with("args", args.clone());
+        let intent = self
+            .base("intent", peer)
+            .with("op", op.as_str())
+            .with("args", args.clone());
         let Ok(intent_seq) = self.audit(&intent) else {
             return Response::Error {
                 kind: ErrorKind::Audit,
@@ -234,9 +337,15 @@ impl Server {
         let started = Instant::now();
         let sys = self.sys.as_ref();
         let result: Result<(Response, Value), OpError> = match req {
-            Request::SmartRead { device } => ops::smart_read(sys, &self.tools, self.cfg.tool_timeout, device),
-            Request::PctCreateKeyctl(spec) => ops::pct_create(sys, &self.tools, self.cfg.pct_timeout, spec),
-            Request::UsbMount { device, name } => ops::usb_mount(sys, &self.cfg, &self.tools, device, name),
+            Request::SmartRead { device } => {
+                ops::smart_read(sys, &self.tools, self.cfg.tool_timeout, device)
+            }
+            Request::PctCreateKeyctl(spec) => {
+                ops::pct_create(sys, &self.tools, self.cfg.pct_timeout, spec)
+            }
+            Request::UsbMount { device, name } => {
+                ops::usb_mount(sys, &self.cfg, &self.tools, device, name)
+            }
             Request::UsbUnmount { name } => ops::usb_unmount(sys, &self.cfg, name),
             Request::Hello { .. } | Request::Ping => unreachable_op(),
         };
@@ -256,8 +365,14 @@ impl Server {
                     Verdict::Denied => "denied",
                     Verdict::Failed => "failed",
                 };
-                outcome = outcome.with("result", verdict).with("error", e.kind.as_str()).with("reason", e.message.clone());
-                Response::Error { kind: e.kind, message: e.message }
+                outcome = outcome
+                    .with("result", verdict)
+                    .with("error", e.kind.as_str())
+                    .with("reason", e.message.clone());
+                Response::Error {
+                    kind: e.kind,
+                    message: e.message,
+                }
             }
         };
         let _ = self.audit(&outcome);
@@ -282,7 +397,10 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request,
         match stream.read(&mut header[got..]) {
             Ok(0) if got == 0 => return Ok(None),
             Ok(0) => {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("truncated header ({got} of 4 bytes)")));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("truncated header ({got} of 4 bytes)"),
+                ));
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -296,7 +414,10 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request,
     let mut payload = vec![0u8; len];
     stream.read_exact(&mut payload).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::new(e.kind(), format!("truncated frame: expected {len} bytes of payload"))
+            std::io::Error::new(
+                e.kind(),
+                format!("truncated frame: expected {len} bytes of payload"),
+            )
         } else {
             e
         }
