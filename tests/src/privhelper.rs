@@ -284,11 +284,13 @@ impl Bed {
             .stderr(log)
             .spawn()
             .expect("systemd-socket-activate (package systemd) must be installed");
+        // Wait until the socket is listening (bind and listen are two steps; connecting
+        // ourselves would use up the one activation).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        while !is_listening(&sock) {
             assert!(
                 Instant::now() < deadline,
-                "socket {} never appeared",
+                "socket {} never listened",
                 sock.display()
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -377,6 +379,21 @@ pub fn read_jsonl(p: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect()
+}
+
+/// Whether a Unix socket bound at `path` is listening (`__SO_ACCEPTCON` in /proc/net/unix).
+pub fn is_listening(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8
+                && f[7] == p
+                && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+        })
 }
 
 /// A helper process we started; killed (by its pid) when dropped.
@@ -551,4 +568,137 @@ impl Drop for ThrowawayUser {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A loop device over an image file: the stand-in for a USB disk partition. Detached on
+/// drop (after unmounting anything still mounted from it).
+#[derive(Debug)]
+pub struct LoopDisk {
+    pub image: PathBuf,
+    /// `/dev/loopN`.
+    pub dev: PathBuf,
+    pub kname: String,
+    /// (major, minor) of the device node.
+    pub rdev: (u64, u64),
+}
+
+impl LoopDisk {
+    /// A `size_mib` image formatted with `mkfs` (e.g. `["mkfs.ext4", "-q", "-F"]`; the
+    /// image path is appended), or left blank when `mkfs` is empty.
+    pub fn new(dir: &Path, name: &str, size_mib: u64, mkfs: &[&str]) -> LoopDisk {
+        let image = dir.join(format!("{name}.img"));
+        let f = std::fs::File::create(&image).expect("image");
+        f.set_len(size_mib * 1024 * 1024).expect("image size");
+        drop(f);
+        if let Some((prog, args)) = mkfs.split_first() {
+            let st = Command::new(prog)
+                .args(args)
+                .arg(&image)
+                .stdout(Stdio::null())
+                .status()
+                .expect("mkfs (package e2fsprogs / util-linux)");
+            assert!(st.success(), "{prog} failed");
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .expect("losetup (package mount)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let kname = dev.file_name().unwrap().to_string_lossy().into_owned();
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&dev).expect("loop node").rdev();
+        let rdev = (
+            ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff),
+            ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff),
+        );
+        LoopDisk {
+            image,
+            dev,
+            kname,
+            rdev,
+        }
+    }
+
+    /// The filesystem UUID as blkid sees it.
+    pub fn uuid(&self) -> String {
+        let out = Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "UUID"])
+            .arg(&self.dev)
+            .output()
+            .expect("blkid");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let majmin = format!("{}:{}", self.rdev.0, self.rdev.1);
+            let targets: Vec<String> = info
+                .lines()
+                .filter(|l| l.split(' ').nth(2) == Some(majmin.as_str()))
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+                .collect();
+            for t in targets.iter().rev() {
+                let _ = Command::new("umount").arg(t).status();
+            }
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+impl Bed {
+    /// The test seam for "USB-attached": makes `<sysfs>/class/block/<kname>` point into a
+    /// USB host controller's subtree as a partition with the disk's major:minor, as a real
+    /// USB stick's partition looks in /sys.
+    pub fn mark_usb_partition(&self, disk: &LoopDisk) {
+        let real = self.sysfs_root.join(format!(
+            "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdx/{}",
+            disk.kname
+        ));
+        std::fs::create_dir_all(&real).expect("sysfs dir");
+        std::fs::write(real.join("partition"), "1\n").expect("sysfs partition");
+        std::fs::write(
+            real.join("dev"),
+            format!("{}:{}\n", disk.rdev.0, disk.rdev.1),
+        )
+        .expect("sysfs dev");
+        let link = self.sysfs_root.join("class/block").join(&disk.kname);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link).expect("sysfs link");
+    }
+
+    /// Makes the same device look like an internal SATA disk (not USB).
+    pub fn mark_sata_partition(&self, disk: &LoopDisk) {
+        let real = self.sysfs_root.join(format!(
+            "devices/pci0000:00/0000:00:17.0/ata1/host0/target0:0:0/0:0:0:0/block/sdy/{}",
+            disk.kname
+        ));
+        std::fs::create_dir_all(&real).expect("sysfs dir");
+        std::fs::write(real.join("partition"), "1\n").expect("sysfs partition");
+        std::fs::write(
+            real.join("dev"),
+            format!("{}:{}\n", disk.rdev.0, disk.rdev.1),
+        )
+        .expect("sysfs dev");
+        let link = self.sysfs_root.join("class/block").join(&disk.kname);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link).expect("sysfs link");
+    }
+}
+
+/// major:minor of what is mounted at `target` in this process's namespace.
+pub fn mounted_at(target: &Path) -> Option<String> {
+    let t = target.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*t))
+        .and_then(|l| l.split(' ').nth(2).map(str::to_string))
 }
