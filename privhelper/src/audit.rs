@@ -602,7 +602,16 @@ fn check_lines(
         return Ok(());
     }
     let body = &bytes[..bytes.len() - 1];
-    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+    let all: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+    let later_seqs: Vec<Option<u64>> = all
+        .iter()
+        .map(|l| {
+            serde_json::from_slice::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("seq").and_then(Value::as_u64))
+        })
+        .collect();
+    for (i, line) in all.iter().copied().enumerate() {
         let line_no = i + 1;
         let v: Value = serde_json::from_slice(line).map_err(|e| {
             fail(
@@ -657,11 +666,15 @@ fn check_lines(
                     ));
                 }
                 if seq != *pseq + 1 {
-                    return Err(fail(
-                        line_no,
-                        Some(seq),
-                        format!("records {}..={} are missing (removed)", *pseq + 1, seq - 1),
-                    ));
+                    let expected = *pseq + 1;
+                    let reason = if later_seqs[i + 1..].contains(&Some(expected)) {
+                        format!(
+                            "out of order: seq {seq} comes before seq {expected} (records reordered)"
+                        )
+                    } else {
+                        format!("records {expected}..={} are missing (removed)", seq - 1)
+                    };
+                    return Err(fail(line_no, Some(seq), reason));
                 }
                 if p != phash {
                     return Err(fail(
