@@ -60,22 +60,43 @@ fn last_cap() -> u8 {
 }
 
 /// Drops to the class's set. Returns the set kept (class set ∩ what we had).
+///
+/// Only real changes are made: under the shipped units the bounding set is already the
+/// class's (`CapabilityBoundingSet=`), so no `capset(2)` is needed — which matters
+/// because the smart and usb units' system call filters refuse `@privileged` (capset).
+/// A capability that cannot be dropped is an error only if we still hold it.
 pub fn drop_to_class(class: Class) -> Result<CapsHashSet, CapError> {
     let err = |e: caps::errors::CapsError| CapError::Caps(e.to_string());
     let had = caps::read(None, CapSet::Permitted).map_err(err)?;
     let keep: CapsHashSet = class_caps(class).intersection(&had).copied().collect();
     let last = last_cap();
-    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(err)? {
-        for cap in caps::all() {
-            if cap.index() > last || keep.contains(&cap) {
-                continue;
-            }
+    let bounding = caps::read(None, CapSet::Bounding).map_err(err)?;
+    let extra: Vec<Capability> = bounding
+        .iter()
+        .filter(|c| c.index() <= last && !keep.contains(c))
+        .copied()
+        .collect();
+    if !extra.is_empty()
+        && caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(err)?
+    {
+        for cap in extra {
             caps::drop(None, CapSet::Bounding, cap).map_err(err)?;
         }
     }
-    caps::clear(None, CapSet::Ambient).map_err(err)?;
-    caps::clear(None, CapSet::Inheritable).map_err(err)?;
-    caps::set(None, CapSet::Effective, &keep).map_err(err)?;
-    caps::set(None, CapSet::Permitted, &keep).map_err(err)?;
+    if !caps::read(None, CapSet::Ambient).map_err(err)?.is_empty() {
+        caps::clear(None, CapSet::Ambient).map_err(err)?;
+    }
+    if !caps::read(None, CapSet::Inheritable)
+        .map_err(err)?
+        .is_empty()
+    {
+        caps::clear(None, CapSet::Inheritable).map_err(err)?;
+    }
+    if caps::read(None, CapSet::Effective).map_err(err)? != keep {
+        caps::set(None, CapSet::Effective, &keep).map_err(err)?;
+    }
+    if had != keep {
+        caps::set(None, CapSet::Permitted, &keep).map_err(err)?;
+    }
     Ok(keep)
 }
