@@ -92,6 +92,9 @@ impl Server {
                 if active.load(Ordering::SeqCst) == 0
                     && last_activity.elapsed() >= self.cfg.idle_exit
                 {
+                    if let Err(e) = self.audit.sync() {
+                        log(self.class, &format!("AUDIT SYNC FAILED: {e}"));
+                    }
                     log(self.class, "idle, exiting (the socket starts us again)");
                     return Ok(());
                 }
@@ -134,8 +137,8 @@ impl Server {
             .with("peer", serde_json::to_value(peer).unwrap_or(Value::Null))
     }
 
-    fn audit(&self, e: &Entry) -> Result<u64, ()> {
-        self.audit.append(e).map_err(|err| {
+    fn audit(&self, e: &Entry, durable: bool) -> Result<u64, ()> {
+        self.audit.append(e, durable).map_err(|err| {
             log(self.class, &format!("AUDIT WRITE FAILED: {err}"));
         })
     }
@@ -159,7 +162,7 @@ impl Server {
             .with("reason", message.clone())
             .with("op", op.map(Value::from).unwrap_or(Value::Null))
             .with("args", args);
-        let _ = self.audit(&e);
+        let _ = self.audit(&e, false);
         let _ = send(stream, &Response::Error { kind, message });
     }
 
@@ -328,7 +331,8 @@ impl Server {
             .base("intent", peer)
             .with("op", op.as_str())
             .with("args", args.clone());
-        let Ok(intent_seq) = self.audit(&intent) else {
+        // Durable before anything runs.
+        let Ok(intent_seq) = self.audit(&intent, true) else {
             return Response::Error {
                 kind: ErrorKind::Audit,
                 message: "the audit log cannot be written; nothing was executed".into(),
@@ -375,7 +379,7 @@ impl Server {
                 }
             }
         };
-        let _ = self.audit(&outcome);
+        let _ = self.audit(&outcome, false);
         resp
     }
 }

@@ -1,0 +1,184 @@
+//! Benchmark: what the root fence costs.
+//!
+//! - `Ping` over an established helper connection vs. a raw Unix-socket echo of a frame of
+//!   the same size (target: ≤ 3×);
+//! - `SmartRead` with an instant fake smartctl, as the agent does it (new connection,
+//!   Hello, request: includes the fsynced intent and outcome audit records) vs. a direct
+//!   fork/exec of the same tool (target: ≤ 1.3×).
+//!
+//! Baselines are measured in the same run, interleaved in rounds so machine noise hits
+//! both sides alike. Needs root (it starts the root helper); prints SKIP otherwise.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use felhom_protocol::{Class, DiskDevice, PROTOCOL_VERSION, Request, Response, encode_request};
+use felhom_testbed::privhelper::{Bed, BedOptions, Client, FakeBins, is_root};
+
+fn echo_server(path: &std::path::Path) {
+    let l = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut header = [0u8; 4];
+                while s.read_exact(&mut header).is_ok() {
+                    let mut p = vec![0u8; u32::from_be_bytes(header) as usize];
+                    if s.read_exact(&mut p).is_err() {
+                        break;
+                    }
+                    // Answer with a frame the size of the helper's Pong.
+                    let pong = felhom_protocol::encode_response(&Response::Pong {
+                        class: Class::Smart,
+                    })
+                    .unwrap();
+                    if s.write_all(&pong).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    if !is_root() {
+        println!("SKIP: the privhelper benchmark needs root (it starts the root helper)");
+        return;
+    }
+    let fakes = FakeBins {
+        smartctl: env!("CARGO_BIN_EXE_felhom-fake-smartctl").into(),
+        pct: env!("CARGO_BIN_EXE_felhom-fake-pct").into(),
+    };
+    let bed = Bed::new(
+        fakes,
+        BedOptions {
+            record_calls: false,
+            idle_exit_seconds: 600,
+            ..Default::default()
+        },
+    );
+    let _helper = bed.listen(Class::Smart);
+    let echo_path = bed.dir.join("echo.sock");
+    echo_server(&echo_path);
+    let tool = bed.dir.join("tools/felhom-fake-smartctl");
+    let dev = DiskDevice::new("sda").unwrap();
+    let smart_req = Request::SmartRead {
+        device: dev.clone(),
+    };
+    let ping = encode_request(&Request::Ping).unwrap();
+
+    // ---- Ping vs echo, persistent connections
+    let mut helper = Client::hello(&bed.socket(Class::Smart)).unwrap();
+    let mut echo = UnixStream::connect(&echo_path).unwrap();
+    let mut buf = vec![0u8; 64];
+    let (mut t_ping, mut t_echo) = (Vec::new(), Vec::new());
+    for round in 0..20 {
+        for _ in 0..200 {
+            let t = Instant::now();
+            echo.write_all(&ping).unwrap();
+            let mut h = [0u8; 4];
+            echo.read_exact(&mut h).unwrap();
+            echo.read_exact(&mut buf[..u32::from_be_bytes(h) as usize])
+                .unwrap();
+            if round > 0 {
+                t_echo.push(t.elapsed());
+            }
+            let t = Instant::now();
+            let r = helper.call(&Request::Ping).unwrap();
+            if round > 0 {
+                t_ping.push(t.elapsed());
+            }
+            assert!(matches!(r, Response::Pong { .. }));
+        }
+    }
+
+    // ---- SmartRead (as the agent does it: new connection + Hello) vs direct fork/exec
+    let (mut t_smart, mut t_exec, mut t_smart_conn) = (Vec::new(), Vec::new(), Vec::new());
+    let sock = bed.socket(Class::Smart);
+    let mut persistent = Client::hello(&sock).unwrap();
+    for round in 0..11 {
+        for _ in 0..30 {
+            let t = Instant::now();
+            let out = Command::new(&tool)
+                .args(["--json=c", "-a", "-n", "standby", "/dev/sda"])
+                .env_clear()
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if round > 0 {
+                t_exec.push(t.elapsed());
+            }
+            assert_eq!(out.status.code(), Some(0));
+            let t = Instant::now();
+            let mut c = Client::connect(&sock).unwrap();
+            c.call(&Request::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .unwrap();
+            let r = c.call(&smart_req).unwrap();
+            if round > 0 {
+                t_smart.push(t.elapsed());
+            }
+            assert!(
+                matches!(r, Response::Smart(ref o) if o.exit_status == 0 && !o.stdout.is_empty())
+            );
+            let t = Instant::now();
+            let r = persistent.call(&smart_req).unwrap();
+            if round > 0 {
+                t_smart_conn.push(t.elapsed());
+            }
+            assert!(matches!(r, Response::Smart(_)));
+        }
+    }
+
+    let (p, e) = (median(&mut t_ping), median(&mut t_echo));
+    let (s, x, sc) = (
+        median(&mut t_smart),
+        median(&mut t_exec),
+        median(&mut t_smart_conn),
+    );
+    let r1 = p.as_secs_f64() / e.as_secs_f64();
+    let r2 = s.as_secs_f64() / x.as_secs_f64();
+    let verdict = |r: f64, target: f64| {
+        if r <= target {
+            "target met"
+        } else {
+            "TARGET MISSED"
+        }
+    };
+    println!(
+        "privhelper round trips (medians; {} / {} samples)",
+        t_ping.len(),
+        t_smart.len()
+    );
+    println!("  raw Unix-socket echo           {:>9.1} µs", us(e));
+    println!(
+        "  Ping via helper                {:>9.1} µs   ratio {r1:.2}x  (target <= 3x: {})",
+        us(p),
+        verdict(r1, 3.0)
+    );
+    println!("  direct fork/exec of smartctl   {:>9.1} µs", us(x));
+    println!(
+        "  SmartRead via helper           {:>9.1} µs   ratio {r2:.2}x  (target <= 1.3x: {})",
+        us(s),
+        verdict(r2, 1.3)
+    );
+    println!("    (new connection + Hello + request, 2 fsynced audit records)");
+    println!(
+        "  SmartRead, open connection     {:>9.1} µs   ratio {:.2}x",
+        us(sc),
+        sc.as_secs_f64() / x.as_secs_f64()
+    );
+}
