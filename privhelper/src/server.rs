@@ -144,16 +144,14 @@ impl Server {
     }
 
     /// Audits a refusal and answers it; the caller then ends the connection.
-    fn refuse(
-        &self,
-        stream: &mut UnixStream,
-        peer: &Peer,
-        category: &str,
-        kind: ErrorKind,
-        message: String,
-        op: Option<&str>,
-        args: Value,
-    ) {
+    fn refuse(&self, stream: &mut UnixStream, peer: &Peer, r: Refusal<'_>) {
+        let Refusal {
+            category,
+            kind,
+            message,
+            op,
+            args,
+        } = r;
         let e = self
             .base("refused", peer)
             .with("result", "denied")
@@ -182,12 +180,19 @@ impl Server {
             self.refuse(
                 &mut stream,
                 &peer,
-                "peer",
-                ErrorKind::PeerRefused,
-                msg,
-                None,
-                Value::Null,
+                Refusal {
+                    category: "peer",
+                    kind: ErrorKind::PeerRefused,
+                    message: msg,
+                    op: None,
+                    args: Value::Null,
+                },
             );
+            // Let the client's first frame arrive before closing, so it can read the
+            // refusal instead of getting EPIPE on its write. Bounded in time and size.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = (&mut stream).take(64 * 1024).read_to_end(&mut Vec::new());
             return;
         }
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
@@ -201,11 +206,13 @@ impl Server {
                     self.refuse(
                         &mut stream,
                         &peer,
-                        "validation",
-                        ErrorKind::Invalid,
-                        msg,
-                        None,
-                        Value::Null,
+                        Refusal {
+                            category: "validation",
+                            kind: ErrorKind::Invalid,
+                            message: msg,
+                            op: None,
+                            args: Value::Null,
+                        },
                     );
                     return;
                 }
@@ -213,11 +220,13 @@ impl Server {
                     self.refuse(
                         &mut stream,
                         &peer,
-                        "framing",
-                        ErrorKind::Framing,
-                        e.to_string(),
-                        None,
-                        Value::Null,
+                        Refusal {
+                            category: "framing",
+                            kind: ErrorKind::Framing,
+                            message: e.to_string(),
+                            op: None,
+                            args: Value::Null,
+                        },
                     );
                     return;
                 }
@@ -225,11 +234,13 @@ impl Server {
                     self.refuse(
                         &mut stream,
                         &peer,
-                        "framing",
-                        ErrorKind::Framing,
-                        format!("reading a frame: {e}"),
-                        None,
-                        Value::Null,
+                        Refusal {
+                            category: "framing",
+                            kind: ErrorKind::Framing,
+                            message: format!("reading a frame: {e}"),
+                            op: None,
+                            args: Value::Null,
+                        },
                     );
                     return;
                 }
@@ -256,11 +267,13 @@ impl Server {
                     self.refuse(
                         &mut stream,
                         &peer,
-                        "version",
-                        ErrorKind::VersionMismatch,
-                        msg,
-                        None,
-                        json!({"version": version}),
+                        Refusal {
+                            category: "version",
+                            kind: ErrorKind::VersionMismatch,
+                            message: msg,
+                            op: None,
+                            args: json!({"version": version}),
+                        },
                     );
                     return;
                 }
@@ -269,11 +282,13 @@ impl Server {
                     self.refuse(
                         &mut stream,
                         &peer,
-                        "handshake",
-                        ErrorKind::HandshakeRequired,
-                        "the first frame must be Hello".into(),
-                        op,
-                        Value::Null,
+                        Refusal {
+                            category: "handshake",
+                            kind: ErrorKind::HandshakeRequired,
+                            message: "the first frame must be Hello".into(),
+                            op,
+                            args: Value::Null,
+                        },
                     );
                     return;
                 }
@@ -293,11 +308,13 @@ impl Server {
                         self.refuse(
                             &mut stream,
                             &peer,
-                            "class",
-                            ErrorKind::WrongClass,
-                            msg,
-                            Some(op.as_str()),
-                            Value::Null,
+                            Refusal {
+                                category: "class",
+                                kind: ErrorKind::WrongClass,
+                                message: msg,
+                                op: Some(op.as_str()),
+                                args: Value::Null,
+                            },
                         );
                         return;
                     }
@@ -382,6 +399,15 @@ impl Server {
         let _ = self.audit(&outcome, false);
         resp
     }
+}
+
+/// One refusal: what kind, why, and the operation and arguments where known.
+struct Refusal<'a> {
+    category: &'static str,
+    kind: ErrorKind,
+    message: String,
+    op: Option<&'a str>,
+    args: Value,
 }
 
 fn unreachable_op() -> Result<(Response, Value), OpError> {

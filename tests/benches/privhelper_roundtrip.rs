@@ -82,7 +82,7 @@ fn main() {
     // ---- Ping vs echo, persistent connections
     let mut helper = Client::hello(&bed.socket(Class::Smart)).unwrap();
     let mut echo = UnixStream::connect(&echo_path).unwrap();
-    let mut buf = vec![0u8; 64];
+    let mut buf = [0u8; 64];
     let (mut t_ping, mut t_echo) = (Vec::new(), Vec::new());
     for round in 0..20 {
         for _ in 0..200 {

@@ -482,13 +482,18 @@ impl Client {
 
     pub fn call(&mut self, req: &Request) -> std::io::Result<Response> {
         let bytes = encode_request(req).map_err(std::io::Error::other)?;
-        self.send_raw(&bytes)?;
-        self.read_response()?.ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "helper closed the connection",
-            )
-        })
+        // Like the agent's client: a refusal may be waiting even if our write failed.
+        let written = self.send_raw(&bytes);
+        match self.read_response() {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(written.err().unwrap_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "helper closed the connection",
+                )
+            })),
+            Err(e) => Err(written.err().unwrap_or(e)),
+        }
     }
 
     /// True once the helper has closed this connection.

@@ -298,9 +298,13 @@ async fn call(
         class,
         detail: e.to_string(),
     })?;
-    stream.write_all(&bytes).await.map_err(io)?;
+    let written = stream.write_all(&bytes).await;
     let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await.map_err(io)?;
+    // A helper that refuses us (e.g. the peer check) answers and closes without reading
+    // our frame; its answer is still there to read even when our write failed.
+    if let Err(e) = stream.read_exact(&mut header).await {
+        return Err(io(written.err().unwrap_or(e)));
+    }
     let len = frame_len(header, MAX_RESPONSE_FRAME).map_err(|e| PrivilegedError::Protocol {
         class,
         detail: e.to_string(),
