@@ -161,6 +161,13 @@ impl Server {
             .with("op", op.map(Value::from).unwrap_or(Value::Null))
             .with("args", args);
         let _ = self.audit(&e, false);
+        log(
+            self.class,
+            &format!(
+                "refused ({category}) pid {} uid {}: {message}",
+                peer.pid, peer.uid
+            ),
+        );
         let _ = send(stream, &Response::Error { kind, message });
     }
 
@@ -374,6 +381,7 @@ impl Server {
         let mut outcome = self
             .base("outcome", peer)
             .with("op", op.as_str())
+            .with("args", args)
             .with("intent_seq", intent_seq)
             .with("duration_ms", (duration_ms * 1000.0).round() / 1000.0);
         let resp = match result {

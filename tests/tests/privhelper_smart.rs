@@ -138,3 +138,82 @@ fn idle_exit_and_reactivation() {
     // Ping and Hello are not audited.
     assert!(bed.audit_records().is_empty());
 }
+
+/// Root executes what the config names: an untrusted config file or tool stops the
+/// helper at start (exit 2, a clear message), and non-default paths are warned about.
+#[test]
+fn untrusted_config_or_tool_is_refused_and_non_defaults_are_warned() {
+    need_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let start = || {
+        std::process::Command::new(felhom_testbed::privhelper::privhelper_bin())
+            .args(["serve", "--class", "smart", "--config"])
+            .arg(&bed.config)
+            .arg("--listen")
+            .arg(bed.dir.join("run/untrusted.sock"))
+            .output()
+            .unwrap()
+    };
+    let tool = bed.dir.join("tools/felhom-fake-smartctl");
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    for (what, path, m) in [
+        ("group-writable tool", &tool, 0o775),
+        ("world-writable config", &bed.config, 0o646),
+    ] {
+        mode(path, m);
+        let out = start();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("refused") && err.contains("writable"),
+            "{what}: {err}"
+        );
+        mode(path, if path == &tool { 0o755 } else { 0o644 });
+    }
+    std::os::unix::fs::chown(&bed.config, Some(65534), None).unwrap();
+    let out = start();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not root"));
+    std::os::unix::fs::chown(&bed.config, Some(0), None).unwrap();
+    // A symlinked config is not followed.
+    let link = bed.dir.join("etc/link.json");
+    std::os::unix::fs::symlink(&bed.config, &link).unwrap();
+    let out = std::process::Command::new(felhom_testbed::privhelper::privhelper_bin())
+        .args(["serve", "--class", "smart", "--config"])
+        .arg(&link)
+        .arg("--listen")
+        .arg(bed.dir.join("run/untrusted.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let _h = bed.activate(Class::Smart);
+    let mut c = Client::hello(&bed.socket(Class::Smart)).unwrap();
+    assert!(matches!(
+        c.call(&Request::Ping).unwrap(),
+        Response::Pong { .. }
+    ));
+    let log = bed.helper_log(Class::Smart);
+    for w in [
+        "config file",
+        "fstab is",
+        "mount_root is",
+        "sysfs_root is",
+        "audit_log is",
+        "tools.smartctl is",
+        "agent_uid",
+    ] {
+        assert!(
+            log.contains(&format!("warning: {w}")) || log.contains(w),
+            "missing warning {w:?}: {log}"
+        );
+    }
+}
