@@ -83,9 +83,9 @@ pub fn with_entry(
             });
         }
     }
-    let want_uuid = fields(line.as_bytes())[0].to_vec();
+    let want_uuid = fields(line.as_bytes()).first().map(|f| f.to_vec());
     for m in &managed {
-        if fields(m).first().map(|f| f.to_vec()) != Some(want_uuid.clone()) {
+        if fields(m).first().map(|f| f.to_vec()) != want_uuid {
             return Err(FstabError::NameInUse {
                 name: name.to_string(),
                 other: String::from_utf8_lossy(m).trim_end().to_string(),

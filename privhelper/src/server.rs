@@ -434,6 +434,17 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request,
     while got < 4 {
         match stream.read(&mut header[got..]) {
             Ok(0) if got == 0 => return Ok(None),
+            // Idle between frames for the whole read timeout: close quietly (a slow
+            // partial frame is a framing fault, reported below).
+            Err(e)
+                if got == 0
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                return Ok(None);
+            }
             Ok(0) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
