@@ -10,8 +10,7 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The only environment a tool sees.
 pub const TOOL_ENV: [(&str, &str); 2] =
@@ -50,30 +49,37 @@ pub enum ExecError {
     },
 }
 
-/// Reads `r` to EOF, keeping at most `cap` bytes (the rest is drained and counted).
-fn read_capped(mut r: impl Read, cap: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let mut truncated = false;
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                if n > room {
-                    truncated = true;
-                }
-                kept.extend_from_slice(&buf[..n.min(room)]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    (kept, truncated)
+/// Output kept from one pipe: at most `cap` bytes, the rest drained and noted.
+struct Capped {
+    kept: Vec<u8>,
+    cap: usize,
+    truncated: bool,
 }
 
-/// Runs `tool args…` under `limits`.
+impl Capped {
+    fn new(cap: usize) -> Self {
+        Capped {
+            kept: Vec::new(),
+            cap,
+            truncated: false,
+        }
+    }
+    fn push(&mut self, data: &[u8]) {
+        let room = self.cap.saturating_sub(self.kept.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.kept.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// Runs `tool args…` under `limits`. Both pipes are read in this thread with poll(2)
+/// (no helper threads: fewer wake-ups on a loaded host), until both reach EOF or the
+/// deadline passes; then the tool is reaped.
 pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput, ExecError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+
     let name = tool.display().to_string();
     let mut cmd = Command::new(tool);
     cmd.args(args)
@@ -88,67 +94,120 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
         tool: name.clone(),
         source,
     })?;
-    let pid = child.id() as i32;
-    let (tx, rx) = mpsc::channel::<u8>();
-    let out_thread = child.stdout.take().map(|out| {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let r = read_capped(out, limits.stdout_cap);
-            let _ = tx.send(1);
-            r
-        })
-    });
-    let err_thread = child.stderr.take().map(|err| {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let r = read_capped(err, limits.stderr_cap);
-            let _ = tx.send(2);
-            r
-        })
-    });
-    drop(tx);
-    let deadline = std::time::Instant::now() + limits.timeout;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + limits.timeout;
+    let mut out = Capped::new(limits.stdout_cap);
+    let mut err = Capped::new(limits.stderr_cap);
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut buf = vec![0u8; 64 * 1024];
     let mut timed_out = false;
-    // Wait until both pipes reach EOF (the tool and anything it left behind closed them)
-    // or the deadline passes.
-    let mut open = out_thread.is_some() as u8 + err_thread.is_some() as u8;
-    while open > 0 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(_) => open -= 1,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                break;
+    // Set once the tool has exited: descendants that kept its pipes open get a short
+    // grace period, not the whole timeout.
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    while stdout.is_some() || stderr.is_some() {
+        let now = Instant::now();
+        if let Some((_, grace)) = exited
+            && now >= grace
+        {
+            break;
+        }
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            timed_out = true;
+            break;
+        }
+        let timeout = PollTimeout::try_from(left.as_millis().clamp(1, 100) as u64)
+            .unwrap_or(PollTimeout::MAX);
+        let (out_ready, err_ready) = {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(o) = &stdout {
+                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            if let Some(e) = &stderr {
+                fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(ExecError::Wait {
+                        tool: name,
+                        source: e.into(),
+                    });
+                }
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            let mut it = fds.iter();
+            let o = stdout
+                .as_ref()
+                .map(|_| it.next().is_some_and(ready))
+                .unwrap_or(false);
+            let e = stderr
+                .as_ref()
+                .map(|_| it.next().is_some_and(ready))
+                .unwrap_or(false);
+            (o, e)
+        };
+        if !out_ready && !err_ready && exited.is_none() {
+            match child.try_wait() {
+                Ok(Some(st)) => exited = Some((st, Instant::now() + Duration::from_millis(500))),
+                Ok(None) => {}
+                Err(source) => return Err(ExecError::Wait { tool: name, source }),
+            }
+        }
+        if out_ready && let Some(o) = stdout.as_mut() {
+            match o.read(&mut buf) {
+                Ok(0) => stdout = None,
+                Ok(n) => out.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => stdout = None,
+            }
+        }
+        if err_ready && let Some(e) = stderr.as_mut() {
+            match e.read(&mut buf) {
+                Ok(0) => stderr = None,
+                Ok(n) => err.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => stderr = None,
+            }
         }
     }
-    if timed_out {
-        // The whole process group: the tool and whatever it started.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let status = child.wait().map_err(|source| ExecError::Wait {
-        tool: name.clone(),
-        source,
-    })?;
-    if timed_out {
-        // Pipes close once the group is dead; the readers then finish.
-        let _ = out_thread.map(|t| t.join());
-        let _ = err_thread.map(|t| t.join());
+    // Both pipes closed: the tool is exiting. Reap it, within the deadline.
+    let mut pause = Duration::from_micros(20);
+    let status = loop {
+        if let Some((st, _)) = exited {
+            break Some(st);
+        }
+        if !timed_out {
+            match child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) => {}
+                Err(source) => return Err(ExecError::Wait { tool: name, source }),
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+            }
+        }
+        if timed_out {
+            // The whole process group: the tool and whatever it started.
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    };
+    let Some(status) = status else {
         return Err(ExecError::Timeout {
             tool: name,
             secs: limits.timeout.as_secs(),
         });
-    }
-    let (stdout, stdout_truncated) = out_thread.and_then(|t| t.join().ok()).unwrap_or_default();
-    let (stderr, _) = err_thread.and_then(|t| t.join().ok()).unwrap_or_default();
+    };
     Ok(ToolOutput {
-        stdout,
-        stdout_truncated,
-        stderr,
+        stdout: out.kept,
+        stdout_truncated: out.truncated,
+        stderr: err.kept,
         code: status.code(),
         signal: status.signal(),
     })
@@ -191,6 +250,20 @@ mod tests {
         assert_eq!(out.code, Some(0));
         let out = run(Path::new("/bin/false"), &[], limits(10_000)).unwrap();
         assert_eq!(out.code, Some(1));
+    }
+
+    #[test]
+    fn a_descendant_holding_the_pipe_does_not_hold_us() {
+        let t = std::time::Instant::now();
+        let out = run(
+            Path::new("/bin/sh"),
+            &["-c".into(), "sleep 30 & echo started".into()],
+            limits(20_000),
+        )
+        .unwrap();
+        assert_eq!(out.code, Some(0));
+        assert_eq!(out.stdout, b"started\n");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[test]
