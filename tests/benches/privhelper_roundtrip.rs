@@ -129,6 +129,14 @@ fn main() {
     // ---- SmartRead (as the agent does it: new connection + Hello) vs direct fork/exec
     let (mut t_smart, mut t_exec, mut t_smart_conn) = (Vec::new(), Vec::new(), Vec::new());
     let mut t_smart_tmpfs = Vec::new();
+    // The disk's own fdatasync latency for a small append, next to the audit log: the
+    // floor the intent record puts under every operation.
+    let mut t_fsync = Vec::new();
+    let mut probe = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(bed.dir.join("log/fsync-probe"))
+        .unwrap();
     let sock = bed.socket(Class::Smart);
     let mut persistent = Client::hello(&sock).unwrap();
     for round in 0..11 {
@@ -157,6 +165,12 @@ fn main() {
             assert!(
                 matches!(r, Response::Smart(ref o) if o.exit_status == 0 && !o.stdout.is_empty())
             );
+            let t = Instant::now();
+            probe.write_all(&[b'x'; 300]).unwrap();
+            probe.sync_data().unwrap();
+            if round > 0 {
+                t_fsync.push(t.elapsed());
+            }
             let t = Instant::now();
             let mut c = Client::connect(&sock2).unwrap();
             c.call(&Request::Hello {
@@ -211,6 +225,12 @@ fn main() {
     );
     println!(
         "    (new connection + Hello + request; intent fdatasync'ed, outcome written, head replaced twice)"
+    );
+    let fs = median(&mut t_fsync);
+    println!(
+        "  disk fdatasync (300 B append)  {:>9.1} µs   (the intent record's floor; exec + this = {:.2}x)",
+        us(fs),
+        (x + fs).as_secs_f64() / x.as_secs_f64()
     );
     let st = median(&mut t_smart_tmpfs);
     println!(
