@@ -101,11 +101,17 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut timed_out = false;
+    // Readable once the tool has exited (so its exit wakes the same poll as its output);
+    // without pidfd support we fall back to checking between short polls.
+    let pidfd = crate::sys::pidfd_open(pid.as_raw()).ok();
     // Set once the tool has exited: descendants that kept its pipes open get a short
     // grace period, not the whole timeout.
     let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
-    while stdout.is_some() || stderr.is_some() {
+    loop {
+        let pipes_open = stdout.is_some() || stderr.is_some();
+        if exited.is_some() && !pipes_open {
+            break;
+        }
         let now = Instant::now();
         if let Some((_, grace)) = exited
             && now >= grace
@@ -114,18 +120,27 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
         }
         let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
-            timed_out = true;
             break;
         }
-        let timeout = PollTimeout::try_from(left.as_millis().clamp(1, 100) as u64)
+        let left = match exited {
+            Some((_, grace)) => left.min(grace.saturating_duration_since(now)),
+            None => left,
+        };
+        let cap_ms = if pidfd.is_some() { 60_000 } else { 10 };
+        let timeout = PollTimeout::try_from(left.as_millis().clamp(1, cap_ms) as u64)
             .unwrap_or(PollTimeout::MAX);
-        let (out_ready, err_ready) = {
-            let mut fds = Vec::with_capacity(2);
+        let (out_ready, err_ready, exit_ready) = {
+            let mut fds = Vec::with_capacity(3);
             if let Some(o) = &stdout {
                 fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
             }
             if let Some(e) = &stderr {
                 fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+            }
+            if exited.is_none()
+                && let Some(p) = &pidfd
+            {
+                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
@@ -139,17 +154,12 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
             }
             let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
             let mut it = fds.iter();
-            let o = stdout
-                .as_ref()
-                .map(|_| it.next().is_some_and(ready))
-                .unwrap_or(false);
-            let e = stderr
-                .as_ref()
-                .map(|_| it.next().is_some_and(ready))
-                .unwrap_or(false);
-            (o, e)
+            let o = stdout.is_some() && it.next().is_some_and(ready);
+            let e = stderr.is_some() && it.next().is_some_and(ready);
+            let x = exited.is_none() && pidfd.is_some() && it.next().is_some_and(ready);
+            (o, e, x)
         };
-        if !out_ready && !err_ready && exited.is_none() {
+        if exited.is_none() && (exit_ready || pidfd.is_none() || !pipes_open) {
             match child.try_wait() {
                 Ok(Some(st)) => exited = Some((st, Instant::now() + Duration::from_millis(500))),
                 Ok(None) => {}
@@ -173,30 +183,15 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
             }
         }
     }
-    // Both pipes closed: the tool is exiting. Reap it, within the deadline.
-    let mut pause = Duration::from_micros(20);
-    let status = loop {
-        if let Some((st, _)) = exited {
-            break Some(st);
-        }
-        if !timed_out {
-            match child.try_wait() {
-                Ok(Some(st)) => break Some(st),
-                Ok(None) => {}
-                Err(source) => return Err(ExecError::Wait { tool: name, source }),
-            }
-            if Instant::now() >= deadline {
-                timed_out = true;
-            }
-        }
-        if timed_out {
-            // The whole process group: the tool and whatever it started.
+    let status = match exited {
+        Some((st, _)) => Some(st),
+        None => {
+            // Out of time (or the tool never exited while its pipes were open): the whole
+            // process group — the tool and whatever it started.
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
-            break None;
+            None
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
     };
     let Some(status) = status else {
         return Err(ExecError::Timeout {

@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use felhom_protocol::{
@@ -75,6 +75,10 @@ impl Server {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
         let active = Arc::new(AtomicUsize::new(0));
+        let idle = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<UnixStream>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = 0usize;
         let mut last_activity = Instant::now();
         loop {
             let ready = {
@@ -113,21 +117,41 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(5));
             }
             active.fetch_add(1, Ordering::SeqCst);
-            let me = Arc::clone(&self);
-            let act = Arc::clone(&active);
-            let spawned = std::thread::Builder::new()
-                .name("conn".into())
-                .spawn(move || {
-                    me.connection(stream);
-                    act.fetch_sub(1, Ordering::SeqCst);
-                });
-            if let Err(e) = spawned {
-                active.fetch_sub(1, Ordering::SeqCst);
-                log(
-                    self.class,
-                    &format!("cannot start a connection thread: {e}"),
-                );
+            // Hand the connection to an idle worker; start one if none is idle. Workers
+            // stay for the life of the process: a woken thread is scheduled promptly,
+            // a brand-new one waits behind everything else on a loaded host.
+            if idle.load(Ordering::SeqCst) == 0 && workers < MAX_CONNECTIONS {
+                let me = Arc::clone(&self);
+                let (rx, act, idl) = (Arc::clone(&rx), Arc::clone(&active), Arc::clone(&idle));
+                let spawned = std::thread::Builder::new()
+                    .name("conn".into())
+                    .spawn(move || me.worker(&rx, &act, &idl));
+                match spawned {
+                    Ok(_) => workers += 1,
+                    Err(e) => log(self.class, &format!("cannot start a worker thread: {e}")),
+                }
             }
+            if tx.send(stream).is_err() || workers == 0 {
+                active.fetch_sub(1, Ordering::SeqCst);
+                log(self.class, "no worker thread to serve a connection");
+            }
+        }
+    }
+
+    /// Serves connections from `rx` one after another.
+    fn worker(
+        &self,
+        rx: &Mutex<mpsc::Receiver<UnixStream>>,
+        active: &AtomicUsize,
+        idle: &AtomicUsize,
+    ) {
+        loop {
+            idle.fetch_add(1, Ordering::SeqCst);
+            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            idle.fetch_sub(1, Ordering::SeqCst);
+            let Ok(stream) = next else { return };
+            self.connection(stream);
+            active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 

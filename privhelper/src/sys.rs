@@ -1,6 +1,7 @@
 //! The only module of the helper with `unsafe`: adopting the socket systemd passes
-//! (`LISTEN_FDS`) and removing the activation variables from our own environment.
-//! Every block says why it is sound.
+//! (`LISTEN_FDS`), removing the activation variables from our own environment, and
+//! `pidfd_open(2)` (which std and nix do not offer on stable). Every block says why it is
+//! sound.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -66,4 +67,18 @@ fn clear_activation_env() {
         // can read the environment concurrently.
         unsafe { std::env::remove_var(var) };
     }
+}
+
+/// A pidfd for `pid` (Linux 5.3+): readable once the process has exited, so one poll(2)
+/// can wait for a tool's output and its exit together.
+pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word by value and touches no memory of
+    // ours; the result is checked before use.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us, open and owned by no one else, so
+    // taking ownership is sound and it is closed exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
