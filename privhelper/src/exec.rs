@@ -100,7 +100,7 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
     let mut err = Capped::new(limits.stderr_cap);
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = [0u8; 16 * 1024];
     // Readable once the tool has exited (so its exit wakes the same poll as its output);
     // without pidfd support we fall back to checking between short polls.
     let pidfd = crate::sys::pidfd_open(pid.as_raw()).ok();
