@@ -26,8 +26,9 @@ use crate::config::{Config, Tools};
 use crate::ops::{self, OpError, System, Verdict};
 use crate::peer::Peer;
 
-/// How long a connected client may take to send a frame.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connected client may take to send a frame (or stay idle between frames;
+/// the agent's client sends its request right after the handshake and closes).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 

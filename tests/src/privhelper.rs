@@ -29,16 +29,22 @@ pub fn target_dir() -> PathBuf {
     dir
 }
 
-/// `felhom-privhelper`, built for this profile. `cargo test --workspace` builds it
-/// already; when only the test bed is being tested, the first call runs `cargo build`
-/// for it (set `FELHOM_TESTBED_NO_BUILD=1` to skip that and use what is there).
+/// `felhom-privhelper`, built for this profile. Under `cargo test --workspace` it is
+/// built already and used as is. When it is missing or older than its sources (e.g.
+/// `cargo test -p felhom-testbed`, or the benchmark in release), the first call runs
+/// `cargo build -p felhom-privhelper` for it. Set `FELHOM_TESTBED_NO_BUILD=1` to never
+/// build and use what is there.
 pub fn privhelper_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let dir = target_dir();
             let bin = dir.join("felhom-privhelper");
-            if std::env::var_os("FELHOM_TESTBED_NO_BUILD").is_none() || !bin.exists() {
+            let stale = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+                Ok(built) => newest_source().is_some_and(|src| src > built),
+                Err(_) => true,
+            };
+            if stale && std::env::var_os("FELHOM_TESTBED_NO_BUILD").is_none() {
                 let mut cmd =
                     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
                 cmd.args([
@@ -62,6 +68,36 @@ pub fn privhelper_bin() -> PathBuf {
             bin
         })
         .clone()
+}
+
+/// Newest modification time among the helper's and the protocol's sources.
+fn newest_source() -> Option<std::time::SystemTime> {
+    fn walk(p: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(md) = std::fs::metadata(p) else { return };
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    walk(&e.path(), newest);
+                }
+            }
+        } else if let Ok(m) = md.modified() {
+            *newest = Some(newest.map_or(m, |n: std::time::SystemTime| n.max(m)));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let mut newest = None;
+    for p in [
+        "privhelper/src",
+        "privhelper/Cargo.toml",
+        "protocol/src",
+        "protocol/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        walk(&root.join(p), &mut newest);
+    }
+    newest
 }
 
 /// `tests/fixtures/hosttools`.

@@ -262,6 +262,7 @@ fn fifty_concurrent_clients_across_instances_leave_a_valid_chain() {
                 };
                 let r = c.call(&req).unwrap();
                 assert!(!matches!(r, Response::Error { .. }), "{r:?}");
+                drop(c);
                 // and one refusal each, on a fresh connection
                 let mut c = Client::connect(&sock).unwrap();
                 c.send_raw(&[0, 0, 0, 0]).unwrap();
