@@ -518,8 +518,9 @@ fn io_failed(what: &str, path: &Path, e: std::io::Error) -> OpError {
 }
 
 /// The mount root: created 0755 if missing (its parent must exist); must be a real
-/// directory (not a symlink) owned by root and not writable by group or others.
-fn check_mount_root(root: &Path) -> Result<(), OpError> {
+/// directory (not a symlink) owned by root and not writable by group or others. Returns
+/// its canonical path, so that mount points compare equal to what mountinfo shows.
+fn check_mount_root(root: &Path) -> Result<PathBuf, OpError> {
     if std::fs::symlink_metadata(root).is_err() {
         std::fs::DirBuilder::new()
             .mode(0o755)
@@ -536,7 +537,7 @@ fn check_mount_root(root: &Path) -> Result<(), OpError> {
             ),
         ));
     }
-    Ok(())
+    std::fs::canonicalize(root).map_err(|e| io_failed("resolving", root, e))
 }
 
 /// Creates `<root>/<name>` if missing and opens it without following symlinks.
@@ -572,8 +573,8 @@ pub fn usb_mount(
 ) -> OpResult {
     let part = resolve_usb_partition(device, &cfg.sysfs_root)?;
     let (fstype, uuid) = probe(sys, tools, cfg.tool_timeout, &part.dev)?;
-    check_mount_root(&cfg.mount_root)?;
-    let mp = cfg.mount_root.join(name.as_str());
+    let root = check_mount_root(&cfg.mount_root)?;
+    let mp = root.join(name.as_str());
     let mp_str = mp.to_string_lossy().into_owned();
     let line = fstab::managed_line(&uuid, &mp_str, fstype, name);
     let old = fstab::read(&cfg.fstab)?;
@@ -598,7 +599,7 @@ pub fn usb_mount(
         None => false,
     };
     if !already_mounted {
-        let (dir, mp) = open_mount_point(&cfg.mount_root, name)?;
+        let (dir, mp) = open_mount_point(&root, name)?;
         // Mount onto the directory we opened (no symlink can be swapped in).
         use std::os::fd::AsRawFd;
         let target = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
@@ -647,7 +648,8 @@ pub fn usb_mount(
 }
 
 pub fn usb_unmount(sys: &dyn System, cfg: &Config, name: &MountName) -> OpResult {
-    let mp = cfg.mount_root.join(name.as_str());
+    let root = std::fs::canonicalize(&cfg.mount_root).unwrap_or_else(|_| cfg.mount_root.clone());
+    let mp = root.join(name.as_str());
     let old = fstab::read(&cfg.fstab)?;
     let info = sys
         .mountinfo()
