@@ -235,3 +235,69 @@ fn version_mismatch_is_clear_on_both_sides() {
     let c = client(&bed);
     assert!(rt().block_on(c.ping(Class::Smart)).is_ok());
 }
+
+/// Typed errors without a real helper: a socket that accepts and never answers, one that
+/// answers garbage, and a socket served by another class's helper.
+#[test]
+fn timeouts_protocol_faults_and_misrouted_sockets_are_typed() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::new(&PrivhelperConfig {
+        socket_dir: dir.path().to_path_buf(),
+        audit_log: dir.path().join("audit.jsonl"),
+        timeout: Duration::from_millis(300),
+    });
+    let serve = |class: Class, answer: Vec<u8>| {
+        let l =
+            std::os::unix::net::UnixListener::bind(dir.path().join(class.socket_name())).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                let mut b = [0u8; 6];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(&answer);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        });
+    };
+    // Never answers.
+    serve(Class::Smart, Vec::new());
+    let e = rt()
+        .block_on(c.smart_read(&DiskDevice::new("sda").unwrap()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PrivilegedError::Timeout {
+                class: Class::Smart,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.is_unreachable());
+    // Answers garbage.
+    serve(Class::Pct, vec![0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let e = rt().block_on(c.ping(Class::Pct)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PrivilegedError::Protocol {
+                class: Class::Pct,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The usb socket is served by a smart helper.
+    let hello = felhom_protocol::encode_response(&Response::Hello {
+        version: felhom_protocol::PROTOCOL_VERSION,
+        class: Class::Smart,
+    })
+    .unwrap();
+    serve(Class::Usb, hello);
+    let e = rt()
+        .block_on(c.usb_unmount(&MountName::new("x").unwrap()))
+        .unwrap_err();
+    assert!(e.to_string().contains("served by the smart helper"), "{e}");
+}

@@ -368,3 +368,54 @@ pub async fn ping_classes(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"{"vmid": 120, "ostemplate": "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst", "hostname": "web1", "memory_mib": 1024, "swap_mib": 512, "cores": 2, "rootfs": {"storage": "local-lvm", "size_gib": 8}, "net": {"bridge": "vmbr0", "ip": "dhcp", "gw": null}, "nesting": true, "ssh_public_keys": [], "start": false, "onboot": true}"#;
+
+    #[test]
+    fn load_spec_validates_and_names_the_problem() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("spec.json");
+        std::fs::write(&p, SPEC).unwrap();
+        let spec = load_spec(&p).unwrap();
+        assert_eq!(spec.vmid.get(), 120);
+        assert!(spec.nesting);
+        std::fs::write(&p, SPEC.replace("\"web1\"", "\"web1;reboot\"")).unwrap();
+        let e = load_spec(&p).unwrap_err().to_string();
+        assert!(e.contains("hostname"), "{e}");
+        std::fs::write(
+            &p,
+            SPEC.replace(
+                "\"vmid\": 120",
+                "\"vmid\": 120, \"features\": \"mount=nfs\"",
+            ),
+        )
+        .unwrap();
+        let e = load_spec(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(matches!(
+            load_spec(&d.path().join("missing.json")),
+            Err(SpecError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn socket_paths_per_class() {
+        let c = Client::new(&PrivhelperConfig::default());
+        assert_eq!(
+            c.socket_path(Class::Pct),
+            Path::new("/run/felhom/privhelper-pct.sock")
+        );
+        assert_eq!(
+            c.socket_path(Class::Usb),
+            Path::new("/run/felhom/privhelper-usb.sock")
+        );
+        assert_eq!(
+            c.socket_path(Class::Smart),
+            Path::new("/run/felhom/privhelper-smart.sock")
+        );
+    }
+}
