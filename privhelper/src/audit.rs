@@ -98,6 +98,8 @@ struct Cache {
 #[derive(Debug)]
 pub struct AuditLog {
     log: PathBuf,
+    /// The class of the instance writing (for the records it writes on its own).
+    writer: Option<String>,
     max_bytes: u64,
     keep: u32,
     cache: Mutex<Cache>,
@@ -269,12 +271,32 @@ impl AuditLog {
         Ok((
             AuditLog {
                 log: log.to_path_buf(),
+                writer: None,
                 max_bytes,
                 keep,
                 cache: Mutex::new(Cache::default()),
             },
             warnings,
         ))
+    }
+
+    /// Names the instance's class in the `torn`/`cut` records it writes.
+    pub fn for_class(mut self, class: &str) -> Self {
+        self.writer = Some(class.to_string());
+        self
+    }
+
+    /// The keys every record has (`class`, `peer`, `op`, `args`), for the records the
+    /// writer adds on its own.
+    fn own(&self, kind: &'static str) -> Entry {
+        Entry::new(kind)
+            .with(
+                "class",
+                self.writer.clone().map(Value::from).unwrap_or(Value::Null),
+            )
+            .with("peer", Value::Null)
+            .with("op", Value::Null)
+            .with("args", Value::Null)
     }
 
     /// Appends `entry` (after any `torn`/`cut` record the state of the file calls for)
@@ -389,7 +411,7 @@ impl AuditLog {
             f.sync_all().map_err(io_err(&self.log))?;
             let text: String = String::from_utf8_lossy(bytes).chars().take(1024).collect();
             pending.push(
-                Entry::new("torn")
+                self.own("torn")
                     .with("reason", "the last line had no newline when the log was opened (a write was interrupted); it was cut off and is described here")
                     .with("torn", json!({"offset": offset, "bytes": bytes.len(), "sha256": sha256_hex(bytes), "text": text})),
             );
@@ -421,7 +443,7 @@ impl AuditLog {
             && *hseq > tip.seq
         {
             pending.push(
-                Entry::new("cut")
+                self.own("cut")
                     .with(
                         "reason",
                         "the log ends before the record its head file names: records were removed",

@@ -155,6 +155,7 @@ fn serve(f: Flags) -> Result<(), MainError> {
         cfg.audit_keep,
         cfg.agent_gid,
     )?;
+    let audit = audit.for_class(class.as_str());
     for w in cfg.warnings.iter().chain(audit_warnings.iter()) {
         server::log(class, &format!("warning: {w}"));
     }

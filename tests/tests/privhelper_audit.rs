@@ -189,6 +189,13 @@ fn a_torn_tail_found_at_open_is_recorded_and_rotation_keeps_the_chain() {
     assert_eq!(torn["seq"], 3);
     assert_eq!(torn["torn"]["bytes"], 21);
     assert_eq!(torn["torn"]["text"], "{\"seq\":3,\"prev\":\"0123");
+    assert_eq!(torn["class"], "smart", "the instance that found it");
+    // Every record has the same keys, null where they do not apply.
+    for r in &recs {
+        for k in ["seq", "prev", "time", "kind", "class", "peer", "op", "args"] {
+            assert!(r.get(k).is_some(), "{k} missing in {r}");
+        }
+    }
     let (ok, text) = verify(&bed.audit_log);
     assert!(ok, "{text}");
 
