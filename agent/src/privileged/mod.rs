@@ -262,14 +262,30 @@ async fn exchange_on(
                 path: path.to_path_buf(),
                 source,
             })?;
-    let hello = call(
+    // Hello and the request go out together (one round trip). The helper reads the
+    // request only after it accepted the Hello; on a mismatch it answers and closes with
+    // the request unread. A socket served by another class's helper refuses the request
+    // (operations belong to exactly one class), so nothing runs by mistake.
+    let proto = |e: felhom_protocol::FrameError| PrivilegedError::Protocol {
         class,
-        &mut stream,
-        &Request::Hello {
-            version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+        detail: e.to_string(),
+    };
+    let mut bytes = encode_request(&Request::Hello {
+        version: PROTOCOL_VERSION,
+    })
+    .map_err(proto)?;
+    bytes.extend(encode_request(&req).map_err(proto)?);
+    let written = stream.write_all(&bytes).await;
+    let hello = match read_response(class, &mut stream).await {
+        Ok(r) => r,
+        // A refusal may have closed the connection before our write went through; if
+        // there is no answer either, report the write's error.
+        Err(e) => {
+            return Err(written
+                .err()
+                .map_or(e, |w| PrivilegedError::Io { class, source: w }));
+        }
+    };
     let version = match hello {
         Response::Hello { version, class: c } if c == class => version,
         Response::Hello { class: c, .. } => {
@@ -284,27 +300,17 @@ async fn exchange_on(
         } => return Err(PrivilegedError::VersionMismatch { class, message }),
         other => return Err(unexpected(class, &other)),
     };
-    let resp = call(class, &mut stream, &req).await?;
+    if let Err(source) = written {
+        return Err(PrivilegedError::Io { class, source });
+    }
+    let resp = read_response(class, &mut stream).await?;
     Ok((version, resp))
 }
 
-async fn call(
-    class: Class,
-    stream: &mut UnixStream,
-    req: &Request,
-) -> Result<Response, PrivilegedError> {
+async fn read_response(class: Class, stream: &mut UnixStream) -> Result<Response, PrivilegedError> {
     let io = |source| PrivilegedError::Io { class, source };
-    let bytes = encode_request(req).map_err(|e| PrivilegedError::Protocol {
-        class,
-        detail: e.to_string(),
-    })?;
-    let written = stream.write_all(&bytes).await;
     let mut header = [0u8; 4];
-    // A helper that refuses us (e.g. the peer check) answers and closes without reading
-    // our frame; its answer is still there to read even when our write failed.
-    if let Err(e) = stream.read_exact(&mut header).await {
-        return Err(io(written.err().unwrap_or(e)));
-    }
+    stream.read_exact(&mut header).await.map_err(io)?;
     let len = frame_len(header, MAX_RESPONSE_FRAME).map_err(|e| PrivilegedError::Protocol {
         class,
         detail: e.to_string(),
