@@ -259,14 +259,18 @@ fn killing_the_helper_during_the_fstab_write_leaves_old_or_new() {
     drop(h);
     assert_eq!(std::fs::read_to_string(&bed.fstab).unwrap(), new);
     let (mut saw_old, mut saw_new) = (0, 0);
-    let runs = 16;
-    for i in 0..runs {
+    // Kill delays spread over the operation's length; if load made one side never
+    // happen, a few more runs push further out (or back to 0) so both are seen.
+    let mut delays: Vec<Duration> = (0..16).map(|i| full.mul_f64(i as f64 / 12.0)).collect();
+    let mut i = 0;
+    while i < delays.len() {
+        let delay = delays[i];
         reset();
         let mut h = bed.listen(Class::Usb);
         let mut c = felhom_testbed::privhelper::Client::hello(&bed.socket(Class::Usb)).unwrap();
         c.send_raw(&felhom_protocol::encode_request(&request).unwrap())
             .unwrap();
-        std::thread::sleep(full.mul_f64(i as f64 / (runs - 4) as f64));
+        std::thread::sleep(delay);
         h.child.kill().unwrap();
         h.child.wait().unwrap();
         let now = std::fs::read_to_string(&bed.fstab).unwrap();
@@ -276,9 +280,17 @@ fn killing_the_helper_during_the_fstab_write_leaves_old_or_new() {
             saw_new += 1;
         } else {
             panic!(
-                "run {i}: fstab is neither the old nor the new file ({} bytes)",
+                "run {i} (kill after {delay:?}): fstab is neither the old nor the new file ({} bytes)",
                 now.len()
             );
+        }
+        i += 1;
+        if i == delays.len() && delays.len() < 24 {
+            if saw_new == 0 {
+                delays.push(delay * 2);
+            } else if saw_old == 0 {
+                delays.push(Duration::ZERO);
+            }
         }
     }
     reset();
