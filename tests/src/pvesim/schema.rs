@@ -12,10 +12,21 @@ use super::error::ApiError;
 #[derive(Debug, Clone, Copy)]
 pub enum Ty {
     Bool,
-    Int { min: Option<i64>, max: Option<i64> },
-    Num { min: Option<f64>, max: Option<f64> },
-    Str { fmt: Fmt, max_len: Option<usize> },
+    Int {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
+    Num {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Str {
+        fmt: Fmt,
+        max_len: Option<usize>,
+    },
     Enum(&'static [&'static str]),
+    /// `pve-vmid`: integer, then the `pve-vmid` format, then 100..=999999999.
+    Vmid,
 }
 
 impl Ty {
@@ -40,10 +51,7 @@ impl Ty {
             max: None,
         }
     }
-    pub const VMID: Ty = Ty::Int {
-        min: Some(100),
-        max: Some(999_999_999),
-    };
+    pub const VMID: Ty = Ty::Vmid;
 }
 
 /// A named format.
@@ -222,6 +230,15 @@ pub fn check_value(ty: &Ty, v: &str, path: &str) -> Result<(), String> {
                 && n < *min
             {
                 return Err(format!("value must have a minimum value of {min}"));
+            }
+            Ok(())
+        }
+        Ty::Vmid => {
+            if !is_integer(v) {
+                return Err(format!("type check ('integer') failed - got '{v}'"));
+            }
+            if !is_vmid(v) {
+                return Err("invalid format - value does not look like a valid VM ID\n".to_owned());
             }
             Ok(())
         }
@@ -683,7 +700,11 @@ mod tests {
         );
         assert_eq!(
             check_value(&Ty::VMID, "99", "vmid").unwrap_err(),
-            "value must have a minimum value of 100"
+            "invalid format - value does not look like a valid VM ID\n"
+        );
+        assert_eq!(
+            check_value(&Ty::VMID, "x", "vmid").unwrap_err(),
+            "type check ('integer') failed - got 'x'"
         );
         assert!(is_number("1.5") && is_number(".5") && is_number("1e3") && !is_number("1.2.3"));
         assert!(
