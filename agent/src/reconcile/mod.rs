@@ -5,6 +5,7 @@
 //! running queue operation holds the [`GuestPermit`] the mutating Proxmox methods demand.
 
 pub mod desired;
+pub mod journal;
 pub mod normalize;
 pub mod permit;
 pub mod plan;
