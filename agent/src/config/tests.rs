@@ -133,10 +133,8 @@ fn an_empty_variable_unsets_the_file_value() {
         }
     );
     // Unsetting a field with a default brings the default back.
-    let body = format!(
-        r#"{{"node":"pve1","privhelper":{{"timeout_seconds":9}},"proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"s","tls":{{"insecure":true}}}}}}"#
-    );
-    let l = load(&body, &[("FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS", "")]).unwrap();
+    let body = r#"{"node":"pve1","privhelper":{"timeout_seconds":9},"proxmox":{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"s","tls":{"insecure":true}}}"#;
+    let l = load(body, &[("FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS", "")]).unwrap();
     assert_eq!(l.config.privhelper.timeout, Duration::from_secs(30));
 }
 
