@@ -39,7 +39,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::plan::{Action, Op};
+use super::plan::Action;
 
 /// File name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "journal.db";
@@ -706,19 +706,6 @@ impl Journal {
                 params![cutoff, keep_rows as i64],
             )
         })
-    }
-}
-
-/// Whether an action's operation is one Proxmox runs as a task of this worker type.
-pub fn task_type(action: &Action) -> Option<&'static str> {
-    use super::normalize::GuestKind::{Lxc, Qemu};
-    match (&action.op, action.kind) {
-        (Op::Start, Lxc) => Some("vzstart"),
-        (Op::Start, Qemu) => Some("qmstart"),
-        (Op::Stop, Lxc) => Some("vzshutdown"),
-        (Op::Stop, Qemu) => Some("qmshutdown"),
-        (Op::SetConfig { .. }, Lxc) => None,
-        (Op::SetConfig { .. }, Qemu) => Some("qmconfig"),
     }
 }
 

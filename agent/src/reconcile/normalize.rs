@@ -63,22 +63,7 @@ fn bad(field: Field, reason: &'static str, got: &Value) -> NormalizeError {
     }
 }
 
-/// LXC container or QEMU VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GuestKind {
-    Lxc,
-    Qemu,
-}
-
-impl fmt::Display for GuestKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GuestKind::Lxc => "lxc",
-            GuestKind::Qemu => "qemu",
-        })
-    }
-}
+pub use crate::proxmox::GuestKind;
 
 /// A managed config field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

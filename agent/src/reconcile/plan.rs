@@ -74,6 +74,8 @@ pub enum Op {
     /// Only the fields that differ; `params` are the PUT parameters that write them.
     SetConfig {
         fields: Vec<Field>,
+        /// The normalized target value of each field (same order as `fields`).
+        values: Vec<Norm>,
         params: Vec<Param>,
     },
 }
@@ -246,6 +248,7 @@ fn skip_reason(g: &ActualGuest) -> Option<SkipReason> {
 /// The `SetConfig` for the fields that differ, or why it cannot be computed.
 fn config_diff(want: &BTreeMap<Field, Norm>, have: &ActualGuest) -> Result<Option<Op>, String> {
     let mut fields = Vec::new();
+    let mut values = Vec::new();
     let mut params = Vec::new();
     for (field, value) in want {
         if !field.applies_to(have.kind) {
@@ -261,9 +264,14 @@ fn config_diff(want: &BTreeMap<Field, Norm>, have: &ActualGuest) -> Result<Optio
             continue;
         };
         fields.push(*field);
+        values.push(value.clone());
         params.push(param);
     }
-    Ok((!fields.is_empty()).then_some(Op::SetConfig { fields, params }))
+    Ok((!fields.is_empty()).then_some(Op::SetConfig {
+        fields,
+        values,
+        params,
+    }))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 use crate::reconcile::normalize::{Field, GuestKind, Param};
-use crate::reconcile::plan::Basis;
+use crate::reconcile::plan::{Basis, Op};
 
 fn vmid(n: u32) -> Vmid {
     Vmid::new(u64::from(n)).unwrap()
@@ -26,6 +26,7 @@ fn set_memory(v: u32, mib: u64) -> Action {
         v,
         Op::SetConfig {
             fields: vec![Field::Memory],
+            values: vec![crate::reconcile::normalize::Norm::Int(mib)],
             params: vec![Param::Set("memory".into(), mib.to_string())],
         },
     )

@@ -199,7 +199,7 @@ proptest! {
             let have = case.actual.iter().find(|g| g.vmid == a.vmid).unwrap();
             let want = case.desired.guests.iter().find(|g| g.vmid == a.vmid).unwrap();
             match &a.op {
-                Op::SetConfig { fields, params } => {
+                Op::SetConfig { fields, params, .. } => {
                     prop_assert!(!fields.is_empty());
                     prop_assert_eq!(fields.len(), params.len());
                     for f in fields {
