@@ -241,6 +241,7 @@ impl ProxmoxError {
             self,
             ProxmoxError::Setup(_)
                 | ProxmoxError::PinMismatch { .. }
+                | ProxmoxError::Tls { .. }
                 | ProxmoxError::Unauthorized { .. }
                 | ProxmoxError::PermissionDenied { .. }
         )
