@@ -420,6 +420,11 @@ fn resolve(
     Ok(Layer { file, values })
 }
 
+fn world_readable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
 /// Reads a secret file: size-capped, one trailing line break removed.
 fn read_secret_file(field: &str, path: &Path) -> Result<Secret, ConfigError> {
     let err = |source| ConfigError::SecretFile {
@@ -840,6 +845,20 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
             layer.file.display(),
             inline_file_secrets.join(" and ")
         ));
+    }
+
+    for source in [Some(&token_source), hub_token_source.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Source::SecretFile { path } = source
+            && world_readable_file(path)
+        {
+            warnings.push(format!(
+                "secret file {} is readable by every user; chmod 600 it",
+                path.display()
+            ));
+        }
     }
 
     let provenance = provenance(layer, &config, token_source, hub_token_source);

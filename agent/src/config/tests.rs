@@ -194,6 +194,10 @@ fn pins_take_any_case_with_or_without_colons() {
 fn secret_file_and_credential_directory() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = write(dir.path(), "token", &format!("{SECRET}\n"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     let body = format!(
         r#"{{"node":"pve1","proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret_file":"{}","tls":{{"insecure":true}}}}}}"#,
         secret_file.display()
@@ -206,6 +210,11 @@ fn secret_file_and_credential_directory() {
         Source::SecretFile {
             path: secret_file.clone()
         }
+    );
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("readable by every user") && w.contains("token"))
     );
 
     // A systemd credential, with no secret in the file.

@@ -218,14 +218,13 @@ fn fmt_task_perm(p: &Option<Box<PermissionDenied>>) -> String {
 }
 
 impl ProxmoxError {
-    /// The dependency could not be reached (network, TLS handshake, timeout): the CLI's
-    /// exit 3. A pin mismatch is not in this class: retrying does not fix it.
+    /// The dependency could not be reached (network, timeout, PVE's proxy pseudo-codes):
+    /// the CLI's exit 3. A certificate that fails verification is not in this class:
+    /// retrying does not fix it (see [`ProxmoxError::is_config_problem`]).
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            ProxmoxError::Transport { .. }
-                | ProxmoxError::Tls { .. }
-                | ProxmoxError::Timeout { .. }
+            ProxmoxError::Transport { .. } | ProxmoxError::Timeout { .. }
         ) || matches!(self, ProxmoxError::Api { status, .. } if *status == 595 || *status == 596)
     }
 
@@ -241,6 +240,7 @@ impl ProxmoxError {
             self,
             ProxmoxError::Setup(_)
                 | ProxmoxError::PinMismatch { .. }
+                | ProxmoxError::Tls { .. }
                 | ProxmoxError::Unauthorized { .. }
                 | ProxmoxError::PermissionDenied { .. }
         )

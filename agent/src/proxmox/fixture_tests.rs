@@ -58,38 +58,101 @@ const TABLE: &[(&str, Endpoint)] = &[
         "pve7-lxc-status-current-stopped-template.json",
         Endpoint::GuestStatus,
     ),
-    ("pve8-qemu-status-current-running.json", Endpoint::GuestStatus),
-    ("pve7-task-status-running-apitoken.json", Endpoint::TaskStatus),
-    ("pve7-task-status-stopped-ok-vzdump.json", Endpoint::TaskStatus),
-    ("pve7-task-status-stopped-warnings.json", Endpoint::TaskStatus),
-    ("pve7-error-400-param-unknown-property.json", Endpoint::Error(400)),
+    (
+        "pve8-qemu-status-current-running.json",
+        Endpoint::GuestStatus,
+    ),
+    (
+        "pve7-task-status-running-apitoken.json",
+        Endpoint::TaskStatus,
+    ),
+    (
+        "pve7-task-status-stopped-ok-vzdump.json",
+        Endpoint::TaskStatus,
+    ),
+    (
+        "pve7-task-status-stopped-warnings.json",
+        Endpoint::TaskStatus,
+    ),
+    (
+        "pve7-error-400-param-unknown-property.json",
+        Endpoint::Error(400),
+    ),
     ("pve8-error-400-param-format.json", Endpoint::Error(400)),
-    ("pve8-error-403-permission-legacy.json", Endpoint::Error(403)),
-    ("pve8-error-403-permission-with-message.json", Endpoint::Error(403)),
+    (
+        "pve8-error-403-permission-legacy.json",
+        Endpoint::Error(403),
+    ),
+    (
+        "pve8-error-403-permission-with-message.json",
+        Endpoint::Error(403),
+    ),
     ("synthesized/pve8-version.json", Endpoint::Version),
     ("synthesized/pve8-lxc-list.json", Endpoint::GuestList),
-    ("synthesized/pve8-lxc-config-typical.json", Endpoint::GuestConfig),
+    (
+        "synthesized/pve8-lxc-config-typical.json",
+        Endpoint::GuestConfig,
+    ),
     (
         "synthesized/pve8-lxc-status-current-running.json",
         Endpoint::GuestStatus,
     ),
-    ("synthesized/pve8-lxc-snapshot-list.json", Endpoint::Snapshots),
+    (
+        "synthesized/pve8-lxc-snapshot-list.json",
+        Endpoint::Snapshots,
+    ),
     ("synthesized/pve8-nodes-storage.json", Endpoint::Storages),
-    ("synthesized/pve-task-status-running.json", Endpoint::TaskStatus),
-    ("synthesized/pve-task-status-stopped-ok.json", Endpoint::TaskStatus),
-    ("synthesized/pve-task-status-stopped-error.json", Endpoint::TaskStatus),
+    (
+        "synthesized/pve-task-status-running.json",
+        Endpoint::TaskStatus,
+    ),
+    (
+        "synthesized/pve-task-status-stopped-ok.json",
+        Endpoint::TaskStatus,
+    ),
+    (
+        "synthesized/pve-task-status-stopped-error.json",
+        Endpoint::TaskStatus,
+    ),
     ("synthesized/pve-post-lxc-start.json", Endpoint::TaskStarted),
     ("synthesized/pve-post-lxc-stop.json", Endpoint::TaskStarted),
-    ("synthesized/pve-post-lxc-snapshot.json", Endpoint::TaskStarted),
-    ("synthesized/pve-post-lxc-rollback.json", Endpoint::TaskStarted),
-    ("synthesized/pve-post-lxc-restore.json", Endpoint::TaskStarted),
+    (
+        "synthesized/pve-post-lxc-snapshot.json",
+        Endpoint::TaskStarted,
+    ),
+    (
+        "synthesized/pve-post-lxc-rollback.json",
+        Endpoint::TaskStarted,
+    ),
+    (
+        "synthesized/pve-post-lxc-restore.json",
+        Endpoint::TaskStarted,
+    ),
     ("synthesized/pve-post-vzdump.json", Endpoint::TaskStarted),
-    ("synthesized/pve-delete-lxc-snapshot.json", Endpoint::TaskStarted),
-    ("synthesized/pve-put-lxc-config.json", Endpoint::ConfigApplied),
-    ("synthesized/pve-error-400-no-such-task.json", Endpoint::Error(400)),
-    ("synthesized/pve-error-403-keyctl-feature.json", Endpoint::Error(403)),
-    ("synthesized/pve-error-500-already-running.json", Endpoint::Error(500)),
-    ("synthesized/pve-error-500-no-such-ct.json", Endpoint::Error(500)),
+    (
+        "synthesized/pve-delete-lxc-snapshot.json",
+        Endpoint::TaskStarted,
+    ),
+    (
+        "synthesized/pve-put-lxc-config.json",
+        Endpoint::ConfigApplied,
+    ),
+    (
+        "synthesized/pve-error-400-no-such-task.json",
+        Endpoint::Error(400),
+    ),
+    (
+        "synthesized/pve-error-403-keyctl-feature.json",
+        Endpoint::Error(403),
+    ),
+    (
+        "synthesized/pve-error-500-already-running.json",
+        Endpoint::Error(500),
+    ),
+    (
+        "synthesized/pve-error-500-no-such-ct.json",
+        Endpoint::Error(500),
+    ),
 ];
 
 fn parse_as(name: &str, ep: Endpoint) {
@@ -292,7 +355,10 @@ fn permission_from_body_message_and_from_reason_phrase() {
     };
     assert_eq!(denied.path.as_deref(), Some("/vms/101"));
     assert_eq!(denied.privileges, vec!["VM.PowerMgmt"]);
-    assert!(e.to_string().contains("grant VM.PowerMgmt on /vms/101"), "{e}");
+    assert!(
+        e.to_string().contains("grant VM.PowerMgmt on /vms/101"),
+        "{e}"
+    );
 
     // Older PVE: only the reason phrase; the body is `{"data":null}`.
     for (phrase, privs) in [
@@ -330,7 +396,9 @@ fn permission_from_body_message_and_from_reason_phrase() {
     let e = err(
         "pve8-error-403-permission-legacy.json",
         403,
-        Some("Permission check failed (changing feature flags (except nesting) is only allowed for root@pam)"),
+        Some(
+            "Permission check failed (changing feature flags (except nesting) is only allowed for root@pam)",
+        ),
     );
     assert!(e.to_string().contains("only allowed for root@pam"), "{e}");
 
@@ -391,5 +459,7 @@ fn parameter_errors_and_plain_errors() {
         Some("invalid token value!".into()),
         b"",
     );
-    assert!(matches!(&e, ProxmoxError::Unauthorized { reason, .. } if reason == "invalid token value!"));
+    assert!(
+        matches!(&e, ProxmoxError::Unauthorized { reason, .. } if reason == "invalid token value!")
+    );
 }
