@@ -420,23 +420,10 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
     let name = SnapshotName::new(format!("felhom-selftest-{now}"))
         .map_err(|e| CliError::Problem(e.to_string()))?;
 
-    // ISSUE 5: the reconcile queue mints permits; until it lands, the task selftest mints
-    // its own for the one guest it exercises. Replace with a permit from the queue's lane
-    // (or go through the running daemon) once the queue exists.
-    let permit = GuestPermit::mint(vmid);
-
-    let mut steps = Vec::new();
-    let result = exercise(&client, &permit, kind, &name, was_running, &mut steps).await;
-    let (cleanup, error) = match &result {
-        Ok(()) => (None, None),
-        Err(f) => {
-            let cleanup = clean_up(&client, &permit, kind, &name).await;
-            (
-                Some(cleanup),
-                Some(format!("step {} failed: {}", f.step, f.error)),
-            )
-        }
-    };
+    // The permit comes from the reconcile queue's lane for this guest (issue 5): the whole
+    // exercise, cleanup included, is one queue operation.
+    let (steps, result, cleanup, error) =
+        run_on_queue(&client, vmid, kind, &name, was_running).await?;
     let report = TaskReport {
         ok: result.is_ok(),
         vmid,
@@ -469,6 +456,53 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
             Err(CliError::Reported { exit, summary })
         }
     }
+}
+
+/// What one queued run of the exercise produced: steps, result, cleanup, error summary.
+type ExerciseRun = (
+    Vec<Step>,
+    Result<(), StepFailure>,
+    Option<Cleanup>,
+    Option<String>,
+);
+
+/// Runs the exercise (and the cleanup after a failed step) as one operation on a reconcile
+/// queue, which hands it the guest's permit.
+async fn run_on_queue(
+    client: &Client,
+    vmid: Vmid,
+    kind: GuestKind,
+    name: &SnapshotName,
+    was_running: bool,
+) -> Result<ExerciseRun, CliError> {
+    let queue = crate::reconcile::Queue::start(crate::reconcile::QueueConfig {
+        max_running: 1,
+        max_queued: 1,
+    });
+    let client = client.clone();
+    let name = name.clone();
+    let handle = queue
+        .submit(vmid, "selftest-task", move |permit| {
+            Box::pin(async move {
+                let mut steps = Vec::new();
+                let result = exercise(&client, permit, kind, &name, was_running, &mut steps).await;
+                let (cleanup, error) = match &result {
+                    Ok(()) => (None, None),
+                    Err(f) => {
+                        let cleanup = clean_up(&client, permit, kind, &name).await;
+                        (
+                            Some(cleanup),
+                            Some(format!("step {} failed: {}", f.step, f.error)),
+                        )
+                    }
+                };
+                (steps, result, cleanup, error)
+            })
+        })
+        .map_err(|e| CliError::Problem(e.to_string()))?;
+    let out = handle.await.map_err(|e| CliError::Problem(e.to_string()));
+    queue.shutdown(std::time::Duration::from_secs(5)).await;
+    out
 }
 
 async fn exercise(

@@ -351,7 +351,7 @@ async fn errors_from_the_reason_phrase_of_old_pve() {
         "{e}"
     );
 
-    let permit = GuestPermit::mint(Vmid::new(101).unwrap());
+    let permit = GuestPermit::for_test(Vmid::new(101).unwrap());
     let e = client.start(&permit, GuestKind::Lxc).await.unwrap_err();
     assert!(
         matches!(&e, ProxmoxError::Api { status: 500, message, .. } if message == "CT 101 already running"),
@@ -401,7 +401,7 @@ async fn mutations_encode_paths_and_forms() {
     })
     .await;
     let client = server.client();
-    let permit = GuestPermit::mint(Vmid::new(101).unwrap());
+    let permit = GuestPermit::for_test(Vmid::new(101).unwrap());
 
     let change = ConfigChange::new()
         .set("onboot", true)

@@ -34,4 +34,11 @@ impl GuestPermit {
     pub fn vmid(&self) -> Vmid {
         self.vmid
     }
+
+    /// Unit tests of the client's mutating methods need a permit without a queue. Test
+    /// builds only: production code cannot call this.
+    #[cfg(test)]
+    pub(crate) fn for_test(vmid: Vmid) -> Self {
+        super::queue::test_permit(vmid)
+    }
 }

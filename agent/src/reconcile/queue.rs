@@ -51,6 +51,11 @@ use super::permit::GuestPermit;
 #[derive(Debug)]
 pub(in crate::reconcile) struct MintKey(());
 
+#[cfg(test)]
+pub(in crate::reconcile) fn test_permit(vmid: Vmid) -> GuestPermit {
+    GuestPermit::mint(vmid, MintKey(()))
+}
+
 /// The future an operation returns; it may borrow the permit it was given.
 pub type OpFuture<'p, T> = Pin<Box<dyn Future<Output = T> + Send + 'p>>;
 
