@@ -15,7 +15,7 @@ pub mod pve;
 pub mod queue;
 
 #[cfg(test)]
-mod fakenode;
+pub(crate) mod fakenode;
 #[cfg(test)]
 mod testmodel;
 
