@@ -454,13 +454,15 @@ impl Journal {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
+        // The safe-mode check, the commit and entering safe mode all happen under the
+        // connection lock, so no commit can slip in after another one failed.
+        let mut c = self.lock();
         if let Some(why) = self.safe_mode() {
             return Err(JournalError::SafeMode(why));
         }
+        c.commits += 1;
+        let n = c.commits;
         let result = (|| {
-            let mut c = self.lock();
-            c.commits += 1;
-            let n = c.commits;
             let tx = c.db.transaction().map_err(|e| self.sql_err(e))?;
             let value = f(&tx).map_err(|e| self.sql_err(e))?;
             self.gate
@@ -475,6 +477,7 @@ impl Journal {
         if let Err(e) = &result {
             self.enter_safe_mode(e);
         }
+        drop(c);
         result
     }
 

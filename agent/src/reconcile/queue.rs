@@ -31,6 +31,7 @@
 //! through a oneshot channel. A panicking operation resolves its handle as
 //! [`QueueError::Panicked`] and the lane goes on with its next operation.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -55,6 +56,9 @@ pub(in crate::reconcile) struct MintKey(());
 pub(in crate::reconcile) fn test_permit(vmid: Vmid) -> GuestPermit {
     GuestPermit::mint(vmid, MintKey(()))
 }
+
+/// An operation's name in `status` and errors; a `&'static str` costs no allocation.
+pub type Label = Cow<'static, str>;
 
 /// The future an operation returns; it may borrow the permit it was given.
 pub type OpFuture<'p, T> = Pin<Box<dyn Future<Output = T> + Send + 'p>>;
@@ -133,7 +137,7 @@ pub struct ShutdownReport {
 #[must_use = "an operation's handle says whether it ran"]
 pub struct OpHandle<T> {
     vmid: Vmid,
-    label: Arc<str>,
+    label: Label,
     rx: oneshot::Receiver<Result<T, QueueError>>,
 }
 
@@ -174,14 +178,14 @@ impl<T> Future for OpHandle<T> {
 type Job = Box<dyn for<'p> FnOnce(&'p GuestPermit) -> OpFuture<'p, ()> + Send>;
 
 struct Pending {
-    label: Arc<str>,
+    label: Label,
     job: Job,
 }
 
 #[derive(Default)]
 struct Lane {
     pending: VecDeque<Pending>,
-    running: Option<Arc<str>>,
+    running: Option<Label>,
 }
 
 #[derive(Default)]
@@ -192,6 +196,9 @@ struct State {
     ready: VecDeque<Vmid>,
     queued: usize,
     running: usize,
+    /// Workers waiting for work that no submit has claimed yet; a submit wakes one only
+    /// if there is one (a busy worker finds the work when it finishes).
+    idle: usize,
     closed: bool,
 }
 
@@ -243,6 +250,7 @@ impl Inner {
             return Next::Exit;
         }
         let Some(vmid) = st.ready.pop_front() else {
+            st.idle += 1;
             return Next::Wait;
         };
         let Some(lane) = st.lanes.get_mut(&vmid) else {
@@ -254,8 +262,9 @@ impl Inner {
         lane.running = Some(op.label.clone());
         st.queued -= 1;
         st.running += 1;
-        if !st.ready.is_empty() {
+        if !st.ready.is_empty() && st.idle > 0 {
             // More lanes are ready: make sure another idle worker looks.
+            st.idle -= 1;
             self.work.notify_one();
         }
         Next::Run(vmid, op)
@@ -359,15 +368,14 @@ impl Queue {
     pub fn submit<T, F>(
         &self,
         vmid: Vmid,
-        label: impl Into<String>,
+        label: impl Into<Label>,
         op: F,
     ) -> Result<OpHandle<T>, QueueError>
     where
         T: Send + 'static,
         F: for<'p> FnOnce(&'p GuestPermit) -> OpFuture<'p, T> + Send + 'static,
     {
-        let label: String = label.into();
-        let label: Arc<str> = Arc::from(label);
+        let label: Label = label.into();
         let inner = &self.owner.inner;
         let mut st = inner.lock();
         if st.closed {
@@ -409,8 +417,11 @@ impl Queue {
         st.queued += 1;
         if newly_ready {
             st.ready.push_back(vmid);
-            drop(st);
-            inner.work.notify_one();
+            if st.idle > 0 {
+                st.idle -= 1;
+                drop(st);
+                inner.work.notify_one();
+            }
         }
         Ok(OpHandle { vmid, label, rx })
     }
