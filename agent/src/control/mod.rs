@@ -406,5 +406,58 @@ impl Handler for DaemonHandler {
     }
 }
 
+/// What the daemon holds for its lifetime: the `state_dir` lock, the reconcile engine and
+/// the control socket. The `run` command builds this once and keeps it until exit.
+#[derive(Debug)]
+pub struct DaemonParts {
+    pub engine: Arc<EngineHandle>,
+    pub server: ControlServer,
+    /// Held last: released after the engine and the socket are gone.
+    pub lock: StateLock,
+}
+
+/// Errors of [`DaemonParts::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Engine(#[from] crate::reconcile::engine::EngineError),
+}
+
+impl DaemonParts {
+    /// Takes the `state_dir` lock (refusing if another process owns it), starts the engine
+    /// (journal, queue, desired-state provider from the config) and serves the control
+    /// socket. `gate` is fed by the hub loop (`Gate::Open` when the hub is disabled).
+    pub fn start(
+        config: &crate::config::Config,
+        pve: Arc<dyn crate::reconcile::pve::Pve>,
+        gate: tokio::sync::watch::Receiver<crate::reconcile::Gate>,
+    ) -> Result<DaemonParts, DaemonError> {
+        let lock = StateLock::acquire(&config.state_dir)?;
+        let engine = Arc::new(crate::reconcile::Engine::spawn_from_config(config, pve, gate)?);
+        let server = ControlServer::start(
+            &config.control.socket,
+            &lock,
+            Arc::new(DaemonHandler {
+                engine: engine.clone(),
+                state_dir: config.state_dir.clone(),
+            }),
+        )?;
+        Ok(DaemonParts {
+            engine,
+            server,
+            lock,
+        })
+    }
+
+    /// Stops taking requests, then stops the engine (running actions get `grace`).
+    pub async fn shutdown(self, grace: Duration) {
+        drop(self.server);
+        self.engine.shutdown(grace).await;
+        drop(self.lock);
+    }
+}
+
 #[cfg(test)]
 mod tests;
