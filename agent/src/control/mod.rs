@@ -435,7 +435,9 @@ impl DaemonParts {
         gate: tokio::sync::watch::Receiver<crate::reconcile::Gate>,
     ) -> Result<DaemonParts, DaemonError> {
         let lock = StateLock::acquire(&config.state_dir)?;
-        let engine = Arc::new(crate::reconcile::Engine::spawn_from_config(config, pve, gate)?);
+        let engine = Arc::new(crate::reconcile::Engine::spawn_from_config(
+            config, pve, gate,
+        )?);
         let server = ControlServer::start(
             &config.control.socket,
             &lock,
