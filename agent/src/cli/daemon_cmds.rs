@@ -1,15 +1,242 @@
-//! `felhom-agent status | plan | journal …`: talk to the running daemon (or take the lock).
+//! `felhom-agent status | plan | journal show|verify`: asked of the running daemon over the
+//! control socket; when no daemon runs, done here (the journal commands take the
+//! `state_dir` lock first, as its owner).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
 
 use super::{Cli, CliError, JournalCmd};
+use crate::config::Config;
+use crate::control::{self, ControlError, ErrorKind, Request, StateLock};
+use crate::reconcile::desired::{DesiredProvider, EmptyProvider, FileProvider};
+use crate::reconcile::engine::plan_now;
+use crate::reconcile::journal::Journal;
 
-pub fn status(_cli: &Cli) -> Result<(), CliError> {
-    Err(super::not_built("status"))
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Problem(format!("tokio runtime: {e}")))
 }
 
-pub fn plan(_cli: &Cli) -> Result<(), CliError> {
-    Err(super::not_built("plan"))
+impl From<ControlError> for CliError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Remote {
+                kind: ErrorKind::Usage,
+                message,
+            } => CliError::Usage(message),
+            ControlError::Remote {
+                kind: ErrorKind::Unreachable,
+                message,
+            } => CliError::Unreachable(message),
+            ControlError::Locked { .. } => CliError::Problem(e.to_string()),
+            other => CliError::Problem(other.to_string()),
+        }
+    }
 }
 
-pub fn journal(_cli: &Cli, _cmd: &JournalCmd) -> Result<(), CliError> {
-    Err(super::not_built("journal"))
+/// Asks the daemon; `Ok(None)` when none is listening.
+fn ask_daemon(config: &Config, req: &Request) -> Result<Option<Value>, CliError> {
+    let rt = runtime()?;
+    match rt.block_on(control::request(&config.control.socket, req)) {
+        Ok(v) => Ok(Some(v)),
+        Err(ControlError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print(cli: &Cli, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if cli.json {
+        super::print_json(v);
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn status(cli: &Cli) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let v = match ask_daemon(&config, &Request::Status)? {
+        Some(v) => v,
+        None => {
+            // No daemon: what can be told without owning state_dir.
+            let journal = config
+                .state_dir
+                .join(crate::reconcile::journal::JOURNAL_FILE);
+            json!({
+                "daemon": "not running",
+                "journal": journal.display().to_string(),
+                "journal_exists": journal.exists(),
+                "last_envelope": control::read_envelope(&config.state_dir),
+            })
+        }
+    };
+    print(cli, &v, render_status);
+    Ok(())
+}
+
+fn render_status(v: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "daemon: {}\n",
+        v["daemon"].as_str().unwrap_or("?")
+    ));
+    if let Some(r) = v.get("reconcile") {
+        out.push_str(&format!("gate: {}  blocked: {}\n", r["gate"], r["blocked"]));
+        out.push_str(&format!(
+            "safe mode: {}\n",
+            r["safe_mode"].as_str().unwrap_or("no")
+        ));
+        out.push_str(&format!(
+            "desired: {} generation {} (applied {})\n",
+            r["desired_source"].as_str().unwrap_or("?"),
+            r["desired_generation"],
+            r["applied_generation"]
+        ));
+        if let Some(e) = r["desired_error"].as_str() {
+            out.push_str(&format!("desired state error: {e}\n"));
+        }
+        out.push_str(&format!(
+            "queue: {} queued, {} running\n",
+            r["queue"]["queued"], r["queue"]["running"]
+        ));
+        for f in r["failing"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "failing: {} {} ({} attempts): {}\n",
+                f["action"].as_str().unwrap_or("?"),
+                f["vmid"],
+                f["attempts"],
+                f["last_error"].as_str().unwrap_or("")
+            ));
+        }
+        for s in r["skipped"].as_array().into_iter().flatten() {
+            out.push_str(&format!("skipped: {} {}\n", s["vmid"], s["reason"]));
+        }
+    }
+    out.push_str(&format!("last envelope: {}\n", v["last_envelope"]));
+    out
+}
+
+pub fn plan(cli: &Cli) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let v = match ask_daemon(&config, &Request::Plan)? {
+        Some(v) => v,
+        None => {
+            // Planning only reads: no lock needed.
+            let provider: Box<dyn DesiredProvider> = match &config.reconcile.desired_file {
+                Some(p) => Box::new(FileProvider::new(p)),
+                None => Box::new(EmptyProvider::default()),
+            };
+            let desired = match provider.poll() {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(CliError::Usage(e.to_string())),
+                None => Arc::default(),
+            };
+            let client = crate::proxmox::Client::from_config(&config)?;
+            let p = runtime()?
+                .block_on(plan_now(&client, &desired))
+                .map_err(|e| CliError::Unreachable(e.to_string()))?;
+            serde_json::to_value(p).map_err(|e| CliError::Problem(e.to_string()))?
+        }
+    };
+    print(cli, &v, render_plan);
+    Ok(())
+}
+
+fn render_plan(v: &Value) -> String {
+    let mut out = format!("desired generation {}\n", v["generation"]);
+    let actions = v["actions"].as_array().cloned().unwrap_or_default();
+    if actions.is_empty() {
+        out.push_str("nothing to do\n");
+    }
+    for a in actions {
+        let op = a["op"]["op"].as_str().unwrap_or("?");
+        let fields = a["op"]["fields"]
+            .as_array()
+            .map(|f| {
+                let names: Vec<&str> = f.iter().filter_map(Value::as_str).collect();
+                format!(" ({})", names.join(", "))
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{op} {} {}{fields}\n",
+            a["kind"].as_str().unwrap_or("?"),
+            a["vmid"]
+        ));
+    }
+    for s in v["skipped"].as_array().into_iter().flatten() {
+        out.push_str(&format!("skipped {}: {}\n", s["vmid"], s["reason"]));
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "problem {}: {}\n",
+            p["vmid"],
+            p["message"].as_str().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!(
+        "only in desired state: {}\nonly on the node: {}\n",
+        v["only_desired"], v["only_actual"]
+    ));
+    out
+}
+
+/// Opens the journal as its owner, with the state_dir lock held.
+fn local_journal(config: &Config, command: &str) -> Result<(StateLock, Journal), CliError> {
+    crate::config::ensure_state_dir_owner(&config.state_dir, command)?;
+    let lock = StateLock::acquire(&config.state_dir)?;
+    let journal = Journal::open(&config.state_dir).map_err(|e| CliError::Problem(e.to_string()))?;
+    Ok((lock, journal))
+}
+
+pub fn journal(cli: &Cli, cmd: &JournalCmd) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    match cmd {
+        JournalCmd::Show => {
+            let req = Request::JournalShow { limit: 50 };
+            let v = match ask_daemon(&config, &req)? {
+                Some(v) => v,
+                None => {
+                    let (_lock, j) = local_journal(&config, "journal show")?;
+                    let entries = j.recent(50).map_err(|e| CliError::Problem(e.to_string()))?;
+                    json!({"safe_mode": j.safe_mode(), "entries": entries})
+                }
+            };
+            print(cli, &v, pretty);
+            Ok(())
+        }
+        JournalCmd::Verify => {
+            let v = match ask_daemon(&config, &Request::JournalVerify)? {
+                Some(v) => v,
+                None => {
+                    let (_lock, j) = local_journal(&config, "journal verify")?;
+                    let report = j.verify().map_err(|e| {
+                        CliError::Problem(format!(
+                            "{e}; the journal stays in safe mode (see README: Journal safe mode)"
+                        ))
+                    })?;
+                    serde_json::to_value(report).map_err(|e| CliError::Problem(e.to_string()))?
+                }
+            };
+            print(cli, &v, |v| {
+                format!(
+                    "journal healthy: {} entries, {} unfinished{}\n",
+                    v["entries"],
+                    v["open_entries"],
+                    v["left_safe_mode"]
+                        .as_str()
+                        .map(|s| format!("; left safe mode ({s})"))
+                        .unwrap_or_default()
+                )
+            });
+            Ok(())
+        }
+    }
 }

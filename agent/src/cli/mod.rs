@@ -7,6 +7,13 @@
 //! Each command group lives in its own file and returns `Result<(), CliError>`; only
 //! [`CliError::exit`] decides the exit code. This is the binary's edge: the one place where
 //! typed errors from the modules are turned into text for the operator.
+//!
+//! Output: results go to stdout, logs and error messages to stderr (logs through `tracing`,
+//! filtered by `RUST_LOG`, default `info`). With `--json`, stdout carries exactly one JSON
+//! document. A command that fails before printing its own document leaves it to `main`,
+//! which prints `{"ok": false, "exit": <code>, "error": "<message>"}`; a command that
+//! already printed its document (e.g. a selftest report with problems) returns
+//! [`CliError::Reported`] so nothing more is written to stdout.
 
 mod config_cmd;
 mod daemon_cmds;
@@ -47,6 +54,10 @@ pub enum CliError {
     /// A dependency could not be reached (exit 3).
     #[error("{0}")]
     Unreachable(String),
+    /// The command already printed its full output (its `--json` document included);
+    /// `main` only writes `summary` to stderr and exits with `exit`.
+    #[error("{summary}")]
+    Reported { exit: Exit, summary: String },
 }
 
 impl CliError {
@@ -55,6 +66,33 @@ impl CliError {
             CliError::Problem(_) => Exit::Problem,
             CliError::Usage(_) => Exit::Usage,
             CliError::Unreachable(_) => Exit::Unreachable,
+            CliError::Reported { exit, .. } => *exit,
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl From<crate::config::StateDirError> for CliError {
+    fn from(e: crate::config::StateDirError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl From<crate::proxmox::ProxmoxError> for CliError {
+    /// Unreachable (network, timeout) → 3; wrong setup (token, privilege, pin, CA) → 2;
+    /// anything else (a failed task, an unexpected answer) → 1.
+    fn from(e: crate::proxmox::ProxmoxError) -> Self {
+        if e.is_unreachable() {
+            CliError::Unreachable(e.to_string())
+        } else if e.is_config_problem() {
+            CliError::Usage(e.to_string())
+        } else {
+            CliError::Problem(e.to_string())
         }
     }
 }
@@ -158,6 +196,7 @@ pub fn main() -> ExitCode {
             return code.into();
         }
     };
+    init_logging();
     let result = match &cli.command {
         Command::Run => run_cmd::run(&cli),
         Command::Selftest(args) => selftest::run(&cli, args),
@@ -171,17 +210,56 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
+            if cli.json && !matches!(e, CliError::Reported { .. }) {
+                print_json(&serde_json::json!({
+                    "ok": false,
+                    "exit": e.exit() as u8,
+                    "error": e.to_string(),
+                }));
+            }
             eprintln!("felhom-agent: {e}");
             e.exit().into()
         }
     }
 }
 
+/// Logs to stderr; `RUST_LOG` filters (default `info`). Idempotent.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints one JSON document on stdout.
+pub(crate) fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        // Our report types have string keys only, so this does not happen; if it ever
+        // did, say so rather than print half a document.
+        Err(e) => eprintln!("felhom-agent: cannot encode the JSON output: {e}"),
+    }
+}
+
 /// Loads the configuration named by `--config` (default [`crate::config::DEFAULT_CONFIG_PATH`])
-/// with environment overrides and secrets. Every command that needs the config calls this.
-#[allow(dead_code)] // callers arrive with their commands
-pub(crate) fn load_config(_cli: &Cli) -> Result<crate::config::Config, CliError> {
-    Err(not_built("config loading"))
+/// with environment overrides and secrets, and logs its warnings. Every command that needs
+/// the config calls this.
+pub(crate) fn load_config(cli: &Cli) -> Result<crate::config::Config, CliError> {
+    let loaded = load_config_full(cli)?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(loaded.config)
+}
+
+/// [`load_config`] with the provenance and without logging the warnings (`config check`
+/// prints them itself).
+pub(crate) fn load_config_full(cli: &Cli) -> Result<crate::config::LoadedConfig, CliError> {
+    Ok(crate::config::Config::load(cli.config.as_deref())?)
 }
 
 /// Placeholder error for command groups whose issue has not landed yet.

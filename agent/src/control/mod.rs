@@ -1,2 +1,465 @@
-//! Local control socket (`/run/felhom/agent.sock`): lets CLI commands reach the running
-//! daemon's queue. (Filled by issue 5.)
+//! Local control: who owns `state_dir`, and the socket (`/run/felhom/agent.sock`) through
+//! which CLI commands reach the running daemon.
+//!
+//! Owns:
+//! - [`StateLock`]: an exclusive `flock` on `state_dir/agent.lock`. Exactly one process owns
+//!   the queue and the journal at a time: the daemon for its lifetime, or a CLI command that
+//!   found no daemon. The lock file names the holder's pid for the error message.
+//! - The wire: one JSON [`Request`] line from the client, one JSON [`Reply`] line back,
+//!   each capped at [`MAX_MESSAGE`] bytes.
+//! - [`ControlServer`]: binds the socket (mode 0660, group `felhom-agent` when that group
+//!   exists; root may always connect), answers each connection through a [`Handler`].
+//! - [`request`]: the client side; [`ControlError::NotRunning`] tells the CLI to take the
+//!   lock and do the work itself.
+//! - [`DaemonHandler`]: the daemon's answers (status, plan, journal show/verify) over the
+//!   reconcile engine.
+//!
+//! Must never: let two processes own the journal (the lock is taken before the journal is
+//! opened and held until exit), remove a socket file it does not own (only while holding
+//! the lock, and only a socket), or read an unbounded message.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+
+use crate::reconcile::engine::EngineHandle;
+use crate::reconcile::pve::BoxFut;
+
+/// Lock file inside `state_dir`.
+pub const LOCK_FILE: &str = "agent.lock";
+/// The hub's kept envelope inside `state_dir` (written by the hub loop).
+pub const ENVELOPE_FILE: &str = "hub-envelope.json";
+/// Largest request or reply line.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// The group whose members may use the socket.
+pub const SOCKET_GROUP: &str = "felhom-agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("state_dir lock {path}: {source}")]
+    LockIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state_dir is in use by another felhom-agent process{} (lock {path}); if the daemon is starting, try again in a moment",
+        holder.as_ref().map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        path: PathBuf,
+        holder: Option<String>,
+    },
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no felhom-agent daemon is listening on {path}")]
+    NotRunning { path: PathBuf },
+    #[error("control socket {path}: {detail}")]
+    Protocol { path: PathBuf, detail: String },
+    #[error("{message}")]
+    Remote { kind: ErrorKind, message: String },
+}
+
+/// Exclusive ownership of `state_dir` (journal, queue). Released when dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _flock: nix::fcntl::Flock<File>,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock or fails at once with [`ControlError::Locked`].
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, ControlError> {
+        let path = state_dir.join(LOCK_FILE);
+        let io = |source| ControlError::LockIo {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut flock =
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(f) => f,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+                    return Err(ControlError::Locked { path, holder });
+                }
+                Err((_, e)) => return Err(io(std::io::Error::from(e))),
+            };
+        flock.set_len(0).map_err(io)?;
+        writeln!(&mut *flock, "{}", std::process::id()).map_err(io)?;
+        Ok(StateLock {
+            _flock: flock,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What a CLI command asks the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Plan,
+    JournalShow { limit: u32 },
+    JournalVerify,
+}
+
+/// How a failed request maps to the CLI's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Problem,
+    Usage,
+    Unreachable,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    Ok { body: Value },
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Answers requests in the daemon.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: Request) -> BoxFut<'_, Reply>;
+}
+
+/// The listening control socket. Dropping it stops accepting and removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    task: JoinHandle<()>,
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket: the caller's [`StateLock`] proves no other
+    /// daemon runs), sets mode 0660 and the `felhom-agent` group, and serves `handler`.
+    pub fn start(
+        path: &Path,
+        _lock: &StateLock,
+        handler: Arc<dyn Handler>,
+    ) -> Result<ControlServer, ControlError> {
+        let err = |source| ControlError::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+            Ok(_) => {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a socket; not removing it",
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+        match nix::unistd::Group::from_name(SOCKET_GROUP) {
+            Ok(Some(g)) => {
+                if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+                    tracing::warn!(socket = %path.display(), error = %e, "cannot give the control socket to group {SOCKET_GROUP}");
+                }
+            }
+            _ => {
+                tracing::info!(socket = %path.display(), "group {SOCKET_GROUP} does not exist; the control socket keeps the daemon's group")
+            }
+        }
+        let p = path.to_path_buf();
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let h = handler.clone();
+                        let p = p.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve_one(stream, h.as_ref()).await {
+                                tracing::warn!(socket = %p.display(), error = %e, "control connection failed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            task,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn read_line_capped<R: tokio::io::AsyncRead + Unpin>(
+    r: R,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut reader = BufReader::new(r).take(MAX_MESSAGE as u64 + 1);
+    let mut buf = Vec::new();
+    let n = reader
+        .read_until(b'\n', &mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() > MAX_MESSAGE {
+        return Err(format!("message larger than {MAX_MESSAGE} bytes"));
+    }
+    Ok(Some(buf))
+}
+
+async fn serve_one(mut stream: UnixStream, handler: &dyn Handler) -> Result<(), String> {
+    if let Ok(cred) = stream.peer_cred() {
+        tracing::debug!(uid = cred.uid(), pid = ?cred.pid(), "control connection");
+    }
+    let (r, mut w) = stream.split();
+    let line = tokio::time::timeout(Duration::from_secs(10), read_line_capped(r))
+        .await
+        .map_err(|_| "no request within 10 s".to_string())??;
+    let Some(line) = line else { return Ok(()) };
+    let reply = match serde_json::from_slice::<Request>(&line) {
+        Ok(req) => handler.handle(req).await,
+        Err(e) => Reply::Error {
+            kind: ErrorKind::Usage,
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(|e| e.to_string())?;
+    out.push(b'\n');
+    w.write_all(&out).await.map_err(|e| e.to_string())?;
+    w.shutdown().await.map_err(|e| e.to_string())
+}
+
+/// Sends one request to the daemon. [`ControlError::NotRunning`] when nothing listens.
+pub async fn request(path: &Path, req: &Request) -> Result<Value, ControlError> {
+    let proto = |detail: String| ControlError::Protocol {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ControlError::NotRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(ControlError::Socket {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut line = serde_json::to_vec(req).map_err(|e| proto(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .await
+        .map_err(|source| ControlError::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (r, _w) = stream.split();
+    let reply = read_line_capped(r)
+        .await
+        .map_err(proto)?
+        .ok_or_else(|| proto("the daemon closed the connection without answering".into()))?;
+    match serde_json::from_slice::<Reply>(&reply).map_err(|e| proto(e.to_string()))? {
+        Reply::Ok { body } => Ok(body),
+        Reply::Error { kind, message } => Err(ControlError::Remote { kind, message }),
+    }
+}
+
+/// The kept hub envelope, if any (raw JSON; the hub module owns its shape).
+pub fn read_envelope(state_dir: &Path) -> Option<Value> {
+    let bytes = std::fs::read(state_dir.join(ENVELOPE_FILE)).ok()?;
+    if bytes.len() > MAX_MESSAGE {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The daemon's answers, over its engine.
+pub struct DaemonHandler {
+    pub engine: Arc<EngineHandle>,
+    pub state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for DaemonHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonHandler")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ok(v: impl Serialize) -> Reply {
+    match serde_json::to_value(v) {
+        Ok(body) => Reply::Ok { body },
+        Err(e) => Reply::Error {
+            kind: ErrorKind::Problem,
+            message: e.to_string(),
+        },
+    }
+}
+
+fn problem(e: impl std::fmt::Display) -> Reply {
+    Reply::Error {
+        kind: ErrorKind::Problem,
+        message: e.to_string(),
+    }
+}
+
+impl Handler for DaemonHandler {
+    fn handle(&self, req: Request) -> BoxFut<'_, Reply> {
+        Box::pin(async move {
+            match req {
+                Request::Status => ok(serde_json::json!({
+                    "daemon": "running",
+                    "pid": std::process::id(),
+                    "reconcile": self.engine.status(),
+                    "last_envelope": read_envelope(&self.state_dir),
+                })),
+                Request::Plan => match self.engine.plan().await {
+                    Ok(p) => ok(p),
+                    Err(e) => Reply::Error {
+                        kind: ErrorKind::Unreachable,
+                        message: e.to_string(),
+                    },
+                },
+                Request::JournalShow { limit } => {
+                    let j = self.engine.journal().clone();
+                    let limit = limit.clamp(1, 10_000) as usize;
+                    match tokio::task::spawn_blocking(move || {
+                        j.recent(limit).map(|e| (e, j.safe_mode()))
+                    })
+                    .await
+                    {
+                        Ok(Ok((entries, safe_mode))) => ok(serde_json::json!({
+                            "safe_mode": safe_mode,
+                            "entries": entries,
+                        })),
+                        Ok(Err(e)) => problem(e),
+                        Err(e) => problem(e),
+                    }
+                }
+                Request::JournalVerify => {
+                    let j = self.engine.journal().clone();
+                    match tokio::task::spawn_blocking(move || j.verify()).await {
+                        Ok(Ok(report)) => {
+                            self.engine.kick();
+                            ok(report)
+                        }
+                        Ok(Err(e)) => problem(e),
+                        Err(e) => problem(e),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// What the daemon holds for its lifetime: the `state_dir` lock, the reconcile engine and
+/// the control socket. The `run` command builds this once and keeps it until exit.
+#[derive(Debug)]
+pub struct DaemonParts {
+    pub engine: Arc<EngineHandle>,
+    pub server: ControlServer,
+    /// Held last: released after the engine and the socket are gone.
+    pub lock: StateLock,
+}
+
+/// Errors of [`DaemonParts::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Engine(#[from] crate::reconcile::engine::EngineError),
+}
+
+impl DaemonParts {
+    /// Takes the `state_dir` lock (refusing if another process owns it), starts the engine
+    /// (journal, queue, desired-state provider from the config) and serves the control
+    /// socket. `gate` is fed by the hub loop (`Gate::Open` when the hub is disabled).
+    pub fn start(
+        config: &crate::config::Config,
+        pve: Arc<dyn crate::reconcile::pve::Pve>,
+        gate: tokio::sync::watch::Receiver<crate::reconcile::Gate>,
+    ) -> Result<DaemonParts, DaemonError> {
+        let lock = StateLock::acquire(&config.state_dir)?;
+        let engine = Arc::new(crate::reconcile::Engine::spawn_from_config(
+            config, pve, gate,
+        )?);
+        let server = ControlServer::start(
+            &config.control.socket,
+            &lock,
+            Arc::new(DaemonHandler {
+                engine: engine.clone(),
+                state_dir: config.state_dir.clone(),
+            }),
+        )?;
+        Ok(DaemonParts {
+            engine,
+            server,
+            lock,
+        })
+    }
+
+    /// Stops taking requests, then stops the engine (running actions get `grace`).
+    pub async fn shutdown(self, grace: Duration) {
+        drop(self.server);
+        self.engine.shutdown(grace).await;
+        drop(self.lock);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,436 @@
+//! Engine tests against the in-memory node: commit/call ordering under an injected journal
+//! failure at every commit position, exactly-once across simulated crashes, the gate,
+//! skipped guests, and backoff.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+use crate::reconcile::desired::DesiredState;
+use crate::reconcile::fakenode::{Call, FakeGuest, FakeNode};
+use crate::reconcile::journal::CommitGate;
+use crate::reconcile::normalize::GuestKind;
+
+#[derive(Debug, Default)]
+struct StaticProvider(Mutex<Option<Arc<DesiredState>>>);
+
+impl DesiredProvider for StaticProvider {
+    fn poll(&self) -> Option<Result<Arc<DesiredState>, Arc<DesiredError>>> {
+        lock(&self.0).take().map(Ok)
+    }
+    fn describe(&self) -> String {
+        "test".into()
+    }
+}
+
+fn provider(json: &str) -> Arc<dyn DesiredProvider> {
+    let d = DesiredState::from_json(json.as_bytes()).expect("test desired state");
+    Arc::new(StaticProvider(Mutex::new(Some(Arc::new(d)))))
+}
+
+fn settings() -> EngineSettings {
+    EngineSettings {
+        shutdown_timeout: Duration::from_secs(1),
+        task_timeout: Duration::from_secs(10),
+        resync_interval: Duration::from_millis(50),
+        poll_interval: Duration::from_millis(5),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..EngineSettings::default()
+    }
+}
+
+const DESIRED: &str = r#"{"generation": 4, "guests": [
+    {"vmid": 101, "power": "running", "config": {"memory": 1024, "description": "web"}},
+    {"vmid": 102, "power": "stopped", "config": {"tags": "prod,Web", "nesting": true}},
+    {"vmid": 103, "power": "running", "config": {"cores": 2}},
+    {"vmid": 104, "power": "stopped"},
+    {"vmid": 105, "power": "running"},
+    {"vmid": 106, "power": "running"},
+    {"vmid": 107, "power": "running", "config": {"memory": 2048}},
+    {"vmid": 108, "power": "running"}
+]}"#;
+
+fn node(task_ms: u64) -> Arc<FakeNode> {
+    let mut g102 = FakeGuest::new(GuestKind::Lxc, "running");
+    g102.config
+        .insert("features".into(), serde_json::json!("keyctl=1"));
+    let mut g104 = FakeGuest::new(GuestKind::Qemu, "running");
+    g104.ignores_shutdown = true;
+    let mut g105 = FakeGuest::new(GuestKind::Lxc, "stopped");
+    g105.ha_managed = true;
+    let mut g106 = FakeGuest::new(GuestKind::Qemu, "stopped");
+    g106.template = true;
+    let mut g107 = FakeGuest::new(GuestKind::Lxc, "stopped");
+    g107.lock = Some("backup".into());
+    Arc::new(FakeNode::new(
+        vec![
+            (101, FakeGuest::new(GuestKind::Lxc, "stopped")),
+            (102, g102),
+            (103, FakeGuest::new(GuestKind::Qemu, "stopped")),
+            (104, g104),
+            (105, g105),
+            (106, g106),
+            (107, g107),
+            (109, FakeGuest::new(GuestKind::Lxc, "running")),
+        ],
+        Duration::from_millis(task_ms),
+    ))
+}
+
+/// The calls a full convergence of DESIRED makes, each exactly once.
+fn expected_calls() -> BTreeMap<(u32, &'static str), usize> {
+    [
+        ((101, "set_config"), 1),
+        ((101, "start"), 1),
+        ((102, "shutdown"), 1),
+        ((102, "set_config"), 1),
+        ((103, "set_config"), 1),
+        ((103, "start"), 1),
+        ((104, "shutdown"), 1),
+        ((104, "stop"), 1),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn count(calls: &[Call]) -> BTreeMap<(u32, &'static str), usize> {
+    let mut m = BTreeMap::new();
+    for c in calls {
+        *m.entry((c.vmid.get(), c.what)).or_insert(0) += 1;
+    }
+    m
+}
+
+fn converged(n: &FakeNode) -> bool {
+    let p = |v| n.guest_state(v);
+    p(101).status == "running"
+        && p(101).config.get("memory") == Some(&serde_json::json!(1024))
+        && p(102).status == "stopped"
+        && p(102).config.get("tags") == Some(&serde_json::json!("prod;web"))
+        && p(103).status == "running"
+        && p(103).config.get("cores").is_some()
+        && p(104).status == "stopped"
+}
+
+async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f()
+}
+
+fn spawn(
+    n: &Arc<FakeNode>,
+    journal: Arc<Journal>,
+    gate: Gate,
+) -> (EngineHandle, watch::Sender<Gate>) {
+    let (tx, rx) = watch::channel(gate);
+    let h = Engine::spawn(EngineDeps {
+        pve: n.clone(),
+        journal,
+        provider: provider(DESIRED),
+        gate: rx,
+        settings: settings(),
+    });
+    (h, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_once_and_leaves_skipped_guests_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(5);
+    let (h, _gate) = spawn(&n, Arc::new(Journal::open(dir.path()).unwrap()), Gate::Open);
+    assert!(
+        wait_until(Duration::from_secs(10), || converged(&n)).await,
+        "converged: {:?}",
+        h.status()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || h.status().applied_generation
+            == Some(4))
+        .await
+    );
+    let s = h.status();
+    assert_eq!(count(&n.calls()), expected_calls());
+    // nesting merged, keyctl kept
+    assert_eq!(
+        n.guest_state(102).config.get("features"),
+        Some(&serde_json::json!("keyctl=1,nesting=1"))
+    );
+    let skipped: Vec<(u32, String)> = s
+        .skipped
+        .iter()
+        .map(|k| (k.vmid.get(), k.reason.to_string()))
+        .collect();
+    assert_eq!(skipped.len(), 3);
+    assert!(skipped[0].1.contains("HA"));
+    assert!(skipped[1].1.contains("template"));
+    assert!(skipped[2].1.contains("backup"));
+    assert_eq!(s.only_desired, vec![Vmid::new(108).unwrap()]);
+    assert_eq!(s.only_actual, vec![Vmid::new(109).unwrap()]);
+    assert!(!s.blocked);
+    assert_eq!(s.safe_mode, None);
+    // Nothing more happens on later cycles.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count(&n.calls()), expected_calls());
+    h.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_means_no_mutation_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(5);
+    let journal = Arc::new(Journal::open(dir.path()).unwrap());
+    // An unfinished intent from a "previous run" that would be sent if allowed.
+    let a = crate::reconcile::plan::Action {
+        vmid: Vmid::new(101).unwrap(),
+        kind: GuestKind::Lxc,
+        op: crate::reconcile::plan::Op::Start,
+        basis: crate::reconcile::plan::Basis {
+            status: "stopped".into(),
+            digest: Some("0".into()),
+        },
+    };
+    journal
+        .record_intent(&crate::reconcile::journal::IdemKey::derive(&a, None), &a)
+        .unwrap();
+    for gate in [Gate::AwaitingEnvelope, Gate::Blocked] {
+        let (h, _tx) = spawn(&n, journal.clone(), gate);
+        assert!(wait_until(Duration::from_secs(5), || h.status().cycles >= 3).await);
+        let s = h.status();
+        assert!(s.blocked);
+        assert_eq!(s.gate, gate);
+        assert!(n.calls().is_empty(), "no mutation while {gate:?}");
+        assert_eq!(s.skipped.len(), 3, "reporting goes on");
+        h.shutdown(Duration::from_secs(1)).await;
+    }
+    // Opening the gate lets it converge, resuming the open intent (sent once).
+    let (h, tx) = spawn(&n, journal.clone(), Gate::Blocked);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(n.calls().is_empty());
+    tx.send(Gate::Open).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || converged(&n)).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || journal
+            .open_entries()
+            .unwrap()
+            .is_empty())
+        .await
+    );
+    assert_eq!(count(&n.calls()), expected_calls());
+    // Blocked again: a new drift is not corrected.
+    tx.send(Gate::Blocked).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = n.calls().len();
+    n.with_guest(101, |g| g.status = "stopped".into());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(n.calls().len(), before);
+    // Open: the later drift is a new action (new key), corrected once.
+    tx.send(Gate::Open).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || n.guest_state(101).status
+            == "running")
+        .await
+    );
+    assert_eq!(count(&n.calls())[&(101, "start")], 2);
+    h.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_action_backs_off_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(2);
+    n.fail(101, "start", "CT 101: simulated start failure");
+    let (h, _gate) = spawn(&n, Arc::new(Journal::open(dir.path()).unwrap()), Gate::Open);
+    assert!(
+        wait_until(Duration::from_secs(5), || h
+            .status()
+            .failing
+            .iter()
+            .any(|f| f.attempts >= 3))
+        .await
+    );
+    let s = h.status();
+    let f = s.failing.iter().find(|f| f.vmid.get() == 101).unwrap();
+    assert_eq!(f.action, "start");
+    assert!(
+        f.last_error.contains("simulated start failure"),
+        "{}",
+        f.last_error
+    );
+    assert!(f.next_retry_ms > 0);
+    // Exponential: attempts grow slower than cycles (20, 40, 80, 160, 200 ms …).
+    let starts = count(&n.calls())[&(101, "start")];
+    assert!(
+        starts <= 6,
+        "{starts} attempts in well under a second is not backing off"
+    );
+    // Once it works, it converges and is no longer failing.
+    n.clear_faults();
+    assert!(wait_until(Duration::from_secs(5), || converged(&n)).await);
+    assert!(wait_until(Duration::from_secs(5), || h.status().failing.is_empty()).await);
+    h.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Counts commits; fails the Nth (0 = never).
+#[derive(Debug, Default)]
+struct Counting {
+    fail_at: AtomicU64,
+    seen: AtomicU64,
+}
+
+impl CommitGate for Arc<Counting> {
+    fn before_commit(&self, n: u64) -> std::io::Result<()> {
+        self.seen.store(n, Ordering::SeqCst);
+        if self.fail_at.load(Ordering::SeqCst) == n {
+            Err(std::io::Error::other("injected commit failure"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn call_matches(c: &Call, e: &crate::reconcile::journal::Entry) -> bool {
+    use crate::reconcile::plan::Op;
+    c.vmid == e.vmid
+        && matches!(
+            (c.what, &e.action.op),
+            ("start", Op::Start)
+                | ("shutdown", Op::Stop)
+                | ("stop", Op::Stop)
+                | ("set_config", Op::SetConfig { .. })
+        )
+}
+
+/// For every commit position N: a journal whose Nth commit fails goes to safe mode; every
+/// Proxmox call arrives while its action's intent is committed and open (checked at the
+/// moment of the call), so the action whose intent commit failed is never sent; and no
+/// new intent is committed after the failure.
+#[test]
+fn nth_commit_failure_means_no_call_for_that_action() {
+    // A clean run tells how many commits a convergence takes.
+    let total = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Counting::default());
+        rt.block_on(async {
+            let n = node(1);
+            let j = Arc::new(Journal::open_with_gate(dir.path(), Box::new(gate.clone())).unwrap());
+            let (h, _g) = spawn(&n, j.clone(), Gate::Open);
+            assert!(
+                wait_until(Duration::from_secs(10), || converged(&n)
+                    && j.open_entries().unwrap().is_empty())
+                .await
+            );
+            h.shutdown(Duration::from_secs(1)).await;
+        });
+        gate.seen.load(Ordering::SeqCst)
+    };
+    assert!(
+        total > 10,
+        "a convergence commits intents, UPIDs and outcomes ({total})"
+    );
+    for fail_at in 1..=total {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Counting::default());
+        gate.fail_at.store(fail_at, Ordering::SeqCst);
+        rt.block_on(async {
+            let n = node(1);
+            let j = Arc::new(Journal::open_with_gate(dir.path(), Box::new(gate.clone())).unwrap());
+            let violations = Arc::new(Mutex::new(Vec::new()));
+            {
+                let j = j.clone();
+                let v = violations.clone();
+                n.on_call(Box::new(move |c: &Call| {
+                    let open = j.open_entries().unwrap_or_default();
+                    if !open.iter().any(|e| call_matches(c, e)) {
+                        lock(&v).push(c.clone());
+                    }
+                }));
+            }
+            let (h, _g) = spawn(&n, j.clone(), Gate::Open);
+            assert!(
+                wait_until(Duration::from_secs(10), || j.safe_mode().is_some()).await,
+                "commit {fail_at} failed: safe mode"
+            );
+            let entries_at_failure = j.recent(1000).unwrap().len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                lock(&violations).clone(),
+                Vec::<Call>::new(),
+                "commit {fail_at}: calls without a committed open intent"
+            );
+            assert_eq!(
+                j.recent(1000).unwrap().len(),
+                entries_at_failure,
+                "commit {fail_at}: an intent committed after safe mode"
+            );
+            let s = h.status();
+            assert!(s.safe_mode.unwrap().contains("injected"));
+            h.shutdown(Duration::from_secs(1)).await;
+        });
+    }
+}
+
+/// Simulated kill -9: each incarnation runs on its own runtime, which is torn down at a
+/// random moment (every task dropped at its await point; finished journal commits stay,
+/// as the page cache does). Restarted until converged, every action reaches the node
+/// exactly once.
+#[test]
+fn crash_at_random_moments_converges_with_each_action_sent_once() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    for round in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(rng.u64(3..20));
+        let mut incarnations = 0;
+        loop {
+            incarnations += 1;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let kill_after = Duration::from_micros(rng.u64(0..12_000));
+            let last = incarnations > 60;
+            let done = rt.block_on(async {
+                let j = Arc::new(Journal::open(dir.path()).unwrap());
+                assert_eq!(
+                    j.safe_mode(),
+                    None,
+                    "round {round}: journal healthy after a crash"
+                );
+                let (h, _g) = spawn(&n, j.clone(), Gate::Open);
+                if last {
+                    wait_until(Duration::from_secs(10), || {
+                        converged(&n) && j.open_entries().unwrap().is_empty()
+                    })
+                    .await;
+                } else {
+                    tokio::time::sleep(kill_after).await;
+                }
+                std::mem::forget(h); // no orderly shutdown: the runtime dies under it
+                converged(&n) && n.idle() && j.open_entries().unwrap().is_empty()
+            });
+            rt.shutdown_timeout(Duration::from_secs(5));
+            let calls = count(&n.calls());
+            for (k, c) in &calls {
+                assert!(
+                    expected_calls().get(k).is_some_and(|e| c <= e),
+                    "round {round}, incarnation {incarnations}: {k:?} sent {c} times: {calls:?}"
+                );
+            }
+            if done {
+                break;
+            }
+            assert!(!last, "round {round}: did not converge");
+        }
+        eprintln!("round {round}: converged after {incarnations} incarnations");
+        assert_eq!(count(&n.calls()), expected_calls(), "round {round}");
+    }
+}
