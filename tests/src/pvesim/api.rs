@@ -189,6 +189,7 @@ pub fn dispatch(
         Route::NodeVersion => get_version(st, &params),
         Route::NodeStatus => get_node_status(st, &params),
         Route::GuestList => get_guest_list(st, caller, kind, &params),
+        Route::GuestIndex => get_guest_index(st, kind, &params),
         Route::GuestConfig => get_config(st, caller, kind, &params),
         Route::GuestPending => get_pending(st, kind, &params),
         Route::GuestStatus => get_status(st, kind, &params),
@@ -227,6 +228,7 @@ enum Route {
     NodeVersion,
     NodeStatus,
     GuestList,
+    GuestIndex,
     GuestConfig,
     GuestPending,
     GuestStatus,
@@ -256,6 +258,7 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         ("GET", ["nodes", _, "status"]) => Route::NodeStatus,
         ("GET", ["nodes", _, k]) if guest(k) => Route::GuestList,
         ("POST", ["nodes", _, "lxc"]) => Route::LxcCreate,
+        ("GET", ["nodes", _, k, _]) if guest(k) => Route::GuestIndex,
         ("GET", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestConfig,
         ("PUT", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestUpdateConfig,
         ("POST", ["nodes", _, "qemu", _, "config"]) => Route::QemuPostConfig,
@@ -502,6 +505,52 @@ fn get_config(
         return data(g.snapshot_config_json(s));
     }
     data(g.config_json(current))
+}
+
+/// `GET /nodes/{node}/lxc|qemu/{vmid}`: the directory index (loads the config first).
+fn get_guest_index(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    load(st, kind, vmid_of(params))?;
+    let subdirs: &[&str] = match kind {
+        Kind::Lxc => &[
+            "config",
+            "pending",
+            "status",
+            "vncproxy",
+            "termproxy",
+            "vncwebsocket",
+            "spiceproxy",
+            "migrate",
+            "clone",
+            "rrd",
+            "rrddata",
+            "firewall",
+            "snapshot",
+            "resize",
+        ],
+        Kind::Qemu => &[
+            "config",
+            "pending",
+            "status",
+            "unlink",
+            "vncproxy",
+            "termproxy",
+            "migrate",
+            "resize",
+            "move",
+            "rrd",
+            "rrddata",
+            "monitor",
+            "agent",
+            "snapshot",
+            "spiceproxy",
+            "sendkey",
+            "firewall",
+        ],
+    };
+    data(Value::Array(
+        subdirs.iter().map(|d| json!({"subdir": d})).collect(),
+    ))
 }
 
 fn get_pending(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
