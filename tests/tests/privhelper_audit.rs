@@ -1,0 +1,299 @@
+//! The audit log on real helpers: `audit verify` passes on a real log and fails, naming
+//! the record, for each kind of tampering; rotation keeps the chain; a torn tail found at
+//! open is recorded; 50 concurrent clients across the three instances leave a valid chain.
+
+use std::path::Path;
+use std::process::Command;
+
+use felhom_protocol::{Class, DiskDevice, MountName, PctCreateSpec, Request, Response};
+use felhom_testbed::privhelper::{
+    Bed, BedOptions, Client, FakeBins, is_root, privhelper_bin, read_jsonl,
+};
+use sha2::Digest;
+
+fn fakes() -> FakeBins {
+    FakeBins {
+        smartctl: env!("CARGO_BIN_EXE_felhom-fake-smartctl").into(),
+        pct: env!("CARGO_BIN_EXE_felhom-fake-pct").into(),
+    }
+}
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIP: this test needs root (it starts the root helper)");
+            return;
+        }
+    };
+}
+
+fn smart(c: &mut Client, dev: &str) -> Response {
+    c.call(&Request::SmartRead {
+        device: DiskDevice::new(dev).unwrap(),
+    })
+    .unwrap()
+}
+
+fn verify(log: &Path) -> (bool, String) {
+    let out = Command::new(privhelper_bin())
+        .args(["audit", "verify", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => (true, text),
+        Some(1) => (false, text),
+        other => panic!("verify exited {other:?}: {text}"),
+    }
+}
+
+/// Copies the log and its head to a fresh directory, applies `tamper` to the log lines.
+fn tampered(
+    src: &Path,
+    tamper: impl FnOnce(&mut Vec<String>),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(src).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    tamper(&mut lines);
+    let mut out = lines.join("\n");
+    if !out.is_empty() && !out.ends_with("\u{1}") {
+        out.push('\n');
+    }
+    std::fs::write(&log, out.trim_end_matches('\u{1}')).unwrap();
+    let mut head = src.as_os_str().to_owned();
+    head.push(".head");
+    std::fs::copy(&head, d.path().join("audit.jsonl.head")).unwrap();
+    (d, log)
+}
+
+#[test]
+fn verify_passes_on_a_real_log_and_names_each_kind_of_tampering() {
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let _s = bed.activate(Class::Smart);
+    let mut c = Client::hello(&bed.socket(Class::Smart)).unwrap();
+    for d in ["sda", "sdb", "nvme0", "sdd"] {
+        assert!(matches!(smart(&mut c, d), Response::Smart(_)));
+    }
+    let recs = bed.audit_records();
+    assert_eq!(recs.len(), 8);
+    let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert_eq!(recs[0]["prev"], "0".repeat(64));
+    let lines: Vec<String> = std::fs::read_to_string(&bed.audit_log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for w in lines.windows(2) {
+        let h = hex::encode(sha2::Sha256::digest(w[0].as_bytes()));
+        let next: serde_json::Value = serde_json::from_str(&w[1]).unwrap();
+        assert_eq!(
+            next["prev"], h,
+            "prev is the SHA-256 of the previous line's bytes"
+        );
+    }
+    for r in &recs {
+        assert!(r["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(r["class"], "smart");
+    }
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+    assert!(text.contains("8 records"), "{text}");
+
+    // edited: a field of seq 3 changed
+    let (_d, log) = tampered(&bed.audit_log, |l| {
+        l[2] = l[2].replace("\"device\":\"sdb\"", "\"device\":\"sdz\"")
+    });
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("seq 3") && text.contains("altered"),
+        "{text}"
+    );
+    // removed: seq 4 deleted
+    let (_d, log) = tampered(&bed.audit_log, |l| {
+        l.remove(3);
+    });
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("4..=4") && text.contains("missing"),
+        "{text}"
+    );
+    // reordered: seq 5 and 6 swapped
+    let (_d, log) = tampered(&bed.audit_log, |l| l.swap(4, 5));
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("seq 6") && text.contains("out of"),
+        "{text}"
+    );
+    // truncated at a record boundary: the last two records cut off
+    let (_d, log) = tampered(&bed.audit_log, |l| l.truncate(6));
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("truncated") && text.contains("7..=8"),
+        "{text}"
+    );
+    // torn: the last record cut in the middle (no newline)
+    let (_d, log) = tampered(&bed.audit_log, |l| {
+        let last = l.pop().unwrap();
+        l.push(format!("{}\u{1}", &last[..last.len() / 2]));
+    });
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("torn") && text.contains("seq 8"),
+        "{text}"
+    );
+    // the last record edited (only the head can tell)
+    let (_d, log) = tampered(&bed.audit_log, |l| l[7] = l[7].replace("\"ok\"", "\"ko\""));
+    let (ok, text) = verify(&log);
+    assert!(
+        !ok && text.contains("seq 8") && text.contains("head"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_torn_tail_found_at_open_is_recorded_and_rotation_keeps_the_chain() {
+    need_root!();
+    let bed = Bed::new(
+        fakes(),
+        BedOptions {
+            audit_max_bytes: Some(4096),
+            ..Default::default()
+        },
+    );
+    let _s = bed.activate(Class::Smart);
+    let mut c = Client::hello(&bed.socket(Class::Smart)).unwrap();
+    assert!(matches!(smart(&mut c, "sda"), Response::Smart(_)));
+    // A write that was interrupted half-way.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&bed.audit_log)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":3,\"prev\":\"0123").unwrap();
+    drop(f);
+    assert!(!verify(&bed.audit_log).0);
+    assert!(matches!(smart(&mut c, "sdb"), Response::Smart(_)));
+    let recs = bed.audit_records();
+    let torn = recs
+        .iter()
+        .find(|r| r["kind"] == "torn")
+        .expect("a torn record");
+    assert_eq!(torn["seq"], 3);
+    assert_eq!(torn["torn"]["bytes"], 21);
+    assert_eq!(torn["torn"]["text"], "{\"seq\":3,\"prev\":\"0123");
+    assert_eq!(torn["class"], "smart", "the instance that found it");
+    // Every record has the same keys, null where they do not apply.
+    for r in &recs {
+        for k in ["seq", "prev", "time", "kind", "class", "peer", "op", "args"] {
+            assert!(r.get(k).is_some(), "{k} missing in {r}");
+        }
+    }
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+
+    // Enough records to rotate several times (4096-byte files, keep 4).
+    for _ in 0..40 {
+        assert!(matches!(smart(&mut c, "sda"), Response::Smart(_)));
+    }
+    let rotated = |n: u32| {
+        let mut p = bed.audit_log.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        std::path::PathBuf::from(p)
+    };
+    assert!(rotated(1).exists() && rotated(4).exists() && !rotated(5).exists());
+    let last_old = std::fs::read_to_string(rotated(1))
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let active = read_jsonl(&bed.audit_log);
+    assert_eq!(
+        active[0]["prev"],
+        hex::encode(sha2::Sha256::digest(last_old.as_bytes()))
+    );
+    let prev_seq: u64 = serde_json::from_str::<serde_json::Value>(&last_old).unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        active[0]["seq"].as_u64().unwrap(),
+        prev_seq + 1,
+        "seq continues across rotation"
+    );
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("rotated away"),
+        "the oldest files were dropped: {text}"
+    );
+    // Mode and group of the files the hub reporter reads.
+    use std::os::unix::fs::MetadataExt;
+    for p in [bed.audit_log.clone(), rotated(1)] {
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o640, "{}", p.display());
+        assert_eq!(md.gid(), bed.opts.agent_gid, "{}", p.display());
+    }
+}
+
+#[test]
+fn fifty_concurrent_clients_across_instances_leave_a_valid_chain() {
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let _p = bed.activate(Class::Pct);
+    let _u = bed.activate(Class::Usb);
+    let _s = bed.activate(Class::Smart);
+    let spec = PctCreateSpec::from_json(r#"{"vmid": 130, "ostemplate": "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst", "hostname": "c", "memory_mib": 512, "swap_mib": 0, "cores": 1, "rootfs": {"storage": "local", "size_gib": 2}, "net": {"bridge": "vmbr0", "ip": "dhcp", "gw": null}}"#).unwrap();
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let class = Class::ALL[i % 3];
+            let sock = bed.socket(class);
+            let spec = spec.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::hello(&sock).unwrap();
+                let req = match class {
+                    Class::Pct => Request::PctCreateKeyctl(spec),
+                    Class::Usb => Request::UsbUnmount {
+                        name: MountName::new(format!("n{i}")).unwrap(),
+                    },
+                    Class::Smart => Request::SmartRead {
+                        device: DiskDevice::new("sda").unwrap(),
+                    },
+                };
+                let r = c.call(&req).unwrap();
+                assert!(!matches!(r, Response::Error { .. }), "{r:?}");
+                drop(c);
+                // and one refusal each, on a fresh connection
+                let mut c = Client::connect(&sock).unwrap();
+                c.send_raw(&[0, 0, 0, 0]).unwrap();
+                assert!(matches!(
+                    c.read_response().unwrap(),
+                    Some(Response::Error { .. })
+                ));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let recs = bed.audit_records();
+    assert_eq!(recs.len(), 150, "50 intents, 50 outcomes, 50 refusals");
+    let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=150).collect::<Vec<_>>());
+    for class in Class::ALL {
+        let n = recs
+            .iter()
+            .filter(|r| r["class"] == class.as_str() && r["kind"] == "outcome")
+            .count();
+        assert_eq!(n, (0..50).filter(|i| Class::ALL[i % 3] == class).count());
+    }
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+}

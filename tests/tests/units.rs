@@ -1,0 +1,312 @@
+//! The systemd units: `systemd-analyze verify` (with stand-in binaries, as systemd is
+//! not PID 1 here and verify needs ExecStart= to exist) and `systemd-analyze security
+//! --offline=true --threshold=N` at the exposure limits, plus the contracts the
+//! package and the helpers rely on (socket paths and modes, binaries, users, tmpfiles).
+//!
+//! Method for verify: copy every unit into a temporary directory, rewrite the two binary
+//! paths to executable stand-ins in that directory, and verify the copies together (the
+//! directory of the given files is on verify's unit path, so Requires=/Wants= resolve).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("systemd")
+}
+
+fn have_analyze() -> bool {
+    Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+macro_rules! need_analyze {
+    () => {
+        if !have_analyze() {
+            eprintln!("SKIP: systemd-analyze (package systemd) is not installed");
+            return;
+        }
+    };
+}
+
+const SERVICES: [(&str, u32); 4] = [
+    // unit, threshold (0-100 scale; 15 = exposure 1.5)
+    ("felhom-agent.service", 15),
+    ("felhom-privhelper-smart.service", 20),
+    ("felhom-privhelper-usb.service", 35),
+    ("felhom-privhelper-pct.service", 70),
+];
+
+fn unit(name: &str) -> String {
+    std::fs::read_to_string(systemd_dir().join(name)).unwrap()
+}
+
+/// Directive names set on non-comment lines.
+fn directives(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('[') && l.contains('='))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+fn exposure(unit_path: &Path) -> String {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(unit_path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn security_exposure_is_within_the_limits() {
+    need_analyze!();
+    for (name, threshold) in SERVICES {
+        let path = systemd_dir().join(name);
+        let st = Command::new("systemd-analyze")
+            .args([
+                "security",
+                "--offline=true",
+                &format!("--threshold={threshold}"),
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        eprintln!("{}", exposure(&path));
+        assert!(
+            st.status.success(),
+            "{name} is above {threshold}: {}",
+            exposure(&path)
+        );
+    }
+    // The gate can fail: a bare unit is far above any of these limits.
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("bare.service");
+    std::fs::write(&bare, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let st = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=70"])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(!st.status.success(), "a bare unit must fail the gate");
+}
+
+#[test]
+fn units_verify_with_stand_in_binaries() {
+    need_analyze!();
+    let dir = tempfile::tempdir().unwrap();
+    let standin = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::copy("/bin/true", &p).unwrap();
+        p
+    };
+    let helper = standin("felhom-privhelper");
+    let agent = standin("felhom-agent");
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(systemd_dir()).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".service") || name.ends_with(".socket") {
+            let text = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace(
+                    "/usr/libexec/felhom/felhom-privhelper",
+                    &helper.to_string_lossy(),
+                )
+                .replace("/usr/bin/felhom-agent", &agent.to_string_lossy());
+            let to = dir.path().join(&name);
+            std::fs::write(&to, text).unwrap();
+            files.push(to);
+        }
+    }
+    assert_eq!(files.len(), 7, "agent service + 3 sockets + 3 services");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The check can fail: a missing ExecStart binary.
+    std::fs::remove_file(&helper).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "verify must notice a missing binary");
+}
+
+#[test]
+fn sockets_services_and_paths_match_the_contract() {
+    for class in ["pct", "usb", "smart"] {
+        let sock = directives(&unit(&format!("felhom-privhelper-{class}.socket")));
+        let get = |d: &[(String, String)], k: &str| {
+            d.iter()
+                .filter(|(x, _)| x == k)
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            get(&sock, "ListenStream"),
+            [format!("/run/felhom/privhelper-{class}.sock")]
+        );
+        assert_eq!(get(&sock, "SocketMode"), ["0660"]);
+        assert_eq!(get(&sock, "SocketUser"), ["root"]);
+        assert_eq!(get(&sock, "SocketGroup"), ["felhom-agent"]);
+        assert_eq!(get(&sock, "Accept"), ["no"]);
+        let svc = directives(&unit(&format!("felhom-privhelper-{class}.service")));
+        assert_eq!(
+            get(&svc, "ExecStart"),
+            [format!(
+                "/usr/libexec/felhom/felhom-privhelper serve --class {class}"
+            )]
+        );
+        assert_eq!(get(&svc, "User"), ["root"]);
+        assert_eq!(
+            get(&svc, "Restart"),
+            ["no"],
+            "idle exit is normal; systemd restarts via the socket"
+        );
+        assert!(
+            get(&svc, "LogsDirectory").is_empty(),
+            "LogsDirectory= would make /var/log/felhom 0700"
+        );
+    }
+    let agent = directives(&unit("felhom-agent.service"));
+    let has = |k: &str, v: &str| agent.iter().any(|(a, b)| a == k && b == v);
+    assert!(has("ExecStart", "/usr/bin/felhom-agent run"));
+    assert!(has("User", "felhom-agent"));
+    assert!(has("ReadWritePaths", "/run/felhom"));
+    assert!(has("StateDirectory", "felhom-agent"));
+    assert!(
+        !agent.iter().any(|(k, _)| k == "RuntimeDirectory"),
+        "/run/felhom is shared; see the unit's comment"
+    );
+    assert!(agent.iter().any(|(k, v)| k == "RestrictAddressFamilies"
+        && v.contains("AF_UNIX")
+        && v.contains("AF_INET")));
+
+    // The usb helper must mount for the host: no directive that creates a mount namespace.
+    let hiding = [
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "PrivateIPC",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "ProcSubset",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+        "BindPaths",
+        "BindReadOnlyPaths",
+        "RootDirectory",
+        "RootImage",
+        "DynamicUser",
+        "PrivateUsers",
+        "MountFlags",
+        "LogNamespace",
+        "ExecPaths",
+        "NoExecPaths",
+    ];
+    let usb_text = unit("felhom-privhelper-usb.service");
+    for (k, _) in directives(&usb_text) {
+        assert!(
+            !hiding.contains(&k.as_str()),
+            "usb helper sets {k}, which hides its mounts from the host"
+        );
+    }
+    // Every directive left out says why (a comment names it).
+    for (name, left_out) in [
+        (
+            "felhom-privhelper-usb.service",
+            vec![
+                "ProtectSystem",
+                "PrivateTmp",
+                "PrivateDevices",
+                "PrivateMounts",
+                "ProtectKernelTunables",
+                "PrivateUsers",
+            ],
+        ),
+        (
+            "felhom-privhelper-pct.service",
+            vec![
+                "RestrictSUIDSGID",
+                "RestrictNamespaces",
+                "PrivateUsers",
+                "PrivateNetwork",
+                "ProtectSystem",
+                "KeyringMode",
+            ],
+        ),
+        (
+            "felhom-privhelper-smart.service",
+            vec!["PrivateDevices", "PrivateUsers"],
+        ),
+        (
+            "felhom-agent.service",
+            vec!["PrivateNetwork", "RuntimeDirectory"],
+        ),
+    ] {
+        let text = unit(name);
+        let comments: String = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for d in left_out {
+            assert!(
+                comments.contains(d),
+                "{name}: no comment says why {d} is left out"
+            );
+        }
+    }
+
+    let tmpfiles = std::fs::read_to_string(systemd_dir().join("felhom.tmpfiles")).unwrap();
+    let entries: Vec<Vec<&str>> = tmpfiles
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(entries.contains(&vec![
+        "d",
+        "/run/felhom",
+        "1770",
+        "root",
+        "felhom-agent",
+        "-"
+    ]));
+    assert!(entries.contains(&vec![
+        "d",
+        "/var/log/felhom",
+        "2750",
+        "root",
+        "felhom-agent",
+        "-"
+    ]));
+    let sysusers = std::fs::read_to_string(systemd_dir().join("felhom.sysusers")).unwrap();
+    assert!(sysusers.lines().any(|l| l.starts_with("u felhom-agent ")));
+}
