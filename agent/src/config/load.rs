@@ -95,13 +95,24 @@ pub struct LoadedConfig {
     pub warnings: Vec<String>,
 }
 
-/// A raw value before typing.
-#[derive(Debug, Clone, PartialEq)]
+/// A raw value before typing. It may hold a secret, so its `Debug` shows only the kind.
+#[derive(Clone, PartialEq)]
 enum Raw {
     Str(String),
     U64(u64),
     Bool(bool),
     List(Vec<String>),
+}
+
+impl fmt::Debug for Raw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Raw::Str(_) => "Raw::Str(..)",
+            Raw::U64(_) => "Raw::U64(..)",
+            Raw::Bool(_) => "Raw::Bool(..)",
+            Raw::List(_) => "Raw::List(..)",
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

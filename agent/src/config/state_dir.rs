@@ -4,8 +4,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::unistd::{Uid, User, geteuid};
-
 /// Why a command may not write to the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
@@ -18,6 +16,8 @@ pub enum StateDirError {
     },
     #[error("state_dir {path} is not a directory")]
     NotADirectory { path: PathBuf },
+    #[error("cannot tell which user this runs as (/proc/self/status): {source}")]
+    NoEffectiveUid { source: std::io::Error },
     #[error(
         "`felhom-agent {command}` writes to {path}, which belongs to {owner}, but this runs as {current}; run it as the owner so the daemon can open what it writes: sudo -u {sudo_user} felhom-agent {command}"
     )]
@@ -33,21 +33,46 @@ pub enum StateDirError {
 /// Refuses unless the effective user owns `state_dir`. `command` is how the operator ran
 /// it (e.g. `journal verify`), for the `sudo -u … felhom-agent <command>` hint.
 pub fn ensure_state_dir_owner(state_dir: &Path, command: &str) -> Result<(), StateDirError> {
-    check_owner(state_dir, geteuid().as_raw(), command)
+    let euid = effective_uid().map_err(|source| StateDirError::NoEffectiveUid { source })?;
+    check_owner(state_dir, euid, command)
+}
+
+/// The effective uid, from `/proc/self/status` (`Uid: real effective saved fs`). The agent
+/// has no unsafe code and links no process API, so it does not call `geteuid` itself.
+pub(crate) fn effective_uid() -> std::io::Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no effective uid in /proc/self/status"))
+}
+
+/// The user name of `uid` from `/etc/passwd` (local users; the agent's user is one).
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _password = f.next()?;
+        let id: u32 = f.next()?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 fn user_label(uid: u32) -> String {
-    match User::from_uid(Uid::from_raw(uid)) {
-        Ok(Some(u)) => format!("{} (uid {uid})", u.name),
-        _ => format!("uid {uid}"),
+    match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
     }
 }
 
 fn sudo_user(uid: u32) -> String {
-    match User::from_uid(Uid::from_raw(uid)) {
-        Ok(Some(u)) => u.name,
+    match user_name(uid) {
+        Some(name) => name,
         // sudo takes a numeric uid as `#N`; quoted so the shell does not read a comment.
-        _ => format!("'#{uid}'"),
+        None => format!("'#{uid}'"),
     }
 }
 
@@ -81,7 +106,7 @@ mod tests {
     #[test]
     fn owner_passes_and_others_are_told_how_to_run() {
         let dir = tempfile::tempdir().unwrap();
-        let me = geteuid().as_raw();
+        let me = effective_uid().unwrap();
         check_owner(dir.path(), me, "journal verify").unwrap();
 
         let other = if me == 0 { 4242 } else { 0 };
@@ -95,13 +120,13 @@ mod tests {
 
     #[test]
     fn root_is_refused_on_a_directory_owned_by_another_user() {
-        if !geteuid().is_root() {
+        if effective_uid().unwrap() != 0 {
             eprintln!("SKIPPED: needs root to chown a directory to another user");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
         // nobody exists on every Debian system; its uid is 65534.
-        nix::unistd::chown(dir.path(), Some(Uid::from_raw(65534)), None).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
         let err = ensure_state_dir_owner(dir.path(), "run").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("uid 65534"), "{msg}");
@@ -110,6 +135,17 @@ mod tests {
                 || msg.contains("sudo -u '#65534' felhom-agent run"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn effective_uid_matches_what_the_process_creates() {
+        // A file this process creates is owned by its effective uid.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path()).unwrap().uid(),
+            effective_uid().unwrap()
+        );
+        assert_eq!(user_name(0).as_deref(), Some("root"));
     }
 
     #[test]

@@ -588,7 +588,12 @@ pub struct TaskListItem {
     pub task_type: String,
     #[serde(default)]
     pub id: String,
+    /// Archived tasks split a token's auth id: `user` is `user@realm`, `tokenid` the
+    /// token name (PVE's `userfilter` matches `user` only). Active tasks carry the full
+    /// auth id in `user`. [`TaskListItem::auth_id`] joins them.
     pub user: String,
+    #[serde(default)]
+    pub tokenid: Option<String>,
     #[serde(default, deserialize_with = "de::opt_u64")]
     pub endtime: Option<u64>,
     /// The exit text (`OK`, `WARNINGS: n`, error text) or `RUNNING`; absent while running
@@ -598,6 +603,14 @@ pub struct TaskListItem {
 }
 
 impl TaskListItem {
+    /// The full auth id that started the task (`user@realm!token` for a token).
+    pub fn auth_id(&self) -> String {
+        match &self.tokenid {
+            Some(t) if !self.user.contains('!') => format!("{}!{t}", self.user),
+            _ => self.user.clone(),
+        }
+    }
+
     /// `None` while running.
     pub fn outcome(&self) -> Option<TaskOutcome> {
         match self.status.as_deref() {
