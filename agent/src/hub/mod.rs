@@ -1,1 +1,19 @@
-//! Hub reporting: host report types, collector, hub client, heartbeat loop. (Issue 4.)
+//! Hub reporting (issue 4): the agent's daemon heartbeat.
+//!
+//! Background: every poll interval the agent collects a read-only [`report::HostReport`]
+//! of its host and POSTs it to the hub; the hub's answer, a [`envelope::ControlEnvelope`],
+//! steers it. The POST is the heartbeat: there is no separate ping.
+//!
+//! Design, one file per concern:
+//! - [`report`]: the wire types and their JSON Schema (`docs/hub-report.schema.json`).
+//! - [`envelope`]: the hub's answer, the interval clamp, the saved last envelope.
+//! - [`smart`]: smartctl JSON → disk entries; disk discovery.
+//! - [`audit`]: the helper's audit log, read in order from a cursor kept in `state_dir`.
+//!
+//! Must never: change anything on the host or in Proxmox (the collector only reads), put
+//! the hub token into a log line, an error or `Debug` output, or stop the daemon because a
+//! collection or a report failed.
+
+pub mod envelope;
+pub mod report;
+pub mod smart;
