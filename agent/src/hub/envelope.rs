@@ -28,7 +28,7 @@ pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 pub const ENVELOPE_FILE: &str = "hub-envelope.json";
 
 /// The hub's answer to a report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(
     title = "ControlEnvelope",
     description = "The hub's answer to a report. Unknown fields are ignored; missing or null fields take their defaults."
@@ -46,17 +46,6 @@ pub struct ControlEnvelope {
     /// The hub has signed operations waiting for this agent. Default false.
     #[serde(default, deserialize_with = "null_as_default")]
     pub has_signed_ops: bool,
-}
-
-impl Default for ControlEnvelope {
-    fn default() -> Self {
-        ControlEnvelope {
-            poll_interval_seconds: None,
-            blocked: false,
-            desired_generation: 0,
-            has_signed_ops: false,
-        }
-    }
 }
 
 impl ControlEnvelope {

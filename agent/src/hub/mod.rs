@@ -14,6 +14,7 @@
 //! the hub token into a log line, an error or `Debug` output, or stop the daemon because a
 //! collection or a report failed.
 
+pub mod audit;
 pub mod envelope;
 pub mod report;
 pub mod smart;
