@@ -15,6 +15,8 @@
 //! collection or a report failed.
 
 pub mod audit;
+pub mod client;
+pub mod cloudflared;
 pub mod envelope;
 pub mod report;
 pub mod smart;
