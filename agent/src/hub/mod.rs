@@ -18,5 +18,6 @@ pub mod audit;
 pub mod client;
 pub mod cloudflared;
 pub mod envelope;
+pub mod heartbeat;
 pub mod report;
 pub mod smart;

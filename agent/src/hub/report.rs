@@ -63,6 +63,33 @@ pub struct HostReport {
     pub reconcile: Option<ReconcileReport>,
 }
 
+impl HostReport {
+    /// An empty report for `node`: no host, no guests, cloudflared `unknown`. The collector
+    /// fills it in.
+    pub fn new(node: &str) -> HostReport {
+        HostReport {
+            schema_version: SCHEMA_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: node.to_owned(),
+            sent_at: Timestamp::now(),
+            errors: Vec::new(),
+            host: None,
+            guests: Vec::new(),
+            cloudflared: CloudflaredReport {
+                state: CloudflaredState::Unknown,
+                ready_connections: None,
+                connector_id: None,
+            },
+            storage: Vec::new(),
+            backups: Vec::new(),
+            pbs: Vec::new(),
+            restore_tests: Vec::new(),
+            audit: Vec::new(),
+            reconcile: None,
+        }
+    }
+}
+
 /// Something that could not be collected. `component` and `kind` are for machines,
 /// `message` for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
