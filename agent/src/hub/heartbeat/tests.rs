@@ -211,14 +211,15 @@ async fn the_loop_survives_500_garbage_hang_refusal_and_reports_each_time() {
     );
     // generous: 4 backoffs ≤ 60 s each, one hang abandoned at the cycle deadline (120 s)
     tokio::time::sleep(Duration::from_secs(4 * 60 + 120 + 1)).await;
-    let log = r.log.lock().unwrap();
-    assert!(log.sends.len() >= 5, "{:?}", log.sends);
-    // only the report the hub accepted moves the cursor
-    assert_eq!(log.accepted.first(), Some(&5));
+    {
+        let log = r.log.lock().unwrap();
+        assert!(log.sends.len() >= 5, "{:?}", log.sends);
+        // only the report the hub accepted moves the cursor
+        assert_eq!(log.accepted.first(), Some(&5));
+    }
     let stats = r.stats.borrow().clone();
     assert_eq!(stats.failed, 4);
     assert_eq!(stats.consecutive_failures, 0);
-    drop(log);
     r.shutdown.send(true).unwrap();
     r.task.await.unwrap();
 }
