@@ -8,18 +8,142 @@
 //! Must never: print, log or `Debug`-format a secret ([`Secret`] redacts itself), or accept
 //! a TLS setup that switches verification off other than the explicit `insecure: true`.
 //!
-//! The loader is filled by issue 2; the section shapes below are the contract the other
-//! modules code against.
+//! Precedence, field by field: environment variable, then the file, then the default. An
+//! empty environment variable unsets the field (the default, if any, applies again). A
+//! secret (`proxmox.token_secret`, `hub.token`) comes from exactly one place: the field
+//! itself (file or env), its `*_file` companion, or the systemd credential
+//! (`$CREDENTIALS_DIRECTORY/proxmox-token`, `…/hub-token`); two at once is an error.
+//!
+//! JSON names and their variables (`FELHOM_AGENT_` + path upper-cased, `.` → `_`):
+//!
+//! | field | default |
+//! |---|---|
+//! | `node` | required |
+//! | `state_dir` | `/var/lib/felhom-agent` |
+//! | `proxmox.url` | required (`https://…`) |
+//! | `proxmox.token_id` | required (`user@realm!name`) |
+//! | `proxmox.token_secret` / `proxmox.token_secret_file` / credential `proxmox-token` | one required |
+//! | `proxmox.tls.pin_sha256` / `proxmox.tls.ca_file` / `proxmox.tls.insecure` | exactly one |
+//! | `hub.mode` | `enabled` when `hub.url` is set, else `disabled` |
+//! | `hub.url`, `hub.token` / `hub.token_file` / credential `hub-token`, `hub.ca_file` | needed when enabled |
+//! | `hub.test_min_poll_interval_seconds` | unset (test bed only) |
+//! | `privhelper.socket_dir`, `.audit_log`, `.timeout_seconds` | `/run/felhom`, `/var/log/felhom/privhelper-audit.jsonl`, 30 |
+//! | `sensors.hwmon_root` | `/sys/class/hwmon` |
+//! | `smart.interval_seconds`, `smart.devices` (env: comma list) | 1800, discover |
+//! | `cloudflared.metrics_url`, `.timeout_seconds` | `http://127.0.0.1:20241`, 2 |
+//! | `reconcile.desired_file`, `.shutdown_timeout_seconds` | none, 120 |
+//! | `control.socket` | `/run/felhom/agent.sock` |
+//!
+//! Unknown keys in the file are rejected with their full path; every path in the file must
+//! be absolute.
 
+mod fields;
+mod load;
 mod secret;
+mod state_dir;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[allow(unused_imports)] // used by the proxmox client for node names in paths
+pub(crate) use load::valid_node_name;
+pub use load::{EnvMap, FieldOrigin, LoadedConfig, Provenance, Source, format_fingerprint};
 pub use secret::Secret;
+pub use state_dir::{StateDirError, ensure_state_dir_owner};
 
 /// Default config file path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/felhom/agent.json";
+/// Default `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/felhom-agent";
+
+/// Why a configuration could not be loaded. Every variant names the field or file; none
+/// carries a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {detail}")]
+    Syntax { path: PathBuf, detail: String },
+    #[error("unknown key `{key}` in {path} (a typo?)")]
+    UnknownKey { key: String, path: PathBuf },
+    #[error("invalid {field} (from {origin}): {reason}")]
+    Invalid {
+        field: String,
+        origin: String,
+        reason: String,
+    },
+    #[error("{field} is not set: {hint}")]
+    Missing { field: String, hint: String },
+    #[error("{first} and {second} are both set: {hint}")]
+    Conflict {
+        first: String,
+        second: String,
+        hint: String,
+    },
+    #[error("cannot read the secret for {field} from {path}: {source}")]
+    SecretFile {
+        field: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("environment variable {var} is not valid UTF-8")]
+    EnvNotUnicode { var: String },
+}
+
+impl Config {
+    /// Loads `path` (default [`DEFAULT_CONFIG_PATH`]) with the process environment's
+    /// overrides and secrets. `SIGHUP` reload calls this too.
+    pub fn load(path: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
+        Config::load_with_env(path, &process_env()?)
+    }
+
+    /// [`Config::load`] with an explicit environment (tests, reload with a captured env).
+    pub fn load_with_env(path: Option<&Path>, env: &EnvMap) -> Result<LoadedConfig, ConfigError> {
+        load::load(path, env)
+    }
+
+    /// A complete config for tests: the given node, state dir and Proxmox section, every
+    /// other section at its default and the hub disabled. Not used by the binary.
+    pub fn for_tests(node: &str, state_dir: PathBuf, proxmox: ProxmoxConfig) -> Config {
+        Config {
+            node: node.to_string(),
+            state_dir,
+            proxmox,
+            hub: HubConfig {
+                mode: HubMode::Disabled,
+                test_min_poll_interval_seconds: None,
+            },
+            privhelper: PrivhelperConfig::default(),
+            sensors: SensorsConfig::default(),
+            smart: SmartConfig::default(),
+            cloudflared: CloudflaredConfig::default(),
+            reconcile: ReconcileConfig::default(),
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+/// The variables the loader may read, taken from the process environment. Only known
+/// names are looked up; nothing else of the environment is copied.
+fn process_env() -> Result<EnvMap, ConfigError> {
+    let mut env = EnvMap::new();
+    let names = fields::FIELDS
+        .iter()
+        .map(|f| f.env)
+        .chain([fields::CREDENTIALS_DIRECTORY]);
+    for name in names {
+        if let Some(v) = std::env::var_os(name) {
+            let v = v.into_string().map_err(|_| ConfigError::EnvNotUnicode {
+                var: name.to_string(),
+            })?;
+            env.insert(name.to_string(), v);
+        }
+    }
+    Ok(env)
+}
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -171,3 +295,6 @@ impl Default for ControlConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,393 @@
+//! Loader tests: env mapping, precedence, unsetting, booleans, TLS modes, secrets, unknown
+//! keys, redaction.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const SECRET: &str = "0b5b3b2e-5bd1-4c6f-9d3a-very-secret-value";
+const PIN: &str = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89";
+
+fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn base_json(extra_tls: &str) -> String {
+    format!(
+        r#"{{"node": "pve1", "proxmox": {{"url": "https://127.0.0.1:8006", "token_id": "felhom@pve!agent", "token_secret": "{SECRET}", "tls": {{{extra_tls}}}}}}}"#
+    )
+}
+
+fn env(pairs: &[(&str, &str)]) -> EnvMap {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn load(body: &str, e: &[(&str, &str)]) -> Result<LoadedConfig, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "agent.json", body);
+    Config::load_with_env(Some(&p), &env(e))
+}
+
+#[test]
+fn the_documented_shape_loads_with_defaults() {
+    let body = format!(
+        r#"{{"node": "pve1", "state_dir": "/var/lib/felhom-agent", "proxmox": {{"url": "https://127.0.0.1:8006", "token_id": "felhom@pve!agent", "token_secret": "{SECRET}", "tls": {{"pin_sha256": "{PIN}", "ca_file": null, "insecure": false}}}}}}"#
+    );
+    let l = load(&body, &[]).unwrap();
+    let c = &l.config;
+    assert_eq!(c.node, "pve1");
+    assert_eq!(c.proxmox.url, "https://127.0.0.1:8006");
+    assert_eq!(c.proxmox.token_secret.expose(), SECRET);
+    let TlsVerify::PinSha256(pin) = c.proxmox.tls else {
+        panic!("expected a pin")
+    };
+    assert_eq!(format_fingerprint(&pin), PIN);
+    assert!(matches!(c.hub.mode, HubMode::Disabled));
+    assert_eq!(c.privhelper.timeout, Duration::from_secs(30));
+    assert_eq!(c.privhelper.socket_dir, PathBuf::from("/run/felhom"));
+    assert_eq!(c.smart.interval_seconds, 1800);
+    assert_eq!(c.smart.devices, None);
+    assert_eq!(c.cloudflared.metrics_url, "http://127.0.0.1:20241");
+    assert_eq!(c.cloudflared.timeout, Duration::from_secs(2));
+    assert_eq!(c.reconcile.shutdown_timeout_seconds, 120);
+    assert_eq!(c.control.socket, PathBuf::from("/run/felhom/agent.sock"));
+    assert_eq!(c.sensors.hwmon_root, PathBuf::from("/sys/class/hwmon"));
+    assert!(l.warnings.iter().all(|w| !w.contains("insecure")));
+    assert_eq!(
+        l.provenance
+            .get("privhelper.timeout_seconds")
+            .unwrap()
+            .source,
+        Source::Default
+    );
+    assert!(matches!(
+        l.provenance.get("node").unwrap().source,
+        Source::File { .. }
+    ));
+}
+
+#[test]
+fn env_overrides_file_and_names_itself() {
+    let body = base_json(&format!(r#""pin_sha256": "{PIN}""#));
+    let l = load(
+        &body,
+        &[
+            ("FELHOM_AGENT_NODE", "pve2"),
+            ("FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS", "7"),
+            ("FELHOM_AGENT_SMART_DEVICES", "sda, nvme0n1,,"),
+            (
+                "FELHOM_AGENT_RECONCILE_DESIRED_FILE",
+                "/etc/felhom/desired.json",
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(l.config.node, "pve2");
+    assert_eq!(l.config.privhelper.timeout, Duration::from_secs(7));
+    assert_eq!(
+        l.config.smart.devices,
+        Some(vec!["sda".to_string(), "nvme0n1".to_string()])
+    );
+    assert_eq!(
+        l.config.reconcile.desired_file,
+        Some(PathBuf::from("/etc/felhom/desired.json"))
+    );
+    assert_eq!(
+        l.provenance.get("node").unwrap().source,
+        Source::Env {
+            var: "FELHOM_AGENT_NODE".into()
+        }
+    );
+}
+
+#[test]
+fn an_empty_variable_unsets_the_file_value() {
+    // The file pins; the environment switches to a CA file by unsetting the pin.
+    let body = base_json(&format!(r#""pin_sha256": "{PIN}""#));
+    let l = load(
+        &body,
+        &[
+            ("FELHOM_AGENT_PROXMOX_TLS_PIN_SHA256", ""),
+            (
+                "FELHOM_AGENT_PROXMOX_TLS_CA_FILE",
+                "/etc/pve/pve-root-ca.pem",
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        l.config.proxmox.tls,
+        TlsVerify::CaFile(PathBuf::from("/etc/pve/pve-root-ca.pem"))
+    );
+    let pin = l.provenance.get("proxmox.tls.pin_sha256").unwrap();
+    assert_eq!(pin.value, None);
+    assert_eq!(
+        pin.source,
+        Source::UnsetByEnv {
+            var: "FELHOM_AGENT_PROXMOX_TLS_PIN_SHA256".into()
+        }
+    );
+    // Unsetting a field with a default brings the default back.
+    let body = r#"{"node":"pve1","privhelper":{"timeout_seconds":9},"proxmox":{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"s","tls":{"insecure":true}}}"#;
+    let l = load(body, &[("FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS", "")]).unwrap();
+    assert_eq!(l.config.privhelper.timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn booleans_accept_true_false_1_0_and_nothing_else() {
+    let body = base_json("");
+    for (v, insecure) in [("true", true), ("1", true), ("TRUE", true)] {
+        let l = load(&body, &[("FELHOM_AGENT_PROXMOX_TLS_INSECURE", v)]).unwrap();
+        assert_eq!(l.config.proxmox.tls == TlsVerify::Insecure, insecure, "{v}");
+        assert!(l.warnings.iter().any(|w| w.contains("NOT verified")));
+    }
+    for v in ["false", "0"] {
+        // insecure=false and nothing else set: no way to verify → error naming the choices.
+        let err = load(&body, &[("FELHOM_AGENT_PROXMOX_TLS_INSECURE", v)]).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("proxmox.tls.pin_sha256"));
+    }
+    let err = load(&body, &[("FELHOM_AGENT_PROXMOX_TLS_INSECURE", "yes")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("proxmox.tls.insecure"), "{msg}");
+    assert!(msg.contains("FELHOM_AGENT_PROXMOX_TLS_INSECURE"), "{msg}");
+}
+
+#[test]
+fn two_tls_modes_are_an_error_naming_both() {
+    let body = base_json(&format!(
+        r#""pin_sha256": "{PIN}", "ca_file": "/etc/pve/pve-root-ca.pem""#
+    ));
+    let msg = load(&body, &[]).unwrap_err().to_string();
+    assert!(msg.contains("proxmox.tls.pin_sha256"), "{msg}");
+    assert!(msg.contains("proxmox.tls.ca_file"), "{msg}");
+
+    let body = base_json(&format!(r#""pin_sha256": "{PIN}""#));
+    let msg = load(&body, &[("FELHOM_AGENT_PROXMOX_TLS_INSECURE", "1")])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("proxmox.tls.pin_sha256"), "{msg}");
+    assert!(msg.contains("proxmox.tls.insecure"), "{msg}");
+    assert!(msg.contains("FELHOM_AGENT_PROXMOX_TLS_INSECURE"), "{msg}");
+}
+
+#[test]
+fn pins_take_any_case_with_or_without_colons() {
+    let plain = PIN.replace(':', "").to_lowercase();
+    let l = load(&base_json(&format!(r#""pin_sha256": "{plain}""#)), &[]).unwrap();
+    let TlsVerify::PinSha256(p) = l.config.proxmox.tls else {
+        panic!()
+    };
+    assert_eq!(format_fingerprint(&p), PIN);
+    let msg = load(&base_json(r#""pin_sha256": "AB:CD""#), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("proxmox.tls.pin_sha256"), "{msg}");
+}
+
+#[test]
+fn secret_file_and_credential_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = write(dir.path(), "token", &format!("{SECRET}\n"));
+    let body = format!(
+        r#"{{"node":"pve1","proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret_file":"{}","tls":{{"insecure":true}}}}}}"#,
+        secret_file.display()
+    );
+    let p = write(dir.path(), "agent.json", &body);
+    let l = Config::load_with_env(Some(&p), &EnvMap::new()).unwrap();
+    assert_eq!(l.config.proxmox.token_secret.expose(), SECRET);
+    assert_eq!(
+        l.provenance.get("proxmox.token_secret").unwrap().source,
+        Source::SecretFile {
+            path: secret_file.clone()
+        }
+    );
+
+    // A systemd credential, with no secret in the file.
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    write(&creds, "proxmox-token", SECRET);
+    write(&creds, "hub-token", "hub-secret-xyz");
+    let body = r#"{"node":"pve1","hub":{"url":"https://hub.example"},"proxmox":{"url":"https://h:8006","token_id":"a@pve!b","tls":{"insecure":true}}}"#;
+    let p = write(dir.path(), "agent2.json", body);
+    let e = env(&[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())]);
+    let l = Config::load_with_env(Some(&p), &e).unwrap();
+    assert_eq!(l.config.proxmox.token_secret.expose(), SECRET);
+    let HubMode::Enabled { token, url, .. } = &l.config.hub.mode else {
+        panic!("hub should be enabled by its url")
+    };
+    assert_eq!(token.expose(), "hub-secret-xyz");
+    assert_eq!(url, "https://hub.example");
+    assert_eq!(
+        l.provenance.get("hub.token").unwrap().source,
+        Source::Credential {
+            path: creds.join("hub-token")
+        }
+    );
+
+    // The credential plus an inline secret: error naming both places.
+    let body = base_json(r#""insecure": true"#);
+    let p = write(dir.path(), "agent3.json", &body);
+    let msg = Config::load_with_env(Some(&p), &e).unwrap_err().to_string();
+    assert!(msg.contains("proxmox.token_secret"), "{msg}");
+    assert!(msg.contains("credential proxmox-token"), "{msg}");
+    assert!(!msg.contains(SECRET));
+
+    // A missing secret file is named.
+    let msg = load(
+        &base_json(r#""insecure": true"#),
+        &[
+            ("FELHOM_AGENT_PROXMOX_TOKEN_SECRET", ""),
+            (
+                "FELHOM_AGENT_PROXMOX_TOKEN_SECRET_FILE",
+                "/nonexistent/token",
+            ),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("/nonexistent/token"), "{msg}");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let body = r#"{"node":"pve1","proxmox":{"url":"https://h","token_id":"a@pve!b","token_secret":"s","tls":{"insecure":true,"pin_sha265":"x"}}}"#;
+    let err = load(body, &[]).unwrap_err();
+    assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "proxmox.tls.pin_sha265"));
+    let err = load(r#"{"nod":"pve1"}"#, &[]).unwrap_err();
+    assert!(err.to_string().contains("`nod`"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_the_field() {
+    let cases = [
+        (
+            r#""privhelper":{"timeout_seconds":"30"}"#,
+            "privhelper.timeout_seconds",
+        ),
+        (
+            r#""privhelper":{"timeout_seconds":0}"#,
+            "privhelper.timeout_seconds",
+        ),
+        (r#""state_dir":"relative/dir""#, "state_dir"),
+        (r#""smart":{"devices":["../sda"]}"#, "smart.devices"),
+        (r#""hub":{"mode":"on"}"#, "hub.mode"),
+        (
+            r#""hub":{"url":"http://hub.example","token":"t"}"#,
+            "hub.url",
+        ),
+        (r#""hub":{"mode":"enabled"}"#, "hub.url"),
+        (r#""hub":{"url":"https://hub.example"}"#, "hub.token"),
+        (
+            r#""cloudflared":{"metrics_url":"ftp://x"}"#,
+            "cloudflared.metrics_url",
+        ),
+        (r#""control":[]"#, "control"),
+    ];
+    for (extra, field) in cases {
+        let body = format!(
+            r#"{{"node":"pve1",{extra},"proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"s","tls":{{"insecure":true}}}}}}"#
+        );
+        let msg = load(&body, &[]).unwrap_err().to_string();
+        assert!(msg.contains(field), "{extra}: {msg}");
+    }
+    for (var, val, field) in [
+        ("FELHOM_AGENT_NODE", "pve 1", "node"),
+        ("FELHOM_AGENT_PROXMOX_URL", "http://h:8006", "proxmox.url"),
+        (
+            "FELHOM_AGENT_PROXMOX_URL",
+            "https://u:p@h:8006",
+            "proxmox.url",
+        ),
+        (
+            "FELHOM_AGENT_PROXMOX_TOKEN_ID",
+            "felhom@pve",
+            "proxmox.token_id",
+        ),
+        (
+            "FELHOM_AGENT_SMART_INTERVAL_SECONDS",
+            "-5",
+            "smart.interval_seconds",
+        ),
+    ] {
+        let msg = load(&base_json(r#""insecure": true"#), &[(var, val)])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(field), "{var}: {msg}");
+        assert!(msg.contains(var), "{var}: {msg}");
+    }
+    let msg = load(r#"{"node": "pve1""#, &[]).unwrap_err().to_string();
+    assert!(msg.contains("not valid"), "{msg}");
+}
+
+#[test]
+fn test_poll_interval_is_flagged() {
+    let body = format!(
+        r#"{{"node":"pve1","hub":{{"test_min_poll_interval_seconds":1,"mode":"disabled"}},"proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"{SECRET}","tls":{{"pin_sha256":"{PIN}"}}}}}}"#
+    );
+    let l = load(&body, &[]).unwrap();
+    assert_eq!(l.config.hub.test_min_poll_interval_seconds, Some(1));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("test_min_poll_interval_seconds")
+                && w.contains("not for production"))
+    );
+}
+
+#[test]
+fn secrets_are_redacted_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{{"node":"pve1","hub":{{"url":"https://hub.example","token":"hub-{SECRET}"}},"proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"{SECRET}","tls":{{"pin_sha256":"{PIN}"}}}}}}"#
+    );
+    let p = write(dir.path(), "agent.json", &body);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let l = Config::load_with_env(Some(&p), &EnvMap::new()).unwrap();
+    let all = format!(
+        "{l:?}\n{:#?}\n{}\n{}",
+        l.config,
+        serde_json::to_string(&l.provenance).unwrap(),
+        l.warnings.join("\n")
+    );
+    assert!(!all.contains(SECRET), "{all}");
+    assert_eq!(
+        l.provenance
+            .get("proxmox.token_secret")
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("<redacted>")
+    );
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("readable by every user"))
+    );
+
+    // Errors about a secret never quote it.
+    let bad = format!("{SECRET} with space");
+    let msg = load(
+        &base_json(r#""insecure": true"#),
+        &[("FELHOM_AGENT_PROXMOX_TOKEN_SECRET", &bad)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("proxmox.token_secret"), "{msg}");
+    assert!(!msg.contains(SECRET), "{msg}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let err = Config::load_with_env(Some(Path::new("/nonexistent/agent.json")), &EnvMap::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/agent.json"));
+}

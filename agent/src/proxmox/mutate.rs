@@ -1,0 +1,597 @@
+//! Mutations. Each takes a [`GuestPermit`] and acts on the permit's vmid only, so nothing
+//! changes a guest outside the reconcile queue's lane for it.
+//!
+//! Every call returns a typed [`Upid`] except where PVE says otherwise: LXC set-config is
+//! synchronous (`null`) while QEMU's `POST .../config` is a task ([`SetConfigOutcome`]), and
+//! vzdump may answer the plain string `OK` when it has nothing to do ([`VzdumpOutcome`]).
+//! Top-level booleans go on the wire as `1`/`0` (PVE rejects `true`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::reconcile::GuestPermit;
+
+use super::client::{Client, seg};
+use super::error::ProxmoxError;
+use super::types::GuestKind;
+use super::upid::Upid;
+
+/// A snapshot name PVE accepts: `[a-zA-Z][a-zA-Z0-9_-]+`, at most 40 characters, not
+/// `current` or `vzdump`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapshotName(String);
+
+impl SnapshotName {
+    pub fn new(s: impl Into<String>) -> Result<SnapshotName, ProxmoxError> {
+        let s = s.into();
+        let b = s.as_bytes();
+        let ok = b.len() >= 2
+            && b.len() <= 40
+            && b[0].is_ascii_alphabetic()
+            && b[1..]
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-');
+        if !ok {
+            return Err(ProxmoxError::InvalidRequest(format!(
+                "{s:?} is not a snapshot name ([a-zA-Z][a-zA-Z0-9_-]+, at most 40 characters)"
+            )));
+        }
+        if s == "current" || s == "vzdump" {
+            return Err(ProxmoxError::InvalidRequest(format!(
+                "snapshot name {s:?} is reserved by PVE"
+            )));
+        }
+        Ok(SnapshotName(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SnapshotName {
+    type Err = ProxmoxError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SnapshotName::new(s)
+    }
+}
+
+impl TryFrom<String> for SnapshotName {
+    type Error = ProxmoxError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        SnapshotName::new(s)
+    }
+}
+
+impl From<SnapshotName> for String {
+    fn from(s: SnapshotName) -> String {
+        s.0
+    }
+}
+
+impl fmt::Display for SnapshotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A config value to set. Booleans are sent as `1`/`0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl ConfigValue {
+    fn to_form(&self) -> String {
+        match self {
+            ConfigValue::Str(s) => s.clone(),
+            ConfigValue::Int(n) => n.to_string(),
+            ConfigValue::Bool(true) => "1".to_string(),
+            ConfigValue::Bool(false) => "0".to_string(),
+        }
+    }
+}
+
+impl From<&str> for ConfigValue {
+    fn from(s: &str) -> Self {
+        ConfigValue::Str(s.to_string())
+    }
+}
+impl From<String> for ConfigValue {
+    fn from(s: String) -> Self {
+        ConfigValue::Str(s)
+    }
+}
+impl From<i64> for ConfigValue {
+    fn from(n: i64) -> Self {
+        ConfigValue::Int(n)
+    }
+}
+impl From<bool> for ConfigValue {
+    fn from(b: bool) -> Self {
+        ConfigValue::Bool(b)
+    }
+}
+
+/// A set-config call: keys to set, keys to delete, and optionally the digest the change is
+/// based on (PVE refuses the write if the config changed since).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigChange {
+    pub set: BTreeMap<String, ConfigValue>,
+    pub delete: Vec<String>,
+    pub digest: Option<String>,
+}
+
+/// Parameters of the config call that are not config keys.
+const RESERVED_KEYS: &[&str] = &["delete", "digest", "revert", "skiplock", "node", "vmid"];
+
+fn valid_key(k: &str) -> bool {
+    let b = k.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+impl ConfigChange {
+    pub fn new() -> Self {
+        ConfigChange::default()
+    }
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<ConfigValue>) -> Self {
+        self.set.insert(key.into(), value.into());
+        self
+    }
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.delete.push(key.into());
+        self
+    }
+    pub fn digest(mut self, digest: impl Into<String>) -> Self {
+        self.digest = Some(digest.into());
+        self
+    }
+
+    fn form(&self) -> Result<Vec<(String, String)>, ProxmoxError> {
+        if self.set.is_empty() && self.delete.is_empty() {
+            return Err(ProxmoxError::InvalidRequest(
+                "set-config with nothing to set or delete".to_string(),
+            ));
+        }
+        let mut form = Vec::new();
+        for (k, v) in &self.set {
+            if !valid_key(k) || RESERVED_KEYS.contains(&k.as_str()) {
+                return Err(ProxmoxError::InvalidRequest(format!(
+                    "{k:?} is not a config key that can be set"
+                )));
+            }
+            form.push((k.clone(), v.to_form()));
+        }
+        for k in &self.delete {
+            if !valid_key(k) || RESERVED_KEYS.contains(&k.as_str()) {
+                return Err(ProxmoxError::InvalidRequest(format!(
+                    "{k:?} is not a config key that can be deleted"
+                )));
+            }
+            if self.set.contains_key(k) {
+                return Err(ProxmoxError::InvalidRequest(format!(
+                    "config key {k:?} is both set and deleted"
+                )));
+            }
+        }
+        if !self.delete.is_empty() {
+            form.push(("delete".to_string(), self.delete.join(",")));
+        }
+        if let Some(d) = &self.digest {
+            if d.len() > 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ProxmoxError::InvalidRequest(format!(
+                    "{d:?} is not a config digest"
+                )));
+            }
+            form.push(("digest".to_string(), d.clone()));
+        }
+        Ok(form)
+    }
+}
+
+/// What set-config did: LXC applies synchronously, QEMU's `POST` starts a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", content = "upid", rename_all = "snake_case")]
+pub enum SetConfigOutcome {
+    Applied,
+    Task(Upid),
+}
+
+/// What vzdump did: a task, or PVE's plain `OK` when no selected guest is on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", content = "upid", rename_all = "snake_case")]
+pub enum VzdumpOutcome {
+    Task(Upid),
+    NothingToDo,
+}
+
+/// vzdump `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VzdumpMode {
+    Snapshot,
+    Suspend,
+    Stop,
+}
+
+/// vzdump `compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VzdumpCompress {
+    None,
+    Gzip,
+    Lzo,
+    Zstd,
+}
+
+/// Options of a one-guest vzdump (the guest is the permit's).
+#[derive(Debug, Clone, Default)]
+pub struct VzdumpOptions {
+    pub storage: Option<String>,
+    pub mode: Option<VzdumpMode>,
+    pub compress: Option<VzdumpCompress>,
+    /// Prune older backups per `prune-backups` (PVE default: yes).
+    pub remove: Option<bool>,
+    pub notes_template: Option<String>,
+    pub protected: Option<bool>,
+}
+
+/// Options of an LXC restore from a vzdump archive onto the permit's vmid.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// The backup volume, e.g. `local:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst`.
+    pub archive: String,
+    /// Target storage for the volumes when `rootfs` is not given.
+    pub storage: Option<String>,
+    /// Overwrite the existing (stopped) container.
+    pub force: bool,
+    /// New MAC addresses.
+    pub unique: bool,
+    /// Start after the restore.
+    pub start: bool,
+    /// e.g. `local-lvm:8`.
+    pub rootfs: Option<String>,
+    pub unprivileged: Option<bool>,
+    pub pool: Option<String>,
+}
+
+fn b01(b: bool) -> String {
+    if b { "1" } else { "0" }.to_string()
+}
+
+fn check_storage(s: &str) -> Result<(), ProxmoxError> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProxmoxError::InvalidRequest(format!(
+            "{s:?} is not a storage id"
+        )))
+    }
+}
+
+fn check_text(what: &str, s: &str) -> Result<(), ProxmoxError> {
+    if s.is_empty() || s.chars().any(char::is_control) {
+        return Err(ProxmoxError::InvalidRequest(format!(
+            "{what} {s:?} is empty or has control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn expect_upid(endpoint: &str, v: Value) -> Result<Upid, ProxmoxError> {
+    match v {
+        Value::String(s) => s
+            .parse()
+            .map_err(|e: super::upid::UpidError| ProxmoxError::Decode {
+                endpoint: endpoint.to_string(),
+                detail: e.to_string(),
+            }),
+        other => Err(ProxmoxError::Decode {
+            endpoint: endpoint.to_string(),
+            detail: format!("expected a task id (UPID), found {other}"),
+        }),
+    }
+}
+
+impl Client {
+    async fn task_call(
+        &self,
+        method: Method,
+        path: String,
+        form: Vec<(String, String)>,
+        permit: &GuestPermit,
+    ) -> Result<Upid, ProxmoxError> {
+        let endpoint = format!("{method} {path}");
+        let v: Value = if method == Method::DELETE {
+            let query: Vec<(&str, String)> =
+                form.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            self.call(method, &path, &query, None).await?
+        } else {
+            self.call(method, &path, &[], Some(&form)).await?
+        };
+        let upid = expect_upid(&endpoint, v)?;
+        tracing::info!(vmid = %permit.vmid(), %endpoint, upid = %upid, "proxmox task started");
+        Ok(upid)
+    }
+
+    /// `POST .../status/start` (`vzstart` / `qmstart`; `hastart` for HA guests).
+    pub async fn start(&self, permit: &GuestPermit, kind: GuestKind) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/status/start", self.guest_path(kind, permit.vmid()));
+        self.task_call(Method::POST, path, Vec::new(), permit).await
+    }
+
+    /// `POST .../status/stop`: immediate stop.
+    pub async fn stop(&self, permit: &GuestPermit, kind: GuestKind) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/status/stop", self.guest_path(kind, permit.vmid()));
+        self.task_call(Method::POST, path, Vec::new(), permit).await
+    }
+
+    /// `POST .../status/shutdown` with `timeout` (seconds); `force_stop` stops the guest
+    /// when the timeout passes.
+    pub async fn shutdown(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        timeout: Duration,
+        force_stop: bool,
+    ) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/status/shutdown", self.guest_path(kind, permit.vmid()));
+        let mut form = vec![("timeout".to_string(), timeout.as_secs().to_string())];
+        if force_stop {
+            form.push(("forceStop".to_string(), b01(true)));
+        }
+        self.task_call(Method::POST, path, form, permit).await
+    }
+
+    /// `POST .../snapshot` (`vzsnapshot` / `qmsnapshot`).
+    pub async fn snapshot_create(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        name: &SnapshotName,
+        description: Option<&str>,
+    ) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/snapshot", self.guest_path(kind, permit.vmid()));
+        let mut form = vec![("snapname".to_string(), name.to_string())];
+        if let Some(d) = description {
+            form.push(("description".to_string(), d.to_string()));
+        }
+        self.task_call(Method::POST, path, form, permit).await
+    }
+
+    /// `POST .../snapshot/{name}/rollback`. A running guest is stopped by the rollback;
+    /// `start` starts it again at the end.
+    pub async fn snapshot_rollback(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        name: &SnapshotName,
+        start: bool,
+    ) -> Result<Upid, ProxmoxError> {
+        let path = format!(
+            "{}/snapshot/{}/rollback",
+            self.guest_path(kind, permit.vmid()),
+            seg(name.as_str())
+        );
+        let form = if start {
+            vec![("start".to_string(), b01(true))]
+        } else {
+            Vec::new()
+        };
+        self.task_call(Method::POST, path, form, permit).await
+    }
+
+    /// `DELETE .../snapshot/{name}` (`force` removes it from the config even if the
+    /// storage refuses).
+    pub async fn snapshot_delete(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        name: &SnapshotName,
+        force: bool,
+    ) -> Result<Upid, ProxmoxError> {
+        let path = format!(
+            "{}/snapshot/{}",
+            self.guest_path(kind, permit.vmid()),
+            seg(name.as_str())
+        );
+        let form = if force {
+            vec![("force".to_string(), b01(true))]
+        } else {
+            Vec::new()
+        };
+        self.task_call(Method::DELETE, path, form, permit).await
+    }
+
+    /// Set and delete config keys. LXC: `PUT .../config`, synchronous → `Applied`. QEMU:
+    /// `POST .../config`, a `qmconfig` task → `Task`.
+    pub async fn set_config(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        change: &ConfigChange,
+    ) -> Result<SetConfigOutcome, ProxmoxError> {
+        let form = change.form()?;
+        let path = format!("{}/config", self.guest_path(kind, permit.vmid()));
+        match kind {
+            GuestKind::Lxc => {
+                let endpoint = format!("PUT {path}");
+                let v: Value = self.call(Method::PUT, &path, &[], Some(&form)).await?;
+                if !v.is_null() {
+                    return Err(ProxmoxError::Decode {
+                        endpoint,
+                        detail: format!(
+                            "expected null from the synchronous config update, found {v}"
+                        ),
+                    });
+                }
+                tracing::info!(vmid = %permit.vmid(), %endpoint, "proxmox config applied");
+                Ok(SetConfigOutcome::Applied)
+            }
+            GuestKind::Qemu => Ok(SetConfigOutcome::Task(
+                self.task_call(Method::POST, path, form, permit).await?,
+            )),
+        }
+    }
+
+    /// `POST /nodes/{node}/vzdump` for the permit's guest.
+    pub async fn vzdump(
+        &self,
+        permit: &GuestPermit,
+        opts: &VzdumpOptions,
+    ) -> Result<VzdumpOutcome, ProxmoxError> {
+        let mut form = vec![("vmid".to_string(), permit.vmid().to_string())];
+        if let Some(s) = &opts.storage {
+            check_storage(s)?;
+            form.push(("storage".to_string(), s.clone()));
+        }
+        if let Some(m) = opts.mode {
+            let m = match m {
+                VzdumpMode::Snapshot => "snapshot",
+                VzdumpMode::Suspend => "suspend",
+                VzdumpMode::Stop => "stop",
+            };
+            form.push(("mode".to_string(), m.to_string()));
+        }
+        if let Some(c) = opts.compress {
+            let c = match c {
+                VzdumpCompress::None => "0",
+                VzdumpCompress::Gzip => "gzip",
+                VzdumpCompress::Lzo => "lzo",
+                VzdumpCompress::Zstd => "zstd",
+            };
+            form.push(("compress".to_string(), c.to_string()));
+        }
+        if let Some(r) = opts.remove {
+            form.push(("remove".to_string(), b01(r)));
+        }
+        if let Some(n) = &opts.notes_template {
+            check_text("notes template", n)?;
+            form.push(("notes-template".to_string(), n.clone()));
+        }
+        if let Some(p) = opts.protected {
+            form.push(("protected".to_string(), b01(p)));
+        }
+        let path = format!("{}/vzdump", self.node_path());
+        let endpoint = format!("POST {path}");
+        let v: Value = self.call(Method::POST, &path, &[], Some(&form)).await?;
+        if v.as_str() == Some("OK") {
+            tracing::info!(vmid = %permit.vmid(), %endpoint, "vzdump had nothing to do");
+            return Ok(VzdumpOutcome::NothingToDo);
+        }
+        let upid = expect_upid(&endpoint, v)?;
+        tracing::info!(vmid = %permit.vmid(), %endpoint, upid = %upid, "proxmox task started");
+        Ok(VzdumpOutcome::Task(upid))
+    }
+
+    /// `POST /nodes/{node}/lxc` with `restore=1`: restore the permit's container from a
+    /// vzdump archive (`vzrestore`).
+    pub async fn lxc_restore(
+        &self,
+        permit: &GuestPermit,
+        opts: &RestoreOptions,
+    ) -> Result<Upid, ProxmoxError> {
+        check_text("archive", &opts.archive)?;
+        let mut form = vec![
+            ("vmid".to_string(), permit.vmid().to_string()),
+            ("ostemplate".to_string(), opts.archive.clone()),
+            ("restore".to_string(), b01(true)),
+        ];
+        if let Some(s) = &opts.storage {
+            check_storage(s)?;
+            form.push(("storage".to_string(), s.clone()));
+        }
+        if opts.force {
+            form.push(("force".to_string(), b01(true)));
+        }
+        if opts.unique {
+            form.push(("unique".to_string(), b01(true)));
+        }
+        if opts.start {
+            form.push(("start".to_string(), b01(true)));
+        }
+        if let Some(r) = &opts.rootfs {
+            check_text("rootfs", r)?;
+            form.push(("rootfs".to_string(), r.clone()));
+        }
+        if let Some(u) = opts.unprivileged {
+            form.push(("unprivileged".to_string(), b01(u)));
+        }
+        if let Some(p) = &opts.pool {
+            check_text("pool", p)?;
+            form.push(("pool".to_string(), p.clone()));
+        }
+        let path = format!("{}/lxc", self.node_path());
+        self.task_call(Method::POST, path, form, permit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names() {
+        assert!(SnapshotName::new("felhom-selftest-1718000000").is_ok());
+        assert!(SnapshotName::new("a_b-C1").is_ok());
+        for bad in [
+            "",
+            "a",
+            "1abc",
+            "has space",
+            "current",
+            "vzdump",
+            "x/y",
+            &"a".repeat(41),
+        ] {
+            assert!(SnapshotName::new(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<SnapshotName>("\"current\"").is_err());
+    }
+
+    #[test]
+    fn config_change_form() {
+        let c = ConfigChange::new()
+            .set("memory", 1024)
+            .set("onboot", true)
+            .set("description", "hi")
+            .delete("tags")
+            .delete("cpulimit")
+            .digest("3f8a5e0c7d9b1a2e4f6c8d0b2a4e6f8a0c2e4b6d");
+        let form = c.form().unwrap();
+        assert!(form.contains(&("onboot".into(), "1".into())));
+        assert!(form.contains(&("memory".into(), "1024".into())));
+        assert!(form.contains(&("delete".into(), "tags,cpulimit".into())));
+        assert!(form.iter().any(|(k, _)| k == "digest"));
+
+        assert!(ConfigChange::new().form().is_err());
+        assert!(
+            ConfigChange::new()
+                .set("memory", 1)
+                .delete("memory")
+                .form()
+                .is_err()
+        );
+        assert!(ConfigChange::new().set("delete", "x").form().is_err());
+        assert!(ConfigChange::new().set("Bad Key", "x").form().is_err());
+        assert!(ConfigChange::new().set("a", 1).digest("zz").form().is_err());
+    }
+}
