@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod client;
 pub mod cloudflared;
+pub mod collector;
 pub mod envelope;
 pub mod heartbeat;
 pub mod report;

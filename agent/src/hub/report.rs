@@ -257,28 +257,31 @@ pub enum GuestStatus {
     Unknown,
 }
 
-/// The managed subset of a guest's config, normalized so that Proxmox's round-trip quirks
-/// (0/1 booleans, string numbers, `\n`-suffixed descriptions, unsorted tags, absent
-/// defaults) do not show: absent keys carry the PVE default, so two equal configs always
-/// produce equal specs. Keys are Proxmox's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// The managed subset of a guest's config, normalized by the reconcile side's rules
+/// (`reconcile::normalize`) so Proxmox's round-trip quirks (0/1 booleans, string numbers,
+/// `\n`-suffixed descriptions, unsorted tags, absent defaults) do not show: an absent key
+/// carries PVE's default, so equal configs give equal specs. Keys are Proxmox's; a field
+/// that does not exist for the guest's type is `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestSpec {
-    /// MiB.
-    pub memory: Option<u64>,
-    /// MiB (LXC only).
+    /// MiB (absent in PVE: 512).
+    pub memory: u64,
+    /// MiB; LXC only.
     pub swap: Option<u64>,
+    /// `null` when not set (an LXC container then uses all host cores; QEMU's default is 1).
     pub cores: Option<u64>,
-    pub cpulimit: Option<f64>,
+    /// Decimal as PVE writes it (`"1.5"`); `"0"` is unlimited.
+    pub cpulimit: String,
     pub onboot: bool,
-    /// Trailing newlines removed, `\n` line endings.
-    pub description: Option<String>,
+    /// Trailing newlines removed, `\n` line endings; `""` when none.
+    pub description: String,
     /// Lower-cased, sorted, de-duplicated.
     pub tags: Vec<String>,
-    /// LXC `hostname` (QEMU: `name`).
+    /// LXC only; `null` when not set.
     pub hostname: Option<String>,
-    /// LXC `features: nesting=1`; `false` for QEMU.
-    pub nesting: bool,
+    /// LXC only: the `nesting` flag of `features`.
+    pub nesting: Option<bool>,
 }
 
 /// cloudflared's readiness, from `GET <cloudflared.metrics_url>/ready`.
