@@ -37,9 +37,9 @@ use super::audit::{AuditCommit, AuditError, AuditReader};
 use super::cloudflared::CloudflaredProber;
 use super::heartbeat::Collect;
 use super::report::{
-    BackupReport, CollectError, Component, CpuInfo, DiskHealth, DiskReport, ErrorKind,
-    GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport, PbsState,
-    ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
+    BackupReport, CollectError, Component, CpuInfo, DiskHealth, DiskReport, ErrorKind, GuestReport,
+    GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport, PbsState, ReconcileReport,
+    SensorReport, StorageReport, Timestamp, UsageBytes,
 };
 use super::smart::{SmartError, discover_disks, parse_smartctl};
 use crate::config::Config;
@@ -112,8 +112,9 @@ impl HostCollector {
     /// cannot be set up (e.g. a bad Proxmox URL) reports its error every cycle.
     pub fn new(cfg: &Config) -> Self {
         let pve = proxmox::Client::from_config(cfg).map_err(|e| e.to_string());
-        let cloudflared = CloudflaredProber::new(&cfg.cloudflared.metrics_url, cfg.cloudflared.timeout)
-            .map_err(|e| e.to_string());
+        let cloudflared =
+            CloudflaredProber::new(&cfg.cloudflared.metrics_url, cfg.cloudflared.timeout)
+                .map_err(|e| e.to_string());
         let audit = AuditReader::open(&cfg.privhelper.audit_log, &cfg.state_dir)
             .map(|r| Arc::new(Mutex::new(r)));
         HostCollector {
@@ -143,7 +144,12 @@ impl HostCollector {
 
     /// Reads SMART through `source` every `cfg.smart.interval_seconds`, for the
     /// configured devices or those found in `block_dir`.
-    pub fn with_smart(mut self, cfg: &Config, source: Arc<dyn SmartSource>, block_dir: &Path) -> Self {
+    pub fn with_smart(
+        mut self,
+        cfg: &Config,
+        source: Arc<dyn SmartSource>,
+        block_dir: &Path,
+    ) -> Self {
         self.smart = Some(SmartSchedule {
             source,
             devices: cfg.smart.devices.clone(),
@@ -181,7 +187,8 @@ impl HostCollector {
                 Ok(client) => Some(collect_proxmox(client, concurrency).await),
                 Err(e) => {
                     let mut p = ProxmoxPart::default();
-                    p.errors.push(err(Component::Proxmox, None, ErrorKind::Other, e.clone()));
+                    p.errors
+                        .push(err(Component::Proxmox, None, ErrorKind::Other, e.clone()));
                     Some(p)
                 }
             }
@@ -195,14 +202,24 @@ impl HostCollector {
             match &cloudflared {
                 Ok(p) => {
                     let probe = p.probe().await;
-                    let e = probe
-                        .error
-                        .map(|e| err(Component::Cloudflared, None, ErrorKind::Unreachable, e.to_string()));
+                    let e = probe.error.map(|e| {
+                        err(
+                            Component::Cloudflared,
+                            None,
+                            ErrorKind::Unreachable,
+                            e.to_string(),
+                        )
+                    });
                     (probe.report, e)
                 }
                 Err(e) => (
                     report.cloudflared.clone(),
-                    Some(err(Component::Cloudflared, None, ErrorKind::Other, e.clone())),
+                    Some(err(
+                        Component::Cloudflared,
+                        None,
+                        ErrorKind::Other,
+                        e.clone(),
+                    )),
                 ),
             }
         };
@@ -214,10 +231,18 @@ impl HostCollector {
                         v.sort_by(|a, b| (&a.chip, &a.label).cmp(&(&b.chip, &b.label)));
                         (v, None)
                     }
-                    Ok(Err(e)) => (Vec::new(), Some(err(Component::Sensors, None, ErrorKind::Io, e))),
+                    Ok(Err(e)) => (
+                        Vec::new(),
+                        Some(err(Component::Sensors, None, ErrorKind::Io, e)),
+                    ),
                     Err(e) => (
                         Vec::new(),
-                        Some(err(Component::Sensors, None, ErrorKind::Other, e.to_string())),
+                        Some(err(
+                            Component::Sensors,
+                            None,
+                            ErrorKind::Other,
+                            e.to_string(),
+                        )),
                     ),
                 },
             }
@@ -237,8 +262,19 @@ impl HostCollector {
                 }
             }
         };
-        let (pve_part, (), (cf, cf_err), (sensor_list, sensor_err), (audit_records, audit_errors, commit)) =
-            tokio::join!(proxmox_part, smart_part, cloudflared_part, sensors_part, audit_part);
+        let (
+            pve_part,
+            (),
+            (cf, cf_err),
+            (sensor_list, sensor_err),
+            (audit_records, audit_errors, commit),
+        ) = tokio::join!(
+            proxmox_part,
+            smart_part,
+            cloudflared_part,
+            sensors_part,
+            audit_part
+        );
 
         let pve_part = pve_part.unwrap_or_default();
         report.errors.extend(pve_part.errors);
@@ -292,7 +328,12 @@ impl Collect for HostCollector {
     }
 }
 
-fn err(component: Component, subject: Option<String>, kind: ErrorKind, message: String) -> CollectError {
+fn err(
+    component: Component,
+    subject: Option<String>,
+    kind: ErrorKind,
+    message: String,
+) -> CollectError {
     CollectError {
         component,
         subject,
@@ -303,13 +344,15 @@ fn err(component: Component, subject: Option<String>, kind: ErrorKind, message: 
 
 fn pve_kind(e: &ProxmoxError) -> ErrorKind {
     match e {
-        ProxmoxError::Transport { .. } | ProxmoxError::Tls { .. } | ProxmoxError::PinMismatch { .. } => {
-            ErrorKind::Unreachable
-        }
+        ProxmoxError::Transport { .. }
+        | ProxmoxError::Tls { .. }
+        | ProxmoxError::PinMismatch { .. } => ErrorKind::Unreachable,
         ProxmoxError::Timeout { .. } => ErrorKind::Timeout,
         ProxmoxError::Unauthorized { .. } => ErrorKind::Auth,
         ProxmoxError::PermissionDenied { .. } => ErrorKind::Permission,
-        ProxmoxError::Api { status, .. } if *status == 595 || *status == 596 => ErrorKind::Unreachable,
+        ProxmoxError::Api { status, .. } if *status == 595 || *status == 596 => {
+            ErrorKind::Unreachable
+        }
         ProxmoxError::Api { .. } => ErrorKind::Http,
         ProxmoxError::Decode { .. } | ProxmoxError::BadConfigValue { .. } => ErrorKind::Decode,
         _ => ErrorKind::Other,
@@ -336,14 +379,19 @@ async fn collect_proxmox(client: &proxmox::Client, concurrency: usize) -> Proxmo
     let status = match status {
         Ok(s) => s,
         Err(e) => {
-            let unreachable = e.is_unreachable() || matches!(e, ProxmoxError::Tls { .. } | ProxmoxError::PinMismatch { .. });
+            let unreachable = e.is_unreachable()
+                || matches!(
+                    e,
+                    ProxmoxError::Tls { .. } | ProxmoxError::PinMismatch { .. }
+                );
             part.errors.push(pve_err(Component::Proxmox, None, &e));
             if unreachable {
                 // Proxmox is down: everything else would time out the same way.
                 return part;
             }
             // e.g. 403 on node status: the guests may still be readable
-            let (guests, storages) = tokio::join!(collect_guests(client, concurrency), collect_storage(client));
+            let (guests, storages) =
+                tokio::join!(collect_guests(client, concurrency), collect_storage(client));
             merge_lists(&mut part, guests, storages);
             return part;
         }
@@ -351,7 +399,8 @@ async fn collect_proxmox(client: &proxmox::Client, concurrency: usize) -> Proxmo
     let pve_version = match version {
         Ok(v) => Some(v.version),
         Err(e) => {
-            part.errors.push(pve_err(Component::Proxmox, Some("version".into()), &e));
+            part.errors
+                .push(pve_err(Component::Proxmox, Some("version".into()), &e));
             None
         }
     };
@@ -380,12 +429,17 @@ async fn collect_proxmox(client: &proxmox::Client, concurrency: usize) -> Proxmo
         disks: Vec::new(),
         sensors: Vec::new(),
     });
-    let (guests, storages) = tokio::join!(collect_guests(client, concurrency), collect_storage(client));
+    let (guests, storages) =
+        tokio::join!(collect_guests(client, concurrency), collect_storage(client));
     merge_lists(&mut part, guests, storages);
     part
 }
 
-fn merge_lists(part: &mut ProxmoxPart, guests: (Vec<GuestReport>, Vec<CollectError>), storage: StoragePart) {
+fn merge_lists(
+    part: &mut ProxmoxPart,
+    guests: (Vec<GuestReport>, Vec<CollectError>),
+    storage: StoragePart,
+) {
     part.guests = guests.0;
     part.errors.extend(guests.1);
     part.storage = storage.storage;
@@ -408,17 +462,27 @@ struct ListedGuest {
     item: proxmox::GuestListItem,
 }
 
-async fn collect_guests(client: &proxmox::Client, concurrency: usize) -> (Vec<GuestReport>, Vec<CollectError>) {
+async fn collect_guests(
+    client: &proxmox::Client,
+    concurrency: usize,
+) -> (Vec<GuestReport>, Vec<CollectError>) {
     let mut errors = Vec::new();
     let mut listed = Vec::new();
     let (lxc, qemu) = tokio::join!(
         client.guests(proxmox::GuestKind::Lxc),
         client.guests(proxmox::GuestKind::Qemu)
     );
-    for (kind, result) in [(proxmox::GuestKind::Lxc, lxc), (proxmox::GuestKind::Qemu, qemu)] {
+    for (kind, result) in [
+        (proxmox::GuestKind::Lxc, lxc),
+        (proxmox::GuestKind::Qemu, qemu),
+    ] {
         match result {
             Ok(items) => listed.extend(items.into_iter().map(|item| ListedGuest { kind, item })),
-            Err(e) => errors.push(pve_err(Component::Proxmox, Some(format!("{kind} list")), &e)),
+            Err(e) => errors.push(pve_err(
+                Component::Proxmox,
+                Some(format!("{kind} list")),
+                &e,
+            )),
         }
     }
     listed.sort_by_key(|g| g.item.vmid);
@@ -440,11 +504,17 @@ async fn collect_guests(client: &proxmox::Client, concurrency: usize) -> (Vec<Gu
             out
         }));
     }
-    let mut results: Vec<(usize, (GuestReport, Option<CollectError>))> = Vec::with_capacity(listed.len());
+    let mut results: Vec<(usize, (GuestReport, Option<CollectError>))> =
+        Vec::with_capacity(listed.len());
     for h in handles {
         match h.await {
             Ok(v) => results.extend(v),
-            Err(e) => errors.push(err(Component::Guest, None, ErrorKind::Other, format!("guest worker failed: {e}"))),
+            Err(e) => errors.push(err(
+                Component::Guest,
+                None,
+                ErrorKind::Other,
+                format!("guest worker failed: {e}"),
+            )),
         }
     }
     results.sort_by_key(|(i, _)| *i);
@@ -456,7 +526,10 @@ async fn collect_guests(client: &proxmox::Client, concurrency: usize) -> (Vec<Gu
     (guests, errors)
 }
 
-async fn guest_report(client: &proxmox::Client, g: &ListedGuest) -> (GuestReport, Option<CollectError>) {
+async fn guest_report(
+    client: &proxmox::Client,
+    g: &ListedGuest,
+) -> (GuestReport, Option<CollectError>) {
     let vmid = g.item.vmid;
     let mut report = GuestReport {
         vmid: vmid.get(),
@@ -464,7 +537,11 @@ async fn guest_report(client: &proxmox::Client, g: &ListedGuest) -> (GuestReport
             proxmox::GuestKind::Lxc => GuestType::Lxc,
             proxmox::GuestKind::Qemu => GuestType::Qemu,
         },
-        name: g.item.name.clone().unwrap_or_else(|| default_name(g.kind, vmid)),
+        name: g
+            .item
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(g.kind, vmid)),
         status: GuestStatus::Unknown,
         ha_managed: false,
         lock: g.item.lock.clone(),
@@ -496,7 +573,15 @@ async fn guest_report(client: &proxmox::Client, g: &ListedGuest) -> (GuestReport
             };
             (report, None)
         }
-        Err(e) => (report, Some(err(Component::Guest, subject, ErrorKind::Decode, e.to_string()))),
+        Err(e) => (
+            report,
+            Some(err(
+                Component::Guest,
+                subject,
+                ErrorKind::Decode,
+                e.to_string(),
+            )),
+        ),
     }
 }
 
@@ -577,7 +662,10 @@ async fn collect_storage(client: &proxmox::Client) -> StoragePart {
         if active && s.contents().any(|c| c == "backup") {
             let client = client.clone();
             let id = s.storage.clone();
-            listings.push((id.clone(), tokio::spawn(async move { client.backups(&id, None).await })));
+            listings.push((
+                id.clone(),
+                tokio::spawn(async move { client.backups(&id, None).await }),
+            ));
         }
     }
     let mut counts: HashMap<String, (u64, Option<i64>)> = HashMap::new();
@@ -602,12 +690,16 @@ async fn collect_storage(client: &proxmox::Client) -> StoragePart {
                 }
             }
             Ok(Err(e)) => part.errors.push(pve_err(Component::Backups, Some(id), &e)),
-            Err(e) => part
-                .errors
-                .push(err(Component::Backups, Some(id), ErrorKind::Other, e.to_string())),
+            Err(e) => part.errors.push(err(
+                Component::Backups,
+                Some(id),
+                ErrorKind::Other,
+                e.to_string(),
+            )),
         }
     }
-    part.backups.sort_by(|a, b| (&a.storage, a.ctime, &a.volid).cmp(&(&b.storage, b.ctime, &b.volid)));
+    part.backups
+        .sort_by(|a, b| (&a.storage, a.ctime, &a.volid).cmp(&(&b.storage, b.ctime, &b.volid)));
     for s in items {
         let active = s.active.unwrap_or(false);
         let mut content: Vec<String> = s.contents().map(str::to_owned).collect();
@@ -617,7 +709,11 @@ async fn collect_storage(client: &proxmox::Client) -> StoragePart {
             let listed = counts.get(&s.storage);
             part.pbs.push(PbsReport {
                 id: s.storage.clone(),
-                state: if active { PbsState::Active } else { PbsState::Inactive },
+                state: if active {
+                    PbsState::Active
+                } else {
+                    PbsState::Inactive
+                },
                 total_bytes: s.total,
                 used_bytes: s.used,
                 avail_bytes: s.avail,
@@ -658,13 +754,22 @@ impl SmartSchedule {
                 }
             },
         };
-        let previous: HashMap<String, DiskReport> =
-            self.disks.drain(..).map(|d| (d.device.clone(), d)).collect();
+        let previous: HashMap<String, DiskReport> = self
+            .disks
+            .drain(..)
+            .map(|d| (d.device.clone(), d))
+            .collect();
         let mut disks = Vec::with_capacity(devices.len());
         for device in devices {
             let read_at = Timestamp::now();
             let parsed = match self.source.read(&device).await {
-                Ok(raw) => parse_smartctl(&device, &raw.stdout, raw.exit_status, raw.truncated, read_at),
+                Ok(raw) => parse_smartctl(
+                    &device,
+                    &raw.stdout,
+                    raw.exit_status,
+                    raw.truncated,
+                    read_at,
+                ),
                 Err(reason) => super::smart::ParsedDisk {
                     disk: DiskReport {
                         device: device.clone(),
@@ -698,7 +803,12 @@ impl SmartSchedule {
                     SmartError::Discover { .. } => ErrorKind::Io,
                     _ => ErrorKind::Other,
                 };
-                errors.push(err(Component::Smart, Some(device.clone()), kind, e.to_string()));
+                errors.push(err(
+                    Component::Smart,
+                    Some(device.clone()),
+                    kind,
+                    e.to_string(),
+                ));
             }
             disks.push(disk);
         }

@@ -9,14 +9,20 @@ use std::sync::atomic::AtomicU32;
 use super::*;
 
 fn pve_fixture(rel: &str) -> serde_json::Map<String, serde_json::Value> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pve").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/pve")
+        .join(rel);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     v["data"].as_object().unwrap().clone()
 }
 
 #[test]
 fn spec_of_real_lxc_configs() {
-    let spec = guest_spec(proxmox::GuestKind::Lxc, &pve_fixture("pve7-lxc-config.json")).unwrap();
+    let spec = guest_spec(
+        proxmox::GuestKind::Lxc,
+        &pve_fixture("pve7-lxc-config.json"),
+    )
+    .unwrap();
     assert_eq!(
         spec,
         GuestSpec {
@@ -31,8 +37,11 @@ fn spec_of_real_lxc_configs() {
             nesting: Some(true),
         }
     );
-    let spec =
-        guest_spec(proxmox::GuestKind::Lxc, &pve_fixture("synthesized/pve8-lxc-config-typical.json")).unwrap();
+    let spec = guest_spec(
+        proxmox::GuestKind::Lxc,
+        &pve_fixture("synthesized/pve8-lxc-config-typical.json"),
+    )
+    .unwrap();
     assert_eq!(spec.cpulimit, "1.5");
     assert_eq!(spec.description, "managed by agent\nsecond line");
     assert_eq!(spec.tags, ["prod", "web"]);
@@ -62,7 +71,9 @@ fn spec_defaults_and_qemu_fields() {
 #[test]
 fn kernel_release_from_kversion() {
     assert_eq!(
-        kernel_release("Linux 6.8.12-4-pve #1 SMP PREEMPT_DYNAMIC PMX 6.8.12-4 (2024-11-06T15:04Z)"),
+        kernel_release(
+            "Linux 6.8.12-4-pve #1 SMP PREEMPT_DYNAMIC PMX 6.8.12-4 (2024-11-06T15:04Z)"
+        ),
         "6.8.12-4-pve"
     );
     assert_eq!(kernel_release("something else"), "something else");
@@ -91,7 +102,9 @@ impl SmartSource for FixtureSmart {
                 "sdz" => "probe-smartctl-no-such-device.json",
                 _ => return Err(format!("helper refused {device}")),
             };
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hosttools").join(file);
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/hosttools")
+                .join(file);
             let stdout = std::fs::read(p).map_err(|e| e.to_string())?;
             let status = serde_json::from_slice::<serde_json::Value>(&stdout).unwrap()["smartctl"]["exit_status"]
                 .as_i64()
@@ -113,7 +126,12 @@ async fn smart_runs_on_its_own_schedule_and_keeps_identity_in_standby() {
     });
     let mut s = SmartSchedule {
         source: source.clone(),
-        devices: Some(vec!["sda".into(), "nvme0n1".into(), "sdz".into(), "sdq".into()]),
+        devices: Some(vec![
+            "sda".into(),
+            "nvme0n1".into(),
+            "sdz".into(),
+            "sdq".into(),
+        ]),
         block_dir: PathBuf::from("/nonexistent"),
         interval: Duration::from_secs(1800),
         last_run: None,
@@ -122,7 +140,11 @@ async fn smart_runs_on_its_own_schedule_and_keeps_identity_in_standby() {
     };
     s.run_if_due().await;
     assert_eq!(source.reads.load(Ordering::SeqCst), 4);
-    let health: Vec<(&str, DiskHealth)> = s.disks.iter().map(|d| (d.device.as_str(), d.health)).collect();
+    let health: Vec<(&str, DiskHealth)> = s
+        .disks
+        .iter()
+        .map(|d| (d.device.as_str(), d.health))
+        .collect();
     assert_eq!(
         health,
         [
@@ -132,7 +154,11 @@ async fn smart_runs_on_its_own_schedule_and_keeps_identity_in_standby() {
             ("sdq", DiskHealth::Unknown)
         ]
     );
-    let subjects: Vec<_> = s.errors.iter().map(|e| e.subject.clone().unwrap()).collect();
+    let subjects: Vec<_> = s
+        .errors
+        .iter()
+        .map(|e| e.subject.clone().unwrap())
+        .collect();
     assert_eq!(subjects, ["sdz", "sdq"]);
 
     // not due yet: no helper call, the cached entries stay
@@ -183,7 +209,10 @@ fn change_log_tracks_what_is_new_and_what_cleared() {
     let e = |c, s: Option<&str>, m: &str| err(c, s.map(str::to_owned), ErrorKind::Other, m.into());
     log.observe(&[e(Component::Smart, Some("sda"), "x")]);
     assert_eq!(log.last.len(), 1);
-    log.observe(&[e(Component::Smart, Some("sda"), "x"), e(Component::Cloudflared, None, "y")]);
+    log.observe(&[
+        e(Component::Smart, Some("sda"), "x"),
+        e(Component::Cloudflared, None, "y"),
+    ]);
     assert_eq!(log.last.len(), 2);
     log.observe(&[]);
     assert!(log.last.is_empty());
