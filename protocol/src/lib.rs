@@ -4,8 +4,9 @@
 //! cross an OS process boundary into `felhom-privhelper`, a small root program. This crate
 //! is the only thing both sides share.
 //!
-//! Design: it owns the frame format, the request/response enums and the validated value
-//! types (parse, don't validate: an invalid vmid, hostname or device name cannot be
+//! Design: it owns the frame format ([`wire`]), the request/response enums, the closed
+//! set of [`Operation`]s and their [`Class`]es, and the validated value types ([`values`]:
+//! parse, don't validate — an invalid vmid, hostname or device name cannot be
 //! constructed, and decoding re-runs the same constructors).
 //!
 //! Limitations / must never: this crate does no I/O, spawns nothing and holds no secrets.
@@ -13,5 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod values;
+pub mod wire;
 
-pub use values::{ValueError, Vmid};
+pub use values::*;
+pub use wire::*;

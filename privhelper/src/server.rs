@@ -1,0 +1,431 @@
+//! The accept loop and one connection's state machine.
+//!
+//! Per connection: check the peer (`SO_PEERCRED`: root or the agent's uid), then the first
+//! frame must be `Hello` with our protocol version; after that `Ping` and the operations
+//! of this instance's class. Anything refused (peer, version, handshake, framing, class,
+//! validation) is answered with a typed error, audited, and ends that connection only:
+//! the helper keeps serving. Operations run one at a time per instance; each has an
+//! intent record (fsynced) before it and an outcome record after it.
+//!
+//! The loop exits after `idle_exit` without connections; systemd starts it again.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use felhom_protocol::{
+    Class, ErrorKind, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Request, Response,
+    decode_request, encode_response, frame_len,
+};
+use serde_json::{Value, json};
+
+use crate::audit::{AuditLog, Entry};
+use crate::config::{Config, Tools};
+use crate::ops::{self, OpError, System, Verdict};
+use crate::peer::Peer;
+
+/// How long a connected client may take to send a frame.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+pub struct Server {
+    pub class: Class,
+    pub cfg: Config,
+    pub tools: Tools,
+    pub audit: AuditLog,
+    pub sys: Box<dyn System + Send + Sync>,
+    op_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("class", &self.class)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn log(class: Class, msg: &str) {
+    eprintln!("felhom-privhelper[{class}]: {msg}");
+}
+
+impl Server {
+    pub fn new(
+        class: Class,
+        cfg: Config,
+        tools: Tools,
+        audit: AuditLog,
+        sys: Box<dyn System + Send + Sync>,
+    ) -> Self {
+        Server {
+            class,
+            cfg,
+            tools,
+            audit,
+            sys,
+            op_lock: Mutex::new(()),
+        }
+    }
+
+    /// Serves until idle for `idle_exit`.
+    pub fn run(self: Arc<Self>, listener: UnixListener) -> std::io::Result<()> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut last_activity = Instant::now();
+        loop {
+            let ready = {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(500u16)) {
+                    Ok(n) => n > 0,
+                    Err(nix::errno::Errno::EINTR) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if active.load(Ordering::SeqCst) > 0 {
+                last_activity = Instant::now();
+            }
+            if !ready {
+                if active.load(Ordering::SeqCst) == 0
+                    && last_activity.elapsed() >= self.cfg.idle_exit
+                {
+                    log(self.class, "idle, exiting (the socket starts us again)");
+                    return Ok(());
+                }
+                continue;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log(self.class, &format!("accept: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            last_activity = Instant::now();
+            while active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            active.fetch_add(1, Ordering::SeqCst);
+            let me = Arc::clone(&self);
+            let act = Arc::clone(&active);
+            let spawned = std::thread::Builder::new()
+                .name("conn".into())
+                .spawn(move || {
+                    me.connection(stream);
+                    act.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                active.fetch_sub(1, Ordering::SeqCst);
+                log(
+                    self.class,
+                    &format!("cannot start a connection thread: {e}"),
+                );
+            }
+        }
+    }
+
+    fn base(&self, kind: &'static str, peer: &Peer) -> Entry {
+        Entry::new(kind)
+            .with("class", self.class.as_str())
+            .with("peer", serde_json::to_value(peer).unwrap_or(Value::Null))
+    }
+
+    fn audit(&self, e: &Entry) -> Result<u64, ()> {
+        self.audit.append(e).map_err(|err| {
+            log(self.class, &format!("AUDIT WRITE FAILED: {err}"));
+        })
+    }
+
+    /// Audits a refusal and answers it; the caller then ends the connection.
+    fn refuse(
+        &self,
+        stream: &mut UnixStream,
+        peer: &Peer,
+        category: &str,
+        kind: ErrorKind,
+        message: String,
+        op: Option<&str>,
+        args: Value,
+    ) {
+        let e = self
+            .base("refused", peer)
+            .with("result", "denied")
+            .with("category", category)
+            .with("error", kind.as_str())
+            .with("reason", message.clone())
+            .with("op", op.map(Value::from).unwrap_or(Value::Null))
+            .with("args", args);
+        let _ = self.audit(&e);
+        let _ = send(stream, &Response::Error { kind, message });
+    }
+
+    fn connection(&self, mut stream: UnixStream) {
+        let peer = match Peer::of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                log(self.class, &format!("SO_PEERCRED: {e}"));
+                return;
+            }
+        };
+        if !peer.allowed(self.cfg.agent_uid) {
+            let msg = format!(
+                "uid {} is not served (only root and the agent's uid {})",
+                peer.uid, self.cfg.agent_uid
+            );
+            self.refuse(
+                &mut stream,
+                &peer,
+                "peer",
+                ErrorKind::PeerRefused,
+                msg,
+                None,
+                Value::Null,
+            );
+            return;
+        }
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+        let mut greeted = false;
+        loop {
+            let req = match read_frame(&mut stream) {
+                Ok(None) => return,
+                Ok(Some(Ok(req))) => req,
+                Ok(Some(Err(FrameError::Invalid(msg)))) => {
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "validation",
+                        ErrorKind::Invalid,
+                        msg,
+                        None,
+                        Value::Null,
+                    );
+                    return;
+                }
+                Ok(Some(Err(e))) => {
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "framing",
+                        ErrorKind::Framing,
+                        e.to_string(),
+                        None,
+                        Value::Null,
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "framing",
+                        ErrorKind::Framing,
+                        format!("reading a frame: {e}"),
+                        None,
+                        Value::Null,
+                    );
+                    return;
+                }
+            };
+            match req {
+                Request::Hello { version } if version == PROTOCOL_VERSION => {
+                    greeted = true;
+                    if send(
+                        &mut stream,
+                        &Response::Hello {
+                            version: PROTOCOL_VERSION,
+                            class: self.class,
+                        },
+                    )
+                    .is_err()
+                    {
+                        return;
+                    }
+                }
+                Request::Hello { version } => {
+                    let msg = format!(
+                        "protocol version mismatch: client speaks {version}, this helper speaks {PROTOCOL_VERSION}"
+                    );
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "version",
+                        ErrorKind::VersionMismatch,
+                        msg,
+                        None,
+                        json!({"version": version}),
+                    );
+                    return;
+                }
+                _ if !greeted => {
+                    let op = req.operation().map(|o| o.as_str());
+                    self.refuse(
+                        &mut stream,
+                        &peer,
+                        "handshake",
+                        ErrorKind::HandshakeRequired,
+                        "the first frame must be Hello".into(),
+                        op,
+                        Value::Null,
+                    );
+                    return;
+                }
+                Request::Ping => {
+                    if send(&mut stream, &Response::Pong { class: self.class }).is_err() {
+                        return;
+                    }
+                }
+                req => {
+                    let Some(op) = req.operation() else { return };
+                    if op.class() != self.class {
+                        let msg = format!(
+                            "{op} belongs to the {} helper; this is the {} helper",
+                            op.class(),
+                            self.class
+                        );
+                        self.refuse(
+                            &mut stream,
+                            &peer,
+                            "class",
+                            ErrorKind::WrongClass,
+                            msg,
+                            Some(op.as_str()),
+                            Value::Null,
+                        );
+                        return;
+                    }
+                    let resp = self.execute(&peer, &req);
+                    if send(&mut stream, &resp).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn execute(&self, peer: &Peer, req: &Request) -> Response {
+        let Some(op) = req.operation() else {
+            return Response::Error {
+                kind: ErrorKind::Internal,
+                message: "not an operation".into(),
+            };
+        };
+        let args = match req {
+            Request::PctCreateKeyctl(spec) => ops::pct_audit_args(spec),
+            Request::UsbMount { device, name } => {
+                json!({"device": device.as_str(), "name": name.as_str()})
+            }
+            Request::UsbUnmount { name } => json!({"name": name.as_str()}),
+            Request::SmartRead { device } => json!({"device": device.as_str()}),
+            Request::Hello { .. } | Request::Ping => Value::Null,
+        };
+        let _serial = self.op_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let intent = self
+            .base("intent", peer)
+            .with("op", op.as_str())
+            .with("args", args.clone());
+        let Ok(intent_seq) = self.audit(&intent) else {
+            return Response::Error {
+                kind: ErrorKind::Audit,
+                message: "the audit log cannot be written; nothing was executed".into(),
+            };
+        };
+        let started = Instant::now();
+        let sys = self.sys.as_ref();
+        let result: Result<(Response, Value), OpError> = match req {
+            Request::SmartRead { device } => {
+                ops::smart_read(sys, &self.tools, self.cfg.tool_timeout, device)
+            }
+            Request::PctCreateKeyctl(spec) => {
+                ops::pct_create(sys, &self.tools, self.cfg.pct_timeout, spec)
+            }
+            Request::UsbMount { device, name } => {
+                ops::usb_mount(sys, &self.cfg, &self.tools, device, name)
+            }
+            Request::UsbUnmount { name } => ops::usb_unmount(sys, &self.cfg, name),
+            Request::Hello { .. } | Request::Ping => unreachable_op(),
+        };
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut outcome = self
+            .base("outcome", peer)
+            .with("op", op.as_str())
+            .with("intent_seq", intent_seq)
+            .with("duration_ms", (duration_ms * 1000.0).round() / 1000.0);
+        let resp = match result {
+            Ok((resp, detail)) => {
+                outcome = outcome.with("result", "ok").with("detail", detail);
+                resp
+            }
+            Err(e) => {
+                let verdict = match e.verdict {
+                    Verdict::Denied => "denied",
+                    Verdict::Failed => "failed",
+                };
+                outcome = outcome
+                    .with("result", verdict)
+                    .with("error", e.kind.as_str())
+                    .with("reason", e.message.clone());
+                Response::Error {
+                    kind: e.kind,
+                    message: e.message,
+                }
+            }
+        };
+        let _ = self.audit(&outcome);
+        resp
+    }
+}
+
+fn unreachable_op() -> Result<(Response, Value), OpError> {
+    Err(OpError {
+        kind: ErrorKind::Internal,
+        verdict: Verdict::Failed,
+        message: "control frame routed as an operation".into(),
+    })
+}
+
+/// `Ok(None)`: clean EOF between frames. `Ok(Some(Err))`: a bad frame. `Err`: I/O (a
+/// truncated frame or a timeout).
+fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request, FrameError>>> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("truncated header ({got} of 4 bytes)"),
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = match frame_len(header, MAX_REQUEST_FRAME) {
+        Ok(l) => l,
+        Err(e) => return Ok(Some(Err(e))),
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(
+                e.kind(),
+                format!("truncated frame: expected {len} bytes of payload"),
+            )
+        } else {
+            e
+        }
+    })?;
+    Ok(Some(decode_request(&payload)))
+}
+
+fn send(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
+    let bytes = encode_response(resp).map_err(std::io::Error::other)?;
+    stream.write_all(&bytes)
+}
