@@ -2,6 +2,9 @@
 
 use super::{Cli, CliError, SelftestArgs};
 
-pub fn run(_cli: &Cli, _args: &SelftestArgs) -> Result<(), CliError> {
+pub fn run(cli: &Cli, args: &SelftestArgs) -> Result<(), CliError> {
+    if args.hub {
+        return super::run_cmd::selftest_hub(cli);
+    }
     Err(super::not_built("selftest"))
 }

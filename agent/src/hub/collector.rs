@@ -73,6 +73,43 @@ pub trait SensorSource: Send + Sync {
     fn read(&self) -> Result<Vec<SensorReport>, String>;
 }
 
+/// SMART through the `smart` helper instance.
+impl SmartSource for crate::privileged::Client {
+    fn read<'a>(&'a self, device: &'a str) -> BoxFuture<'a, Result<SmartRaw, String>> {
+        Box::pin(async move {
+            let dev = felhom_protocol::DiskDevice::new(device).map_err(|e| e.to_string())?;
+            let out = self.smart_read(&dev).await.map_err(|e| e.to_string())?;
+            Ok(SmartRaw {
+                stdout: out.stdout,
+                exit_status: out.exit_status,
+                truncated: out.truncated,
+            })
+        })
+    }
+}
+
+/// hwmon temperatures under a sysfs root (`sensors.hwmon_root`).
+#[derive(Debug, Clone)]
+pub struct HwmonSensors {
+    pub root: PathBuf,
+}
+
+impl SensorSource for HwmonSensors {
+    fn read(&self) -> Result<Vec<SensorReport>, String> {
+        crate::sensors::read_hwmon(&self.root)
+            .map(|v| {
+                v.into_iter()
+                    .map(|r| SensorReport {
+                        chip: r.chip,
+                        label: r.label,
+                        temperature_c: r.temperature_c,
+                    })
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// The collector the daemon uses.
 pub struct HostCollector {
     node: String,
@@ -129,6 +166,20 @@ impl HostCollector {
             reconcile: None,
             log: ChangeLog::default(),
         }
+    }
+
+    /// The collector with every source the daemon has: Proxmox, SMART through the helper
+    /// (disks from `/sys/block` unless `smart.devices` names them) and hwmon.
+    pub fn for_daemon(cfg: &Config) -> Self {
+        HostCollector::new(cfg)
+            .with_smart(
+                cfg,
+                Arc::new(crate::privileged::Client::new(&cfg.privhelper)),
+                Path::new(DEFAULT_BLOCK_DIR),
+            )
+            .with_sensors(Arc::new(HwmonSensors {
+                root: cfg.sensors.hwmon_root.clone(),
+            }))
     }
 
     /// Uses an already built Proxmox client (e.g. one with a custom timeout).
