@@ -11,3 +11,5 @@
 
 pub mod hwmon;
 pub mod privhelper;
+
+pub mod hubsim;
