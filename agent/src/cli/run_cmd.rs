@@ -24,6 +24,9 @@ use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange
 pub fn run(cli: &Cli) -> Result<(), CliError> {
     init_logging();
     let cfg = load(cli.config.as_deref())?;
+    // The daemon writes its state (envelope, audit cursor, journal) there.
+    crate::config::ensure_state_dir_owner(&cfg.state_dir, "felhom-agent run")
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
