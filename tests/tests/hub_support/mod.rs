@@ -405,13 +405,21 @@ impl HelperLog {
     }
 }
 
-/// Validates `report` against the published schema; panics with every violation.
-pub fn assert_valid_report(report: &Value) {
+/// A validator for the published report schema, with `format` (date-time) asserted.
+pub fn report_validator() -> jsonschema::Validator {
     let schema: Value = serde_json::from_slice(
         &std::fs::read(repo_root().join("docs/hub-report.schema.json")).expect("schema file"),
     )
     .unwrap();
-    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles")
+}
+
+/// Validates `report` against the published schema; panics with every violation.
+pub fn assert_valid_report(report: &Value) {
+    let validator = report_validator();
     let errors: Vec<String> = validator
         .iter_errors(report)
         .map(|e| format!("{} at {}", e, e.instance_path()))
