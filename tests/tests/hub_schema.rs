@@ -128,8 +128,10 @@ fn full_report() -> HostReport {
         result: RestoreTestResult::Passed,
         message: None,
     });
-    r.audit
-        .push(AuditRecord::from_line(r#"{"seq":1,"prev":"00","kind":"intent","args":{"x":[1,2]}}"#).unwrap());
+    r.audit.push(
+        AuditRecord::from_line(r#"{"seq":1,"prev":"00","kind":"intent","args":{"x":[1,2]}}"#)
+            .unwrap(),
+    );
     r.reconcile = Some(ReconcileReport {
         blocked: false,
         safe_mode: false,
@@ -170,19 +172,44 @@ fn a_fully_populated_report_validates() {
 fn the_schema_rejects_what_the_agent_cannot_send() {
     let good = serde_json::to_value(full_report()).unwrap();
     let validator = hub_support::report_validator();
-    let mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        ("missing field", Box::new(|v| {
-            v.as_object_mut().unwrap().remove("guests");
-        })),
-        ("unknown field", Box::new(|v| {
-            v["surprise"] = json!(1);
-        })),
-        ("wrong schema_version", Box::new(|v| v["schema_version"] = json!(2))),
-        ("bad enum", Box::new(|v| v["host"]["disks"][0]["health"] = json!("ok"))),
-        ("bad timestamp", Box::new(|v| v["sent_at"] = json!("yesterday"))),
-        ("audit record without seq", Box::new(|v| v["audit"][0] = json!({"prev": "00"}))),
-        ("nested unknown field", Box::new(|v| v["guests"][0]["spec"]["keyctl"] = json!(true))),
-        ("wrong type", Box::new(|v| v["host"]["uptime_seconds"] = json!("12345"))),
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let mutations: Vec<(&str, Mutation)> = vec![
+        (
+            "missing field",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("guests");
+            }),
+        ),
+        (
+            "unknown field",
+            Box::new(|v| {
+                v["surprise"] = json!(1);
+            }),
+        ),
+        (
+            "wrong schema_version",
+            Box::new(|v| v["schema_version"] = json!(2)),
+        ),
+        (
+            "bad enum",
+            Box::new(|v| v["host"]["disks"][0]["health"] = json!("ok")),
+        ),
+        (
+            "bad timestamp",
+            Box::new(|v| v["sent_at"] = json!("yesterday")),
+        ),
+        (
+            "audit record without seq",
+            Box::new(|v| v["audit"][0] = json!({"prev": "00"})),
+        ),
+        (
+            "nested unknown field",
+            Box::new(|v| v["guests"][0]["spec"]["keyctl"] = json!(true)),
+        ),
+        (
+            "wrong type",
+            Box::new(|v| v["host"]["uptime_seconds"] = json!("12345")),
+        ),
     ];
     for (what, mutate) in mutations {
         let mut bad = good.clone();

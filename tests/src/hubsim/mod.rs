@@ -11,6 +11,7 @@
 //!
 //! Must never: listen beyond loopback, or accept a report with a wrong token.
 
+pub mod cloudflared;
 pub mod server;
 
 use std::collections::VecDeque;
