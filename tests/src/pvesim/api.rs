@@ -1,0 +1,2658 @@
+//! The PVE endpoints: routing, the declared permission of each endpoint, parameter
+//! schemas, and the handlers, following the Perl sources (pve-manager, pve-container,
+//! qemu-server, pve-storage, pve-guest-common) for order of checks and error texts.
+//!
+//! Owns: what each endpoint answers. Must never: treat a token as root@pam, hold the
+//! state lock across an await (handlers are synchronous), or invent null values.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use super::acl::TokenPrivs;
+use super::error::ApiError;
+use super::guest::{self, Guest, Kind, Snapshot};
+use super::schema::{self, Fmt, Params, Prop, Ty, opt, req};
+use super::state::{self, SimState, TaskWork, now_epoch};
+use super::storage::parse_backup_name;
+use super::tasks::{TaskFilter, decode_upid};
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `user@realm!token`.
+    pub token_id: String,
+    pub privs: TokenPrivs,
+}
+
+impl Caller {
+    pub fn has(&self, path: &str, privilege: &str) -> bool {
+        self.privs.privs_at(path).contains(privilege)
+    }
+
+    /// `$rpcenv->check`: every privilege, first missing one named in the 403.
+    pub fn check(&self, path: &str, privs: &[&str]) -> Result<(), ApiError> {
+        let set = self.privs.privs_at(path);
+        for p in privs {
+            if !set.contains(p) {
+                return Err(ApiError::perm(format!("{path}, {p}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `$rpcenv->check_any`: one of them, all joined by `|` in the 403.
+    pub fn check_any(&self, path: &str, privs: &[&str]) -> Result<(), ApiError> {
+        let set = self.privs.privs_at(path);
+        if privs.iter().any(|p| set.contains(p)) {
+            Ok(())
+        } else {
+            Err(ApiError::perm(format!("{path}, {}", privs.join("|"))))
+        }
+    }
+}
+
+/// A successful answer: `data` and optional `total`.
+#[derive(Debug)]
+pub struct Answer {
+    pub data: Value,
+    pub total: Option<usize>,
+}
+
+fn data(v: Value) -> Result<Answer, ApiError> {
+    Ok(Answer {
+        data: v,
+        total: None,
+    })
+}
+
+/// Per-request context the dispatcher passes in.
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    /// A `task_fail` fault matched this request: the task it starts fails with this.
+    pub task_fail: Option<String>,
+    /// Set when a task was started with the fault above (so it can be counted).
+    pub task_fail_used: bool,
+}
+
+const VM_CONFIG_PERMS_LXC: &[&str] = &[
+    "VM.Config.Disk",
+    "VM.Config.CPU",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+];
+const VM_CONFIG_PERMS_QEMU: &[&str] = &[
+    "VM.Config.Disk",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.HWType",
+    "VM.Config.Options",
+    "VM.Config.Cloudinit",
+];
+
+fn pct_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Dispatches one request below `/api2/json`. `rel` is the raw relative path.
+pub fn dispatch(
+    st: &mut SimState,
+    caller: &Caller,
+    method: &str,
+    rel: &str,
+    mut params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    let segs: Vec<String> = rel
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(pct_decode)
+        .collect();
+    let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let ni = || ApiError::not_implemented(method, rel);
+
+    // Path parameters become parameters (PVE validates them with the rest).
+    match s.as_slice() {
+        ["version"] if method == "GET" => return get_version(st, &params),
+        ["nodes"] if method == "GET" => return get_nodes(st, caller, &params),
+        ["nodes", node, ..] => {
+            params.insert("node".to_owned(), (*node).to_owned());
+            if s.len() >= 4 && (s[2] == "lxc" || s[2] == "qemu") {
+                params.insert("vmid".to_owned(), s[3].to_owned());
+            }
+            if s.len() >= 4 && s[2] == "storage" {
+                params.insert("storage".to_owned(), s[3].to_owned());
+            }
+            if s.len() >= 4 && s[2] == "tasks" {
+                params.insert("upid".to_owned(), s[3].to_owned());
+            }
+            if s.len() >= 6 && s[4] == "snapshot" {
+                params.insert("snapname".to_owned(), s[5].to_owned());
+            }
+        }
+        _ => return Err(ni()),
+    }
+    // Known route?
+    let route = route_of(method, &s).ok_or_else(ni)?;
+    // proxyto node: an unknown node is a failed hostname lookup.
+    if s[1] != st.node {
+        return Err(ApiError::die(format!(
+            "hostname lookup '{0}' failed - failed to get address info for: {0}: Name or service not known",
+            s[1]
+        )));
+    }
+    let kind = match s.get(2) {
+        Some(&"qemu") => Kind::Qemu,
+        _ => Kind::Lxc,
+    };
+    let vmid_raw = params.get("vmid").cloned().unwrap_or_default();
+    let vms = format!("/vms/{vmid_raw}");
+    let nodes = format!("/nodes/{}", st.node);
+    // The endpoint's declared permission, checked before parameter validation.
+    match route {
+        Route::NodeStatus => caller.check(&nodes, &["Sys.Audit"])?,
+        Route::GuestConfig
+        | Route::GuestPending
+        | Route::GuestStatus
+        | Route::SnapshotList
+        | Route::SnapshotConfig => caller.check(&vms, &["VM.Audit"])?,
+        Route::GuestUpdateConfig | Route::QemuPostConfig => caller.check_any(
+            &vms,
+            if kind == Kind::Lxc {
+                VM_CONFIG_PERMS_LXC
+            } else {
+                VM_CONFIG_PERMS_QEMU
+            },
+        )?,
+        Route::GuestAction(_) => caller.check(&vms, &["VM.PowerMgmt"])?,
+        Route::SnapshotCreate | Route::SnapshotDelete | Route::SnapshotUpdateConfig => {
+            caller.check(&vms, &["VM.Snapshot"])?
+        }
+        Route::SnapshotRollback => {
+            caller.check_any(&vms, &["VM.Snapshot", "VM.Snapshot.Rollback"])?
+        }
+        Route::StorageContent => {
+            let sid = params.get("storage").cloned().unwrap_or_default();
+            caller.check_any(
+                &format!("/storage/{sid}"),
+                &["Datastore.Audit", "Datastore.AllocateSpace"],
+            )?
+        }
+        _ => {}
+    }
+    match route {
+        Route::NodeVersion => get_version(st, &params),
+        Route::NodeStatus => get_node_status(st, &params),
+        Route::GuestList => get_guest_list(st, caller, kind, &params),
+        Route::GuestConfig => get_config(st, caller, kind, &params),
+        Route::GuestPending => get_pending(st, kind, &params),
+        Route::GuestStatus => get_status(st, kind, &params),
+        Route::GuestUpdateConfig => match kind {
+            Kind::Lxc => put_lxc_config(st, caller, params),
+            Kind::Qemu => qemu_config(st, caller, params, false, ctx),
+        },
+        Route::QemuPostConfig => qemu_config(st, caller, params, true, ctx),
+        Route::GuestAction(action) => guest_action(st, caller, kind, action, params, ctx),
+        Route::SnapshotList => get_snapshots(st, kind, &params),
+        Route::SnapshotCreate => snapshot_create(st, caller, kind, params, ctx),
+        Route::SnapshotDelete => snapshot_delete(st, caller, kind, params, ctx),
+        Route::SnapshotRollback => snapshot_rollback(st, caller, kind, params, ctx),
+        Route::SnapshotConfig => snapshot_config(st, kind, &params),
+        Route::SnapshotUpdateConfig => snapshot_update_config(st, kind, params),
+        Route::LxcCreate => lxc_create(st, caller, params, ctx),
+        Route::StorageList => get_storage_list(st, caller, &params),
+        Route::StorageContent => get_storage_content(st, caller, &params),
+        Route::Vzdump => vzdump(st, caller, params, ctx),
+        Route::TaskList => get_task_list(st, caller, &params),
+        Route::TaskStatus => get_task_status(st, caller, &params),
+        Route::TaskLog => get_task_log(st, caller, &params),
+        Route::TaskStop => stop_task(st, caller, &params),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Start,
+    Stop,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    NodeVersion,
+    NodeStatus,
+    GuestList,
+    GuestConfig,
+    GuestPending,
+    GuestStatus,
+    GuestUpdateConfig,
+    QemuPostConfig,
+    GuestAction(Action),
+    SnapshotList,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotRollback,
+    SnapshotConfig,
+    SnapshotUpdateConfig,
+    LxcCreate,
+    StorageList,
+    StorageContent,
+    Vzdump,
+    TaskList,
+    TaskStatus,
+    TaskLog,
+    TaskStop,
+}
+
+fn route_of(method: &str, s: &[&str]) -> Option<Route> {
+    let guest = |k: &str| k == "lxc" || k == "qemu";
+    Some(match (method, s) {
+        ("GET", ["nodes", _, "version"]) => Route::NodeVersion,
+        ("GET", ["nodes", _, "status"]) => Route::NodeStatus,
+        ("GET", ["nodes", _, k]) if guest(k) => Route::GuestList,
+        ("POST", ["nodes", _, "lxc"]) => Route::LxcCreate,
+        ("GET", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestConfig,
+        ("PUT", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestUpdateConfig,
+        ("POST", ["nodes", _, "qemu", _, "config"]) => Route::QemuPostConfig,
+        ("GET", ["nodes", _, k, _, "pending"]) if guest(k) => Route::GuestPending,
+        ("GET", ["nodes", _, k, _, "status", "current"]) if guest(k) => Route::GuestStatus,
+        ("POST", ["nodes", _, k, _, "status", a]) if guest(k) => Route::GuestAction(match *a {
+            "start" => Action::Start,
+            "stop" => Action::Stop,
+            "shutdown" => Action::Shutdown,
+            _ => return None,
+        }),
+        ("GET", ["nodes", _, k, _, "snapshot"]) if guest(k) => Route::SnapshotList,
+        ("POST", ["nodes", _, k, _, "snapshot"]) if guest(k) => Route::SnapshotCreate,
+        ("DELETE", ["nodes", _, k, _, "snapshot", _]) if guest(k) => Route::SnapshotDelete,
+        ("POST", ["nodes", _, k, _, "snapshot", _, "rollback"]) if guest(k) => {
+            Route::SnapshotRollback
+        }
+        ("GET", ["nodes", _, k, _, "snapshot", _, "config"]) if guest(k) => Route::SnapshotConfig,
+        ("PUT", ["nodes", _, k, _, "snapshot", _, "config"]) if guest(k) => {
+            Route::SnapshotUpdateConfig
+        }
+        ("GET", ["nodes", _, "storage"]) => Route::StorageList,
+        ("GET", ["nodes", _, "storage", _, "content"]) => Route::StorageContent,
+        ("POST", ["nodes", _, "vzdump"]) => Route::Vzdump,
+        ("GET", ["nodes", _, "tasks"]) => Route::TaskList,
+        ("GET", ["nodes", _, "tasks", _, "status"]) => Route::TaskStatus,
+        ("GET", ["nodes", _, "tasks", _, "log"]) => Route::TaskLog,
+        ("DELETE", ["nodes", _, "tasks", _]) => Route::TaskStop,
+        _ => return None,
+    })
+}
+
+const NODE: Prop = req("node", Ty::fmt(Fmt::Node));
+const VMID: Prop = req("vmid", Ty::VMID);
+const SNAPNAME: Prop = req(
+    "snapname",
+    Ty::Str {
+        fmt: Fmt::ConfigId,
+        max_len: Some(40),
+    },
+);
+
+fn no_more(_: &str) -> Option<Ty> {
+    None
+}
+
+fn validate(props: &[Prop], params: &Params) -> Result<(), ApiError> {
+    schema::validate(props, &no_more, params)
+}
+
+fn flag(params: &Params, key: &str) -> bool {
+    params.get(key).is_some_and(|v| v == "1")
+}
+
+fn vmid_of(params: &Params) -> u32 {
+    params
+        .get("vmid")
+        .and_then(|v| v.trim_start_matches('+').parse().ok())
+        .unwrap_or(0)
+}
+
+fn no_such_config(st: &SimState, kind: Kind, vmid: u32) -> String {
+    format!(
+        "Configuration file 'nodes/{}/{}/{vmid}.conf' does not exist",
+        st.node,
+        kind.conf_dir()
+    )
+}
+
+/// `load_config`: the guest of this kind, or PVE's 500.
+fn load(st: &SimState, kind: Kind, vmid: u32) -> Result<&Guest, ApiError> {
+    match st.guests.get(&vmid) {
+        Some(g) if g.kind == kind => Ok(g),
+        _ => Err(ApiError::die(no_such_config(st, kind, vmid))),
+    }
+}
+
+fn load_task(st: &SimState, kind: Kind, vmid: u32) -> Result<&Guest, String> {
+    load(st, kind, vmid).map_err(|e| e.message)
+}
+
+// ---------------------------------------------------------------- node
+
+fn get_version(st: &SimState, params: &Params) -> Result<Answer, ApiError> {
+    let props: &[Prop] = if params.contains_key("node") {
+        &[NODE]
+    } else {
+        &[]
+    };
+    validate(props, params)?;
+    let (version, release, repoid) = st.version.version_triple();
+    data(json!({"version": version, "release": release, "repoid": repoid}))
+}
+
+fn get_nodes(st: &SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[], params)?;
+    let mut m = Map::new();
+    m.insert("node".into(), json!(st.node));
+    m.insert("status".into(), json!("online"));
+    m.insert("type".into(), json!("node"));
+    m.insert("id".into(), json!(format!("node/{}", st.node)));
+    m.insert("ssl_fingerprint".into(), json!(st.ssl_fingerprint));
+    if caller.has(&format!("/nodes/{}", st.node), "Sys.Audit") {
+        let n = node_numbers(st);
+        m.insert("level".into(), json!(""));
+        m.insert("maxcpu".into(), json!(8));
+        m.insert("cpu".into(), json!(n.cpu));
+        m.insert("mem".into(), json!(n.mem_used));
+        m.insert("maxmem".into(), json!(n.mem_total));
+        m.insert("disk".into(), json!(n.root_used));
+        m.insert("maxdisk".into(), json!(n.root_total));
+        m.insert("uptime".into(), json!(n.uptime));
+    }
+    data(json!([Value::Object(m)]))
+}
+
+struct NodeNumbers {
+    cpu: f64,
+    mem_total: u64,
+    mem_used: u64,
+    root_total: u64,
+    root_used: u64,
+    uptime: u64,
+}
+
+fn node_numbers(st: &SimState) -> NodeNumbers {
+    let running_mem: u64 = st
+        .guests
+        .values()
+        .filter(|g| g.running)
+        .map(|g| g.memory_mib() << 18)
+        .sum();
+    let mem_total = 67_315_212_288u64;
+    NodeNumbers {
+        cpu: 0.012_345 + (st.guests.values().filter(|g| g.running).count() as f64) * 0.000_7,
+        mem_total,
+        mem_used: (4_294_967_296 + running_mem).min(mem_total - (1 << 30)),
+        root_total: 100_861_726_720,
+        root_used: 12_462_940_160,
+        uptime: now_epoch().saturating_sub(st.boot_epoch),
+    }
+}
+
+fn get_node_status(st: &SimState, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE], params)?;
+    let n = node_numbers(st);
+    let v = st.version;
+    let (kversion, krelease, kver) = v.kernel();
+    let mut memory =
+        json!({"total": n.mem_total, "used": n.mem_used, "free": n.mem_total - n.mem_used});
+    if v.node_status_has_memory_available() {
+        memory["available"] = json!(n.mem_total - n.mem_used + (2 << 30));
+    }
+    let mut m = json!({
+        "uptime": n.uptime,
+        "idle": 0,
+        "loadavg": ["0.15", "0.10", "0.05"],
+        "kversion": kversion,
+        "cpuinfo": {"model": "Intel(R) Xeon(R) E-2236 CPU @ 3.40GHz", "sockets": 1, "cores": 6, "cpus": 8,
+                    "mhz": "3400.000", "hvm": "1", "user_hz": 100,
+                    "flags": "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx lm constant_tsc vmx aes avx avx2"},
+        "cpu": n.cpu,
+        "wait": 0.000_3,
+        "memory": memory,
+        "ksm": {"shared": 0},
+        "swap": {"total": 8_589_930_496u64, "used": 0, "free": 8_589_930_496u64},
+        "rootfs": {"total": n.root_total, "used": n.root_used, "free": n.root_total - n.root_used,
+                   "avail": n.root_total - n.root_used - (5 << 30)},
+        "pveversion": v.pveversion(),
+    });
+    if v.node_status_has_kernel_and_boot_info() {
+        m["current-kernel"] =
+            json!({"sysname": "Linux", "release": krelease, "version": kver, "machine": "x86_64"});
+        m["boot-info"] = json!({"mode": "efi", "secureboot": 0});
+    }
+    data(m)
+}
+
+// ---------------------------------------------------------------- guests (read)
+
+fn get_guest_list(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: &Params,
+) -> Result<Answer, ApiError> {
+    let mut props = vec![NODE];
+    if kind == Kind::Qemu {
+        props.push(opt("full", Ty::Bool));
+    }
+    validate(&props, params)?;
+    let now = now_epoch();
+    let mut items: Vec<Value> = st
+        .guests
+        .values()
+        .filter(|g| g.kind == kind && caller.has(&format!("/vms/{}", g.vmid), "VM.Audit"))
+        .map(|g| Value::Object(g.list_json(st.version, now)))
+        .collect();
+    st.rng.shuffle(&mut items);
+    data(Value::Array(items))
+}
+
+fn get_config(
+    st: &SimState,
+    _caller: &Caller,
+    kind: Kind,
+    params: &Params,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            VMID,
+            opt("current", Ty::Bool),
+            opt(
+                "snapshot",
+                Ty::Str {
+                    fmt: Fmt::ConfigId,
+                    max_len: Some(40),
+                },
+            ),
+        ],
+        params,
+    )?;
+    let current = flag(params, "current");
+    let snap = params.get("snapshot").filter(|s| !s.is_empty());
+    if snap.is_some() && current {
+        let mut e = BTreeMap::new();
+        e.insert(
+            "snapshot".to_owned(),
+            "cannot use 'snapshot' parameter with 'current'".to_owned(),
+        );
+        e.insert(
+            "current".to_owned(),
+            "cannot use 'snapshot' parameter with 'current'".to_owned(),
+        );
+        return Err(ApiError::params(e));
+    }
+    let g = load(st, kind, vmid_of(params))?;
+    if let Some(name) = snap {
+        let s = g
+            .snapshots
+            .get(name)
+            .ok_or_else(|| ApiError::die(format!("snapshot '{name}' does not exist")))?;
+        return data(g.snapshot_config_json(s));
+    }
+    data(g.config_json(current))
+}
+
+fn get_pending(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    let g = load(st, kind, vmid_of(params))?;
+    data(g.pending_json())
+}
+
+fn get_status(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    let g = load(st, kind, vmid_of(params))?;
+    data(g.status_json(st.version, now_epoch()))
+}
+
+fn get_snapshots(st: &mut SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    let g = load(st, kind, vmid_of(params))?;
+    let mut list = g.snapshot_list_json();
+    let current = g.current_snapshot_json();
+    st.rng.shuffle(&mut list);
+    list.push(current);
+    data(Value::Array(list))
+}
+
+fn snapshot_config(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID, SNAPNAME], params)?;
+    let g = load(st, kind, vmid_of(params))?;
+    let name = &params["snapname"];
+    let s = g
+        .snapshots
+        .get(name)
+        .ok_or_else(|| ApiError::die(format!("snapshot '{name}' does not exist")))?;
+    data(g.snapshot_config_json(s))
+}
+
+fn snapshot_update_config(
+    st: &mut SimState,
+    kind: Kind,
+    params: Params,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[NODE, VMID, SNAPNAME, opt("description", Ty::str())],
+        &params,
+    )?;
+    let vmid = vmid_of(&params);
+    load(st, kind, vmid)?;
+    let name = params["snapname"].clone();
+    let Some(desc) = params.get("description") else {
+        return data(Value::Null);
+    };
+    let g = st
+        .guests
+        .get_mut(&vmid)
+        .ok_or_else(|| ApiError::die("guest vanished"))?;
+    let s = g
+        .snapshots
+        .get_mut(&name)
+        .ok_or_else(|| ApiError::die(format!("snapshot '{name}' does not exist")))?;
+    s.description = guest::normalize_description(desc);
+    g.touch();
+    data(Value::Null)
+}
+
+// ---------------------------------------------------------------- config (write)
+
+/// What `check_ct_modify_config_perm` looks at besides the key.
+struct PermCtx<'a> {
+    caller: &'a Caller,
+    st: &'a SimState,
+    vmid: u32,
+    old: Option<&'a BTreeMap<String, String>>,
+    unprivileged: bool,
+}
+
+/// `check_ct_modify_config_perm` for one key.
+fn lxc_key_perm(pc: &PermCtx<'_>, new: &Params, key: &str, delete: bool) -> Result<(), ApiError> {
+    let PermCtx {
+        caller,
+        st,
+        vmid,
+        old,
+        unprivileged,
+    } = *pc;
+    let vms = format!("/vms/{vmid}");
+    match key {
+        "cores" | "cpuunits" | "cpulimit" => caller.check(&vms, &["VM.Config.CPU"]),
+        k if k == "rootfs" || guest::is_indexed(k, "mp") => {
+            caller.check(&vms, &["VM.Config.Disk"])?;
+            if delete {
+                return Ok(());
+            }
+            let value = new.get(k).map(String::as_str).unwrap_or("");
+            let vol = value.split(',').next().unwrap_or("");
+            let vol = vol.strip_prefix("volume=").unwrap_or(vol);
+            if vol.starts_with('/') {
+                let t = if vol.starts_with("/dev/") {
+                    "device"
+                } else {
+                    "bind"
+                };
+                return Err(ApiError::perm(format!(
+                    "mount point type {t} is only allowed for root@pam"
+                )));
+            }
+            if let Some((sid, name)) = schema::parse_volume_id(vol) {
+                if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                    caller.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"])?;
+                } else {
+                    check_volume_access(st, caller, Some(vmid), vol, Some("rootdir"))?;
+                }
+            }
+            Ok(())
+        }
+        "memory" | "swap" => caller.check(&vms, &["VM.Config.Memory"]),
+        k if guest::is_indexed(k, "net") => caller.check(&vms, &["VM.Config.Network"]),
+        k if guest::is_indexed(k, "dev") => Err(ApiError::perm(
+            "configuring device passthrough is only allowed for root@pam",
+        )),
+        "nameserver" | "searchdomain" | "hostname" => caller.check(&vms, &["VM.Config.Network"]),
+        "features" => {
+            if !unprivileged {
+                return Err(ApiError::perm(
+                    "changing feature flags for privileged container is only allowed for root@pam",
+                ));
+            }
+            let parse = |s: &str| {
+                schema::parse_propstr(&schema::FEATURES, s, "features").unwrap_or_default()
+            };
+            let old_f = old
+                .and_then(|o| o.get("features"))
+                .filter(|s| !s.is_empty());
+            let (mut nesting, mut other) = (false, false);
+            if !delete {
+                let newf = parse(new.get("features").map(String::as_str).unwrap_or(""));
+                match old_f {
+                    Some(o) => {
+                        let oldf = parse(o);
+                        for k in oldf.keys().chain(newf.keys()) {
+                            let a = oldf.get(k).map(String::as_str).unwrap_or("");
+                            let b = newf.get(k).map(String::as_str).unwrap_or("");
+                            if a != b {
+                                if k == "nesting" {
+                                    nesting = true;
+                                } else {
+                                    other = true;
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        if newf.len() == 1 && newf.contains_key("nesting") {
+                            nesting = true;
+                        } else if !newf.is_empty() {
+                            other = true;
+                        }
+                    }
+                }
+            } else {
+                let oldf = parse(old_f.map(String::as_str).unwrap_or(""));
+                if oldf.len() == 1 && oldf.contains_key("nesting") {
+                    nesting = true;
+                } else if !oldf.is_empty() {
+                    other = true;
+                }
+            }
+            if other {
+                return Err(ApiError::perm(
+                    "changing feature flags (except nesting) is only allowed for root@pam",
+                ));
+            }
+            if nesting {
+                caller.check(&vms, &["VM.Allocate"])?;
+            }
+            Ok(())
+        }
+        "hookscript" => Err(ApiError::perm(
+            "changing the hookscript is only allowed for root@pam",
+        )),
+        // tags: VM.Config.Options (datacenter tag-access is the default 'free').
+        _ => caller.check(&vms, &["VM.Config.Options"]),
+    }
+}
+
+fn lxc_additional(k: &str) -> Option<Ty> {
+    guest::lxc_key_ty(k)
+}
+
+fn qemu_additional(k: &str) -> Option<Ty> {
+    guest::qemu_key_ty(k)
+}
+
+const LXC_FASTPLUG: &[&str] = &[
+    "description",
+    "onboot",
+    "startup",
+    "protection",
+    "hostname",
+    "hookscript",
+    "cores",
+    "tags",
+    "lock",
+];
+
+fn put_lxc_config(
+    st: &mut SimState,
+    caller: &Caller,
+    mut params: Params,
+) -> Result<Answer, ApiError> {
+    schema::validate(
+        &[
+            NODE,
+            VMID,
+            opt("delete", Ty::fmt(Fmt::ConfigIdList)),
+            opt("revert", Ty::fmt(Fmt::ConfigIdList)),
+            opt(
+                "digest",
+                Ty::Str {
+                    fmt: Fmt::None,
+                    max_len: Some(40),
+                },
+            ),
+        ],
+        &lxc_additional,
+        &params,
+    )?;
+    params.remove("node");
+    let vmid = vmid_of(&params);
+    params.remove("vmid");
+    let digest = params.remove("digest");
+    if params.is_empty() {
+        return Err(ApiError::die("no options specified"));
+    }
+    let delete = schema::split_list(&params.remove("delete").unwrap_or_default());
+    let revert = schema::split_list(&params.remove("revert").unwrap_or_default());
+    let g = load(st, Kind::Lxc, vmid)?;
+    g.check_lock().map_err(ApiError::die)?;
+    if let Some(d) = &digest
+        && *d != g.digest
+    {
+        return Err(ApiError::die(
+            "detected modified configuration - file changed by other user? Try again.",
+        ));
+    }
+    let unprivileged = g.conf.get("unprivileged").is_some_and(|v| v == "1");
+    let old = g.merged_conf(true);
+    let empty = Params::new();
+    let pc = PermCtx {
+        caller,
+        st,
+        vmid,
+        old: Some(&old),
+        unprivileged,
+    };
+    for k in &delete {
+        lxc_key_perm(&pc, &empty, k, true)?;
+    }
+    for k in &revert {
+        lxc_key_perm(&pc, &empty, k, true)?;
+    }
+    for k in &revert {
+        if lxc_additional(k).is_none() {
+            return Err(ApiError::param("revert", format!("unknown option '{k}'")));
+        }
+        if params.contains_key(k) {
+            return Err(ApiError::param(
+                "revert",
+                format!("you can't use '-{k}' and '-revert {k}' at the same time"),
+            ));
+        }
+    }
+    for k in &delete {
+        if lxc_additional(k).is_none() {
+            return Err(ApiError::param("delete", format!("unknown option '{k}'")));
+        }
+        if params.contains_key(k) {
+            return Err(ApiError::param(
+                "delete",
+                format!("you can't use '-{k}' and -delete {k}' at the same time"),
+            ));
+        }
+        if revert.contains(k) {
+            return Err(ApiError::param(
+                "delete",
+                format!("you can't use '-delete {k}' and '-revert {k}' at the same time"),
+            ));
+        }
+    }
+    let mut keys: Vec<&String> = params.keys().collect();
+    keys.sort();
+    for k in keys {
+        lxc_key_perm(&pc, &params, k, false)?;
+    }
+    // update_pct_config
+    let storages: Vec<(String, bool)> = st
+        .storages
+        .iter()
+        .map(|s| (s.id.clone(), s.has_content("rootdir")))
+        .collect();
+    let mut rng = st.rng.fork();
+    let g = st
+        .guests
+        .get_mut(&vmid)
+        .ok_or_else(|| ApiError::die(no_such_config_plain(vmid)))?;
+    let mut work = g.clone();
+    for k in &revert {
+        work.pending.remove(k);
+        work.pending_delete.retain(|d| d != k);
+    }
+    let mut modified: Vec<String> = Vec::new();
+    for k in &delete {
+        if !work.conf.contains_key(k) && !work.pending.contains_key(k) {
+            continue; // "cannot delete '$opt' - not set in current configuration!" (a warning)
+        }
+        modified.push(k.clone());
+        if k == "memory" || k == "rootfs" || k == "ostype" {
+            return Err(ApiError::die(format!(
+                "unable to delete required option '{k}'"
+            )));
+        }
+        if k == "unprivileged" {
+            return Err(ApiError::die(format!(
+                "unable to delete read-only option: '{k}'"
+            )));
+        }
+        if !work.pending_delete.contains(k) {
+            work.pending_delete.push(k.clone());
+        }
+    }
+    for (k, v) in &params {
+        modified.push(k.clone());
+        let value = match k.as_str() {
+            "unprivileged" => {
+                return Err(ApiError::die(format!(
+                    "unable to modify read-only option: '{k}'"
+                )));
+            }
+            "tags" => guest::normalize_tags(v),
+            "description" => guest::normalize_description(v).unwrap_or_default(),
+            "nameserver" | "searchdomain" => schema::split_list(v).join(" "),
+            k2 if k2 == "rootfs" || guest::is_indexed(k2, "mp") => {
+                if let Some((sid, _)) = v.split(',').next().and_then(schema::parse_volume_id) {
+                    if !storages.iter().any(|(id, _)| id == sid) {
+                        return Err(ApiError::die(format!("storage '{sid}' does not exist")));
+                    }
+                    if !storages.iter().any(|(id, rd)| id == sid && *rd) {
+                        return Err(ApiError::die(format!(
+                            "storage '{sid}' does not allow content type 'rootdir' (Container)"
+                        )));
+                    }
+                }
+                v.clone()
+            }
+            _ => v.clone(),
+        };
+        if k != "description" && value.contains('\n') {
+            return Err(ApiError::die(format!(
+                "detected invalid newline inside property '{k}'"
+            )));
+        }
+        work.pending.insert(k.clone(), value);
+        work.pending_delete.retain(|d| d != k);
+    }
+    // cleanup_pending: drop pending values equal to the current ones.
+    let same: Vec<String> = work
+        .pending
+        .iter()
+        .filter(|(k, v)| work.conf.get(*k) == Some(*v) && !guest::is_indexed(k, "net"))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in same {
+        work.pending.remove(&k);
+    }
+    let errors = BTreeMap::new();
+    if work.running {
+        // vmconfig_hotplug_pending
+        let pending_keys: Vec<String> = work.pending.keys().cloned().collect();
+        for k in &pending_keys {
+            if !modified.contains(k) {
+                continue;
+            }
+            if LXC_FASTPLUG.contains(&k.as_str())
+                && let Some(v) = work.pending.remove(k)
+            {
+                set_or_remove(&mut work.conf, k, v);
+            }
+        }
+        let dels: Vec<String> = work.pending_delete.clone();
+        for k in &dels {
+            if !modified.contains(k) {
+                continue;
+            }
+            let hot = LXC_FASTPLUG.contains(&k.as_str())
+                || guest::is_indexed(k, "unused")
+                || guest::is_indexed(k, "net")
+                || matches!(k.as_str(), "swap" | "cpulimit" | "cpuunits");
+            if hot {
+                work.conf.remove(k);
+                work.pending_delete.retain(|d| d != k);
+            }
+        }
+        let pending_keys: Vec<String> = work.pending.keys().cloned().collect();
+        for k in &pending_keys {
+            if !modified.contains(k) {
+                continue;
+            }
+            let hot = guest::is_indexed(k, "net")
+                || matches!(k.as_str(), "cpulimit" | "cpuunits" | "memory" | "swap")
+                || (guest::is_indexed(k, "mp") && !work.conf.contains_key(k));
+            if hot && let Some(v) = work.pending.remove(k) {
+                let v = if guest::is_indexed(k, "net") {
+                    guest::canonical_lxc_net(&v, k, &mut rng).unwrap_or(v)
+                } else {
+                    v
+                };
+                work.conf.insert(k.clone(), v);
+            }
+        }
+    } else {
+        for k in std::mem::take(&mut work.pending_delete) {
+            if modified.contains(&k) {
+                work.conf.remove(&k);
+            } else {
+                work.pending_delete.push(k);
+            }
+        }
+        let pending_keys: Vec<String> = work.pending.keys().cloned().collect();
+        for k in pending_keys {
+            if !modified.contains(&k) {
+                continue;
+            }
+            if let Some(v) = work.pending.remove(&k) {
+                let v = if guest::is_indexed(&k, "net") {
+                    guest::canonical_lxc_net(&v, &k, &mut rng).unwrap_or(v)
+                } else {
+                    v
+                };
+                set_or_remove(&mut work.conf, &k, v);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::params(errors));
+    }
+    work.touch();
+    *g = work;
+    data(Value::Null)
+}
+
+fn no_such_config_plain(vmid: u32) -> String {
+    format!("Configuration file for {vmid} vanished")
+}
+
+/// Writes `v`, or removes the key when the value is empty (an empty description or tag
+/// list writes nothing, so it reads back absent).
+fn set_or_remove(conf: &mut BTreeMap<String, String>, k: &str, v: String) {
+    if v.is_empty() {
+        conf.remove(k);
+    } else {
+        conf.insert(k.to_owned(), v);
+    }
+}
+
+/// qemu-server `check_vm_modify_config_perm` for one key.
+fn qemu_key_perm(caller: &Caller, vmid: u32, key: &str) -> Result<(), ApiError> {
+    let vms = format!("/vms/{vmid}");
+    const CPU: &[&str] = &[
+        "cores", "cpu", "cpulimit", "cpuunits", "numa", "smp", "sockets", "vcpus", "affinity",
+    ];
+    const MEM: &[&str] = &["memory", "balloon", "shares"];
+    const HW: &[&str] = &[
+        "acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
+        "audio0",
+    ];
+    const GENERAL: &[&str] = &[
+        "agent",
+        "autostart",
+        "bios",
+        "description",
+        "keyboard",
+        "localtime",
+        "migrate_downtime",
+        "migrate_speed",
+        "name",
+        "onboot",
+        "ostype",
+        "protection",
+        "reboot",
+        "startup",
+        "tags",
+        "vmgenid",
+        "meta",
+        "serial0",
+    ];
+    const DISKOPT: &[&str] = &["boot", "bootdisk", "vmstatestorage"];
+    const CLOUDINIT: &[&str] = &[
+        "ciuser",
+        "cipassword",
+        "sshkeys",
+        "citype",
+        "nameserver",
+        "searchdomain",
+    ];
+    if CPU.contains(&key) {
+        caller.check(&vms, &["VM.Config.CPU"])
+    } else if MEM.contains(&key) {
+        caller.check(&vms, &["VM.Config.Memory"])
+    } else if HW.contains(&key) || guest::is_indexed(key, "usb") {
+        caller.check(&vms, &["VM.Config.HWType"])
+    } else if GENERAL.contains(&key) {
+        caller.check(&vms, &["VM.Config.Options"])?;
+        if key == "startup" {
+            caller.check("/", &["Sys.Modify"])?;
+        }
+        Ok(())
+    } else if key == "freeze" {
+        caller.check(&vms, &["VM.PowerMgmt"])
+    } else if DISKOPT.contains(&key)
+        || guest::is_disk_key(Kind::Qemu, key)
+        || guest::is_indexed(key, "unused")
+    {
+        caller.check(&vms, &["VM.Config.Disk"])
+    } else if guest::is_indexed(key, "net") || guest::is_indexed(key, "ipconfig") {
+        caller.check(&vms, &["VM.Config.Network"])
+    } else if CLOUDINIT.contains(&key) {
+        caller.check(&vms, &["VM.Config.Cloudinit"])
+    } else {
+        Err(ApiError::die(format!("only root can set '{key}' config")))
+    }
+}
+
+const QEMU_FASTPLUG: &[&str] = &[
+    "description",
+    "name",
+    "onboot",
+    "protection",
+    "startup",
+    "tags",
+    "lock",
+    "shares",
+    "hookscript",
+    "cpulimit",
+    "cpuunits",
+    "vmstatestorage",
+];
+
+/// Applies a QEMU config change to `g` (the part that runs under the config lock).
+fn qemu_apply(
+    g: &mut Guest,
+    params: &Params,
+    delete: &[String],
+    revert: &[String],
+    rng: &mut fastrand::Rng,
+) -> Result<(), String> {
+    g.check_lock()?;
+    for k in revert {
+        g.pending.remove(k);
+        g.pending_delete.retain(|d| d != k);
+    }
+    for k in delete {
+        if !g.conf.contains_key(k) && !g.pending.contains_key(k) {
+            continue;
+        }
+        if g.running && !(QEMU_FASTPLUG.contains(&k.as_str()) || guest::is_indexed(k, "net")) {
+            if !g.pending_delete.contains(k) {
+                g.pending_delete.push(k.clone());
+            }
+        } else {
+            g.conf.remove(k);
+            g.pending.remove(k);
+        }
+    }
+    for (k, v) in params {
+        let value = match k.as_str() {
+            "tags" => guest::normalize_tags(v),
+            "description" => guest::normalize_description(v).unwrap_or_default(),
+            k2 if guest::is_indexed(k2, "net") => guest::canonical_qemu_net(v, k2, rng)
+                .map_err(|e| format!("unable to parse value of '{k2}' - {e}"))?,
+            _ => v.clone(),
+        };
+        if k != "description" && value.contains('\n') {
+            return Err(format!("detected invalid newline inside property '{k}'"));
+        }
+        let hot = QEMU_FASTPLUG.contains(&k.as_str())
+            || guest::is_indexed(k, "net")
+            || guest::is_disk_key(Kind::Qemu, k)
+            || guest::is_indexed(k, "usb");
+        if g.running && !hot {
+            g.pending.insert(k.clone(), value);
+        } else {
+            g.pending.remove(k);
+            set_or_remove(&mut g.conf, k, value);
+        }
+        g.pending_delete.retain(|d| d != k);
+    }
+    g.touch();
+    Ok(())
+}
+
+fn qemu_config(
+    st: &mut SimState,
+    caller: &Caller,
+    mut params: Params,
+    is_async: bool,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    let mut props = vec![
+        NODE,
+        VMID,
+        opt("delete", Ty::fmt(Fmt::ConfigIdList)),
+        opt("revert", Ty::fmt(Fmt::ConfigIdList)),
+        opt(
+            "digest",
+            Ty::Str {
+                fmt: Fmt::None,
+                max_len: Some(40),
+            },
+        ),
+        opt("skiplock", Ty::Bool),
+        opt("force", Ty::Bool),
+    ];
+    if is_async {
+        props.push(opt("background_delay", Ty::int(1, 30)));
+    }
+    schema::validate(&props, &qemu_additional, &params)?;
+    params.remove("node");
+    let vmid = vmid_of(&params);
+    params.remove("vmid");
+    params.remove("background_delay");
+    params.remove("force");
+    if flag(&params, "skiplock") {
+        return Err(ApiError::param(
+            "skiplock",
+            "Only root may use this option.",
+        ));
+    }
+    params.remove("skiplock");
+    let digest = params.remove("digest");
+    let delete = schema::split_list(&params.remove("delete").unwrap_or_default());
+    let revert = schema::split_list(&params.remove("revert").unwrap_or_default());
+    if params.is_empty() && delete.is_empty() && revert.is_empty() {
+        return Err(ApiError::die("no options specified"));
+    }
+    for k in &delete {
+        if params.contains_key(k) {
+            return Err(ApiError::param(
+                "delete",
+                format!("cannot set and delete '{k}' at the same time"),
+            ));
+        }
+    }
+    let mut keys: Vec<&String> = params
+        .keys()
+        .chain(delete.iter())
+        .chain(revert.iter())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        qemu_key_perm(caller, vmid, k)?;
+    }
+    if !is_async {
+        let g = load(st, Kind::Qemu, vmid)?;
+        if let Some(d) = &digest
+            && *d != g.digest
+        {
+            return Err(ApiError::die(
+                "detected modified configuration - file changed by other user? Try again.",
+            ));
+        }
+        let mut rng = st.rng.fork();
+        let g = st
+            .guests
+            .get_mut(&vmid)
+            .ok_or_else(|| ApiError::die("vanished"))?;
+        let mut work = g.clone();
+        qemu_apply(&mut work, &params, &delete, &revert, &mut rng).map_err(ApiError::die)?;
+        *g = work;
+        return data(Value::Null);
+    }
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let g = load_task(st, Kind::Qemu, vmid)?;
+        if let Some(d) = &digest
+            && *d != g.digest
+        {
+            return Err(
+                "detected modified configuration - file changed by other user? Try again.".into(),
+            );
+        }
+        let mut rng = st.rng.fork();
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        let mut work = g.clone();
+        qemu_apply(&mut work, &params, &delete, &revert, &mut rng)?;
+        *g = work;
+        Ok(vec![])
+    });
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype: "qmconfig",
+            id: vmid.to_string(),
+            log: vec![],
+            finish,
+            cleanup: Box::new(|_| {}),
+        },
+    );
+    data(json!(upid))
+}
+
+/// A task to start: worker type, id, first log lines, and what it does.
+struct NewTask {
+    wtype: &'static str,
+    id: String,
+    log: Vec<String>,
+    finish: state::FinishFn,
+    cleanup: state::CleanupFn,
+}
+
+fn spawn(st: &mut SimState, ctx: &mut RequestCtx, caller: &Caller, t: NewTask) -> String {
+    let injected_failure = ctx.task_fail.take();
+    if injected_failure.is_some() {
+        ctx.task_fail_used = true;
+    }
+    st.start_task(
+        t.wtype,
+        &t.id,
+        &caller.token_id,
+        t.log,
+        TaskWork {
+            finish: t.finish,
+            cleanup: t.cleanup,
+            injected_failure,
+        },
+    )
+}
+
+// ---------------------------------------------------------------- power
+
+fn guest_action(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    action: Action,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    let mut props = vec![NODE, VMID, opt("skiplock", Ty::Bool)];
+    match (kind, action) {
+        (_, Action::Stop) => {
+            if st.version.has_overrule_shutdown() {
+                props.push(opt("overrule-shutdown", Ty::Bool));
+            }
+            if kind == Kind::Qemu {
+                props.push(opt("timeout", Ty::int_min(0)));
+                props.push(opt("keepActive", Ty::Bool));
+            }
+        }
+        (_, Action::Shutdown) => {
+            props.push(opt("timeout", Ty::int_min(0)));
+            props.push(opt("forceStop", Ty::Bool));
+            if kind == Kind::Qemu {
+                props.push(opt("keepActive", Ty::Bool));
+            }
+        }
+        (Kind::Qemu, Action::Start) => {
+            props.push(opt("timeout", Ty::int_min(0)));
+            props.push(opt("machine", Ty::str()));
+        }
+        (Kind::Lxc, Action::Start) => props.push(opt("debug", Ty::Bool)),
+    }
+    validate(&props, &params)?;
+    if flag(&params, "skiplock") {
+        return Err(ApiError::param(
+            "skiplock",
+            "Only root may use this option.",
+        ));
+    }
+    if kind == Kind::Qemu && flag(&params, "keepActive") {
+        return Err(ApiError::param(
+            "keepActive",
+            "Only root may use this option.",
+        ));
+    }
+    let vmid = vmid_of(&params);
+    let id = vmid.to_string();
+    let label = kind.label();
+    let exists = st.guests.get(&vmid).is_some_and(|g| g.kind == kind);
+    let running = exists && st.guests.get(&vmid).is_some_and(|g| g.running);
+    let ha = exists && st.guests.get(&vmid).is_some_and(|g| g.ha.is_some());
+    if kind == Kind::Lxc {
+        match action {
+            Action::Start if running => {
+                return Err(ApiError::die(format!("CT {vmid} already running")));
+            }
+            Action::Stop | Action::Shutdown if !running => {
+                return Err(ApiError::die(format!("CT {vmid} not running")));
+            }
+            _ => {}
+        }
+    }
+    let overrule = flag(&params, "overrule-shutdown");
+    if ha {
+        if action == Action::Stop && overrule {
+            return Err(ApiError::param(
+                "overrule-shutdown",
+                "Not applicable for HA resources.",
+            ));
+        }
+        let (wtype, want) = if action == Action::Start {
+            ("hastart", true)
+        } else {
+            ("hastop", false)
+        };
+        let prefix = if kind == Kind::Lxc { "ct" } else { "vm" };
+        let log = vec![format!(
+            "Requesting HA {} for {label} {vmid}",
+            if want { "start" } else { "stop" }
+        )];
+        let _ = prefix;
+        let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+            if st.guests.get(&vmid).is_some_and(|g| g.kind == kind) {
+                st.set_running(vmid, want);
+            }
+            Ok(vec![])
+        });
+        let upid = spawn(
+            st,
+            ctx,
+            caller,
+            NewTask {
+                wtype,
+                id: id.clone(),
+                log,
+                finish,
+                cleanup: Box::new(|_| {}),
+            },
+        );
+        return data(json!(upid));
+    }
+    let (wtype, want) = match (kind, action) {
+        (Kind::Lxc, Action::Start) => ("vzstart", true),
+        (Kind::Lxc, Action::Stop) => ("vzstop", false),
+        (Kind::Lxc, Action::Shutdown) => ("vzshutdown", false),
+        (Kind::Qemu, Action::Start) => ("qmstart", true),
+        (Kind::Qemu, Action::Stop) => ("qmstop", false),
+        (Kind::Qemu, Action::Shutdown) => ("qmshutdown", false),
+    };
+    let mut log = Vec::new();
+    if action == Action::Stop && overrule {
+        let shutdown_type = if kind == Kind::Lxc {
+            "vzshutdown"
+        } else {
+            "qmshutdown"
+        };
+        let victims = st.tasks.running_of(shutdown_type, &id);
+        for u in &victims {
+            st.kill_task(u, "received interrupt");
+        }
+        if !victims.is_empty() {
+            log.push(format!(
+                "overruled {shutdown_type} tasks: {}",
+                victims.join(", ")
+            ));
+        }
+    }
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let g = load_task(st, kind, vmid)?;
+        if want {
+            if g.is_template() {
+                return Err(match kind {
+                    Kind::Lxc => "you can't start a CT if it's a template".into(),
+                    Kind::Qemu => "you can't start a vm if it's a template".into(),
+                });
+            }
+            if g.lock() != Some("mounted") {
+                g.check_lock()?;
+            }
+            if g.running {
+                return Err(format!("{label} {vmid} already running").into());
+            }
+        } else if g.lock() != Some("mounted") {
+            g.check_lock()?;
+        }
+        st.set_running(vmid, want);
+        Ok(vec![])
+    });
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: id.clone(),
+            log,
+            finish,
+            cleanup: Box::new(|_| {}),
+        },
+    );
+    data(json!(upid))
+}
+
+// ---------------------------------------------------------------- snapshots
+
+fn snapshot_feature_ok(st: &SimState, g: &Guest) -> bool {
+    g.conf
+        .iter()
+        .filter(|(k, v)| guest::is_disk_key(g.kind, k) && !v.contains("media=cdrom"))
+        .all(|(_, v)| {
+            guest::volume_of(v)
+                .and_then(schema::parse_volume_id)
+                .and_then(|(sid, _)| st.storage(sid))
+                .is_some_and(|s| s.supports_snapshots())
+        })
+}
+
+fn snapshot_create(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    let mut props = vec![NODE, VMID, SNAPNAME, opt("description", Ty::str())];
+    if kind == Kind::Qemu {
+        props.push(opt("vmstate", Ty::Bool));
+    }
+    validate(&props, &params)?;
+    let vmid = vmid_of(&params);
+    let name = params["snapname"].clone();
+    if name == "current" || name == "vzdump" {
+        return Err(ApiError::die(format!(
+            "unable to use snapshot name '{name}' (reserved name)"
+        )));
+    }
+    let description = params
+        .get("description")
+        .and_then(|d| guest::normalize_description(d));
+    let vmstate = flag(&params, "vmstate");
+    // The worker prepares at once: lock, snapshot in state 'prepare'.
+    let prepared: Result<(), String> = (|| {
+        let g = load_task(st, kind, vmid)?;
+        if g.is_template() {
+            return Err("you can't take a snapshot if it's a template".into());
+        }
+        g.check_lock()?;
+        if g.snapshots.contains_key(&name) {
+            return Err(format!("snapshot name '{name}' already used"));
+        }
+        if !snapshot_feature_ok(st, g) {
+            return Err("snapshot feature is not available".into());
+        }
+        let now = now_epoch();
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        let mut conf = g.conf.clone();
+        for k in ["lock", "description", "digest"] {
+            conf.remove(k);
+        }
+        conf.retain(|k, _| !guest::is_indexed(k, "unused"));
+        g.conf.insert("lock".into(), "snapshot".into());
+        g.snapshots.insert(
+            name.clone(),
+            Snapshot {
+                conf,
+                snaptime: now,
+                description: description.clone(),
+                snapstate: Some("prepare"),
+                vmstate: vmstate && g.running,
+            },
+        );
+        g.touch();
+        Ok(())
+    })();
+    let n2 = name.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        prepared?;
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        if let Some(s) = g.snapshots.get_mut(&n2) {
+            s.snapstate = None;
+        }
+        g.conf.remove("lock");
+        g.conf.insert("parent".into(), n2.clone());
+        g.touch();
+        Ok(vec![])
+    });
+    let n3 = name.clone();
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.snapshots
+                .get(&n3)
+                .is_some_and(|s| s.snapstate == Some("prepare"))
+        {
+            g.snapshots.remove(&n3);
+            if g.lock() == Some("snapshot") {
+                g.conf.remove("lock");
+            }
+            g.touch();
+        }
+    });
+    let wtype = if kind == Kind::Lxc {
+        "vzsnapshot"
+    } else {
+        "qmsnapshot"
+    };
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log: vec![],
+            finish,
+            cleanup,
+        },
+    );
+    data(json!(upid))
+}
+
+fn snapshot_delete(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID, SNAPNAME, opt("force", Ty::Bool)], &params)?;
+    let vmid = vmid_of(&params);
+    let name = params["snapname"].clone();
+    let prepared: Result<(), String> = (|| {
+        let g = load_task(st, kind, vmid)?;
+        if !g.snapshots.contains_key(&name) {
+            return Err(format!("snapshot '{name}' does not exist"));
+        }
+        g.check_lock()?;
+        if g.is_template() {
+            return Err("you can't delete a snapshot if vm is a template".into());
+        }
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        g.conf.insert("lock".into(), "snapshot-delete".into());
+        if let Some(s) = g.snapshots.get_mut(&name) {
+            s.snapstate = Some("delete");
+        }
+        g.touch();
+        Ok(())
+    })();
+    let n2 = name.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        prepared?;
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        let removed = g.snapshots.remove(&n2);
+        let new_parent = removed.and_then(|s| s.conf.get("parent").cloned());
+        let relink = |c: &mut BTreeMap<String, String>| {
+            if c.get("parent") == Some(&n2) {
+                match &new_parent {
+                    Some(p) => {
+                        c.insert("parent".into(), p.clone());
+                    }
+                    None => {
+                        c.remove("parent");
+                    }
+                }
+            }
+        };
+        relink(&mut g.conf);
+        for s in g.snapshots.values_mut() {
+            relink(&mut s.conf);
+        }
+        g.conf.remove("lock");
+        g.touch();
+        Ok(vec![])
+    });
+    let n3 = name.clone();
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.lock() == Some("snapshot-delete")
+        {
+            g.conf.remove("lock");
+            if let Some(s) = g.snapshots.get_mut(&n3) {
+                s.snapstate = None;
+            }
+            g.touch();
+        }
+    });
+    let wtype = if kind == Kind::Lxc {
+        "vzdelsnapshot"
+    } else {
+        "qmdelsnapshot"
+    };
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log: vec![],
+            finish,
+            cleanup,
+        },
+    );
+    data(json!(upid))
+}
+
+fn snapshot_rollback(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID, SNAPNAME, opt("start", Ty::Bool)], &params)?;
+    let vmid = vmid_of(&params);
+    let name = params["snapname"].clone();
+    let start = flag(&params, "start");
+    let prepared: Result<(), String> = (|| {
+        let g = load_task(st, kind, vmid)?;
+        if g.is_template() {
+            return Err("you can't rollback if vm is a template".into());
+        }
+        let s = g
+            .snapshots
+            .get(&name)
+            .ok_or_else(|| format!("snapshot '{name}' does not exist"))?;
+        if let Some(state) = s.snapstate {
+            return Err(format!(
+                "unable to rollback to incomplete snapshot (snapstate = {state})"
+            ));
+        }
+        g.check_lock()?;
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        g.conf.insert("lock".into(), "rollback".into());
+        g.touch();
+        Ok(())
+    })();
+    let n2 = name.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        prepared?;
+        st.set_running(vmid, false);
+        let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+        let snap = g
+            .snapshots
+            .get(&n2)
+            .cloned()
+            .ok_or_else(|| format!("snapshot '{n2}' does not exist"))?;
+        let mut conf: BTreeMap<String, String> = g
+            .conf
+            .iter()
+            .filter(|(k, _)| k.as_str() == "description" || guest::is_indexed(k, "unused"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in snap.conf {
+            conf.insert(k, v);
+        }
+        conf.insert("parent".into(), n2.clone());
+        conf.remove("lock");
+        g.conf = conf;
+        g.pending.clear();
+        g.pending_delete.clear();
+        g.touch();
+        let start_now = start && kind == Kind::Lxc || kind == Kind::Qemu && snap.vmstate;
+        if start_now {
+            st.set_running(vmid, true);
+        }
+        Ok(vec![])
+    });
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.lock() == Some("rollback")
+        {
+            g.conf.remove("lock");
+            g.touch();
+        }
+    });
+    let wtype = if kind == Kind::Lxc {
+        "vzrollback"
+    } else {
+        "qmrollback"
+    };
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log: vec![],
+            finish,
+            cleanup,
+        },
+    );
+    data(json!(upid))
+}
+
+// ---------------------------------------------------------------- storage
+
+/// pve-storage `check_volume_access`.
+fn check_volume_access(
+    st: &SimState,
+    caller: &Caller,
+    vmid: Option<u32>,
+    volid: &str,
+    want: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some((sid, volname)) = schema::parse_volume_id(volid) else {
+        return Err(ApiError::die(
+            "Only root can pass arbitrary filesystem paths.",
+        ));
+    };
+    if st.storage(sid).is_none() {
+        return Err(ApiError::die(format!("storage '{sid}' does not exist")));
+    }
+    let (vtype, owner) = if let Some((_, owner)) = parse_backup_name(volname) {
+        ("backup", Some(owner))
+    } else if volname.starts_with("vztmpl/") {
+        ("vztmpl", None)
+    } else if volname.starts_with("iso/") {
+        ("iso", None)
+    } else {
+        let owner = volname
+            .split(['-', '/'])
+            .find_map(|p| p.parse::<u32>().ok())
+            .filter(|_| volname.contains("vm-") || volname.contains("subvol-"));
+        ("images", owner)
+    };
+    if let Some(w) = want
+        && vtype != w
+        && !(w == "rootdir" && vtype == "images")
+    {
+        return Err(ApiError::die(format!(
+            "unable to use volume {volid} - content type needs to be '{w}'"
+        )));
+    }
+    let spath = format!("/storage/{sid}");
+    if caller.has(&spath, "Datastore.Allocate") {
+        return Ok(());
+    }
+    match (vtype, owner) {
+        ("iso" | "vztmpl", _) => {
+            caller.check_any(&spath, &["Datastore.AllocateSpace", "Datastore.Audit"])
+        }
+        (_, Some(o)) if vmid == Some(o) => Ok(()),
+        ("backup", Some(o)) => {
+            caller.check(&spath, &["Datastore.AllocateSpace"])?;
+            caller.check(&format!("/vms/{o}"), &["VM.Backup"])
+        }
+        ("images", Some(o)) => {
+            caller.check(&spath, &["Datastore.Audit"])?;
+            caller.check(&format!("/vms/{o}"), &["VM.Config.Disk"])
+        }
+        _ => Err(ApiError::die(format!(
+            "missing privileges to access {volid}"
+        ))),
+    }
+}
+
+fn get_storage_list(st: &SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            opt("content", Ty::fmt(Fmt::StorageContentList)),
+            opt("enabled", Ty::Bool),
+            opt("target", Ty::fmt(Fmt::Node)),
+            opt("format", Ty::Bool),
+        ],
+        params,
+    )?;
+    let content = params
+        .get("content")
+        .map(|c| schema::split_list(c))
+        .unwrap_or_default();
+    let only_enabled = flag(params, "enabled");
+    let items: Vec<Value> = st
+        .storages
+        .iter()
+        .filter(|s| params.get("storage").is_none_or(|id| *id == s.id))
+        .filter(|s| content.iter().all(|c| s.has_content(c)))
+        .filter(|s| !only_enabled || s.enabled)
+        .filter(|s| {
+            let p = format!("/storage/{}", s.id);
+            caller.has(&p, "Datastore.Audit") || caller.has(&p, "Datastore.AllocateSpace")
+        })
+        .map(|s| s.list_json())
+        .collect();
+    data(Value::Array(items))
+}
+
+fn get_storage_content(
+    st: &SimState,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            req("storage", Ty::fmt(Fmt::StorageId)),
+            opt("content", Ty::fmt(Fmt::StorageContentList)),
+            opt("vmid", Ty::VMID),
+        ],
+        params,
+    )?;
+    let sid = &params["storage"];
+    let s = st
+        .storage(sid)
+        .ok_or_else(|| ApiError::die(format!("storage '{sid}' does not exist")))?;
+    let want_vmid: Option<u32> = params.get("vmid").and_then(|v| v.parse().ok());
+    let items: Vec<Value> = s
+        .volumes
+        .iter()
+        .filter(|v| params.get("content").is_none_or(|c| v.content == c))
+        .filter(|v| want_vmid.is_none_or(|id| v.vmid == Some(id)))
+        .filter(|v| check_volume_access(st, caller, None, &v.volid, None).is_ok())
+        .map(|v| v.content_json())
+        .collect();
+    data(Value::Array(items))
+}
+
+// ---------------------------------------------------------------- vzdump
+
+fn vzdump(
+    st: &mut SimState,
+    caller: &Caller,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("vmid", Ty::fmt(Fmt::VmidList)),
+            opt("all", Ty::Bool),
+            opt("exclude", Ty::fmt(Fmt::VmidList)),
+            opt("pool", Ty::str()),
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            opt("mode", Ty::Enum(&["snapshot", "suspend", "stop"])),
+            opt("compress", Ty::Enum(&["0", "1", "gzip", "lzo", "zstd"])),
+            opt("remove", Ty::Bool),
+            opt(
+                "notes-template",
+                Ty::Str {
+                    fmt: Fmt::None,
+                    max_len: Some(1024),
+                },
+            ),
+            opt("protected", Ty::Bool),
+            opt("prune-backups", Ty::str()),
+            opt("mailto", Ty::str()),
+            opt("mailnotification", Ty::Enum(&["always", "failure"])),
+            opt(
+                "notification-mode",
+                Ty::Enum(&["auto", "legacy-sendmail", "notification-system"]),
+            ),
+            opt("stop", Ty::Bool),
+            opt("bwlimit", Ty::int_min(0)),
+            opt("ionice", Ty::int(0, 8)),
+            opt("performance", Ty::str()),
+            opt("tmpdir", Ty::str()),
+            opt("dumpdir", Ty::str()),
+            opt("script", Ty::str()),
+            opt("job-id", Ty::str()),
+            opt("zstd", Ty::int_min(0)),
+            opt("pigz", Ty::int_min(0)),
+            opt("lockwait", Ty::int_min(0)),
+            opt("stopwait", Ty::int_min(0)),
+            opt("quiet", Ty::Bool),
+            opt("stdexcludes", Ty::Bool),
+            opt("exclude-path", Ty::str()),
+            opt("fleecing", Ty::str()),
+            opt("stdout", Ty::Bool),
+        ],
+        &params,
+    )?;
+    if flag(&params, "stdout") {
+        return Err(ApiError::param(
+            "stdout",
+            "option is only allowed on the command line interface.",
+        ));
+    }
+    for k in ["tmpdir", "dumpdir", "script", "job-id"] {
+        if params.contains_key(k) {
+            return Err(ApiError::param(k, "Only root may set this option."));
+        }
+    }
+    if ["bwlimit", "ionice", "performance"]
+        .iter()
+        .any(|k| params.contains_key(*k))
+    {
+        caller.check("/", &["Sys.Modify"])?;
+    }
+    let storage = params
+        .get("storage")
+        .cloned()
+        .unwrap_or_else(|| "local".to_owned());
+    if params.contains_key("prune-backups") {
+        caller.check(&format!("/storage/{storage}"), &["Datastore.Allocate"])?;
+    }
+    let all = flag(&params, "all");
+    let has_vmid = params.get("vmid").is_some_and(|v| !v.is_empty());
+    for (k, other) in [
+        ("all", all),
+        ("exclude", params.contains_key("exclude")),
+        ("pool", params.contains_key("pool")),
+    ] {
+        if other && has_vmid {
+            return Err(ApiError::param(k, "option conflicts with option 'vmid'"));
+        }
+    }
+    if let Some(t) = params.get("notes-template")
+        && t.contains('\n')
+    {
+        return Err(ApiError::param("notes-template", "contains a line feed\n"));
+    }
+    let all = all || (params.contains_key("exclude") && !params.contains_key("pool"));
+    let stop = flag(&params, "stop");
+    if !(all || stop || params.contains_key("pool") || has_vmid) {
+        return Err(ApiError::param("vmid", "property is missing"));
+    }
+    // get_included_guests: unknown ids stay local (and fail visibly in the task).
+    let mut local: Vec<u32> = Vec::new();
+    if params.contains_key("pool") {
+        // Pools are not modelled: a pool has no members on this node.
+    } else if has_vmid {
+        for id in schema::split_list(&params["vmid"]) {
+            let n: u32 = id
+                .parse()
+                .map_err(|_| ApiError::die(format!("ERROR: strange VM ID '{id}'")))?;
+            if n != 0 && !local.contains(&n) {
+                local.push(n);
+            }
+        }
+    } else if all {
+        let exclude: Vec<u32> = params
+            .get("exclude")
+            .map(|e| {
+                schema::split_list(e)
+                    .iter()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        local = st
+            .guests
+            .keys()
+            .copied()
+            .filter(|v| !exclude.contains(v))
+            .collect();
+    }
+    local.sort_unstable();
+    if stop {
+        caller.check(&format!("/nodes/{}", st.node), &["Sys.Modify"])?;
+        let running: Vec<String> = st
+            .tasks
+            .all()
+            .iter()
+            .filter(|t| t.running() && t.wtype == "vzdump")
+            .map(|t| t.upid.clone())
+            .collect();
+        for u in running {
+            st.kill_task(&u, "interrupted by signal");
+        }
+        if local.is_empty() {
+            return data(json!("OK"));
+        }
+    }
+    if local.is_empty() && !all {
+        return data(json!("OK"));
+    }
+    caller.check(&format!("/storage/{storage}"), &["Datastore.AllocateSpace"])?;
+    let id = if local.len() == 1 {
+        local[0].to_string()
+    } else {
+        String::new()
+    };
+    let mode = params
+        .get("mode")
+        .cloned()
+        .unwrap_or_else(|| "snapshot".into());
+    let compress = params
+        .get("compress")
+        .cloned()
+        .unwrap_or_else(|| "0".into());
+    let notes_template = params.get("notes-template").cloned();
+    let protected = flag(&params, "protected");
+    let mut cmdline = format!(
+        "vzdump {}",
+        local
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if all {
+        cmdline = "vzdump --all 1".into();
+    }
+    for (k, v) in &params {
+        if k != "vmid" && k != "all" && k != "node" {
+            cmdline.push_str(&format!(" --{k} {v}"));
+        }
+    }
+    cmdline.push_str(&format!(" --node {}", st.node));
+    let mut log = vec![format!("INFO: starting new backup job: {cmdline}")];
+    // The worker starts at once: storage check, VM.Backup check, then locks.
+    let prepared: Result<(Vec<u32>, Vec<u32>), String> = (|| {
+        let s = st
+            .storage(&storage)
+            .ok_or_else(|| format!("storage '{storage}' does not exist"))?;
+        if !s.has_content("backup") {
+            return Err(format!(
+                "storage '{storage}' does not support vzdump backups"
+            ));
+        }
+        let mut included = Vec::new();
+        for v in &local {
+            if st.guests.contains_key(v) && !caller.has(&format!("/vms/{v}"), "VM.Backup") {
+                if all {
+                    continue;
+                }
+                return Err(format!("Permission check failed (/vms/{v}, VM.Backup)"));
+            }
+            included.push(*v);
+        }
+        let mut locked = Vec::new();
+        for v in &included {
+            if let Some(g) = st.guests.get_mut(v)
+                && g.lock().is_none()
+            {
+                g.conf.insert("lock".into(), "backup".into());
+                g.touch();
+                locked.push(*v);
+            }
+        }
+        Ok((included, locked))
+    })();
+    if let Ok((included, locked)) = &prepared
+        && let Some(first) = included.first()
+        && let Some(g) = st.guests.get(first)
+        && locked.contains(first)
+    {
+        log.push(format!(
+            "INFO: Starting Backup of VM {first} ({})",
+            g.kind.as_str()
+        ));
+    }
+    let locked_for_cleanup = prepared.clone().map(|p| p.1).unwrap_or_default();
+    let start_time = now_epoch();
+    let node = st.node.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let (included, locked) = prepared?;
+        let mut lines = Vec::new();
+        let mut errors = 0;
+        for v in &included {
+            let Some(g) = st.guests.get(v).cloned() else {
+                lines.push(format!(
+                    "ERROR: Backup of VM {v} failed - unable to find VM '{v}'"
+                ));
+                errors += 1;
+                continue;
+            };
+            if !locked.contains(v) {
+                lines.push(format!(
+                    "ERROR: Backup of VM {v} failed - {}",
+                    g.check_lock().err().unwrap_or_default()
+                ));
+                errors += 1;
+                continue;
+            }
+            if Some(v) != included.first() {
+                lines.push(format!(
+                    "INFO: Starting Backup of VM {v} ({})",
+                    g.kind.as_str()
+                ));
+            }
+            lines.push(format!(
+                "INFO: status = {}",
+                if g.running { "running" } else { "stopped" }
+            ));
+            lines.push(format!("INFO: backup mode: {mode}"));
+            // Unique ctime per guest and storage (two backups in one second would collide).
+            let mut ctime = start_time;
+            let notes = notes_template.as_ref().map(|t| {
+                t.replace("{{guestname}}", &g.name())
+                    .replace("{{vmid}}", &v.to_string())
+                    .replace("{{node}}", &node)
+                    .replace("{{cluster}}", &node)
+            });
+            let vol = loop {
+                let vol =
+                    state::backup_volume(&storage, &g, ctime, &compress, notes.clone(), protected);
+                let taken = st
+                    .storage(&storage)
+                    .is_some_and(|s| s.volumes.iter().any(|x| x.volid == vol.volid));
+                if !taken {
+                    break vol;
+                }
+                ctime += 1;
+            };
+            let file = vol
+                .volid
+                .split_once(":backup/")
+                .map(|x| x.1.to_owned())
+                .unwrap_or_default();
+            if let Some(s) = st.storage_mut(&storage) {
+                lines.push(format!(
+                    "INFO: creating vzdump archive '{}'",
+                    s.dump_path(&file)
+                ));
+                s.volumes.push(vol);
+            }
+            if let Some(gm) = st.guests.get_mut(v) {
+                if gm.lock() == Some("backup") {
+                    gm.conf.remove("lock");
+                }
+                gm.touch();
+            }
+            lines.push(format!("INFO: Finished Backup of VM {v} (00:00:01)"));
+        }
+        if errors > 0 {
+            lines.push("INFO: Backup job finished with errors".into());
+            return Err(state::TaskErr {
+                lines,
+                msg: "job errors".into(),
+            });
+        }
+        lines.push("INFO: Backup job finished successfully".into());
+        Ok(lines)
+    });
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        for v in &locked_for_cleanup {
+            if let Some(g) = st.guests.get_mut(v)
+                && g.lock() == Some("backup")
+            {
+                g.conf.remove("lock");
+                g.touch();
+            }
+        }
+    });
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype: "vzdump",
+            id: id.clone(),
+            log,
+            finish,
+            cleanup,
+        },
+    );
+    data(json!(upid))
+}
+
+// ---------------------------------------------------------------- create / restore
+
+fn lxc_create(
+    st: &mut SimState,
+    caller: &Caller,
+    mut params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    schema::validate(
+        &[
+            NODE,
+            VMID,
+            req(
+                "ostemplate",
+                Ty::Str {
+                    fmt: Fmt::None,
+                    max_len: Some(255),
+                },
+            ),
+            opt("restore", Ty::Bool),
+            opt("force", Ty::Bool),
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            opt("unique", Ty::Bool),
+            opt("start", Ty::Bool),
+            opt("pool", Ty::str()),
+            opt(
+                "bwlimit",
+                Ty::Num {
+                    min: Some(0.0),
+                    max: None,
+                },
+            ),
+            opt("ignore-unpack-errors", Ty::Bool),
+            opt(
+                "password",
+                Ty::Str {
+                    fmt: Fmt::None,
+                    max_len: Some(64),
+                },
+            ),
+            opt("ssh-public-keys", Ty::str()),
+            opt("ha-managed", Ty::Bool),
+        ],
+        &lxc_additional,
+        &params,
+    )?;
+    params.remove("node");
+    let vmid = vmid_of(&params);
+    params.remove("vmid");
+    params.remove("ignore-unpack-errors");
+    params.remove("bwlimit");
+    let start_after = flag(&params, "start");
+    params.remove("start");
+    let ha_managed = flag(&params, "ha-managed");
+    params.remove("ha-managed");
+    let unpriv_param = params.remove("unprivileged");
+    let restore = flag(&params, "restore");
+    params.remove("restore");
+    let unique = flag(&params, "unique");
+    params.remove("unique");
+    let same_ct = st.guests.get(&vmid).is_some_and(|g| g.kind == Kind::Lxc);
+    let mut unprivileged = unpriv_param.as_deref().map(|v| v == "1");
+    if !restore {
+        if unprivileged.is_none() {
+            unprivileged = Some(true);
+        }
+        if unprivileged == Some(false) {
+            caller.check("/", &["Sys.Modify"])?;
+        }
+    }
+    if ha_managed {
+        caller.check("/", &["Sys.Console"])?;
+    }
+    let force = flag(&params, "force");
+    params.remove("force");
+    if !(same_ct && restore && force) {
+        if let Some(g) = st.guests.get(&vmid) {
+            return Err(ApiError::die(format!(
+                "{} {vmid} already exists on node '{}'",
+                g.kind.label(),
+                st.node
+            )));
+        }
+    } else {
+        let g = load(st, Kind::Lxc, vmid)?;
+        if g.running {
+            return Err(ApiError::die("can't overwrite running container"));
+        }
+        if g.conf.get("protection").is_some_and(|v| v == "1") {
+            return Err(ApiError::die(format!(
+                "unable to restore CT {vmid} - protection mode enabled"
+            )));
+        }
+    }
+    params.remove("password");
+    params.remove("ssh-public-keys");
+    if let Some(pool) = params.remove("pool") {
+        return Err(ApiError::die(format!("pool '{pool}' does not exist")));
+    }
+    let vms = format!("/vms/{vmid}");
+    if caller.has(&vms, "VM.Allocate") {
+    } else if restore && force && same_ct && caller.has(&vms, "VM.Backup") {
+        let g = load(st, Kind::Lxc, vmid)?;
+        if g.conf.get("unprivileged").is_some_and(|v| v == "1") && unprivileged == Some(false) {
+            caller.check("/", &["Sys.Modify"])?;
+        }
+    } else {
+        return Err(ApiError::perm_bare());
+    }
+    let ostemplate = params.remove("ostemplate").unwrap_or_default();
+    let storage = params
+        .remove("storage")
+        .unwrap_or_else(|| "local".to_owned());
+    let mut keys: Vec<&String> = params.keys().collect();
+    keys.sort();
+    let pc = PermCtx {
+        caller,
+        st,
+        vmid,
+        old: None,
+        unprivileged: unprivileged.unwrap_or(true),
+    };
+    for k in keys {
+        lxc_key_perm(&pc, &params, k, false)?;
+    }
+    check_volume_access(
+        st,
+        caller,
+        Some(vmid),
+        &ostemplate,
+        Some(if restore { "backup" } else { "vztmpl" }),
+    )?;
+    let target_sid = match params.get("rootfs") {
+        Some(r) => r.split([':', ',']).next().unwrap_or("").to_owned(),
+        None => storage.clone(),
+    };
+    let s = st
+        .storage(&target_sid)
+        .ok_or_else(|| ApiError::die(format!("storage '{target_sid}' does not exist")))?;
+    if !s.has_content("rootdir") {
+        return Err(ApiError::param(
+            "storage",
+            format!("storage '{target_sid}' does not support container directories"),
+        ));
+    }
+    caller.check(
+        &format!("/storage/{target_sid}"),
+        &["Datastore.AllocateSpace"],
+    )?;
+    let emsg = if restore {
+        "unable to restore CT"
+    } else {
+        "unable to create CT"
+    };
+    // create_and_lock_config
+    let existed = st.guests.get(&vmid).cloned();
+    if let Some(g) = &existed {
+        g.check_lock()
+            .map_err(|e| ApiError::die(format!("{emsg} {vmid} - {e}")))?;
+        if let Some(gm) = st.guests.get_mut(&vmid) {
+            gm.conf.insert("lock".into(), "create".into());
+            gm.touch();
+        }
+    } else {
+        let mut conf = BTreeMap::new();
+        conf.insert("lock".to_owned(), "create".to_owned());
+        st.guests
+            .insert(vmid, state::new_guest(vmid, Kind::Lxc, conf));
+    }
+    let wtype = if restore { "vzrestore" } else { "vzcreate" };
+    let mut log = Vec::new();
+    if restore {
+        log.push(format!("restoring '{ostemplate}' now.."));
+    }
+    let existed_for_cleanup = existed.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let fail = |st: &mut SimState, msg: String| -> Result<Vec<String>, state::TaskErr> {
+            undo_create(st, vmid, existed.as_ref());
+            Err(format!("{emsg} {vmid} - {msg}").into())
+        };
+        let (sid, _) = schema::parse_volume_id(&ostemplate).unwrap_or(("", ""));
+        let vol = st
+            .storage(sid)
+            .and_then(|s| s.volumes.iter().find(|v| v.volid == ostemplate))
+            .cloned();
+        let Some(vol) = vol else {
+            return fail(st, format!("volume '{ostemplate}' does not exist"));
+        };
+        let mut rng = st.rng.fork();
+        let mut conf: BTreeMap<String, String>;
+        let raw_lxc;
+        if restore {
+            let Some(bc) = vol
+                .backup_conf
+                .clone()
+                .filter(|_| vol.subtype == Some("lxc"))
+            else {
+                return fail(
+                    st,
+                    format!("unable to read config from archive '{ostemplate}'"),
+                );
+            };
+            conf = bc.conf;
+            // Raw lxc.* lines are restored only for root@pam.
+            raw_lxc = Vec::new();
+            let size = conf
+                .get("rootfs")
+                .and_then(|r| guest::volume_size(r))
+                .unwrap_or(8 << 30);
+            conf.insert(
+                "rootfs".into(),
+                format!(
+                    "{target_sid}:vm-{vmid}-disk-0,size={}G",
+                    size.div_ceil(1 << 30)
+                ),
+            );
+            if unique {
+                for (k, v) in conf.iter_mut() {
+                    if guest::is_indexed(k, "net")
+                        && let Ok(mut m) = schema::parse_propstr(&schema::LXC_NET, v, k)
+                    {
+                        m.insert("hwaddr".into(), guest::random_mac(&mut rng));
+                        *v = schema::print_propstr(&schema::LXC_NET, &m);
+                    }
+                }
+            }
+        } else {
+            conf = BTreeMap::new();
+            conf.insert("arch".into(), "amd64".into());
+            conf.insert("ostype".into(), "debian".into());
+            conf.insert(
+                "rootfs".into(),
+                format!("{target_sid}:vm-{vmid}-disk-0,size=4G"),
+            );
+            raw_lxc = Vec::new();
+        }
+        if let Some(u) = &unpriv_param {
+            if u == "1" {
+                conf.insert("unprivileged".into(), "1".into());
+            } else {
+                conf.remove("unprivileged");
+            }
+        } else if !restore {
+            conf.insert("unprivileged".into(), "1".into());
+        }
+        for (k, v) in &params {
+            let v = match k.as_str() {
+                "tags" => guest::normalize_tags(v),
+                "description" => guest::normalize_description(v).unwrap_or_default(),
+                "rootfs" => {
+                    let mut parts = v.splitn(2, ',');
+                    let first = parts.next().unwrap_or("");
+                    let rest = parts.next();
+                    match first.split_once(':') {
+                        Some((sid, size))
+                            if size.bytes().all(|b| b.is_ascii_digit() || b == b'.') =>
+                        {
+                            let mut s = format!("{sid}:vm-{vmid}-disk-0,size={size}G");
+                            if let Some(r) = rest {
+                                s.push(',');
+                                s.push_str(r);
+                            }
+                            s
+                        }
+                        _ => v.clone(),
+                    }
+                }
+                k2 if guest::is_indexed(k2, "net") => {
+                    guest::canonical_lxc_net(v, k2, &mut rng).unwrap_or(v.clone())
+                }
+                _ => v.clone(),
+            };
+            set_or_remove(&mut conf, k, v);
+        }
+        for (k, v) in conf.iter_mut() {
+            if guest::is_indexed(k, "net") {
+                *v = guest::canonical_lxc_net(v, k, &mut rng).unwrap_or(v.clone());
+            }
+        }
+        conf.remove("lock");
+        conf.remove("parent");
+        let mut g = state::new_guest(vmid, Kind::Lxc, conf);
+        g.raw_lxc = raw_lxc;
+        if let Some(old) = &existed {
+            g.ha = old.ha.clone();
+        }
+        if ha_managed {
+            g.ha = Some(guest::Ha {
+                state: "started".into(),
+            });
+        }
+        g.touch();
+        st.guests.insert(vmid, g);
+        let mut lines = Vec::new();
+        if restore {
+            lines.push(format!("extracting archive '{ostemplate}'"));
+            lines.push("Total bytes read: 1073741824 (1.0GiB, 512MiB/s)".into());
+        }
+        if start_after {
+            st.set_running(vmid, true);
+        }
+        Ok(lines)
+    });
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        undo_create(st, vmid, existed_for_cleanup.as_ref());
+    });
+    let upid = spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log,
+            finish,
+            cleanup,
+        },
+    );
+    data(json!(upid))
+}
+
+/// After a failed create/restore: a new CT disappears, an existing one loses its lock.
+fn undo_create(st: &mut SimState, vmid: u32, existed: Option<&Guest>) {
+    match existed {
+        None => {
+            st.guests.remove(&vmid);
+        }
+        Some(_) => {
+            if let Some(g) = st.guests.get_mut(&vmid)
+                && g.lock() == Some("create")
+            {
+                g.conf.remove("lock");
+                g.touch();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tasks
+
+fn task_props() -> Vec<Prop> {
+    vec![NODE, req("upid", Ty::str())]
+}
+
+fn get_task_list(st: &SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("start", Ty::int_min(0)),
+            opt("limit", Ty::int_min(0)),
+            opt("userfilter", Ty::str()),
+            opt("typefilter", Ty::str()),
+            opt("vmid", Ty::VMID),
+            opt("errors", Ty::Bool),
+            opt("source", Ty::Enum(&["archive", "active", "all"])),
+            opt(
+                "since",
+                Ty::Int {
+                    min: None,
+                    max: None,
+                },
+            ),
+            opt(
+                "until",
+                Ty::Int {
+                    min: None,
+                    max: None,
+                },
+            ),
+            opt("statusfilter", Ty::str()),
+        ],
+        params,
+    )?;
+    if let Some(sf) = params.get("statusfilter") {
+        for s in schema::split_list(sf) {
+            if !["ok", "error", "warning", "unknown"].contains(&s.to_lowercase().as_str()) {
+                return Err(ApiError::param(
+                    "statusfilter",
+                    format!(
+                        "invalid format - value '{s}' does not have a value in the enumeration 'ok, error, warning, unknown'\n"
+                    ),
+                ));
+            }
+        }
+    }
+    let num = |k: &str| {
+        params
+            .get(k)
+            .and_then(|v| v.trim_start_matches('+').parse::<i64>().ok())
+    };
+    let f = TaskFilter {
+        start: num("start").unwrap_or(0).max(0) as usize,
+        limit: num("limit").unwrap_or(50).max(0) as usize,
+        userfilter: params.get("userfilter").cloned().filter(|s| !s.is_empty()),
+        typefilter: params.get("typefilter").cloned(),
+        vmid: params
+            .get("vmid")
+            .map(|v| v.trim_start_matches('+').to_owned()),
+        errors: flag(params, "errors"),
+        source: params
+            .get("source")
+            .cloned()
+            .unwrap_or_else(|| "archive".into()),
+        since: num("since").map(|v| v.max(0) as u64),
+        until: num("until").map(|v| v.max(0) as u64),
+        statusfilter: params.get("statusfilter").map(|s| schema::split_list(s)),
+    };
+    let auditor = caller.has(&format!("/nodes/{}", st.node), "Sys.Audit");
+    let (items, total) = st.tasks.list(&f, &caller.token_id, auditor);
+    Ok(Answer {
+        data: Value::Array(items),
+        total: Some(total),
+    })
+}
+
+fn check_task_access(
+    st: &SimState,
+    caller: &Caller,
+    upid: &str,
+    owner_user: &str,
+    privilege: &str,
+) -> Result<(), ApiError> {
+    let owned = match owner_user.split_once('!') {
+        Some((u, _)) => caller.token_id == owner_user || caller.token_id == u,
+        None => caller.token_id == owner_user,
+    };
+    let _ = upid;
+    if owned {
+        Ok(())
+    } else {
+        caller.check(&format!("/nodes/{}", st.node), &[privilege])
+    }
+}
+
+fn get_task_status(st: &SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(&task_props(), params)?;
+    let upid = &params["upid"];
+    let Some(decoded) = decode_upid(upid) else {
+        return Err(ApiError::param("upid", "unable to parse worker upid"));
+    };
+    let Some(task) = st.tasks.get(upid) else {
+        return Err(ApiError::param("upid", "no such task"));
+    };
+    check_task_access(st, caller, upid, &decoded.6, "Sys.Audit")?;
+    data(task.status_json())
+}
+
+fn get_task_log(st: &SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    let mut props = task_props();
+    props.push(opt("start", Ty::int_min(0)));
+    props.push(opt("limit", Ty::int_min(0)));
+    props.push(opt("download", Ty::Bool));
+    validate(&props, params)?;
+    let upid = &params["upid"];
+    let Some(decoded) = decode_upid(upid) else {
+        return Err(ApiError::param("upid", "unable to parse worker upid"));
+    };
+    check_task_access(st, caller, upid, &decoded.6, "Sys.Audit")?;
+    let Some(task) = st.tasks.get(upid) else {
+        return Ok(Answer {
+            data: json!([{"n": 1, "t": "unable to open file - No such file or directory"}]),
+            total: Some(1),
+        });
+    };
+    let start = params
+        .get("start")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let limit = params
+        .get("limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(50);
+    let mut lines = Vec::new();
+    for (i, t) in task.log.iter().enumerate() {
+        if i < start {
+            continue;
+        }
+        if limit != 0 && lines.len() >= limit {
+            continue;
+        }
+        lines.push(json!({"n": i + 1, "t": t}));
+    }
+    let mut total = task.log.len();
+    if total == 0 {
+        total = 1;
+        lines.push(json!({"n": 1, "t": "no content"}));
+    }
+    Ok(Answer {
+        data: Value::Array(lines),
+        total: Some(total),
+    })
+}
+
+fn stop_task(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(&task_props(), params)?;
+    let upid = params["upid"].clone();
+    let Some(decoded) = decode_upid(&upid) else {
+        return Err(ApiError::param("upid", "unable to parse worker upid"));
+    };
+    check_task_access(st, caller, &upid, &decoded.6, "Sys.Modify")?;
+    st.kill_task(&upid, "received interrupt");
+    data(Value::Null)
+}

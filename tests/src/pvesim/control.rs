@@ -1,0 +1,479 @@
+//! The simulator's own control surface (`/_sim/…`, admin token only): the request log,
+//! fault injection, state inspection and direct state changes.
+//!
+//! Owns: the request log and the fault table. Must never: accept a PVE token, or log
+//! a PVE request it changed itself.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::guest::{self, Ha, Kind};
+use super::state::{self, SimState};
+
+/// At most this many request-log entries are kept (oldest dropped; `seq` keeps counting).
+pub const LOG_CAP: usize = 200_000;
+
+/// One logged PVE request.
+#[derive(Debug, Clone)]
+pub struct LoggedRequest {
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    pub params: BTreeMap<String, String>,
+    pub token_id: Option<String>,
+    /// `None` while in flight or when the connection was dropped.
+    pub status: Option<u16>,
+}
+
+/// A fault kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    Http500,
+    TaskFail,
+    Latency,
+    MalformedBody,
+    DropConnection,
+}
+
+/// A fault as posted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    pub method: Option<String>,
+    pub path: String,
+    pub kind: FaultKind,
+    pub message: Option<String>,
+    pub latency_ms: Option<u64>,
+    pub times: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Fault {
+    id: u64,
+    spec: FaultSpec,
+    remaining: Option<u32>,
+    hits: u64,
+}
+
+/// What the faults want done with one request.
+#[derive(Debug, Default)]
+pub struct FaultMatch {
+    pub latency_ms: u64,
+    /// The first matching non-latency fault: `(id, kind, message)`.
+    pub action: Option<(u64, FaultKind, Option<String>)>,
+}
+
+/// Log and faults.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    log: VecDeque<LoggedRequest>,
+    next_seq: u64,
+    faults: Vec<Fault>,
+    next_fault: u64,
+}
+
+impl ControlState {
+    /// Appends a request; returns its sequence number.
+    pub fn log_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        params: BTreeMap<String, String>,
+    ) -> u64 {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let mut params = params;
+        if let Some(p) = params.get_mut("password") {
+            *p = "<redacted>".to_owned();
+        }
+        self.log.push_back(LoggedRequest {
+            seq,
+            method: method.to_owned(),
+            path: path.to_owned(),
+            params,
+            token_id: None,
+            status: None,
+        });
+        if self.log.len() > LOG_CAP {
+            self.log.pop_front();
+        }
+        seq
+    }
+
+    fn entry(&mut self, seq: u64) -> Option<&mut LoggedRequest> {
+        let first = self.log.front()?.seq;
+        let idx = seq.checked_sub(first)? as usize;
+        self.log.get_mut(idx)
+    }
+
+    pub fn set_token(&mut self, seq: u64, token: &str) {
+        if let Some(e) = self.entry(seq) {
+            e.token_id = Some(token.to_owned());
+        }
+    }
+
+    pub fn set_status(&mut self, seq: u64, status: u16) {
+        if let Some(e) = self.entry(seq) {
+            e.status = Some(status);
+        }
+    }
+
+    pub fn requests_json(&self, since: u64) -> Value {
+        let items: Vec<Value> = self
+            .log
+            .iter()
+            .filter(|e| e.seq > since)
+            .map(|e| {
+                json!({"seq": e.seq, "method": e.method, "path": e.path, "params": e.params,
+                       "token_id": e.token_id, "status": e.status})
+            })
+            .collect();
+        json!({"requests": items, "last_seq": self.next_seq})
+    }
+
+    pub fn clear_log(&mut self) {
+        self.log.clear();
+    }
+
+    pub fn add_fault(&mut self, spec: FaultSpec) -> Result<u64, String> {
+        if !spec.path.starts_with('/') {
+            return Err("path must start with '/' (below /api2/json)".into());
+        }
+        if spec.kind == FaultKind::Latency && spec.latency_ms.is_none() {
+            return Err("a latency fault needs latency_ms".into());
+        }
+        if spec.times == Some(0) {
+            return Err("times must be at least 1 (omit it for 'until cleared')".into());
+        }
+        self.next_fault += 1;
+        let id = self.next_fault;
+        self.faults.push(Fault {
+            id,
+            remaining: spec.times,
+            spec,
+            hits: 0,
+        });
+        Ok(id)
+    }
+
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+    }
+
+    pub fn remove_fault(&mut self, id: u64) -> bool {
+        let before = self.faults.len();
+        self.faults.retain(|f| f.id != id);
+        before != self.faults.len()
+    }
+
+    pub fn faults_json(&self) -> Value {
+        let items: Vec<Value> = self
+            .faults
+            .iter()
+            .map(|f| {
+                json!({"id": f.id, "method": f.spec.method, "path": f.spec.path,
+                       "kind": format!("{:?}", f.spec.kind), "message": f.spec.message,
+                       "latency_ms": f.spec.latency_ms, "remaining": f.remaining, "hits": f.hits})
+            })
+            .collect();
+        json!({"faults": items})
+    }
+
+    /// Matches faults against a request (`rel` is below `/api2/json`, decoded).
+    /// Latency and the chosen action are counted now, except `task_fail`, which
+    /// counts only when a task really used it ([`ControlState::consume`]).
+    pub fn match_faults(&mut self, method: &str, rel: &str) -> FaultMatch {
+        let mut m = FaultMatch::default();
+        for f in &mut self.faults {
+            if f.remaining == Some(0) {
+                continue;
+            }
+            if let Some(fm) = &f.spec.method
+                && !fm.eq_ignore_ascii_case(method)
+            {
+                continue;
+            }
+            let hit = match f.spec.path.strip_suffix('*') {
+                Some(prefix) => rel.starts_with(prefix),
+                None => rel == f.spec.path || rel.trim_end_matches('/') == f.spec.path,
+            };
+            if !hit {
+                continue;
+            }
+            match f.spec.kind {
+                FaultKind::Latency => {
+                    m.latency_ms += f.spec.latency_ms.unwrap_or(0);
+                    f.hits += 1;
+                    if let Some(r) = &mut f.remaining {
+                        *r -= 1;
+                    }
+                }
+                kind if m.action.is_none() => {
+                    m.action = Some((f.id, kind, f.spec.message.clone()));
+                    if kind != FaultKind::TaskFail {
+                        f.hits += 1;
+                        if let Some(r) = &mut f.remaining {
+                            *r -= 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.faults.retain(|f| f.remaining != Some(0));
+        m
+    }
+
+    /// Counts one use of a `task_fail` fault.
+    pub fn consume(&mut self, id: u64) {
+        if let Some(f) = self.faults.iter_mut().find(|f| f.id == id) {
+            f.hits += 1;
+            if let Some(r) = &mut f.remaining {
+                *r = r.saturating_sub(1);
+            }
+        }
+        self.faults.retain(|f| f.remaining != Some(0));
+    }
+}
+
+/// The inspection view of one guest.
+pub fn guest_state_json(g: &guest::Guest) -> Value {
+    let mut snaps = g.snapshot_list_json();
+    snaps.sort_by(|a, b| a["snaptime"].as_u64().cmp(&b["snaptime"].as_u64()));
+    json!({
+        "vmid": g.vmid,
+        "type": g.kind.as_str(),
+        "status": if g.running { "running" } else { "stopped" },
+        "ha_managed": g.ha.is_some(),
+        "ha_state": g.ha.as_ref().map(|h| h.state.clone()),
+        "lock": g.lock(),
+        "template": g.is_template(),
+        "config": g.config_json(false),
+        "current_config": g.config_json(true),
+        "pending": g.pending,
+        "pending_delete": g.pending_delete,
+        "snapshots": snaps,
+        "conf_file": g.render_conf(),
+    })
+}
+
+/// `GET /_sim/state`.
+pub fn state_json(st: &SimState) -> Value {
+    let guests: Vec<Value> = st.guests.values().map(guest_state_json).collect();
+    let storages: Vec<Value> = st
+        .storages
+        .iter()
+        .map(|s| {
+            let mut v = s.list_json();
+            v["volumes"] = Value::Array(s.volumes.iter().map(|x| x.content_json()).collect());
+            v
+        })
+        .collect();
+    let tasks: Vec<Value> = st
+        .tasks
+        .all()
+        .iter()
+        .map(|t| {
+            json!({"upid": t.upid, "type": t.wtype, "id": t.id, "user": t.user,
+                   "status": if t.running() { "running" } else { "stopped" },
+                   "exitstatus": t.exit, "starttime": t.starttime, "endtime": t.endtime})
+        })
+        .collect();
+    json!({"node": st.node, "version": st.version.to_string(), "guests": guests,
+           "storages": storages, "tasks": tasks})
+}
+
+/// `PUT /_sim/guests/{vmid}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestPatch {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub status: Option<String>,
+    #[serde(default, with = "double_option")]
+    pub lock: Option<Option<String>>,
+    pub ha_managed: Option<bool>,
+    pub template: Option<bool>,
+    pub config: Option<BTreeMap<String, Option<String>>>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Option::<String>::deserialize(d).map(Some)
+    }
+}
+
+/// Applies a patch; creates the guest when it does not exist and `type` is given.
+pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value, String> {
+    if !(100..=999_999_999).contains(&vmid) {
+        return Err(format!("vmid {vmid} out of range"));
+    }
+    match st.guests.get(&vmid) {
+        None => {
+            let kind = match p.kind.as_deref() {
+                Some("lxc") => Kind::Lxc,
+                Some("qemu") => Kind::Qemu,
+                Some(k) => return Err(format!("unknown type {k:?}")),
+                None => {
+                    return Err(format!(
+                        "guest {vmid} does not exist; give \"type\" to create it"
+                    ));
+                }
+            };
+            st.guests
+                .insert(vmid, state::new_guest(vmid, kind, BTreeMap::new()));
+        }
+        Some(g) => {
+            if let Some(k) = &p.kind
+                && g.kind.as_str() != k
+            {
+                return Err(format!("guest {vmid} exists with another type"));
+            }
+        }
+    }
+    if let Some(s) = &p.status
+        && s != "running"
+        && s != "stopped"
+    {
+        return Err(format!("status must be running or stopped, not {s:?}"));
+    }
+    let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
+    if let Some(cfg) = p.config {
+        for (k, v) in cfg {
+            match v {
+                Some(v) if k == "description" => match guest::normalize_description(&v) {
+                    Some(d) => {
+                        g.conf.insert(k, d);
+                    }
+                    None => {
+                        g.conf.remove(&k);
+                    }
+                },
+                Some(v) => {
+                    g.conf.insert(k, v);
+                }
+                None => {
+                    g.conf.remove(&k);
+                }
+            }
+        }
+    }
+    if let Some(lock) = p.lock {
+        match lock {
+            Some(l) => g.conf.insert("lock".into(), l),
+            None => g.conf.remove("lock"),
+        };
+    }
+    if let Some(t) = p.template {
+        if t {
+            g.conf.insert("template".into(), "1".into());
+        } else {
+            g.conf.remove("template");
+        }
+    }
+    if let Some(h) = p.ha_managed {
+        g.ha = h.then(|| Ha {
+            state: if g.running { "started" } else { "stopped" }.into(),
+        });
+    }
+    g.touch();
+    if let Some(s) = p.status {
+        st.set_running(vmid, s == "running");
+    }
+    let g = st.guests.get(&vmid).ok_or("vanished")?;
+    Ok(guest_state_json(g))
+}
+
+/// `PUT /_sim/settings` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    pub task_seconds: Option<f64>,
+    pub latency_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &str, kind: FaultKind, times: Option<u32>) -> FaultSpec {
+        FaultSpec {
+            method: None,
+            path: path.into(),
+            kind,
+            message: None,
+            latency_ms: Some(5),
+            times,
+        }
+    }
+
+    #[test]
+    fn faults_match_by_path_prefix_and_count_down() {
+        let mut c = ControlState::default();
+        c.add_fault(spec("/nodes/pve1/lxc/*", FaultKind::Http500, Some(1)))
+            .unwrap();
+        c.add_fault(spec("/version", FaultKind::Latency, None))
+            .unwrap();
+        assert!(
+            c.match_faults("GET", "/nodes/pve1/lxc/101/config")
+                .action
+                .is_some()
+        );
+        assert!(
+            c.match_faults("GET", "/nodes/pve1/lxc/101/config")
+                .action
+                .is_none()
+        );
+        assert_eq!(c.match_faults("GET", "/version").latency_ms, 5);
+        assert_eq!(c.match_faults("GET", "/version").latency_ms, 5);
+        assert!(
+            c.add_fault(spec("nodes", FaultKind::Http500, None))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn task_fail_counts_only_when_used() {
+        let mut c = ControlState::default();
+        let id = c
+            .add_fault(spec("/nodes/pve1/vzdump", FaultKind::TaskFail, Some(1)))
+            .unwrap();
+        assert!(
+            c.match_faults("POST", "/nodes/pve1/vzdump")
+                .action
+                .is_some()
+        );
+        assert!(
+            c.match_faults("POST", "/nodes/pve1/vzdump")
+                .action
+                .is_some()
+        );
+        c.consume(id);
+        assert!(
+            c.match_faults("POST", "/nodes/pve1/vzdump")
+                .action
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn log_keeps_order_and_redacts_passwords() {
+        let mut c = ControlState::default();
+        let mut p = BTreeMap::new();
+        p.insert("password".to_owned(), "hunter2".to_owned());
+        let a = c.log_request("POST", "/api2/json/nodes/pve1/lxc", p);
+        let b = c.log_request("GET", "/api2/json/version", BTreeMap::new());
+        c.set_status(a, 200);
+        let j = c.requests_json(0);
+        assert_eq!(j["requests"][0]["seq"], a);
+        assert_eq!(j["requests"][1]["seq"], b);
+        assert_eq!(j["requests"][0]["params"]["password"], "<redacted>");
+        assert_eq!(c.requests_json(a)["requests"].as_array().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,146 @@
+//! Storages and the volumes the simulator tracks on them (backups and templates).
+//! Owns the storage list and content JSON; guest disks live in guest configs.
+
+use serde_json::{Map, Value, json};
+
+/// One storage.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub id: String,
+    /// `dir`, `lvmthin`, `zfspool`, `nfs`, …
+    pub stype: &'static str,
+    pub content: Vec<&'static str>,
+    /// Filesystem path for file-based storages.
+    pub path: Option<String>,
+    pub shared: bool,
+    pub active: bool,
+    pub enabled: bool,
+    pub total: u64,
+    pub used: u64,
+    pub volumes: Vec<Volume>,
+}
+
+/// A volume listed by the content endpoint.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub volid: String,
+    /// `backup`, `vztmpl`, `iso`.
+    pub content: &'static str,
+    pub format: String,
+    pub size: u64,
+    pub ctime: u64,
+    /// For backups: owner vmid and `lxc`/`qemu`.
+    pub vmid: Option<u32>,
+    pub subtype: Option<&'static str>,
+    pub notes: Option<String>,
+    pub protected: bool,
+    /// The guest config recorded in a backup (for restore).
+    pub backup_conf: Option<BackupConf>,
+}
+
+/// What a backup archive carries about its guest.
+#[derive(Debug, Clone)]
+pub struct BackupConf {
+    pub conf: std::collections::BTreeMap<String, String>,
+    pub raw_lxc: Vec<(String, String)>,
+}
+
+impl Storage {
+    /// Whether volumes here can be snapshotted (LVM-thin, ZFS, Ceph, btrfs).
+    pub fn supports_snapshots(&self) -> bool {
+        matches!(self.stype, "lvmthin" | "zfspool" | "rbd" | "btrfs")
+    }
+
+    pub fn has_content(&self, c: &str) -> bool {
+        self.content.contains(&c)
+    }
+
+    /// The item of `GET /nodes/{node}/storage`.
+    pub fn list_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("storage".to_owned(), json!(self.id));
+        m.insert("type".to_owned(), json!(self.stype));
+        m.insert("content".to_owned(), json!(self.content.join(",")));
+        m.insert("active".to_owned(), json!(u8::from(self.active)));
+        m.insert("enabled".to_owned(), json!(u8::from(self.enabled)));
+        m.insert("shared".to_owned(), json!(u8::from(self.shared)));
+        if self.active {
+            let used = self.used + self.volumes.iter().map(|v| v.size).sum::<u64>();
+            let used = used.min(self.total);
+            m.insert("total".to_owned(), json!(self.total));
+            m.insert("used".to_owned(), json!(used));
+            m.insert("avail".to_owned(), json!(self.total - used));
+            m.insert(
+                "used_fraction".to_owned(),
+                json!(used as f64 / self.total.max(1) as f64),
+            );
+        }
+        Value::Object(m)
+    }
+
+    /// The filesystem path of a backup file on this storage, as vzdump logs it.
+    pub fn dump_path(&self, file: &str) -> String {
+        match &self.path {
+            Some(p) => format!("{p}/dump/{file}"),
+            None => format!("/mnt/pve/{}/dump/{file}", self.id),
+        }
+    }
+}
+
+impl Volume {
+    /// The item of `GET /nodes/{node}/storage/{storage}/content`.
+    pub fn content_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("volid".to_owned(), json!(self.volid));
+        m.insert("content".to_owned(), json!(self.content));
+        m.insert("format".to_owned(), json!(self.format));
+        m.insert("size".to_owned(), json!(self.size));
+        m.insert("ctime".to_owned(), json!(self.ctime));
+        if let Some(v) = self.vmid {
+            m.insert("vmid".to_owned(), json!(v));
+        }
+        if let Some(s) = self.subtype {
+            m.insert("subtype".to_owned(), json!(s));
+        }
+        if let Some(n) = &self.notes {
+            m.insert("notes".to_owned(), json!(n));
+        }
+        if self.protected {
+            m.insert("protected".to_owned(), json!(1));
+        }
+        Value::Object(m)
+    }
+}
+
+/// `vzdump-lxc-101-2025_01_31-02_00_05.tar.zst` → `(lxc, 101)`.
+pub fn parse_backup_name(volname: &str) -> Option<(&'static str, u32)> {
+    let file = volname.strip_prefix("backup/")?;
+    let rest = file.strip_prefix("vzdump-")?;
+    let (kind, rest) = if let Some(r) = rest.strip_prefix("lxc-") {
+        ("lxc", r)
+    } else if let Some(r) = rest.strip_prefix("qemu-") {
+        ("qemu", r)
+    } else {
+        return None;
+    };
+    let vmid = rest.split('-').next()?.parse().ok()?;
+    Some((kind, vmid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_names() {
+        assert_eq!(
+            parse_backup_name("backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst"),
+            Some(("lxc", 101))
+        );
+        assert_eq!(
+            parse_backup_name("backup/vzdump-qemu-100-2025_01_31-02_00_05.vma.zst"),
+            Some(("qemu", 100))
+        );
+        assert_eq!(parse_backup_name("vztmpl/debian.tar.zst"), None);
+    }
+}
