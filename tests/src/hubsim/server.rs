@@ -43,7 +43,11 @@ impl Handler for HubSim {
                 .get(hyper::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             match HubSim::handle(&self, request.method.as_str(), &path, auth, &request.body) {
-                Reply::Respond { status, body, delay } => {
+                Reply::Respond {
+                    status,
+                    body,
+                    delay,
+                } => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
@@ -60,7 +64,11 @@ impl Handler for HubSim {
 }
 
 /// Binds `addr` (loopback only), writes the CA to `dir/hubsim-ca.pem`, and serves `sim`.
-pub async fn serve(sim: Arc<HubSim>, addr: SocketAddr, dir: &Path) -> Result<Listening, ServerError> {
+pub async fn serve(
+    sim: Arc<HubSim>,
+    addr: SocketAddr,
+    dir: &Path,
+) -> Result<Listening, ServerError> {
     let listener = http::bind_loopback(addr).await?;
     let addr = listener
         .local_addr()
@@ -74,5 +82,9 @@ pub async fn serve(sim: Arc<HubSim>, addr: SocketAddr, dir: &Path) -> Result<Lis
         ..ServeOptions::default()
     };
     let task = tokio::spawn(http::serve(listener, tls, sim, options));
-    Ok(Listening { addr, ca_file, task })
+    Ok(Listening {
+        addr,
+        ca_file,
+        task,
+    })
 }

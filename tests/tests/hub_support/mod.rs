@@ -283,6 +283,18 @@ impl AgentHome {
         }
     }
 
+    /// Sets one config field by dotted path (`sensors.hwmon_root`).
+    pub fn set(&self, path: &str, value: Value) {
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&self.config).unwrap()).unwrap();
+        let mut at = &mut cfg;
+        let parts: Vec<&str> = path.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            at = &mut at[*p];
+        }
+        at[parts[parts.len() - 1]] = value;
+        std::fs::write(&self.config, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    }
+
     pub fn start(&self) -> Agent {
         let log = self
             .dir
