@@ -63,7 +63,14 @@ fn start_pve(guests: u32) -> PveSim {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_felhom-pvesim"));
     PveSim::spawn(
         bin,
-        &["--guests", &guests.to_string(), "--latency-ms", &LATENCY_MS.to_string(), "--seed", "3"],
+        &[
+            "--guests",
+            &guests.to_string(),
+            "--latency-ms",
+            &LATENCY_MS.to_string(),
+            "--seed",
+            "3",
+        ],
     )
     .expect("start felhom-pvesim")
 }
@@ -80,7 +87,10 @@ fn setup(pve: &PveSim, hub: &Hub, dir: &std::path::Path) -> (HostCollector, HubC
         },
     );
     cfg.privhelper.audit_log = dir.join("audit.jsonl");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     cfg.cloudflared.metrics_url = format!("http://{dead}");
     let collector = HostCollector::new(&cfg);
     let client = HubClient::new(&HubEndpoint {
@@ -95,7 +105,11 @@ fn setup(pve: &PveSim, hub: &Hub, dir: &std::path::Path) -> (HostCollector, HubC
 
 async fn cycle(collector: &mut HostCollector, client: &HubClient) -> usize {
     let mut report = collector.collect_report().await;
-    assert!(report.host.is_some(), "collection failed: {:?}", report.errors);
+    assert!(
+        report.host.is_some(),
+        "collection failed: {:?}",
+        report.errors
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     report.sent_at = Timestamp::now();
     client.post_report(&report).await.expect("hub accepted");
@@ -188,7 +202,10 @@ fn main() {
         println!("resident memory of the hub side (this process), 100 guests:");
         println!("  before the first cycle: {:.1} MiB", mib(before));
         println!("  after 10 cycles:        {:.1} MiB", mib(after10));
-        println!("  after 200 cycles:       {:.1} MiB  (target ≤ 12 MiB)", mib(after200));
+        println!(
+            "  after 200 cycles:       {:.1} MiB  (target ≤ 12 MiB)",
+            mib(after200)
+        );
         println!(
             "  growth 10 → 200:        {:+.1} MiB ({:+.1} %)",
             mib(after200) - mib(after10),

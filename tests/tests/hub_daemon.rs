@@ -336,3 +336,109 @@ async fn the_last_envelope_survives_a_restart() {
     );
     assert!(log.contains("blocked=true"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_watchdog_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let hub = HubSim::start();
+    hub.set_envelope(json!({"poll_interval_seconds": 60})).await;
+    let home = AgentHome::new(&hub, &proxmox_down(), json!({}));
+    let sock_path = home.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut agent = home.start_with_env(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    let mut seen = Vec::new();
+    let recv = |seen: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    recv(&mut seen);
+    assert!(seen[0].contains("READY=1"), "{seen:?}");
+    // pings at half the watchdog interval: several within a second
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        recv(&mut seen);
+    }
+    let pings = seen.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(pings >= 3, "{seen:?}");
+    agent.signal(Sig::Hup);
+    while !seen.iter().any(|m| m.contains("RELOADING=1")) {
+        recv(&mut seen);
+    }
+    let reload = seen.iter().find(|m| m.contains("RELOADING=1")).unwrap();
+    assert!(reload.contains("MONOTONIC_USEC="), "{reload}");
+    agent.signal(Sig::Term);
+    while !seen.iter().any(|m| m.contains("STOPPING=1")) {
+        recv(&mut seen);
+    }
+    assert_eq!(
+        agent
+            .wait_exit(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selftest_hub_sends_one_report_and_prints_the_envelope() {
+    let hub = HubSim::start();
+    hub.set_envelope(
+        json!({"poll_interval_seconds": 120, "blocked": true, "desired_generation": 5}),
+    )
+    .await;
+    let home = AgentHome::new(&hub, &proxmox_down(), json!({}));
+    HelperLog::new(&home.audit_log).append(3);
+    let home2 = &home;
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let cfg = home2.config.clone();
+        move || {
+            let o = std::process::Command::new(agent_bin())
+                .args(["selftest", "--hub", "--json", "--config"])
+                .arg(cfg)
+                .env_clear()
+                .output()
+                .unwrap();
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed["poll_interval_seconds"], 120);
+    assert_eq!(printed["blocked"], true);
+    assert_eq!(printed["desired_generation"], 5);
+    let reports = hub.accepted().await;
+    assert_eq!(reports.len(), 1);
+    assert_valid_report(&reports[0]);
+    // selftest never touches the daemon's audit cursor
+    assert_eq!(reports[0]["audit"], json!([]));
+    assert!(!home.state_dir.join("audit-cursor.json").exists());
+    assert!(!err.contains(&hub.token) && !out.contains(&hub.token));
+
+    // human output
+    let (code, out, _) = agent_command(&home, &["selftest", "--hub"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("blocked:               true"), "{out}");
+
+    // the hub refuses the token: a configuration problem (exit 2), token not shown
+    hub.set_token("another-token-entirely").await;
+    let (code, out, err) = agent_command(&home, &["selftest", "--hub"]);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains(&hub.token));
+
+    // the hub is gone: unreachable (exit 3)
+    drop(hub);
+    let (code, _, err) = agent_command(&home, &["selftest", "--hub"]);
+    assert_eq!(code, Some(3), "{err}");
+}

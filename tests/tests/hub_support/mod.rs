@@ -239,6 +239,9 @@ impl AgentHome {
         let audit_dir = dir.path().join("audit");
         std::fs::create_dir(&audit_dir).unwrap();
         let audit_log = audit_dir.join("privhelper-audit.jsonl");
+        // a copy, so the config stays valid after the simulator (and its temp dir) is gone
+        let hub_ca = dir.path().join("hub-ca.pem");
+        std::fs::copy(&hub.ca_file, &hub_ca).unwrap();
         let hwmon = dir.path().join("hwmon");
         std::fs::create_dir(&hwmon).unwrap();
         let mut proxmox = json!({
@@ -260,7 +263,7 @@ impl AgentHome {
             "hub": {
                 "url": hub.url,
                 "token_file": token_file,
-                "ca_file": hub.ca_file,
+                "ca_file": hub_ca,
                 "test_min_poll_interval_seconds": 1
             },
             "privhelper": {
@@ -296,6 +299,11 @@ impl AgentHome {
     }
 
     pub fn start(&self) -> Agent {
+        self.start_with_env(&[])
+    }
+
+    /// `felhom-agent run` with a clean environment plus `env`.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Agent {
         let log = self
             .dir
             .path()
@@ -306,12 +314,29 @@ impl AgentHome {
             .arg(&self.config)
             .env_clear()
             .env("FELHOM_AGENT_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start felhom-agent run");
         Agent { child, log }
     }
+}
+
+/// Runs `felhom-agent ARGS… --config <home>` to completion: (exit code, stdout, stderr).
+pub fn agent_command(home: &AgentHome, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&home.config)
+        .env_clear()
+        .output()
+        .expect("run felhom-agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub fn write_secret(path: &Path, value: &str) {
