@@ -164,6 +164,13 @@ async fn body_on_delete_is_501_and_unknown_node_is_a_lookup_failure() {
         reason.as_deref(),
         Some(&b"Unexpected content for method 'DELETE'"[..])
     );
+    // The guest index loads the config: a cheap existence probe.
+    assert!(api(&sim, "GET", "/nodes/pve1/lxc/101", &[]).await.data()[0]["subdir"].is_string());
+    let r = api(&sim, "GET", "/nodes/pve1/qemu/101", &[]).await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("Configuration file 'nodes/pve1/qemu-server/101.conf' does not exist")
+    );
     let r = api(&sim, "GET", "/nodes/other/status", &[]).await;
     assert_eq!(r.status, 500);
     assert!(

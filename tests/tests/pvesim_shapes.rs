@@ -336,7 +336,13 @@ async fn task_status_shapes() {
 async fn post_answers_are_bare_upids() {
     let sim = spawn(&["--task-seconds", "0.05", "--guests", "6"]);
     let re = regex_lite::Regex::new(UPID_RE).unwrap();
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str)> = vec![
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "synthesized/pve-post-lxc-start.json",
             "/nodes/pve1/lxc/102/status/start",

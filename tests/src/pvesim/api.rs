@@ -189,6 +189,7 @@ pub fn dispatch(
         Route::NodeVersion => get_version(st, &params),
         Route::NodeStatus => get_node_status(st, &params),
         Route::GuestList => get_guest_list(st, caller, kind, &params),
+        Route::GuestIndex => get_guest_index(st, kind, &params),
         Route::GuestConfig => get_config(st, caller, kind, &params),
         Route::GuestPending => get_pending(st, kind, &params),
         Route::GuestStatus => get_status(st, kind, &params),
@@ -227,6 +228,7 @@ enum Route {
     NodeVersion,
     NodeStatus,
     GuestList,
+    GuestIndex,
     GuestConfig,
     GuestPending,
     GuestStatus,
@@ -256,6 +258,7 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         ("GET", ["nodes", _, "status"]) => Route::NodeStatus,
         ("GET", ["nodes", _, k]) if guest(k) => Route::GuestList,
         ("POST", ["nodes", _, "lxc"]) => Route::LxcCreate,
+        ("GET", ["nodes", _, k, _]) if guest(k) => Route::GuestIndex,
         ("GET", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestConfig,
         ("PUT", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestUpdateConfig,
         ("POST", ["nodes", _, "qemu", _, "config"]) => Route::QemuPostConfig,
@@ -502,6 +505,52 @@ fn get_config(
         return data(g.snapshot_config_json(s));
     }
     data(g.config_json(current))
+}
+
+/// `GET /nodes/{node}/lxc|qemu/{vmid}`: the directory index (loads the config first).
+fn get_guest_index(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    load(st, kind, vmid_of(params))?;
+    let subdirs: &[&str] = match kind {
+        Kind::Lxc => &[
+            "config",
+            "pending",
+            "status",
+            "vncproxy",
+            "termproxy",
+            "vncwebsocket",
+            "spiceproxy",
+            "migrate",
+            "clone",
+            "rrd",
+            "rrddata",
+            "firewall",
+            "snapshot",
+            "resize",
+        ],
+        Kind::Qemu => &[
+            "config",
+            "pending",
+            "status",
+            "unlink",
+            "vncproxy",
+            "termproxy",
+            "migrate",
+            "resize",
+            "move",
+            "rrd",
+            "rrddata",
+            "monitor",
+            "agent",
+            "snapshot",
+            "spiceproxy",
+            "sendkey",
+            "firewall",
+        ],
+    };
+    data(Value::Array(
+        subdirs.iter().map(|d| json!({"subdir": d})).collect(),
+    ))
 }
 
 fn get_pending(st: &SimState, kind: Kind, params: &Params) -> Result<Answer, ApiError> {
@@ -801,10 +850,12 @@ fn put_lxc_config(
         .map(|s| (s.id.clone(), s.has_content("rootdir")))
         .collect();
     let mut rng = st.rng.fork();
-    let g = st
-        .guests
-        .get_mut(&vmid)
-        .ok_or_else(|| ApiError::die(no_such_config_plain(vmid)))?;
+    let node = st.node.clone();
+    let g = st.guests.get_mut(&vmid).ok_or_else(|| {
+        ApiError::die(format!(
+            "Configuration file 'nodes/{node}/lxc/{vmid}.conf' does not exist"
+        ))
+    })?;
     let mut work = g.clone();
     for k in &revert {
         work.pending.remove(k);
@@ -948,10 +999,6 @@ fn put_lxc_config(
     work.touch();
     *g = work;
     data(Value::Null)
-}
-
-fn no_such_config_plain(vmid: u32) -> String {
-    format!("Configuration file for {vmid} vanished")
 }
 
 /// Writes `v`, or removes the key when the value is empty (an empty description or tag
@@ -1316,12 +1363,10 @@ fn guest_action(
         } else {
             ("hastop", false)
         };
-        let prefix = if kind == Kind::Lxc { "ct" } else { "vm" };
         let log = vec![format!(
             "Requesting HA {} for {label} {vmid}",
             if want { "start" } else { "stop" }
         )];
-        let _ = prefix;
         let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
             if st.guests.get(&vmid).is_some_and(|g| g.kind == kind) {
                 st.set_running(vmid, want);
@@ -2568,10 +2613,10 @@ fn get_task_list(st: &SimState, caller: &Caller, params: &Params) -> Result<Answ
     })
 }
 
+/// The task owner may always; anyone else needs `privilege` on `/nodes/{node}`.
 fn check_task_access(
     st: &SimState,
     caller: &Caller,
-    upid: &str,
     owner_user: &str,
     privilege: &str,
 ) -> Result<(), ApiError> {
@@ -2579,7 +2624,6 @@ fn check_task_access(
         Some((u, _)) => caller.token_id == owner_user || caller.token_id == u,
         None => caller.token_id == owner_user,
     };
-    let _ = upid;
     if owned {
         Ok(())
     } else {
@@ -2596,7 +2640,7 @@ fn get_task_status(st: &SimState, caller: &Caller, params: &Params) -> Result<An
     let Some(task) = st.tasks.get(upid) else {
         return Err(ApiError::param("upid", "no such task"));
     };
-    check_task_access(st, caller, upid, &decoded.6, "Sys.Audit")?;
+    check_task_access(st, caller, &decoded.6, "Sys.Audit")?;
     data(task.status_json())
 }
 
@@ -2610,7 +2654,7 @@ fn get_task_log(st: &SimState, caller: &Caller, params: &Params) -> Result<Answe
     let Some(decoded) = decode_upid(upid) else {
         return Err(ApiError::param("upid", "unable to parse worker upid"));
     };
-    check_task_access(st, caller, upid, &decoded.6, "Sys.Audit")?;
+    check_task_access(st, caller, &decoded.6, "Sys.Audit")?;
     let Some(task) = st.tasks.get(upid) else {
         return Ok(Answer {
             data: json!([{"n": 1, "t": "unable to open file - No such file or directory"}]),
@@ -2652,7 +2696,7 @@ fn stop_task(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answ
     let Some(decoded) = decode_upid(&upid) else {
         return Err(ApiError::param("upid", "unable to parse worker upid"));
     };
-    check_task_access(st, caller, &upid, &decoded.6, "Sys.Modify")?;
+    check_task_access(st, caller, &decoded.6, "Sys.Modify")?;
     st.kill_task(&upid, "received interrupt");
     data(Value::Null)
 }

@@ -31,11 +31,25 @@ pub struct LoggedRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FaultKind {
+    #[serde(rename = "http_500")]
     Http500,
     TaskFail,
     Latency,
     MalformedBody,
     DropConnection,
+}
+
+impl FaultKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Http500 => "http_500",
+            FaultKind::TaskFail => "task_fail",
+            FaultKind::Latency => "latency",
+            FaultKind::MalformedBody => "malformed_body",
+            FaultKind::DropConnection => "drop_connection",
+        }
+    }
 }
 
 /// A fault as posted.
@@ -175,7 +189,7 @@ impl ControlState {
             .iter()
             .map(|f| {
                 json!({"id": f.id, "method": f.spec.method, "path": f.spec.path,
-                       "kind": format!("{:?}", f.spec.kind), "message": f.spec.message,
+                       "kind": f.spec.kind.as_str(), "message": f.spec.message,
                        "latency_ms": f.spec.latency_ms, "remaining": f.remaining, "hits": f.hits})
             })
             .collect();

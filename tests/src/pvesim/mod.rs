@@ -294,7 +294,10 @@ impl Sim {
             Ok(answer) => {
                 lock(&self.control).set_status(seq, 200);
                 let mut body = json!({"data": answer.data});
-                if let Some(t) = answer.total {
+                // pve-http-server adds `total` only when it is true in Perl (not 0).
+                if let Some(t) = answer.total
+                    && t > 0
+                {
                     body["total"] = json!(t);
                 }
                 let mut text = json::to_string_shuffled(&body, &mut fastrand::Rng::new());
