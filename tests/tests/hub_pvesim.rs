@@ -130,17 +130,22 @@ async fn a_full_daemon_run_reports_the_simulated_node() {
 async fn one_guest_failing_is_unknown_and_the_rest_still_goes() {
     let pve = pvesim(8);
     let state = pve.state().await.unwrap();
-    let victim = state["guests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["type"] == "lxc")
+    let guests = state["guests"].as_array().unwrap();
+    let lxc = guests.iter().find(|g| g["type"] == "lxc").unwrap()["vmid"]
+        .as_u64()
         .unwrap();
-    let vmid = victim["vmid"].as_u64().unwrap();
-    // (a garbled answer: `http_500` would do too, but pvesim currently spells that kind
-    // `http500` on the wire, unlike its docs and harness)
+    let qemu = guests.iter().find(|g| g["type"] == "qemu").unwrap()["vmid"]
+        .as_u64()
+        .unwrap();
+    // one container's config read fails with a PVE error, one VM's status is garbled
+    pve.add_fault(&Fault::http_500(
+        &format!("/nodes/pve1/lxc/{lxc}/config"),
+        "config read exploded",
+    ))
+    .await
+    .unwrap();
     pve.add_fault(&Fault::malformed_body(&format!(
-        "/nodes/pve1/lxc/{vmid}/config"
+        "/nodes/pve1/qemu/{qemu}/status/current"
     )))
     .await
     .unwrap();
@@ -156,11 +161,12 @@ async fn one_guest_failing_is_unknown_and_the_rest_still_goes() {
     let report = &reports.iter().find(|x| x["outcome"] == "accepted").unwrap()["report"];
     assert_valid_report(report);
     assert!(report["host"].is_object());
-    let guests = report["guests"].as_array().unwrap();
-    assert_eq!(guests.len(), 8);
-    for g in guests {
-        if g["vmid"].as_u64() == Some(vmid) {
-            assert_eq!(g["status"], "unknown");
+    let listed = report["guests"].as_array().unwrap();
+    assert_eq!(listed.len(), 8);
+    for g in listed {
+        let vmid = g["vmid"].as_u64().unwrap();
+        if vmid == lxc || vmid == qemu {
+            assert_eq!(g["status"], "unknown", "{g:#}");
             assert!(g["spec"].is_null());
         } else {
             assert_ne!(g["status"], "unknown", "{g:#}");
@@ -168,10 +174,26 @@ async fn one_guest_failing_is_unknown_and_the_rest_still_goes() {
         }
     }
     let errors = report["errors"].as_array().unwrap();
-    assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert_eq!(errors[0]["component"], "guest");
-    assert_eq!(errors[0]["subject"], vmid.to_string());
-    assert_eq!(errors[0]["kind"], "decode", "{errors:#?}");
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    let by_subject = |v: u64| {
+        errors
+            .iter()
+            .find(|e| e["subject"] == v.to_string())
+            .unwrap()
+    };
+    let e = by_subject(lxc);
+    assert_eq!(e["component"], "guest");
+    assert_eq!(e["kind"], "http");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("config read exploded"),
+        "{e:#}"
+    );
+    let e = by_subject(qemu);
+    assert_eq!(e["component"], "guest");
+    assert_eq!(e["kind"], "decode", "{e:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
