@@ -178,7 +178,7 @@ async fn one_guest_failing_is_unknown_and_the_rest_still_goes() {
     let by_subject = |v: u64| {
         errors
             .iter()
-            .find(|e| e["subject"] == v.to_string())
+            .find(|e| e["subject"].as_str().and_then(|s| s.parse::<u64>().ok()) == Some(v))
             .unwrap()
     };
     let e = by_subject(lxc);
