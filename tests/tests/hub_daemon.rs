@@ -87,6 +87,11 @@ async fn the_hubs_interval_is_adopted_and_clamped_to_the_floor() {
 async fn the_loop_reports_through_500_garbage_hang_and_drop() {
     let hub = HubSim::start();
     hub.set_envelope(json!({"poll_interval_seconds": 1})).await;
+    let home = AgentHome::new(&hub, &proxmox_down(), json!({}));
+    let agent = home.start();
+    // one accepted report first: the interval is now 1 s, which also caps the backoff
+    hub.wait_reports(Duration::from_secs(30), |r| !r.is_empty())
+        .await;
     for fault in [
         json!({"kind": "status", "status": 500, "times": 1}),
         json!({"kind": "garbage", "times": 1}),
@@ -95,20 +100,19 @@ async fn the_loop_reports_through_500_garbage_hang_and_drop() {
     ] {
         hub.add_fault(fault).await;
     }
-    let home = AgentHome::new(&hub, &proxmox_down(), json!({}));
-    let agent = home.start();
-    // backoff after each failure ≤ 5 s, the hang costs the test-bed request timeout (5 s)
+    let t0 = std::time::Instant::now();
     let reports = hub
         .wait_reports(Duration::from_secs(60), |r| {
-            r.iter().filter(|x| x["outcome"] == "accepted").count() >= 2
+            r.iter().filter(|x| x["outcome"] == "accepted").count() >= 3
         })
         .await;
     let outcomes: Vec<&str> = reports
         .iter()
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
+    let start = outcomes.iter().position(|o| *o == "status_500").unwrap();
     assert_eq!(
-        &outcomes[..5],
+        &outcomes[start..start + 5],
         [
             "status_500",
             "garbage",
@@ -118,6 +122,12 @@ async fn the_loop_reports_through_500_garbage_hang_and_drop() {
         ],
         "{}",
         agent.log_text()
+    );
+    // four retries at most 1 s apart plus the 5 s request deadline of the hang
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
     );
     let log = agent.log_text();
     assert!(log.contains("report failed"), "{log}");
