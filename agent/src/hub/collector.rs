@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::audit::{AuditCommit, AuditError, AuditReader};
-use super::cloudflared::CloudflaredProber;
+use super::cloudflared::{CloudflaredError, CloudflaredProber};
 use super::heartbeat::Collect;
 use super::report::{
     BackupReport, CollectError, Component, CpuInfo, DiskHealth, DiskReport, ErrorKind, GuestReport,
@@ -254,12 +254,13 @@ impl HostCollector {
                 Ok(p) => {
                     let probe = p.probe().await;
                     let e = probe.error.map(|e| {
-                        err(
-                            Component::Cloudflared,
-                            None,
-                            ErrorKind::Unreachable,
-                            e.to_string(),
-                        )
+                        let kind = match e {
+                            CloudflaredError::Status { .. } => ErrorKind::Http,
+                            CloudflaredError::Timeout { .. } => ErrorKind::Timeout,
+                            CloudflaredError::Request { .. } => ErrorKind::Unreachable,
+                            CloudflaredError::Setup { .. } => ErrorKind::Other,
+                        };
+                        err(Component::Cloudflared, None, kind, e.to_string())
                     });
                     (probe.report, e)
                 }
