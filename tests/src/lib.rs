@@ -6,14 +6,16 @@
 //!
 //! Modules: [`tls`] (a throw-away CA and server certificate), [`http`] (the HTTPS server
 //! plumbing with custom reason phrases and dropped connections), [`pvesim`] (the PVE
-//! simulator) and [`harness`] (starting a simulator binary from a test and driving its
-//! control API); [`hwmon`] (a sample hwmon tree from a `sensors -j` fixture) and
-//! [`privhelper`] (environments, socket activation, a raw client and throw-away users for
-//! the root helper's tests; the fake tools are the binaries `felhom-fake-pct` and
-//! `felhom-fake-smartctl`).
+//! simulator), [`hubsim`] (the hub simulator and a cloudflared `/ready` stand-in) and
+//! [`harness`] (starting a simulator binary from a test and driving its control API).
+//! - [`hwmon`]: a sample hwmon tree from a `sensors -j` fixture.
+//! - [`privhelper`]: environments, socket activation, a raw client and throw-away users
+//!   for the root helper's tests; the fake tools are the binaries `felhom-fake-pct` and
+//!   `felhom-fake-smartctl`.
 
 pub mod harness;
 pub mod http;
+pub mod hubsim;
 pub mod hwmon;
 pub mod privhelper;
 pub mod pvesim;

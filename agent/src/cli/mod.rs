@@ -261,8 +261,3 @@ pub(crate) fn load_config(cli: &Cli) -> Result<crate::config::Config, CliError> 
 pub(crate) fn load_config_full(cli: &Cli) -> Result<crate::config::LoadedConfig, CliError> {
     Ok(crate::config::Config::load(cli.config.as_deref())?)
 }
-
-/// Placeholder error for command groups whose issue has not landed yet.
-fn not_built(what: &str) -> CliError {
-    CliError::Usage(format!("`{what}` is not built yet"))
-}

@@ -76,9 +76,9 @@ pub fn run(cli: &Cli, args: &SelftestArgs) -> Result<(), CliError> {
     }
 }
 
-/// `selftest --hub` belongs to the hub's issue; it calls into `crate::hub` once that lands.
-fn run_hub(_cli: &Cli) -> Result<(), CliError> {
-    Err(super::not_built("selftest --hub"))
+/// `selftest --hub`: collect once, send one report, print the envelope (see `run_cmd`).
+fn run_hub(cli: &Cli) -> Result<(), CliError> {
+    super::run_cmd::selftest_hub(cli)
 }
 
 // ---- read-only health report ---------------------------------------------------------------

@@ -1,0 +1,658 @@
+//! The wire types of the hub contract: [`HostReport`] (agent → hub) and the pieces it is
+//! made of. `docs/hub-contract.md` explains them; `docs/hub-report.schema.json` is
+//! generated from these types ([`report_schema`]) and a test keeps the file equal to it.
+//!
+//! Rules every type here follows, so the schema says exactly what is sent:
+//! - every field is always serialized; a value that could not be read is `null`, never
+//!   absent (the schema marks every property required);
+//! - no unknown fields (`additionalProperties: false`): any change to these types is a
+//!   schema change, and one that removes or renames a field bumps [`SCHEMA_VERSION`];
+//! - units are in the field name (`_bytes`, `_seconds`, `_c`, `_hours`).
+//!
+//! Must never: carry a secret (the report goes to the hub in the clear inside TLS and is
+//! stored there), or anything the hub could mistake for a command.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The report's `schema_version`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One heartbeat: everything the agent could read about its host this cycle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(
+    title = "HostReport",
+    description = "The agent's heartbeat report, POSTed to <hub.url>/api/agent/v1/report."
+)]
+pub struct HostReport {
+    /// Always 1 for this contract.
+    #[schemars(extend("const" = 1))]
+    pub schema_version: u32,
+    /// The agent's version (`felhom-agent --version`).
+    pub agent_version: String,
+    /// The Proxmox node name this agent runs on (config `node`).
+    pub node: String,
+    /// When the agent sent this report (RFC 3339, UTC).
+    pub sent_at: Timestamp,
+    /// What could not be collected this cycle. Empty when everything was read.
+    pub errors: Vec<CollectError>,
+    /// The host; `null` when Proxmox could not be reached (the agent itself is alive).
+    pub host: Option<HostInfo>,
+    /// Every guest on the node; empty when Proxmox could not be reached.
+    pub guests: Vec<GuestReport>,
+    pub cloudflared: CloudflaredReport,
+    /// Storages of the node as PVE lists them.
+    pub storage: Vec<StorageReport>,
+    /// Backup volumes on every active storage whose content includes `backup`.
+    pub backups: Vec<BackupReport>,
+    /// The Proxmox Backup Server storages and their state.
+    pub pbs: Vec<PbsReport>,
+    /// Restore tests (defined; filled by a later capability, always empty today).
+    pub restore_tests: Vec<RestoreTestReport>,
+    /// The privileged helper's audit records since the last report the hub accepted, in
+    /// order, verbatim (each is the exact JSON text of one audit-log line).
+    pub audit: Vec<AuditRecord>,
+    /// The reconcile engine's state; `null` when the engine is not running.
+    pub reconcile: Option<ReconcileReport>,
+}
+
+impl HostReport {
+    /// An empty report for `node`: no host, no guests, cloudflared `unknown`. The collector
+    /// fills it in.
+    pub fn new(node: &str) -> HostReport {
+        HostReport {
+            schema_version: SCHEMA_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: node.to_owned(),
+            sent_at: Timestamp::now(),
+            errors: Vec::new(),
+            host: None,
+            guests: Vec::new(),
+            cloudflared: CloudflaredReport {
+                state: CloudflaredState::Unknown,
+                ready_connections: None,
+                connector_id: None,
+            },
+            storage: Vec::new(),
+            backups: Vec::new(),
+            pbs: Vec::new(),
+            restore_tests: Vec::new(),
+            audit: Vec::new(),
+            reconcile: None,
+        }
+    }
+}
+
+/// Something that could not be collected. `component` and `kind` are for machines,
+/// `message` for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CollectError {
+    pub component: Component,
+    /// What the error is about inside the component (a vmid, a device, a storage id), if
+    /// it concerns one item only.
+    pub subject: Option<String>,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Which part of the collection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// The node itself (`/version`, node status, guest lists): `host` is `null`.
+    Proxmox,
+    /// One guest's status or config: that guest is `unknown`.
+    Guest,
+    Storage,
+    Backups,
+    Smart,
+    Sensors,
+    Cloudflared,
+    Audit,
+    Reconcile,
+}
+
+/// The class of a collection error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Could not connect, or the connection broke.
+    Unreachable,
+    /// No answer within the deadline.
+    Timeout,
+    /// Authentication failed (bad or expired token).
+    Auth,
+    /// Authenticated but not allowed (PVE 403).
+    Permission,
+    /// The other side answered with an error status.
+    Http,
+    /// An answer that could not be understood.
+    Decode,
+    /// A local file or socket error.
+    Io,
+    /// Data is missing or inconsistent (e.g. audit records rotated away before they were sent).
+    Integrity,
+    Other,
+}
+
+/// The host's numbers, from Proxmox plus the agent's own SMART and hwmon readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostInfo {
+    /// From `GET /version` (`version`, e.g. `8.4.1`); `null` if that call failed.
+    pub pve_version: Option<String>,
+    /// The running kernel from node status (`current-kernel.release` on PVE ≥ 8.1,
+    /// else `kversion`).
+    pub kernel: Option<String>,
+    pub uptime_seconds: u64,
+    pub cpu: CpuInfo,
+    pub memory: UsageBytes,
+    pub rootfs: UsageBytes,
+    /// SMART data, read on its own slower schedule (see each entry's `read_at`).
+    pub disks: Vec<DiskReport>,
+    /// hwmon temperatures.
+    pub sensors: Vec<SensorReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CpuInfo {
+    /// Fraction 0–1 of all CPUs, as PVE gives it.
+    pub usage: f64,
+    /// Logical CPUs (PVE `cpuinfo.cpus`).
+    pub cores: u32,
+    /// 1, 5 and 15 minute load averages (PVE sends strings; these are numbers).
+    pub loadavg: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBytes {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// One disk's SMART summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    /// Kernel name, e.g. `sda`, `nvme0n1`.
+    pub device: String,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub health: DiskHealth,
+    pub temperature_c: Option<i64>,
+    pub power_on_hours: Option<u64>,
+    /// ATA attribute 5 (Reallocated_Sector_Ct) raw value; `null` for NVMe.
+    pub reallocated_sectors: Option<u64>,
+    /// NVMe `media_errors`; ATA attribute 187 (Reported_Uncorrect), else 198
+    /// (Offline_Uncorrectable) raw value.
+    pub media_errors: Option<u64>,
+    /// When this disk was last read (SMART runs on its own schedule, not every cycle).
+    pub read_at: Timestamp,
+}
+
+/// SMART overall health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskHealth {
+    /// SMART overall-health self-assessment passed.
+    Passed,
+    /// The disk says it is failing (`smart_status.passed == false`).
+    Failed,
+    /// The disk was asleep and was not woken to read it.
+    Standby,
+    /// Could not be read (see `errors`).
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SensorReport {
+    /// hwmon chip name, e.g. `coretemp`, `nvme`.
+    pub chip: String,
+    pub label: String,
+    pub temperature_c: f64,
+}
+
+/// One guest (LXC container or QEMU VM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestReport {
+    pub vmid: u32,
+    #[serde(rename = "type")]
+    pub guest_type: GuestType,
+    pub name: String,
+    pub status: GuestStatus,
+    pub ha_managed: bool,
+    /// PVE's config lock (`backup`, `snapshot`, …), if any.
+    pub lock: Option<String>,
+    pub template: bool,
+    /// The normalized config (the fields the reconcile side manages, under Proxmox's
+    /// names); `null` when the config could not be read (then `status` is `unknown`).
+    pub spec: Option<GuestSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestType {
+    Lxc,
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestStatus {
+    Running,
+    Stopped,
+    /// The guest is listed but its status or config could not be read.
+    Unknown,
+}
+
+/// The managed subset of a guest's config, normalized by the reconcile side's rules
+/// (`reconcile::normalize`) so Proxmox's round-trip quirks (0/1 booleans, string numbers,
+/// `\n`-suffixed descriptions, unsorted tags, absent defaults) do not show: an absent key
+/// carries PVE's default, so equal configs give equal specs. Keys are Proxmox's; a field
+/// that does not exist for the guest's type is `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    /// MiB (absent in PVE: 512).
+    pub memory: u64,
+    /// MiB; LXC only.
+    pub swap: Option<u64>,
+    /// `null` when not set (an LXC container then uses all host cores; QEMU's default is 1).
+    pub cores: Option<u64>,
+    /// Decimal as PVE writes it (`"1.5"`); `"0"` is unlimited.
+    pub cpulimit: String,
+    pub onboot: bool,
+    /// Trailing newlines removed, `\n` line endings; `""` when none.
+    pub description: String,
+    /// Lower-cased, sorted, de-duplicated.
+    pub tags: Vec<String>,
+    /// LXC only; `null` when not set.
+    pub hostname: Option<String>,
+    /// LXC only: the `nesting` flag of `features`.
+    pub nesting: Option<bool>,
+}
+
+/// cloudflared's readiness, from `GET <cloudflared.metrics_url>/ready`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudflaredReport {
+    pub state: CloudflaredState,
+    pub ready_connections: Option<u32>,
+    pub connector_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudflaredState {
+    /// HTTP 200: at least one edge connection.
+    Ready,
+    /// HTTP 503: running, no edge connection.
+    NotReady,
+    /// Connection refused: not running (or not on this address).
+    Down,
+    /// Anything else (404, timeout, garbage).
+    Unknown,
+}
+
+/// One storage as `GET /nodes/{node}/storage` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StorageReport {
+    pub id: String,
+    /// PVE storage type (`dir`, `lvmthin`, `zfspool`, `nfs`, `pbs`, …).
+    #[serde(rename = "type")]
+    pub storage_type: String,
+    /// Content types, sorted (`backup`, `images`, `rootdir`, …).
+    pub content: Vec<String>,
+    pub active: bool,
+    /// `null` while the storage is inactive (PVE leaves the numbers out).
+    pub total_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
+    pub avail_bytes: Option<u64>,
+}
+
+/// One backup volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupReport {
+    pub volid: String,
+    pub storage: String,
+    pub vmid: Option<u32>,
+    /// Creation time, seconds since the epoch (as PVE gives it).
+    pub ctime: Option<i64>,
+    pub size_bytes: Option<u64>,
+    /// e.g. `tar.zst`, `vma.zst`, `pbs-ct`.
+    pub format: Option<String>,
+    pub protected: bool,
+    /// PBS verification state, if the backup has been verified.
+    pub verification: Option<BackupVerification>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupVerification {
+    /// `ok` or `failed`, as PBS reports it.
+    pub state: String,
+    pub upid: Option<String>,
+}
+
+/// A Proxmox Backup Server storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PbsReport {
+    pub id: String,
+    pub state: PbsState,
+    pub total_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
+    pub avail_bytes: Option<u64>,
+    /// Backups listed on it this cycle; `null` when the listing failed or it is inactive.
+    pub backup_count: Option<u64>,
+    /// `ctime` of its newest backup.
+    pub newest_backup_ctime: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PbsState {
+    /// Reachable: PVE reports it active.
+    Active,
+    /// Configured and enabled, but PVE could not activate it (server down, auth, …).
+    Inactive,
+}
+
+/// One restore test (filled by a later capability).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTestReport {
+    pub vmid: u32,
+    pub volid: String,
+    pub started_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    pub result: RestoreTestResult,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreTestResult {
+    Running,
+    Passed,
+    Failed,
+}
+
+/// What the reconcile engine is doing, filled by the engine (issue 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileReport {
+    /// The hub's `blocked` as the engine applies it.
+    pub blocked: bool,
+    /// The journal could not be trusted; the engine does nothing until `journal verify`.
+    pub safe_mode: bool,
+    pub desired_generation: Option<u64>,
+    pub applied_generation: Option<u64>,
+    pub queued: Vec<ReconcileAction>,
+    pub running: Vec<ReconcileAction>,
+    pub failing: Vec<FailingAction>,
+    pub skipped: Vec<SkippedGuest>,
+    /// Guests in the desired state that do not exist on the node.
+    pub desired_only: Vec<u32>,
+    /// Guests on the node that the desired state does not mention.
+    pub actual_only: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileAction {
+    pub vmid: u32,
+    /// e.g. `start`, `stop`, `set_config`.
+    pub action: String,
+    /// The journal's operation id.
+    pub op_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailingAction {
+    pub vmid: u32,
+    pub action: String,
+    pub attempts: u32,
+    pub last_error: String,
+    pub next_retry_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SkippedGuest {
+    pub vmid: u32,
+    pub reason: String,
+}
+
+/// One line of the helper's audit log, sent byte for byte as the helper wrote it (minus
+/// the `\n`), so the hub can re-check the `prev` SHA-256 chain. Holds valid JSON with an
+/// integer `seq` (checked when read).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AuditRecord(Box<RawValue>);
+
+impl AuditRecord {
+    /// Wraps one audit-log line (without its `\n`). The text must be JSON; callers check
+    /// `seq` themselves.
+    pub fn from_line(line: &str) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(line.to_owned()).map(AuditRecord)
+    }
+
+    /// The exact text of the line.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl fmt::Debug for AuditRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AuditRecord").field(&self.0.get()).finish()
+    }
+}
+
+impl PartialEq for AuditRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl JsonSchema for AuditRecord {
+    fn schema_name() -> Cow<'static, str> {
+        "AuditRecord".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "One audit-log line of felhom-privhelper, verbatim. Its fields are the helper's; `seq` counts 1, 2, 3 … across rotation and `prev` is the hex SHA-256 of the previous line's bytes.",
+            "type": "object",
+            "required": ["seq"],
+            "properties": {
+                "seq": { "type": "integer", "minimum": 1 },
+                "prev": { "type": "string" }
+            }
+        })
+    }
+}
+
+/// A point in time, RFC 3339 on the wire (`2025-01-31T02:00:05Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(OffsetDateTime);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Timestamp(OffsetDateTime::now_utc())
+    }
+
+    pub fn from_unix(secs: i64) -> Option<Self> {
+        OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .map(Timestamp)
+    }
+
+    pub fn get(self) -> OffsetDateTime {
+        self.0
+    }
+}
+
+impl From<OffsetDateTime> for Timestamp {
+    fn from(t: OffsetDateTime) -> Self {
+        Timestamp(t)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.format(&Rfc3339) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => write!(f, "{}", self.0.unix_timestamp()),
+        }
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = self.0.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Cow::<'de, str>::deserialize(d)?;
+        OffsetDateTime::parse(&text, &Rfc3339)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Timestamp {
+    fn schema_name() -> Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "RFC 3339 date-time.",
+            "type": "string",
+            "format": "date-time"
+        })
+    }
+}
+
+/// The JSON Schema (draft 2020-12) of [`HostReport`], describing what the agent sends.
+pub fn report_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .into_generator();
+    generator.into_root_schema_for::<HostReport>().to_value()
+}
+
+/// The JSON Schema of [`super::envelope::ControlEnvelope`], describing what the agent
+/// accepts.
+pub fn envelope_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .for_deserialize()
+        .into_generator();
+    generator
+        .into_root_schema_for::<super::envelope::ControlEnvelope>()
+        .to_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// The published schema files must equal what the types generate. Regenerate with
+    /// `FELHOM_UPDATE_SCHEMA=1 cargo test -p felhom-agent --lib published_schemas`.
+    #[test]
+    fn published_schemas_match_the_types() {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        for (file, schema) in [
+            ("hub-report.schema.json", report_schema()),
+            ("hub-envelope.schema.json", envelope_schema()),
+        ] {
+            let path = docs.join(file);
+            let mut generated = serde_json::to_string_pretty(&schema).unwrap();
+            generated.push('\n');
+            if std::env::var_os("FELHOM_UPDATE_SCHEMA").is_some() {
+                std::fs::write(&path, &generated).unwrap();
+            }
+            let published = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                published == generated,
+                "{} is out of date; regenerate it with FELHOM_UPDATE_SCHEMA=1 cargo test -p felhom-agent --lib published_schemas",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn every_property_is_required_and_closed() {
+        // Walk every object schema: all properties required, no unknown ones allowed.
+        fn walk(v: &serde_json::Value, path: &str) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                let required: Vec<&str> = v["required"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                let is_audit = path.ends_with("AuditRecord");
+                for k in props.keys() {
+                    assert!(
+                        is_audit || required.contains(&k.as_str()),
+                        "{path}.{k} not required"
+                    );
+                }
+                if !is_audit {
+                    assert_eq!(v["additionalProperties"], false, "{path} is open");
+                }
+            }
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.iter().for_each(|(k, x)| walk(x, &format!("{path}/{k}")))
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, path)),
+                _ => {}
+            }
+        }
+        walk(&report_schema(), "#");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = Timestamp::from_unix(1_738_288_805).unwrap();
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#""2025-01-31T02:00:05Z""#
+        );
+        let back: Timestamp = serde_json::from_str(r#""2025-01-31T03:00:05+01:00""#).unwrap();
+        assert_eq!(back, t);
+        assert!(serde_json::from_str::<Timestamp>(r#""yesterday""#).is_err());
+    }
+
+    #[test]
+    fn audit_records_are_sent_byte_for_byte() {
+        let line = r#"{"seq":7,  "prev":"ab","op":"smart_read","args":{"b":1.50,"a":"é"}}"#;
+        let rec = AuditRecord::from_line(line).unwrap();
+        let out = serde_json::to_string(&vec![rec.clone()]).unwrap();
+        assert_eq!(out, format!("[{line}]"));
+        let back: Vec<AuditRecord> = serde_json::from_str(&out).unwrap();
+        assert_eq!(back[0].as_str(), line);
+        assert!(AuditRecord::from_line("{torn").is_err());
+    }
+}

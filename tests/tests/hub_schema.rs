@@ -1,0 +1,228 @@
+//! The published schema accepts what the agent's types produce, with every optional part
+//! filled, and rejects what they cannot produce (so the validation in the e2e tests can
+//! fail).
+
+mod hub_support;
+
+use felhom_agent::hub::report::*;
+use felhom_agent::hub::smart::parse_smartctl;
+use hub_support::assert_valid_report;
+use serde_json::{Value, json};
+
+fn full_report() -> HostReport {
+    let at = Timestamp::from_unix(1_764_100_000).unwrap();
+    let fixtures = hub_support::repo_root().join("tests/fixtures/hosttools");
+    let disk = |dev: &str, file: &str| {
+        let bytes = std::fs::read(fixtures.join(file)).unwrap();
+        let status = serde_json::from_slice::<Value>(&bytes).unwrap()["smartctl"]["exit_status"]
+            .as_i64()
+            .unwrap() as i32;
+        parse_smartctl(dev, &bytes, status, false, at).disk
+    };
+    let mut r = HostReport::new("pve1");
+    r.errors.push(CollectError {
+        component: Component::Smart,
+        subject: Some("sdz".into()),
+        kind: ErrorKind::Other,
+        message: "sdz: smartctl exit status 2: No such device".into(),
+    });
+    r.host = Some(HostInfo {
+        pve_version: Some("9.1.1".into()),
+        kernel: Some("6.8.12-4-pve".into()),
+        uptime_seconds: 12345,
+        cpu: CpuInfo {
+            usage: 0.12,
+            cores: 16,
+            loadavg: vec![0.5, 0.25, 0.1],
+        },
+        memory: UsageBytes {
+            total_bytes: 64 << 30,
+            used_bytes: 12 << 30,
+        },
+        rootfs: UsageBytes {
+            total_bytes: 100 << 30,
+            used_bytes: 10 << 30,
+        },
+        disks: vec![
+            disk("sda", "smartctl-sata-healthy.json"),
+            disk("nvme0n1", "smartctl-nvme-failing-critical-warning.json"),
+            disk("sdz", "probe-smartctl-no-such-device.json"),
+        ],
+        sensors: vec![SensorReport {
+            chip: "coretemp".into(),
+            label: "Package id 0".into(),
+            temperature_c: 41.0,
+        }],
+    });
+    r.guests.push(GuestReport {
+        vmid: 101,
+        guest_type: GuestType::Lxc,
+        name: "web01".into(),
+        status: GuestStatus::Running,
+        ha_managed: true,
+        lock: Some("backup".into()),
+        template: false,
+        spec: Some(GuestSpec {
+            memory: 1024,
+            swap: Some(512),
+            cores: Some(2),
+            cpulimit: "1.5".into(),
+            onboot: true,
+            description: "managed".into(),
+            tags: vec!["prod".into()],
+            hostname: Some("web01".into()),
+            nesting: Some(true),
+        }),
+    });
+    r.guests.push(GuestReport {
+        vmid: 102,
+        guest_type: GuestType::Qemu,
+        name: "VM102".into(),
+        status: GuestStatus::Unknown,
+        ha_managed: false,
+        lock: None,
+        template: false,
+        spec: None,
+    });
+    r.cloudflared = CloudflaredReport {
+        state: CloudflaredState::Ready,
+        ready_connections: Some(4),
+        connector_id: Some("0b5f-…".into()),
+    };
+    r.storage.push(StorageReport {
+        id: "local".into(),
+        storage_type: "dir".into(),
+        content: vec!["backup".into(), "iso".into()],
+        active: true,
+        total_bytes: Some(1),
+        used_bytes: Some(1),
+        avail_bytes: Some(0),
+    });
+    r.backups.push(BackupReport {
+        volid: "local:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst".into(),
+        storage: "local".into(),
+        vmid: Some(101),
+        ctime: Some(1_738_288_805),
+        size_bytes: Some(1 << 20),
+        format: Some("tar.zst".into()),
+        protected: false,
+        verification: Some(BackupVerification {
+            state: "ok".into(),
+            upid: None,
+        }),
+    });
+    r.pbs.push(PbsReport {
+        id: "pbs1".into(),
+        state: PbsState::Inactive,
+        total_bytes: None,
+        used_bytes: None,
+        avail_bytes: None,
+        backup_count: None,
+        newest_backup_ctime: None,
+    });
+    r.restore_tests.push(RestoreTestReport {
+        vmid: 101,
+        volid: "local:backup/x".into(),
+        started_at: at,
+        finished_at: Some(at),
+        result: RestoreTestResult::Passed,
+        message: None,
+    });
+    r.audit.push(
+        AuditRecord::from_line(r#"{"seq":1,"prev":"00","kind":"intent","args":{"x":[1,2]}}"#)
+            .unwrap(),
+    );
+    r.reconcile = Some(ReconcileReport {
+        blocked: false,
+        safe_mode: false,
+        desired_generation: Some(3),
+        applied_generation: Some(2),
+        queued: vec![ReconcileAction {
+            vmid: 101,
+            action: "set_config".into(),
+            op_id: Some("op-1".into()),
+        }],
+        running: vec![],
+        failing: vec![FailingAction {
+            vmid: 102,
+            action: "start".into(),
+            attempts: 3,
+            last_error: "CT 102 is locked".into(),
+            next_retry_at: Some(at),
+        }],
+        skipped: vec![SkippedGuest {
+            vmid: 103,
+            reason: "template".into(),
+        }],
+        desired_only: vec![104],
+        actual_only: vec![105],
+    });
+    r
+}
+
+#[test]
+fn a_fully_populated_report_validates() {
+    let v = serde_json::to_value(full_report()).unwrap();
+    assert_valid_report(&v);
+    // and the minimal one (Proxmox down)
+    assert_valid_report(&serde_json::to_value(HostReport::new("pve1")).unwrap());
+}
+
+#[test]
+fn the_schema_rejects_what_the_agent_cannot_send() {
+    let good = serde_json::to_value(full_report()).unwrap();
+    let validator = hub_support::report_validator();
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let mutations: Vec<(&str, Mutation)> = vec![
+        (
+            "missing field",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("guests");
+            }),
+        ),
+        (
+            "unknown field",
+            Box::new(|v| {
+                v["surprise"] = json!(1);
+            }),
+        ),
+        (
+            "wrong schema_version",
+            Box::new(|v| v["schema_version"] = json!(2)),
+        ),
+        (
+            "bad enum",
+            Box::new(|v| v["host"]["disks"][0]["health"] = json!("ok")),
+        ),
+        (
+            "bad timestamp",
+            Box::new(|v| v["sent_at"] = json!("yesterday")),
+        ),
+        (
+            "audit record without seq",
+            Box::new(|v| v["audit"][0] = json!({"prev": "00"})),
+        ),
+        (
+            "nested unknown field",
+            Box::new(|v| v["guests"][0]["spec"]["keyctl"] = json!(true)),
+        ),
+        (
+            "wrong type",
+            Box::new(|v| v["host"]["uptime_seconds"] = json!("12345")),
+        ),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "{what}: the schema accepted it");
+    }
+    assert!(validator.is_valid(&good));
+}
+
+#[test]
+fn reports_round_trip_through_the_types() {
+    let r = full_report();
+    let text = serde_json::to_string(&r).unwrap();
+    let back: HostReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, r);
+}
