@@ -49,7 +49,9 @@ fn the_agent_never_spawns_a_process() {
         "execve",
         "execvp",
         "libc::exec",
-        "nix::unistd",
+        "unistd::fork",
+        "unistd::exec",
+        "nix::spawn",
         "std::os::unix::process",
     ];
     let mut files = Vec::new();
@@ -85,6 +87,16 @@ fn the_agent_never_spawns_a_process() {
             "{name}: {tokio_line}"
         );
     }
+    // nix is allowed for file locks, users and groups, but never with its `process`
+    // feature (fork, exec) or `spawn` (posix_spawn).
+    let nix_line = manifest
+        .lines()
+        .find(|l| l.trim_start().starts_with("nix ") || l.trim_start().starts_with("nix="))
+        .unwrap_or("");
+    assert!(
+        !nix_line.contains("\"process\"") && !nix_line.contains("\"spawn\""),
+        "agent/Cargo.toml: {nix_line}"
+    );
 }
 
 #[test]
