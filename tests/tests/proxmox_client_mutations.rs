@@ -1,7 +1,3 @@
-// PENDING: this file moves to tests/tests/ once `felhom_agent::reconcile::Queue` (issue 5,
-// branch wip/recon) is in main: a permit can only come from the queue, so these tests
-// cannot compile before. Verified on a trial merge of wip/client + wip/recon: 5/5 pass.
-// Move with: git mv tests/pending/proxmox_client_mutations.rs tests/tests/
 //! Mutations through the typed API against `felhom-pvesim`, each with a permit from the
 //! reconcile queue (the only way to get one), plus wait_task outcomes (OK, WARNINGS,
 //! failure), permission failures, and injected transport faults.
