@@ -21,6 +21,9 @@
 //!   stops everything; purge removes /etc/felhom, keeps state unless
 //!   FELHOM_PURGE_STATE=yes, and never removes the audit log.
 //!
+//! A second test installs and purges the package in the same root file system without
+//! booting it (no systemd running, as in an image build or a chroot).
+//!
 //! Runs only when `.ci/run` says the environment is there: root, `FELHOM_DEB` (the
 //! package) and `FELHOM_NSPAWN_ROOTFS` (a debootstrapped bookworm with systemd; `.ci/run`
 //! creates and caches it). Otherwise it prints SKIP and passes.
@@ -1048,4 +1051,67 @@ fn the_deb_under_a_booted_systemd() {
     );
     drop(m);
     drop(disk);
+}
+
+/// Image builds and chroots: no systemd running. The maintainer scripts still create the
+/// user and the directories and enable the units (symlinks only), and start nothing.
+#[test]
+fn the_deb_installs_where_systemd_is_not_running() {
+    let Some(env) = env() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let deb_name = env.deb.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::copy(&env.deb, tmp.path().join(&deb_name)).unwrap();
+    // Not booted: the command is PID 1, /run is an empty tmpfs (no /run/systemd/system).
+    let script = format!(
+        "set -e
+         test ! -d /run/systemd/system
+         dpkg -i /felhom-deb/{deb_name}
+         id felhom-agent
+         stat -c '%a %U %G' /run/felhom /var/log/felhom /etc/felhom/agent.json
+         for u in sockets.target.wants/felhom-privhelper-pct.socket \
+                  sockets.target.wants/felhom-privhelper-usb.socket \
+                  sockets.target.wants/felhom-privhelper-smart.socket \
+                  multi-user.target.wants/felhom-agent.service; do
+           test -L /etc/systemd/system/$u || {{ echo \"not enabled: $u\"; exit 1; }}
+         done
+         test -z \"$(ls /run/felhom)\"
+         dpkg --purge felhom-agent
+         test ! -e /etc/felhom
+         echo chroot-ok"
+    );
+    let out = Command::new("systemd-nspawn")
+        .args([
+            "--register=no",
+            "--keep-unit",
+            "--volatile=overlay",
+            "--quiet",
+            "--pipe",
+        ])
+        .arg("-D")
+        .arg(&env.rootfs)
+        .arg(format!("--bind-ro={}:/felhom-deb", tmp.path().display()))
+        .args(["/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("systemd-nspawn");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("chroot-ok"),
+        "install without systemd running failed:\n{text}"
+    );
+    assert!(
+        text.contains("1770 root felhom-agent")
+            && text.contains("2750 root felhom-agent")
+            && text.contains("640 root felhom-agent"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("installed and enabled, not started"),
+        "postinst acted as if systemd were running:\n{text}"
+    );
+    eprintln!("{text}");
 }
