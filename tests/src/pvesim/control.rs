@@ -277,6 +277,11 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
 /// `GET /_sim/state`.
 pub fn state_json(st: &SimState) -> Value {
     let guests: Vec<Value> = st.guests.values().map(guest_state_json).collect();
+    let other_nodes: Vec<Value> = st
+        .other_nodes
+        .iter()
+        .map(|(vmid, (node, kind))| json!({"vmid": vmid, "type": kind.as_str(), "node": node}))
+        .collect();
     let storages: Vec<Value> = st
         .storages
         .iter()
@@ -297,7 +302,7 @@ pub fn state_json(st: &SimState) -> Value {
         })
         .collect();
     json!({"node": st.node, "version": st.version.to_string(), "guests": guests,
-           "storages": storages, "tasks": tasks})
+           "other_nodes": other_nodes, "storages": storages, "tasks": tasks})
 }
 
 /// `PUT /_sim/guests/{vmid}` body.
@@ -312,6 +317,9 @@ pub struct GuestPatch {
     pub ha_managed: Option<bool>,
     pub template: Option<bool>,
     pub config: Option<BTreeMap<String, Option<String>>>,
+    /// Another cluster node: the guest moves there (as after a migration done
+    /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
+    pub node: Option<String>,
 }
 
 mod double_option {
@@ -327,6 +335,14 @@ mod double_option {
 pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value, String> {
     if !(100..=999_999_999).contains(&vmid) {
         return Err(format!("vmid {vmid} out of range"));
+    }
+    if let Some(node) = &p.node {
+        return move_to_other_node(st, vmid, node, &p);
+    }
+    if st.other_nodes.contains_key(&vmid) {
+        return Err(format!(
+            "guest {vmid} lives on another node; delete it before creating it here"
+        ));
     }
     match st.guests.get(&vmid) {
         None => {
@@ -402,6 +418,47 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     }
     let g = st.guests.get(&vmid).ok_or("vanished")?;
     Ok(guest_state_json(g))
+}
+
+/// `{"node": …}`: the guest leaves this node for another one of the cluster.
+fn move_to_other_node(
+    st: &mut SimState,
+    vmid: u32,
+    node: &str,
+    p: &GuestPatch,
+) -> Result<Value, String> {
+    let others = p.status.is_some()
+        || p.lock.is_some()
+        || p.ha_managed.is_some()
+        || p.template.is_some()
+        || p.config.is_some();
+    if others {
+        return Err("\"node\" cannot be combined with other changes".into());
+    }
+    if node == st.node {
+        return Err(format!(
+            "{node} is this node; a guest cannot come back (create it again with \"type\")"
+        ));
+    }
+    if !(super::schema::is_dns_name(node) && !node.contains('.')) {
+        return Err(format!("bad node name {node:?}"));
+    }
+    let kind = match (st.guests.remove(&vmid), p.kind.as_deref()) {
+        (Some(g), _) => g.kind,
+        (None, Some("lxc")) => Kind::Lxc,
+        (None, Some("qemu")) => Kind::Qemu,
+        (None, Some(k)) => return Err(format!("unknown type {k:?}")),
+        (None, None) => match st.other_nodes.get(&vmid) {
+            Some((_, k)) => *k,
+            None => {
+                return Err(format!(
+                    "guest {vmid} does not exist; give \"type\" to place it on {node}"
+                ));
+            }
+        },
+    };
+    st.other_nodes.insert(vmid, (node.to_owned(), kind));
+    Ok(json!({"vmid": vmid, "type": kind.as_str(), "node": node}))
 }
 
 /// `PUT /_sim/settings` body.

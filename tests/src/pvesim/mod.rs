@@ -413,13 +413,13 @@ impl Sim {
                 }
             }
             ("DELETE", ["_sim", "guests", vmid]) => {
-                let removed = vmid
-                    .parse::<u32>()
-                    .ok()
-                    .and_then(|v| lock(&self.state).guests.remove(&v));
+                let removed = vmid.parse::<u32>().ok().is_some_and(|v| {
+                    let mut st = lock(&self.state);
+                    st.guests.remove(&v).is_some() | st.other_nodes.remove(&v).is_some()
+                });
                 match removed {
-                    Some(_) => Reply::Respond(control_json(200, json!({}))),
-                    None => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),
+                    true => Reply::Respond(control_json(200, json!({}))),
+                    false => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),
                 }
             }
             ("GET", ["_sim", "settings"]) => {

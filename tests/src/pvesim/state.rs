@@ -80,6 +80,10 @@ pub struct SimState {
     pub node: String,
     pub version: PveVersion,
     pub guests: BTreeMap<u32, Guest>,
+    /// Guests of the same cluster living on other nodes (PVE's cluster-wide vmlist):
+    /// vmid → (node, kind). This node's API does not serve them; vzdump skips them and
+    /// create refuses their vmids.
+    pub other_nodes: BTreeMap<u32, (String, Kind)>,
     pub storages: Vec<Storage>,
     pub tasks: TaskTable,
     pub work: HashMap<String, TaskWork>,
@@ -109,6 +113,7 @@ impl SimState {
             node: node.to_owned(),
             version,
             guests: BTreeMap::new(),
+            other_nodes: BTreeMap::new(),
             storages: Vec::new(),
             tasks: TaskTable::default(),
             work: HashMap::new(),
