@@ -390,10 +390,16 @@ async fn vzdump_locks_backs_up_and_answers_ok() {
     // A guest the cluster places on another node is skipped silently: "OK" too.
     let moved = sim.set_guest(104, json!({"node": "pve2"})).await.unwrap();
     assert_eq!(moved, json!({"vmid": 104, "type": "lxc", "node": "pve2"}));
-    let tasks_before = sim.state().await.unwrap()["tasks"].as_array().unwrap().len();
+    let tasks_before = sim.state().await.unwrap()["tasks"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(get_post(&sim, &[("vmid", "104")]).await, json!("OK"));
     assert_eq!(
-        sim.state().await.unwrap()["tasks"].as_array().unwrap().len(),
+        sim.state().await.unwrap()["tasks"]
+            .as_array()
+            .unwrap()
+            .len(),
         tasks_before
     );
     // It has left this node's API; its vmid is still taken in the cluster.

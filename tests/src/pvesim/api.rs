@@ -2133,9 +2133,17 @@ fn vzdump(
                     .replace("{{node}}", &node)
                     .replace("{{cluster}}", &node)
             });
+            let pbs = st.storage(&storage).is_some_and(|s| s.is_pbs());
             let vol = loop {
-                let vol =
-                    state::backup_volume(&storage, &g, ctime, &compress, notes.clone(), protected);
+                let vol = state::backup_volume(
+                    &storage,
+                    pbs,
+                    &g,
+                    ctime,
+                    &compress,
+                    notes.clone(),
+                    protected,
+                );
                 let taken = st
                     .storage(&storage)
                     .is_some_and(|s| s.volumes.iter().any(|x| x.volid == vol.volid));
@@ -2150,10 +2158,11 @@ fn vzdump(
                 .map(|x| x.1.to_owned())
                 .unwrap_or_default();
             if let Some(s) = st.storage_mut(&storage) {
-                lines.push(format!(
-                    "INFO: creating vzdump archive '{}'",
-                    s.dump_path(&file)
-                ));
+                lines.push(if s.is_pbs() {
+                    format!("INFO: creating Proxmox Backup Server archive '{file}'")
+                } else {
+                    format!("INFO: creating vzdump archive '{}'", s.dump_path(&file))
+                });
                 s.volumes.push(vol);
             }
             if let Some(gm) = st.guests.get_mut(v) {
