@@ -440,7 +440,7 @@ fn move_to_other_node(
             "{node} is this node; a guest cannot come back (create it again with \"type\")"
         ));
     }
-    if !(super::schema::is_dns_name(node) && !node.contains('.')) {
+    if !super::schema::is_dns_name(node) || node.contains('.') {
         return Err(format!("bad node name {node:?}"));
     }
     let kind = match (st.guests.remove(&vmid), p.kind.as_deref()) {
