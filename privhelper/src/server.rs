@@ -5,7 +5,7 @@
 //! of this instance's class. Anything refused (peer, version, handshake, framing, class,
 //! validation) is answered with a typed error, audited, and ends that connection only:
 //! the helper keeps serving. Operations run one at a time per instance; each has an
-//! intent record (fsynced) before it and an outcome record after it.
+//! intent record on disk before it runs and an outcome record on disk before the reply.
 //!
 //! The loop exits after `idle_exit` without connections; systemd starts it again.
 
@@ -97,9 +97,6 @@ impl Server {
                 if active.load(Ordering::SeqCst) == 0
                     && last_activity.elapsed() >= self.cfg.idle_exit
                 {
-                    if let Err(e) = self.audit.sync() {
-                        log(self.class, &format!("AUDIT SYNC FAILED: {e}"));
-                    }
                     log(self.class, "idle, exiting (the socket starts us again)");
                     return Ok(());
                 }
@@ -162,8 +159,8 @@ impl Server {
             .with("peer", serde_json::to_value(peer).unwrap_or(Value::Null))
     }
 
-    fn audit(&self, e: &Entry, durable: bool) -> Result<u64, ()> {
-        self.audit.append(e, durable).map_err(|err| {
+    fn audit(&self, e: &Entry) -> Result<u64, ()> {
+        self.audit.append(e).map_err(|err| {
             log(self.class, &format!("AUDIT WRITE FAILED: {err}"));
         })
     }
@@ -185,7 +182,7 @@ impl Server {
             .with("reason", message.clone())
             .with("op", op.map(Value::from).unwrap_or(Value::Null))
             .with("args", args);
-        let _ = self.audit(&e, false);
+        let _ = self.audit(&e);
         log(
             self.class,
             &format!(
@@ -380,8 +377,8 @@ impl Server {
             .base("intent", peer)
             .with("op", op.as_str())
             .with("args", args.clone());
-        // Durable before anything runs.
-        let Ok(intent_seq) = self.audit(&intent, true) else {
+        // On disk before anything runs.
+        let Ok(intent_seq) = self.audit(&intent) else {
             return Response::Error {
                 kind: ErrorKind::Audit,
                 message: "the audit log cannot be written; nothing was executed".into(),
@@ -429,7 +426,8 @@ impl Server {
                 }
             }
         };
-        let _ = self.audit(&outcome, false);
+        // On disk before the reply is sent.
+        let _ = self.audit(&outcome);
         resp
     }
 }
