@@ -324,19 +324,47 @@ impl AuditLog {
 
     /// Appends `entry` (after any `torn`/`cut` record the state of the file calls for),
     /// makes it durable (fdatasync) and then replaces the head, all under the writers'
-    /// lock. When this returns, the record is on disk: an intent before its operation
-    /// runs, an outcome or refusal before the reply is sent. Returns the entry's `seq`.
+    /// lock. When this returns, the record is on disk (an intent before its operation
+    /// runs). Returns the entry's `seq`.
     ///
     /// Why every record is synced before the head names it: the head is how a removed
     /// tail is told apart from a log that simply ended, so a head naming a record that
     /// was still only in the page cache would, after a power loss, look like records were
     /// cut (`audit verify` would fail for good). Synced first, the head can only lag.
     pub fn append(&self, entry: &Entry) -> Result<u64, AuditError> {
+        self.append_then(entry, |_| ())
+            .map(|(seq, ())| seq)
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`AuditLog::append`] that runs `after_write` once the record is written (it is in
+    /// the page cache: a crash of the helper no longer loses it) and before the sync and
+    /// the head replacement, still holding the writers' lock. The server sends an
+    /// operation's reply there, so the client does not wait for the outcome's fdatasync,
+    /// while a reader taking the lock still never sees a head behind the log.
+    /// `after_write` must not block for long (it holds up the other instances).
+    ///
+    /// Errors: `(error, None)` when nothing was written (`after_write` did not run),
+    /// `(error, Some(r))` when the sync or the head failed after it ran.
+    pub fn append_then<R>(
+        &self,
+        entry: &Entry,
+        after_write: impl FnOnce(u64) -> R,
+    ) -> Result<(u64, R), (AuditError, Option<R>)> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let lock_p = lock_path(&self.log);
-        let lock = open_nofollow(&lock_p, true).map_err(io_err(&lock_p))?;
-        lock.lock().map_err(io_err(&lock_p))?;
-        let result = self.append_locked(&mut cache, entry);
+        let lock = open_nofollow(&lock_p, true).map_err(|e| (io_err(&lock_p)(e), None))?;
+        lock.lock().map_err(|e| (io_err(&lock_p)(e), None))?;
+        let result = match self.write_locked(&mut cache, entry) {
+            Err(e) => Err((e, None)),
+            Ok((f, tip)) => {
+                let r = after_write(tip.seq);
+                match self.sync_locked(&f, &tip) {
+                    Ok(()) => Ok((tip.seq, r)),
+                    Err(e) => Err((e, Some(r))),
+                }
+            }
+        };
         if result.is_err() {
             *cache = Cache::default();
         }
@@ -367,7 +395,9 @@ impl AuditLog {
         Ok((f, md))
     }
 
-    fn append_locked(&self, cache: &mut Cache, entry: &Entry) -> Result<u64, AuditError> {
+    /// Writes `entry` (and any `torn`/`cut` record first) to the active file in one
+    /// write; returns the file and the new tip (the entry's `seq` and hash).
+    fn write_locked(&self, cache: &mut Cache, entry: &Entry) -> Result<(File, Tip), AuditError> {
         let (mut f, md) = self.open_active()?;
         let key = (md.dev(), md.ino(), md.len());
         let mut pending: Vec<Entry> = Vec::new();
@@ -381,19 +411,22 @@ impl AuditLog {
             self.rotate()?;
             f = self.open_active()?.0;
         }
-        // All records of this append in one write, then one fdatasync, then one head.
         let mut buf = Vec::with_capacity(1024 * (pending.len() + 1));
         for p in &pending {
             self.render_record(&mut buf, &mut tip, p)?;
         }
-        let seq = self.render_record(&mut buf, &mut tip, entry)?;
+        self.render_record(&mut buf, &mut tip, entry)?;
         f.write_all(&buf).map_err(io_err(&self.log))?;
-        f.sync_data().map_err(io_err(&self.log))?;
         let md = f.metadata().map_err(io_err(&self.log))?;
         cache.key = Some((md.dev(), md.ino(), md.len()));
         cache.tip = Some(tip.clone());
-        self.replace_head(&tip)?;
-        Ok(seq)
+        Ok((f, tip))
+    }
+
+    /// Makes what was written durable, then lets the head name it.
+    fn sync_locked(&self, f: &File, tip: &Tip) -> Result<(), AuditError> {
+        f.sync_data().map_err(io_err(&self.log))?;
+        self.replace_head(tip)
     }
 
     /// Works out the last record from the file (and head), repairing a torn tail and

@@ -5,7 +5,8 @@
 //! of this instance's class. Anything refused (peer, version, handshake, framing, class,
 //! validation) is answered with a typed error, audited, and ends that connection only:
 //! the helper keeps serving. Operations run one at a time per instance; each has an
-//! intent record on disk before it runs and an outcome record on disk before the reply.
+//! intent record on disk before it runs and an outcome record written before its reply
+//! (and synced while the reply is on its way, see [`Server::reply_and_record`]).
 //!
 //! The loop exits after `idle_exit` without connections; systemd starts it again.
 
@@ -182,6 +183,7 @@ impl Server {
             .with("reason", message.clone())
             .with("op", op.map(Value::from).unwrap_or(Value::Null))
             .with("args", args);
+        // On disk before the refusal is answered.
         let _ = self.audit(&e);
         log(
             self.class,
@@ -347,8 +349,8 @@ impl Server {
                         );
                         return;
                     }
-                    let resp = self.execute(&peer, &req);
-                    if send(&mut stream, &resp).is_err() {
+                    let (resp, outcome) = self.execute(&peer, &req);
+                    if self.reply_and_record(&mut stream, &resp, outcome).is_err() {
                         return;
                     }
                 }
@@ -356,12 +358,46 @@ impl Server {
         }
     }
 
-    fn execute(&self, peer: &Peer, req: &Request) -> Response {
+    /// Sends an operation's reply and makes its outcome record durable: the record is
+    /// written first, the reply goes out while the writers' lock is still held, and the
+    /// record is synced and named by the head after that, so the client does not wait for
+    /// the fdatasync and no reader under the lock sees the head behind the log. A reply
+    /// too big for the socket buffer is finished after the lock is released.
+    fn reply_and_record(
+        &self,
+        stream: &mut UnixStream,
+        resp: &Response,
+        outcome: Option<Entry>,
+    ) -> std::io::Result<()> {
+        let bytes = encode_response(resp).map_err(std::io::Error::other)?;
+        let sent = match outcome {
+            None => 0,
+            Some(outcome) => match self
+                .audit
+                .append_then(&outcome, |_| send_without_blocking(stream, &bytes))
+            {
+                Ok((_, sent)) => sent,
+                Err((err, sent)) => {
+                    log(self.class, &format!("AUDIT WRITE FAILED: {err}"));
+                    sent.unwrap_or(0)
+                }
+            },
+        };
+        stream.write_all(&bytes[sent..])
+    }
+
+    /// Runs one operation between its intent record (on disk first) and its outcome
+    /// (returned for [`Server::reply_and_record`]; `None` when the intent could not be
+    /// written and nothing ran).
+    fn execute(&self, peer: &Peer, req: &Request) -> (Response, Option<Entry>) {
         let Some(op) = req.operation() else {
-            return Response::Error {
-                kind: ErrorKind::Internal,
-                message: "not an operation".into(),
-            };
+            return (
+                Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: "not an operation".into(),
+                },
+                None,
+            );
         };
         let args = match req {
             Request::PctCreateKeyctl(spec) => ops::pct_audit_args(spec),
@@ -379,10 +415,13 @@ impl Server {
             .with("args", args.clone());
         // On disk before anything runs.
         let Ok(intent_seq) = self.audit(&intent) else {
-            return Response::Error {
-                kind: ErrorKind::Audit,
-                message: "the audit log cannot be written; nothing was executed".into(),
-            };
+            return (
+                Response::Error {
+                    kind: ErrorKind::Audit,
+                    message: "the audit log cannot be written; nothing was executed".into(),
+                },
+                None,
+            );
         };
         let started = Instant::now();
         let sys = self.sys.as_ref();
@@ -426,9 +465,7 @@ impl Server {
                 }
             }
         };
-        // On disk before the reply is sent.
-        let _ = self.audit(&outcome);
-        resp
+        (resp, Some(outcome))
     }
 }
 
@@ -495,6 +532,28 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request,
         }
     })?;
     Ok(Some(decode_request(&payload)))
+}
+
+/// Sends as much of `bytes` as the socket takes without waiting; returns how much.
+fn send_without_blocking(stream: &UnixStream, bytes: &[u8]) -> usize {
+    use nix::sys::socket::{MsgFlags, send as sock_send};
+    use std::os::fd::AsRawFd;
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match sock_send(
+            stream.as_raw_fd(),
+            &bytes[sent..],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            // EAGAIN: the rest goes out blocking, after the lock is released; any other
+            // error shows up again there.
+            Err(_) => break,
+        }
+    }
+    sent
 }
 
 fn send(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
