@@ -25,6 +25,10 @@ pub struct LoggedRequest {
     pub token_id: Option<String>,
     /// `None` while in flight or when the connection was dropped.
     pub status: Option<u16>,
+    /// When the request arrived.
+    pub received: std::time::Instant,
+    /// Microseconds from arrival until the answer was ready (set with `status`).
+    pub held_us: Option<u64>,
 }
 
 /// A fault kind.
@@ -96,6 +100,7 @@ impl ControlState {
         method: &str,
         path: &str,
         params: BTreeMap<String, String>,
+        received: std::time::Instant,
     ) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -108,6 +113,8 @@ impl ControlState {
             method: method.to_owned(),
             path: path.to_owned(),
             params,
+            received,
+            held_us: None,
             token_id: None,
             status: None,
         });
@@ -132,6 +139,7 @@ impl ControlState {
     pub fn set_status(&mut self, seq: u64, status: u16) {
         if let Some(e) = self.entry(seq) {
             e.status = Some(status);
+            e.held_us = Some(e.received.elapsed().as_micros() as u64);
         }
     }
 
@@ -142,7 +150,7 @@ impl ControlState {
             .filter(|e| e.seq > since)
             .map(|e| {
                 json!({"seq": e.seq, "method": e.method, "path": e.path, "params": e.params,
-                       "token_id": e.token_id, "status": e.status})
+                       "token_id": e.token_id, "status": e.status, "held_us": e.held_us})
             })
             .collect();
         json!({"requests": items, "last_seq": self.next_seq})
@@ -538,8 +546,9 @@ mod tests {
         let mut c = ControlState::default();
         let mut p = BTreeMap::new();
         p.insert("password".to_owned(), "hunter2".to_owned());
-        let a = c.log_request("POST", "/api2/json/nodes/pve1/lxc", p);
-        let b = c.log_request("GET", "/api2/json/version", BTreeMap::new());
+        let now = std::time::Instant::now();
+        let a = c.log_request("POST", "/api2/json/nodes/pve1/lxc", p, now);
+        let b = c.log_request("GET", "/api2/json/version", BTreeMap::new(), now);
         c.set_status(a, 200);
         let j = c.requests_json(0);
         assert_eq!(j["requests"][0]["seq"], a);
