@@ -4,7 +4,7 @@
 //!   of the same size, served by a thread of the bench and by another process (the
 //!   faster one is the baseline; target: ≤ 3×);
 //! - `SmartRead` with an instant fake smartctl, as the agent does it (new connection,
-//!   Hello, request: includes the fsynced intent and outcome audit records) vs. a direct
+//!   Hello, request: includes the intent and outcome audit records, both synced) vs. a direct
 //!   fork/exec of the same tool (target: ≤ 1.3×).
 //!
 //! Baselines are measured in the same run, interleaved in rounds so machine noise hits
@@ -316,7 +316,7 @@ fn main() {
         verdict(r2, 1.3)
     );
     println!(
-        "    (tokio, new connection, Hello pipelined with the request; intent fdatasync'ed,\n     outcome written, head rewritten twice)"
+        "    (tokio, new connection, Hello pipelined with the request; intent fdatasync'ed\n     before the tool runs, outcome written before the reply and synced while it is on\n     its way; head replaced after each)"
     );
     println!(
         "  SmartRead, sync client, 2 RTTs {:>9.1} µs   ratio {:.2}x",

@@ -11,6 +11,7 @@
 
 mod proxmox_client_support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use felhom_protocol::Class;
@@ -122,6 +123,49 @@ fn ping_every_class_one_class_and_a_missing_helper() {
     assert_eq!(v["classes"][0]["class"], "smart");
     assert_eq!(v["classes"][0]["protocol"], 1);
     assert!(v["classes"][0]["round_trip_ms"].as_f64().unwrap() > 0.0);
+
+    // As the agent's own (unprivileged) uid, through the socket's group: served.
+    let uid = s.bed.opts.agent_uid;
+    let gid = s.bed.opts.agent_gid;
+    let open_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = agent_config(
+        open_dir.path(),
+        &s.bed.run_dir,
+        &open_dir.path().join("no-hwmon"),
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(proxmox_client_support::agent_bin())
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            "privileged",
+            "ping",
+        ])
+        .env_clear()
+        .env("FELHOM_AGENT_PROXMOX_TOKEN_SECRET", "unused-here")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    // The helper recorded nothing for pings, and served uid {uid} (no refusal).
+    assert!(
+        !s.bed.audit_records().iter().any(|r| r["kind"] == "refused"),
+        "{:?}",
+        s.bed.audit_records()
+    );
 
     // A class name that does not exist: usage, before the config is read.
     let run = agent(
