@@ -209,7 +209,8 @@ fn cycle_phase() {
         let conc = DEFAULT_GUEST_CONCURRENCY as u32;
         let bound = Duration::from_millis(LATENCY_MS) * requests as u32 / conc;
         // What one request really costs here, measured now: with the simulator's 2 ms
-        // (a tokio sleep, which rounds up to its 1 ms timer) and with none.
+        // (precise to ~0.2 ms since the simulator sleeps the last 1.5 ms off the runtime;
+        // a plain tokio sleep rounded 2 ms up to ~3) and with none.
         let one = one_request(&pve).await;
         pve.settings(None, Some(0)).await.unwrap();
         let one_zero = one_request(&pve).await;

@@ -4,8 +4,8 @@
 //!   of the same size, served by a thread of the bench and by another process (the
 //!   faster one is the baseline; target: ≤ 3×);
 //! - `SmartRead` with an instant fake smartctl, as the agent does it (new connection,
-//!   Hello, request: includes the fsynced intent and outcome audit records) vs. a direct
-//!   fork/exec of the same tool (target: ≤ 1.3×).
+//!   Hello, request: includes the intent and outcome audit records, both synced) vs. a direct
+//!   fork/exec of the same tool (target: ≤ 1.3×), on an idle helper and back to back.
 //!
 //! Baselines are measured in the same run, interleaved in rounds so machine noise hits
 //! both sides alike. Needs root (it starts the root helper); prints SKIP otherwise.
@@ -198,13 +198,25 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut t_agent = Vec::new();
-    // Six measurements per step, in an order rotated every step, so that none of them
-    // always runs right after the one that leaves the most for the next fsync to flush.
+    let (mut t_agent, mut t_agent_b2b) = (Vec::new(), Vec::new());
+    // A helper syncs an operation's outcome record after its reply has gone out, holding
+    // the audit log's lock until then. The single-operation measurements wait for that
+    // lock (shared, as `audit verify` takes it) before they start, so each sees an idle
+    // helper; the back-to-back one starts right after another SmartRead on the same
+    // helper, as the SMART collector reads its disks one after another.
+    let settle = |log: &std::path::Path| {
+        let mut p = log.as_os_str().to_owned();
+        p.push(".lock");
+        if let Ok(f) = std::fs::File::open(p) {
+            let _ = f.lock_shared();
+        }
+    };
+    let log2 = logdir.join("audit.jsonl");
+    // Seven measurements per step, in an order rotated every step.
     for round in 0..11 {
         for step in 0..30usize {
-            for k in 0..6 {
-                match (k + step) % 6 {
+            for k in 0..7 {
+                match (k + step) % 7 {
                     0 => {
                         let t = Instant::now();
                         let out = Command::new(&tool)
@@ -219,6 +231,7 @@ fn main() {
                         assert_eq!(out.status.code(), Some(0));
                     }
                     1 => {
+                        settle(&bed.audit_log);
                         let t = Instant::now();
                         let mut c = Client::connect(&sock).unwrap();
                         c.call(&Request::Hello {
@@ -242,6 +255,7 @@ fn main() {
                         }
                     }
                     3 => {
+                        settle(&log2);
                         let t = Instant::now();
                         let mut c = Client::connect(&sock2).unwrap();
                         c.call(&Request::Hello {
@@ -255,6 +269,7 @@ fn main() {
                         assert!(matches!(r, Response::Smart(_)));
                     }
                     5 => {
+                        settle(&bed.audit_log);
                         let t = Instant::now();
                         let out = rt.block_on(agent.smart_read(&dev)).unwrap();
                         if round > 0 {
@@ -262,7 +277,17 @@ fn main() {
                         }
                         assert_eq!(out.exit_status, 0);
                     }
+                    6 => {
+                        // Runs right after 5 (or 4): another SmartRead on this helper.
+                        let t = Instant::now();
+                        let out = rt.block_on(agent.smart_read(&dev)).unwrap();
+                        if round > 0 {
+                            t_agent_b2b.push(t.elapsed());
+                        }
+                        assert_eq!(out.exit_status, 0);
+                    }
                     _ => {
+                        settle(&bed.audit_log);
                         let t = Instant::now();
                         let r = persistent.call(&smart_req).unwrap();
                         if round > 0 {
@@ -316,7 +341,13 @@ fn main() {
         verdict(r2, 1.3)
     );
     println!(
-        "    (tokio, new connection, Hello pipelined with the request; intent fdatasync'ed,\n     outcome written, head rewritten twice)"
+        "    (tokio, new connection, Hello pipelined with the request; intent fdatasync'ed\n     before the tool runs, outcome written before the reply and synced while it is on\n     its way; head replaced after each)"
+    );
+    let b2b = median(&mut t_agent_b2b);
+    println!(
+        "  the same, back to back          {:>9.1} µs   ratio {:.2}x  (right after another SmartRead:\n    its intent waits for the previous outcome's fdatasync)",
+        us(b2b),
+        b2b.as_secs_f64() / x.as_secs_f64()
     );
     println!(
         "  SmartRead, sync client, 2 RTTs {:>9.1} µs   ratio {:.2}x",

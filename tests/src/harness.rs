@@ -80,6 +80,9 @@ pub struct LoggedRequest {
     pub params: std::collections::BTreeMap<String, String>,
     pub token_id: Option<String>,
     pub status: Option<u16>,
+    /// Microseconds the simulator held the request (arrival to answer ready).
+    #[serde(default)]
+    pub held_us: Option<u64>,
 }
 
 /// A fault for `POST /_sim/faults`.

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -56,6 +56,9 @@ pub struct Request {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub peer: SocketAddr,
+    /// When the request's head arrived (before its body was read): simulated latency is
+    /// measured from here.
+    pub received: Instant,
 }
 
 /// What the handler wants done with a request.
@@ -155,6 +158,7 @@ async fn serve_connection<H: Handler, S>(
         let abort = service_abort.clone();
         let max = options.max_body_bytes;
         async move {
+            let received = Instant::now();
             let (parts, body) = req.into_parts();
             let body = match Limited::new(body, max).collect().await {
                 Ok(collected) => collected.to_bytes(),
@@ -180,6 +184,7 @@ async fn serve_connection<H: Handler, S>(
                 headers: parts.headers,
                 body,
                 peer,
+                received,
             };
             match handler.handle(request).await {
                 Reply::Respond(resp) => Ok(resp),
@@ -230,5 +235,86 @@ pub fn simple_response(status: u16, reason: Option<&str>, body: Bytes) -> HttpRe
 pub fn set_header(resp: &mut HttpResponse, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         resp.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// How much of a simulated delay is slept precisely off the runtime: more than tokio's
+/// timer granularity (1 ms), so the coarse sleep before it never overshoots the deadline.
+const PRECISE_TAIL: Duration = Duration::from_micros(1500);
+
+/// Waits until `deadline` with sub-millisecond precision, without holding a runtime
+/// worker: tokio's timer rounds every sleep up to its next 1 ms tick (a 2 ms latency cost
+/// about 3 ms), so only the part up to [`PRECISE_TAIL`] before the deadline is a tokio
+/// sleep; the rest is a `std::thread::sleep` (nanosleep) on the blocking pool. Other
+/// requests go on meanwhile; a deadline already past returns at once.
+pub async fn sleep_until_precise(deadline: Instant) {
+    let now = Instant::now();
+    if deadline <= now {
+        return;
+    }
+    if deadline - now > PRECISE_TAIL {
+        tokio::time::sleep_until((deadline - PRECISE_TAIL).into()).await;
+    }
+    if deadline <= Instant::now() {
+        return;
+    }
+    let tail = tokio::task::spawn_blocking(move || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+    });
+    if tail.await.is_err() {
+        // The blocking pool is shutting down (the runtime is ending): wait coarsely.
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The precise sleep ends at its deadline, not a timer tick later, for delays below,
+    /// around and above the coarse part; many of them run at once without waiting on
+    /// each other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn precise_sleep_meets_its_deadline_and_sleeps_run_side_by_side() {
+        let mut over = Vec::new();
+        for us in [300u64, 1200, 2000, 2500, 5000]
+            .into_iter()
+            .cycle()
+            .take(100)
+        {
+            let deadline = Instant::now() + Duration::from_micros(us);
+            sleep_until_precise(deadline).await;
+            let now = Instant::now();
+            assert!(now >= deadline, "woke {:?} early", deadline - now);
+            over.push(now - deadline);
+        }
+        over.sort();
+        let median = over[over.len() / 2];
+        // tokio's sleep alone overshoots by up to a whole 1 ms tick (half a tick on
+        // average); the precise tail by scheduling latency only.
+        assert!(
+            median < Duration::from_micros(400),
+            "median overshoot {median:?}"
+        );
+        // 64 sleeps of 20 ms at once take about 20 ms, not 64 × 20.
+        let t = Instant::now();
+        let all: Vec<_> = (0..64)
+            .map(|_| {
+                tokio::spawn(sleep_until_precise(
+                    Instant::now() + Duration::from_millis(20),
+                ))
+            })
+            .collect();
+        for h in all {
+            h.await.unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -53,12 +53,19 @@ fn verify(log: &Path) -> (bool, String) {
 }
 
 /// Copies the log and its head to a fresh directory, applies `tamper` to the log lines.
+/// The copy is taken under the writers' lock, shared, as `audit verify` reads them: a
+/// helper may still be syncing the last record it answered for, and the head names a
+/// record only once that is done.
 fn tampered(
     src: &Path,
     tamper: impl FnOnce(&mut Vec<String>),
 ) -> (tempfile::TempDir, std::path::PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let log = d.path().join("audit.jsonl");
+    let mut lock = src.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = std::fs::File::open(&lock).unwrap();
+    lock.lock_shared().unwrap();
     let text = std::fs::read_to_string(src).unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     tamper(&mut lines);
@@ -70,6 +77,7 @@ fn tampered(
     let mut head = src.as_os_str().to_owned();
     head.push(".head");
     std::fs::copy(&head, d.path().join("audit.jsonl.head")).unwrap();
+    drop(lock);
     (d, log)
 }
 
@@ -241,6 +249,69 @@ fn a_torn_tail_found_at_open_is_recorded_and_rotation_keeps_the_chain() {
         assert_eq!(md.mode() & 0o7777, 0o640, "{}", p.display());
         assert_eq!(md.gid(), bed.opts.agent_gid, "{}", p.display());
     }
+}
+
+/// The outcome record is written before the reply and synced (and named by the head)
+/// while the reply is on its way, under the writers' lock; a reply bigger than the socket
+/// buffer is finished after the lock is released, so a client that does not read holds
+/// up no other writer or reader.
+#[test]
+fn a_reply_bigger_than_the_socket_buffer_does_not_hold_the_log() {
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    // smartctl output of 1.5 MB (the helper keeps 1 MiB of it).
+    let big = bed.dir.join("smartctl-big.json");
+    let pad = "x".repeat(1_500_000);
+    std::fs::write(
+        &big,
+        serde_json::json!({"smartctl": {"exit_status": 0}, "pad": pad}).to_string(),
+    )
+    .unwrap();
+    let settings_path = bed.dir.join("tools/felhom-fake-smartctl.json");
+    let mut settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&settings_path).unwrap()).unwrap();
+    settings["devices"]["sdz"] = serde_json::json!({"fixture": big});
+    std::fs::write(&settings_path, settings.to_string()).unwrap();
+    let _s = bed.activate(Class::Smart);
+    let mut c = Client::hello(&bed.socket(Class::Smart)).unwrap();
+    let req = felhom_protocol::encode_request(&Request::SmartRead {
+        device: DiskDevice::new("sdz").unwrap(),
+    })
+    .unwrap();
+    c.send_raw(&req).unwrap();
+    // Not reading: wait until the outcome is in the log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !bed.audit_records().iter().any(|r| r["kind"] == "outcome") {
+        assert!(std::time::Instant::now() < deadline, "no outcome record");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The reply is stuck in the socket; the log is not: verify takes the lock, and the
+    // head already names the outcome (no "behind" note).
+    let t = std::time::Instant::now();
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "verify waited for the client: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        text.contains("2 records") && !text.contains("behind"),
+        "{text}"
+    );
+    // The whole reply still arrives.
+    let Some(Response::Smart(out)) = c.read_response().unwrap() else {
+        panic!("no SMART reply")
+    };
+    assert_eq!(out.stdout.len(), 1024 * 1024);
+    assert!(out.truncated);
+    let outcome = bed
+        .audit_records()
+        .into_iter()
+        .find(|r| r["kind"] == "outcome")
+        .unwrap();
+    assert_eq!(outcome["result"], "ok");
+    assert_eq!(outcome["detail"]["truncated"], true);
 }
 
 #[test]

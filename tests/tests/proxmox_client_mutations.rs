@@ -257,8 +257,8 @@ async fn qemu_set_config_is_a_task_and_vzdump_of_an_unknown_guest_fails_in_its_t
     );
 
     // An unknown guest stays "local" for vzdump (get_included_guests): PVE starts the
-    // task and it fails there, naming the guest. (The plain `OK` answer needs `node`,
-    // `pool` or `stop`, which a one-guest backup never sends; the unit tests cover it.)
+    // task and it fails there, naming the guest. (A guest the cluster places on another
+    // node gets the plain `OK` instead: see the next test.)
     let c = client.clone();
     let out = in_lane(&q, vmid(999_999), move |p| {
         Box::pin(async move { c.vzdump(p, &VzdumpOptions::default()).await })
@@ -274,6 +274,85 @@ async fn qemu_set_config_is_a_task_and_vzdump_of_an_unknown_guest_fails_in_its_t
         matches!(&e, ProxmoxError::TaskFailed { upid: u, .. } if u.task_type() == "vzdump"),
         "{e:?}"
     );
+}
+
+/// PVE's silent exit: a vzdump of a guest that the cluster's vmlist places on another
+/// node answers the plain string `OK` instead of a UPID (no task is started), which the
+/// client types as `NothingToDo`; the same call for a local guest is a task.
+#[tokio::test]
+async fn vzdump_of_a_guest_on_another_node_has_nothing_to_do() {
+    let sim = Sim::start(&["--guests", "8", "--task-seconds", "0.05"]);
+    let node = sim.start.node.clone();
+    let client = Client::new(&sim.pinned(), &node).unwrap();
+    let q = Queue::start(QueueConfig::default());
+    let away = sim.plain_guest("lxc", "stopped").await;
+    let here = sim.plain_guest("qemu", "stopped").await;
+    assert_ne!(away, here);
+    // The guest is migrated to pve2 behind the agent's back.
+    sim.put_guest(away, json!({"node": "pve2"})).await;
+    let state = sim.state_json().await;
+    assert!(
+        state["other_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["vmid"] == away && g["node"] == "pve2")
+    );
+    let tasks_before = state["tasks"].as_array().unwrap().len();
+    sim.clear_log().await;
+
+    let c = client.clone();
+    let out = in_lane(&q, vmid(away), move |p| {
+        Box::pin(async move {
+            c.vzdump(
+                p,
+                &VzdumpOptions {
+                    storage: Some("nas-backup".into()),
+                    ..VzdumpOptions::default()
+                },
+            )
+            .await
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(out, VzdumpOutcome::NothingToDo);
+    let log = sim.log().await;
+    let post: Vec<_> = log
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with(&format!("/nodes/{node}/vzdump")))
+        .collect();
+    assert_eq!(post.len(), 1, "{log:?}");
+    assert_eq!(post[0].status, Some(200));
+    assert_eq!(post[0].params.get("vmid"), Some(&away.to_string()));
+    let state = sim.state_json().await;
+    assert_eq!(
+        state["tasks"].as_array().unwrap().len(),
+        tasks_before,
+        "no task was started"
+    );
+
+    // A local guest with the same options: a real backup task.
+    let c = client.clone();
+    let out = in_lane(&q, vmid(here), move |p| {
+        Box::pin(async move {
+            c.vzdump(
+                p,
+                &VzdumpOptions {
+                    storage: Some("nas-backup".into()),
+                    ..VzdumpOptions::default()
+                },
+            )
+            .await
+        })
+    })
+    .await
+    .unwrap();
+    let VzdumpOutcome::Task(upid) = out else {
+        panic!("a local guest's backup is a task, got {out:?}")
+    };
+    assert_eq!(upid.id(), here.to_string());
+    client.wait_task(&upid, fast()).await.unwrap();
 }
 
 #[tokio::test]

@@ -194,6 +194,45 @@ async fn latency_fault_and_setting_are_asynchronous() {
     assert!(t.elapsed() >= Duration::from_millis(145));
 }
 
+/// `--latency-ms N` adds N ms to each request, not N rounded up to the runtime's timer
+/// tick. Measured by the simulator itself (`held_us` in the request log: arrival to
+/// answer ready, so the client's own scheduling does not count), against a twin
+/// simulator without latency, requests interleaved so load on the machine hits both
+/// alike: the median added time is N within a fraction of a millisecond (tokio's sleep
+/// alone added about 1 ms more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_setting_is_precise() {
+    let plain = spawn(&["--guests", "2"]);
+    for latency_ms in [2u64, 7] {
+        let slow = spawn(&["--guests", "2", "--latency-ms", &latency_ms.to_string()]);
+        for _ in 0..150 {
+            for sim in [&plain, &slow] {
+                assert_eq!(api(sim, "GET", "/version", &[]).await.status, 200);
+            }
+        }
+        let held = |log: Vec<felhom_testbed::harness::LoggedRequest>| {
+            let mut v: Vec<u64> = log
+                .iter()
+                .rev()
+                .take(150)
+                .map(|r| r.held_us.expect("held_us"))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let h_plain = held(plain.requests(0).await.unwrap());
+        let h_slow = held(slow.requests(0).await.unwrap());
+        let added = (h_slow[h_slow.len() / 2] as f64 - h_plain[h_plain.len() / 2] as f64) / 1000.0;
+        let want = latency_ms as f64;
+        assert!(
+            added > want - 0.2 && added < want + 0.4,
+            "--latency-ms {latency_ms}: median added {added:.3} ms"
+        );
+        // Never early.
+        assert!(h_slow[0] >= latency_ms * 1000, "{} µs", h_slow[0]);
+    }
+}
+
 #[tokio::test]
 async fn malformed_body_and_dropped_connection() {
     let sim = spawn(&["--guests", "6"]);

@@ -387,6 +387,44 @@ async fn vzdump_locks_backs_up_and_answers_ok() {
     // "OK" instead of a UPID.
     assert_eq!(get_post(&sim, &[("stop", "1")]).await, json!("OK"));
     assert_eq!(get_post(&sim, &[("pool", "empty")]).await, json!("OK"));
+    // A guest the cluster places on another node is skipped silently: "OK" too.
+    let moved = sim.set_guest(104, json!({"node": "pve2"})).await.unwrap();
+    assert_eq!(moved, json!({"vmid": 104, "type": "lxc", "node": "pve2"}));
+    let tasks_before = sim.state().await.unwrap()["tasks"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(get_post(&sim, &[("vmid", "104")]).await, json!("OK"));
+    assert_eq!(
+        sim.state().await.unwrap()["tasks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        tasks_before
+    );
+    // It has left this node's API; its vmid is still taken in the cluster.
+    let list = get(&sim, "/nodes/pve1/lxc").await;
+    assert!(!list.as_array().unwrap().iter().any(|g| g["vmid"] == 104));
+    let r = api(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "104"),
+            (
+                "ostemplate",
+                "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("CT 104 already exists on node 'pve2'")
+    );
+    // Mixed with a local guest: only the local one is backed up.
+    let st = run_task(&sim, "POST", "/nodes/pve1/vzdump", &[("vmid", "104,102")]).await;
+    assert_eq!(st["exitstatus"], "OK");
     // Multiple guests: empty id; an unknown guest fails the job visibly.
     let st = run_task(&sim, "POST", "/nodes/pve1/vzdump", &[("vmid", "102,999")]).await;
     assert_eq!(st["id"], "");

@@ -37,9 +37,9 @@ use super::audit::{AuditCommit, AuditError, AuditReader};
 use super::cloudflared::{CloudflaredError, CloudflaredProber};
 use super::heartbeat::Collect;
 use super::report::{
-    BackupReport, CollectError, Component, CpuInfo, DiskHealth, DiskReport, ErrorKind, GuestReport,
-    GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport, PbsState, ReconcileReport,
-    SensorReport, StorageReport, Timestamp, UsageBytes,
+    BackupReport, BackupVerification, CollectError, Component, CpuInfo, DiskHealth, DiskReport,
+    ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport,
+    PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
 };
 use super::smart::{SmartError, discover_disks, parse_smartctl};
 use crate::config::Config;
@@ -458,7 +458,7 @@ async fn collect_proxmox(client: &proxmox::Client, concurrency: usize) -> Proxmo
     };
     part.host = Some(HostInfo {
         pve_version,
-        kernel: status.kversion.as_deref().map(kernel_release),
+        kernel: host_kernel(&status),
         uptime_seconds: status.uptime.unwrap_or(0),
         cpu: CpuInfo {
             usage: status.cpu.unwrap_or(0.0).clamp(0.0, 1.0),
@@ -498,6 +498,18 @@ fn merge_lists(
     part.backups = storage.backups;
     part.pbs = storage.pbs;
     part.errors.extend(storage.errors);
+}
+
+/// The running kernel's release: `current-kernel.release` (PVE ≥ 8.1), else taken from
+/// `kversion` (older nodes).
+fn host_kernel(status: &proxmox::NodeStatus) -> Option<String> {
+    status
+        .current_kernel
+        .as_ref()
+        .map(|k| k.release.trim())
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .or_else(|| status.kversion.as_deref().map(kernel_release))
 }
 
 /// `Linux 6.8.12-4-pve #1 SMP …` → `6.8.12-4-pve`; anything else is kept whole.
@@ -736,8 +748,10 @@ async fn collect_storage(client: &proxmox::Client) -> StoragePart {
                         size_bytes: b.size,
                         format: b.format,
                         protected: b.protected,
-                        // The Proxmox client does not type `verification` yet.
-                        verification: None,
+                        verification: b.verification.map(|v| BackupVerification {
+                            state: v.state,
+                            upid: v.upid,
+                        }),
                     });
                 }
             }

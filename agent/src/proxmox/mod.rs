@@ -40,9 +40,9 @@ pub use mutate::{
 pub use task::{TaskDone, WaitOptions};
 pub use tls::{PinMismatch, fingerprint};
 pub use types::{
-    BackupItem, GuestConfig, GuestKind, GuestListItem, GuestStatus, HaStatus, NodeListItem,
-    NodeStatus, RunState, SnapshotItem, StorageItem, TaskListFilter, TaskListItem, TaskOutcome,
-    TaskSource, TaskState, TaskStatus, Version,
+    BackupItem, BackupVerification, GuestConfig, GuestKind, GuestListItem, GuestStatus, HaStatus,
+    KernelInfo, NodeListItem, NodeStatus, RunState, SnapshotItem, StorageItem, TaskListFilter,
+    TaskListItem, TaskOutcome, TaskSource, TaskState, TaskStatus, Version,
 };
 pub use upid::{Upid, UpidError};
 

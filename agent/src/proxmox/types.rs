@@ -120,6 +120,22 @@ pub struct BootInfo {
     pub secureboot: Option<bool>,
 }
 
+/// `current-kernel` of node status (PVE 8.1 and later): `uname(2)`'s fields.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct KernelInfo {
+    /// `Linux`
+    #[serde(default)]
+    pub sysname: Option<String>,
+    /// `6.8.12-4-pve`
+    pub release: String,
+    /// `#1 SMP PREEMPT_DYNAMIC PMX 6.8.12-4 (2024-11-06T15:04Z)`
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `x86_64`
+    #[serde(default)]
+    pub machine: Option<String>,
+}
+
 /// `GET /nodes/{node}/status`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct NodeStatus {
@@ -128,8 +144,12 @@ pub struct NodeStatus {
     /// Sent as strings.
     #[serde(default, deserialize_with = "de::f64_list")]
     pub loadavg: Vec<f64>,
+    /// `Linux 6.8.12-4-pve #1 SMP …` (sysname, release and version joined).
     #[serde(default)]
     pub kversion: Option<String>,
+    /// PVE 8.1 and later: the same kernel, field by field.
+    #[serde(default, rename = "current-kernel")]
+    pub current_kernel: Option<KernelInfo>,
     #[serde(default, deserialize_with = "de::opt_f64")]
     pub cpu: Option<f64>,
     #[serde(default, deserialize_with = "de::opt_f64")]
@@ -495,6 +515,19 @@ pub struct BackupItem {
     pub notes: Option<String>,
     #[serde(default, deserialize_with = "de::bool01")]
     pub protected: bool,
+    /// The last verification, only on Proxmox Backup Server storages (PBS verify jobs).
+    #[serde(default)]
+    pub verification: Option<BackupVerification>,
+}
+
+/// `verification` of a backup item: `{state, upid}` as PBS reports its last verify task.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BackupVerification {
+    /// `ok` or `failed`.
+    pub state: String,
+    /// The PBS verify task (a PBS UPID, not a PVE one: kept as text).
+    #[serde(default)]
+    pub upid: Option<String>,
 }
 
 /// `running` or `stopped`.

@@ -38,6 +38,7 @@ impl Handler for HubSim {
                 Some(q) => format!("{}?{q}", request.path),
                 None => request.path.clone(),
             };
+            let received = request.received;
             let auth = request
                 .headers
                 .get(hyper::header::AUTHORIZATION)
@@ -49,7 +50,7 @@ impl Handler for HubSim {
                     delay,
                 } => {
                     if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                        http::sleep_until_precise(received + delay).await;
                     }
                     let mut resp = http::simple_response(status, None, Bytes::from(body));
                     http::set_header(&mut resp, "content-type", "application/json");

@@ -1964,7 +1964,8 @@ fn vzdump(
     if !(all || stop || params.contains_key("pool") || has_vmid) {
         return Err(ApiError::param("vmid", "property is missing"));
     }
-    // get_included_guests: unknown ids stay local (and fail visibly in the task).
+    // get_included_guests: ids the cluster's vmlist places on another node are skipped;
+    // unknown ids stay local (and fail visibly in the task).
     let mut local: Vec<u32> = Vec::new();
     if params.contains_key("pool") {
         // Pools are not modelled: a pool has no members on this node.
@@ -1973,7 +1974,7 @@ fn vzdump(
             let n: u32 = id
                 .parse()
                 .map_err(|_| ApiError::die(format!("ERROR: strange VM ID '{id}'")))?;
-            if n != 0 && !local.contains(&n) {
+            if n != 0 && !local.contains(&n) && !st.other_nodes.contains_key(&n) {
                 local.push(n);
             }
         }
@@ -2132,9 +2133,17 @@ fn vzdump(
                     .replace("{{node}}", &node)
                     .replace("{{cluster}}", &node)
             });
+            let pbs = st.storage(&storage).is_some_and(|s| s.is_pbs());
             let vol = loop {
-                let vol =
-                    state::backup_volume(&storage, &g, ctime, &compress, notes.clone(), protected);
+                let vol = state::backup_volume(
+                    &storage,
+                    pbs,
+                    &g,
+                    ctime,
+                    &compress,
+                    notes.clone(),
+                    protected,
+                );
                 let taken = st
                     .storage(&storage)
                     .is_some_and(|s| s.volumes.iter().any(|x| x.volid == vol.volid));
@@ -2149,10 +2158,11 @@ fn vzdump(
                 .map(|x| x.1.to_owned())
                 .unwrap_or_default();
             if let Some(s) = st.storage_mut(&storage) {
-                lines.push(format!(
-                    "INFO: creating vzdump archive '{}'",
-                    s.dump_path(&file)
-                ));
+                lines.push(if s.is_pbs() {
+                    format!("INFO: creating Proxmox Backup Server archive '{file}'")
+                } else {
+                    format!("INFO: creating vzdump archive '{}'", s.dump_path(&file))
+                });
                 s.volumes.push(vol);
             }
             if let Some(gm) = st.guests.get_mut(v) {
@@ -2279,6 +2289,12 @@ fn lxc_create(
                 "{} {vmid} already exists on node '{}'",
                 g.kind.label(),
                 st.node
+            )));
+        }
+        if let Some((node, kind)) = st.other_nodes.get(&vmid) {
+            return Err(ApiError::die(format!(
+                "{} {vmid} already exists on node '{node}'",
+                kind.label()
             )));
         }
     } else {

@@ -25,6 +25,10 @@ pub struct LoggedRequest {
     pub token_id: Option<String>,
     /// `None` while in flight or when the connection was dropped.
     pub status: Option<u16>,
+    /// When the request arrived.
+    pub received: std::time::Instant,
+    /// Microseconds from arrival until the answer was ready (set with `status`).
+    pub held_us: Option<u64>,
 }
 
 /// A fault kind.
@@ -96,6 +100,7 @@ impl ControlState {
         method: &str,
         path: &str,
         params: BTreeMap<String, String>,
+        received: std::time::Instant,
     ) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -108,6 +113,8 @@ impl ControlState {
             method: method.to_owned(),
             path: path.to_owned(),
             params,
+            received,
+            held_us: None,
             token_id: None,
             status: None,
         });
@@ -132,6 +139,7 @@ impl ControlState {
     pub fn set_status(&mut self, seq: u64, status: u16) {
         if let Some(e) = self.entry(seq) {
             e.status = Some(status);
+            e.held_us = Some(e.received.elapsed().as_micros() as u64);
         }
     }
 
@@ -142,7 +150,7 @@ impl ControlState {
             .filter(|e| e.seq > since)
             .map(|e| {
                 json!({"seq": e.seq, "method": e.method, "path": e.path, "params": e.params,
-                       "token_id": e.token_id, "status": e.status})
+                       "token_id": e.token_id, "status": e.status, "held_us": e.held_us})
             })
             .collect();
         json!({"requests": items, "last_seq": self.next_seq})
@@ -277,6 +285,11 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
 /// `GET /_sim/state`.
 pub fn state_json(st: &SimState) -> Value {
     let guests: Vec<Value> = st.guests.values().map(guest_state_json).collect();
+    let other_nodes: Vec<Value> = st
+        .other_nodes
+        .iter()
+        .map(|(vmid, (node, kind))| json!({"vmid": vmid, "type": kind.as_str(), "node": node}))
+        .collect();
     let storages: Vec<Value> = st
         .storages
         .iter()
@@ -297,7 +310,7 @@ pub fn state_json(st: &SimState) -> Value {
         })
         .collect();
     json!({"node": st.node, "version": st.version.to_string(), "guests": guests,
-           "storages": storages, "tasks": tasks})
+           "other_nodes": other_nodes, "storages": storages, "tasks": tasks})
 }
 
 /// `PUT /_sim/guests/{vmid}` body.
@@ -312,6 +325,9 @@ pub struct GuestPatch {
     pub ha_managed: Option<bool>,
     pub template: Option<bool>,
     pub config: Option<BTreeMap<String, Option<String>>>,
+    /// Another cluster node: the guest moves there (as after a migration done
+    /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
+    pub node: Option<String>,
 }
 
 mod double_option {
@@ -327,6 +343,14 @@ mod double_option {
 pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value, String> {
     if !(100..=999_999_999).contains(&vmid) {
         return Err(format!("vmid {vmid} out of range"));
+    }
+    if let Some(node) = &p.node {
+        return move_to_other_node(st, vmid, node, &p);
+    }
+    if st.other_nodes.contains_key(&vmid) {
+        return Err(format!(
+            "guest {vmid} lives on another node; delete it before creating it here"
+        ));
     }
     match st.guests.get(&vmid) {
         None => {
@@ -402,6 +426,47 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     }
     let g = st.guests.get(&vmid).ok_or("vanished")?;
     Ok(guest_state_json(g))
+}
+
+/// `{"node": …}`: the guest leaves this node for another one of the cluster.
+fn move_to_other_node(
+    st: &mut SimState,
+    vmid: u32,
+    node: &str,
+    p: &GuestPatch,
+) -> Result<Value, String> {
+    let others = p.status.is_some()
+        || p.lock.is_some()
+        || p.ha_managed.is_some()
+        || p.template.is_some()
+        || p.config.is_some();
+    if others {
+        return Err("\"node\" cannot be combined with other changes".into());
+    }
+    if node == st.node {
+        return Err(format!(
+            "{node} is this node; a guest cannot come back (create it again with \"type\")"
+        ));
+    }
+    if !super::schema::is_dns_name(node) || node.contains('.') {
+        return Err(format!("bad node name {node:?}"));
+    }
+    let kind = match (st.guests.remove(&vmid), p.kind.as_deref()) {
+        (Some(g), _) => g.kind,
+        (None, Some("lxc")) => Kind::Lxc,
+        (None, Some("qemu")) => Kind::Qemu,
+        (None, Some(k)) => return Err(format!("unknown type {k:?}")),
+        (None, None) => match st.other_nodes.get(&vmid) {
+            Some((_, k)) => *k,
+            None => {
+                return Err(format!(
+                    "guest {vmid} does not exist; give \"type\" to place it on {node}"
+                ));
+            }
+        },
+    };
+    st.other_nodes.insert(vmid, (node.to_owned(), kind));
+    Ok(json!({"vmid": vmid, "type": kind.as_str(), "node": node}))
 }
 
 /// `PUT /_sim/settings` body.
@@ -481,8 +546,9 @@ mod tests {
         let mut c = ControlState::default();
         let mut p = BTreeMap::new();
         p.insert("password".to_owned(), "hunter2".to_owned());
-        let a = c.log_request("POST", "/api2/json/nodes/pve1/lxc", p);
-        let b = c.log_request("GET", "/api2/json/version", BTreeMap::new());
+        let now = std::time::Instant::now();
+        let a = c.log_request("POST", "/api2/json/nodes/pve1/lxc", p, now);
+        let b = c.log_request("GET", "/api2/json/version", BTreeMap::new(), now);
         c.set_status(a, 200);
         let j = c.requests_json(0);
         assert_eq!(j["requests"][0]["seq"], a);

@@ -9,8 +9,9 @@
 //!
 //! This module owns the request pipeline: authentication, the request log, faults,
 //! latency, dispatch and PVE's response form. Must never: block the runtime while
-//! waiting (latency and the 401 delay are async sleeps), or let an admin token reach
-//! the PVE API or a PVE token reach `/_sim/`.
+//! waiting (latency is a coarse async sleep plus a precise tail on the blocking pool,
+//! [`crate::http::sleep_until_precise`]; the 401 delay an async sleep), or let an admin
+//! token reach the PVE API or a PVE token reach `/_sim/`.
 
 pub mod acl;
 pub mod api;
@@ -202,7 +203,12 @@ impl Sim {
             return Reply::Respond(plain(404, "Not Found", ""));
         };
         let params = parse_params(&req);
-        let seq = lock(&self.control).log_request(req.method.as_str(), &req.path, params.clone());
+        let seq = lock(&self.control).log_request(
+            req.method.as_str(),
+            &req.path,
+            params.clone(),
+            req.received,
+        );
         let rel_decoded = percent_encoding::percent_decode_str(&rel)
             .decode_utf8_lossy()
             .into_owned();
@@ -210,7 +216,8 @@ impl Sim {
         let faults = lock(&self.control).match_faults(req.method.as_str(), &rel_decoded);
         let total_latency = latency + faults.latency_ms;
         if total_latency > 0 {
-            tokio::time::sleep(Duration::from_millis(total_latency)).await;
+            // From the request's arrival, so parsing and TLS do not add to it.
+            http::sleep_until_precise(req.received + Duration::from_millis(total_latency)).await;
         }
         let mut task_fail = None;
         let mut malformed = false;
@@ -413,13 +420,13 @@ impl Sim {
                 }
             }
             ("DELETE", ["_sim", "guests", vmid]) => {
-                let removed = vmid
-                    .parse::<u32>()
-                    .ok()
-                    .and_then(|v| lock(&self.state).guests.remove(&v));
+                let removed = vmid.parse::<u32>().ok().is_some_and(|v| {
+                    let mut st = lock(&self.state);
+                    st.guests.remove(&v).is_some() | st.other_nodes.remove(&v).is_some()
+                });
                 match removed {
-                    Some(_) => Reply::Respond(control_json(200, json!({}))),
-                    None => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),
+                    true => Reply::Respond(control_json(200, json!({}))),
+                    false => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),
                 }
             }
             ("GET", ["_sim", "settings"]) => {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guest::{Guest, Ha, Kind, Snapshot};
-use super::storage::{BackupConf, Storage, Volume};
+use super::storage::{BackupConf, Storage, Verification, Volume};
 use super::tasks::{Task, TaskTable, encode_upid};
 use super::version::PveVersion;
 
@@ -80,6 +80,10 @@ pub struct SimState {
     pub node: String,
     pub version: PveVersion,
     pub guests: BTreeMap<u32, Guest>,
+    /// Guests of the same cluster living on other nodes (PVE's cluster-wide vmlist):
+    /// vmid → (node, kind). This node's API does not serve them; vzdump skips them and
+    /// create refuses their vmids.
+    pub other_nodes: BTreeMap<u32, (String, Kind)>,
     pub storages: Vec<Storage>,
     pub tasks: TaskTable,
     pub work: HashMap<String, TaskWork>,
@@ -109,6 +113,7 @@ impl SimState {
             node: node.to_owned(),
             version,
             guests: BTreeMap::new(),
+            other_nodes: BTreeMap::new(),
             storages: Vec::new(),
             tasks: TaskTable::default(),
             work: HashMap::new(),
@@ -269,6 +274,7 @@ impl SimState {
                     notes: None,
                     protected: false,
                     backup_conf: None,
+                    verification: None,
                 }],
             },
             Storage {
@@ -293,6 +299,18 @@ impl SimState {
                 enabled: true,
                 total: 4000 * gib,
                 used: 1200 * gib,
+                volumes: vec![],
+            },
+            Storage {
+                id: "pbs-offsite".into(),
+                stype: "pbs",
+                content: vec!["backup"],
+                path: None,
+                shared: true,
+                active: true,
+                enabled: true,
+                total: 8000 * gib,
+                used: 2100 * gib,
                 volumes: vec![],
             },
         ];
@@ -376,9 +394,31 @@ impl SimState {
             g.touch();
             if i < 2 || i == 5 {
                 let ctime = now - 86_400 * 2 + vmid as u64;
-                let volume = backup_volume("local", &g, ctime, "zstd", None, false);
+                let volume = backup_volume("local", false, &g, ctime, "zstd", None, false);
                 if let Some(s) = self.storage_mut("local") {
                     s.volumes.push(volume);
+                }
+            }
+            // PBS: 101 verified ok (and an older one too), 102 failed its verification,
+            // 103 not verified yet (verify jobs run after the backups).
+            if i < 3 {
+                let ctime = now - 86_400 + vmid as u64;
+                let mut volumes = Vec::new();
+                let mut v = backup_volume("pbs-offsite", true, &g, ctime, "zstd", None, false);
+                v.verification = match i {
+                    0 => Some(pbs_verification("ok", ctime + 3600, &mut rng)),
+                    1 => Some(pbs_verification("failed", ctime + 3600, &mut rng)),
+                    _ => None,
+                };
+                volumes.push(v);
+                if i == 0 {
+                    let older = ctime - 86_400 * 7;
+                    let mut v = backup_volume("pbs-offsite", true, &g, older, "zstd", None, true);
+                    v.verification = Some(pbs_verification("ok", older + 3600, &mut rng));
+                    volumes.push(v);
+                }
+                if let Some(s) = self.storage_mut("pbs-offsite") {
+                    s.volumes.extend(volumes);
                 }
             }
             self.guests.insert(vmid, g);
@@ -512,16 +552,60 @@ pub fn backup_file_name(kind: Kind, vmid: u32, ctime: u64, compress: &str) -> (S
     )
 }
 
-/// A backup volume of `g` on `storage`.
+/// The PBS snapshot path of a backup: `ct/101/2025-01-31T02:00:05Z` (`vm/…` for QEMU).
+pub fn pbs_snapshot(kind: Kind, vmid: u32, ctime: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ctime as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let btype = match kind {
+        Kind::Lxc => "ct",
+        Kind::Qemu => "vm",
+    };
+    format!(
+        "{btype}/{vmid}/{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// A PBS verify task's result (`upid` in PBS's own UPID form).
+fn pbs_verification(state: &'static str, at: u64, rng: &mut fastrand::Rng) -> Verification {
+    Verification {
+        state,
+        upid: format!(
+            "UPID:pbs:{:08X}:{:08X}:{:08X}:{at:08X}:verificationjob:offsite\\x3av\\x2d{:08x}\\x2d{:04x}:root@pam:",
+            rng.u32(1000..0x0040_0000),
+            rng.u32(..),
+            rng.u32(0..64),
+            rng.u32(..),
+            rng.u16(..),
+        ),
+    }
+}
+
+/// A backup volume of `g` on `storage` (a PBS datastore when `pbs`: a snapshot, format
+/// `pbs-ct`/`pbs-vm`, compression is PBS's own).
 pub fn backup_volume(
     storage: &str,
+    pbs: bool,
     g: &Guest,
     ctime: u64,
     compress: &str,
     notes: Option<String>,
     protected: bool,
 ) -> Volume {
-    let (file, format) = backup_file_name(g.kind, g.vmid, ctime, compress);
+    let (file, format) = if pbs {
+        let btype = match g.kind {
+            Kind::Lxc => "ct",
+            Kind::Qemu => "vm",
+        };
+        (pbs_snapshot(g.kind, g.vmid, ctime), format!("pbs-{btype}"))
+    } else {
+        backup_file_name(g.kind, g.vmid, ctime, compress)
+    };
     let mut conf = g.conf.clone();
     conf.remove("lock");
     conf.remove("parent");
@@ -539,6 +623,7 @@ pub fn backup_volume(
             conf,
             raw_lxc: g.raw_lxc.clone(),
         }),
+        verification: None,
     }
 }
 

@@ -36,6 +36,17 @@ pub struct Volume {
     pub protected: bool,
     /// The guest config recorded in a backup (for restore).
     pub backup_conf: Option<BackupConf>,
+    /// PBS storages only: the last verify job's result.
+    pub verification: Option<Verification>,
+}
+
+/// A PBS backup's last verification, as PBS reports it and PVE passes it on.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// `ok` or `failed`.
+    pub state: &'static str,
+    /// The PBS verify task.
+    pub upid: String,
 }
 
 /// What a backup archive carries about its guest.
@@ -78,6 +89,11 @@ impl Storage {
         Value::Object(m)
     }
 
+    /// A Proxmox Backup Server datastore (backups are snapshots there, not files).
+    pub fn is_pbs(&self) -> bool {
+        self.stype == "pbs"
+    }
+
     /// The filesystem path of a backup file on this storage, as vzdump logs it.
     pub fn dump_path(&self, file: &str) -> String {
         match &self.path {
@@ -108,13 +124,32 @@ impl Volume {
         if self.protected {
             m.insert("protected".to_owned(), json!(1));
         }
+        if let Some(v) = &self.verification {
+            m.insert(
+                "verification".to_owned(),
+                json!({"state": v.state, "upid": v.upid}),
+            );
+        }
         Value::Object(m)
     }
 }
 
-/// `vzdump-lxc-101-2025_01_31-02_00_05.tar.zst` → `(lxc, 101)`.
+/// `backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst` → `(lxc, 101)`; on PBS
+/// (`backup/ct/101/2025-01-31T02:00:05Z`, `backup/vm/…`) likewise.
 pub fn parse_backup_name(volname: &str) -> Option<(&'static str, u32)> {
     let file = volname.strip_prefix("backup/")?;
+    let pbs: Vec<&str> = file.split('/').collect();
+    if let [btype, id, time] = pbs.as_slice() {
+        let kind = match *btype {
+            "ct" => "lxc",
+            "vm" => "qemu",
+            _ => return None,
+        };
+        if time.is_empty() {
+            return None;
+        }
+        return Some((kind, id.parse().ok()?));
+    }
     let rest = file.strip_prefix("vzdump-")?;
     let (kind, rest) = if let Some(r) = rest.strip_prefix("lxc-") {
         ("lxc", r)
@@ -142,5 +177,17 @@ mod tests {
             Some(("qemu", 100))
         );
         assert_eq!(parse_backup_name("vztmpl/debian.tar.zst"), None);
+        assert_eq!(
+            parse_backup_name("backup/ct/101/2025-01-31T02:00:05Z"),
+            Some(("lxc", 101))
+        );
+        assert_eq!(
+            parse_backup_name("backup/vm/103/2025-01-31T02:00:05Z"),
+            Some(("qemu", 103))
+        );
+        assert_eq!(
+            parse_backup_name("backup/host/pve1/2025-01-31T02:00:05Z"),
+            None
+        );
     }
 }

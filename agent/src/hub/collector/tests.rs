@@ -1,7 +1,8 @@
 //! Collector pieces that need no Proxmox: the spec mapping over real captures, SMART on its
 //! schedule over the real smartctl captures, and the change log. The Proxmox-facing rules
-//! (Proxmox down, one guest failing) are tested against `felhom-pvesim` in
-//! `tests/tests/hub_collector.rs`.
+//! (Proxmox down, one guest failing; kernel and backup verification from real answers) are
+//! tested against `felhom-pvesim` in `tests/tests/hub_collector.rs` and
+//! `tests/tests/hub_pvesim.rs`.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
@@ -77,6 +78,33 @@ fn kernel_release_from_kversion() {
         "6.8.12-4-pve"
     );
     assert_eq!(kernel_release("something else"), "something else");
+}
+
+#[test]
+fn host_kernel_prefers_current_kernel_and_falls_back_to_kversion() {
+    let status =
+        |v: serde_json::Value| -> proxmox::NodeStatus { serde_json::from_value(v).unwrap() };
+    // PVE ≥ 8.1: both are present; current-kernel's release wins (here they are made to
+    // differ so the test tells which one was used).
+    let s = status(serde_json::json!({
+        "kversion": "Linux 6.8.12-4-pve #1 SMP PREEMPT_DYNAMIC PMX 6.8.12-4 (2024-11-06T15:04Z)",
+        "current-kernel": {"sysname": "Linux", "release": "6.8.12-5-pve",
+                           "version": "#1 SMP PREEMPT_DYNAMIC PMX 6.8.12-5 (2024-12-03T10:26Z)",
+                           "machine": "x86_64"}
+    }));
+    assert_eq!(host_kernel(&s).as_deref(), Some("6.8.12-5-pve"));
+    // PVE 7.4: no current-kernel.
+    let s = status(serde_json::json!({
+        "kversion": "Linux 5.15.108-1-pve #1 SMP PVE 5.15.108-2 (2023-07-20T10:06Z)"
+    }));
+    assert_eq!(host_kernel(&s).as_deref(), Some("5.15.108-1-pve"));
+    // An empty release does not hide kversion; neither present: null.
+    let s = status(serde_json::json!({
+        "kversion": "Linux 6.5.13-1-pve #1 SMP",
+        "current-kernel": {"sysname": "Linux", "release": " ", "version": "", "machine": "x86_64"}
+    }));
+    assert_eq!(host_kernel(&s).as_deref(), Some("6.5.13-1-pve"));
+    assert_eq!(host_kernel(&status(serde_json::json!({}))), None);
 }
 
 /// Serves the real smartctl captures by device name and counts reads.
