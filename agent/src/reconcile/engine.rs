@@ -42,6 +42,9 @@ use super::plan::{Action, ActualGuest, Plan, Problem, Skipped, plan};
 use super::pve::Pve;
 use super::queue::{LaneView, Queue, QueueConfig, QueueStats};
 use crate::config::Config;
+use crate::hub::report::{
+    FailingAction, ReconcileAction, ReconcileReport, SkippedGuest, Timestamp,
+};
 use crate::proxmox::ProxmoxError;
 
 /// Whether the engine may mutate.
@@ -457,6 +460,51 @@ impl EngineHandle {
             cancelled_running = report.cancelled_running,
             "reconcile engine stopped"
         );
+    }
+}
+
+impl EngineStatus {
+    /// The report's `reconcile` section.
+    pub fn report(&self) -> ReconcileReport {
+        let action = |a: &ActionView| ReconcileAction {
+            vmid: a.vmid.get(),
+            action: a.action.clone(),
+            op_id: a.op_id.clone(),
+        };
+        ReconcileReport {
+            blocked: self.blocked,
+            safe_mode: self.safe_mode.is_some(),
+            safe_mode_reason: self.safe_mode.clone(),
+            desired_generation: self.desired_generation,
+            applied_generation: self.applied_generation,
+            queued: self.queued.iter().map(action).collect(),
+            running: self.running.iter().map(action).collect(),
+            failing: self
+                .failing
+                .iter()
+                .map(|f| FailingAction {
+                    vmid: f.vmid.get(),
+                    action: f.action.clone(),
+                    attempts: f.attempts,
+                    last_error: f.last_error.clone(),
+                    next_retry_at: time::OffsetDateTime::from_unix_timestamp_nanos(
+                        i128::from(f.next_retry_ms) * 1_000_000,
+                    )
+                    .ok()
+                    .map(Timestamp::from),
+                })
+                .collect(),
+            skipped: self
+                .skipped
+                .iter()
+                .map(|s| SkippedGuest {
+                    vmid: s.vmid.get(),
+                    reason: s.reason.to_string(),
+                })
+                .collect(),
+            desired_only: self.only_desired.iter().map(|v| v.get()).collect(),
+            actual_only: self.only_actual.iter().map(|v| v.get()).collect(),
+        }
     }
 }
 
