@@ -411,3 +411,32 @@ fn create_keyctl_goes_through_the_daemons_queue() {
     assert_eq!(bed.pct_calls().len(), 2);
     drop(rt);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_actions_finish_then_exits_0() {
+    let sim = Sim::start(&["--task-seconds", "1.5"]);
+    let a = sim.plain_guest("lxc", "running").await;
+    let home = Home::new(&sim, json!({}));
+    home.write_desired(&json!({"generation": 1, "guests": [
+        {"vmid": a, "power": "stopped"}
+    ]}));
+    let mut daemon = home.start_daemon(&home.log_path("daemon.log"));
+    home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
+        running_lane(v, a, "stop")
+    });
+    let t0 = std::time::Instant::now();
+    let log = daemon.log.clone();
+    assert_eq!(daemon.term(Duration::from_secs(40)), Some(0));
+    let log = std::fs::read_to_string(log).expect("log");
+    assert!(
+        log.contains("reconcile engine stopped cancelled_queued=0 cancelled_running=0"),
+        "{log}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    // the stop ran to its end: the guest is stopped and its journal entry is closed
+    assert_eq!(sim.pve.guest(a as u32).await.expect("guest")["status"], "stopped");
+    let journal = home.cli_json(&["journal", "show"]);
+    let entries = journal["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{journal:#}");
+    assert_eq!(entries[0]["outcome"]["result"], "succeeded", "{journal:#}");
+}
