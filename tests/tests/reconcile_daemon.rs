@@ -434,7 +434,10 @@ async fn sigterm_lets_running_actions_finish_then_exits_0() {
     );
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     // the stop ran to its end: the guest is stopped and its journal entry is closed
-    assert_eq!(sim.pve.guest(a as u32).await.expect("guest")["status"], "stopped");
+    assert_eq!(
+        sim.pve.guest(a as u32).await.expect("guest")["status"],
+        "stopped"
+    );
     let journal = home.cli_json(&["journal", "show"]);
     let entries = journal["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 1, "{journal:#}");
