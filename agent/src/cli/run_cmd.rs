@@ -37,7 +37,7 @@ use super::{Cli, CliError};
 use crate::config::{Config, HubMode};
 use crate::control::{ControlError, DaemonOptions, DaemonParts, StateLock};
 use crate::hub::client::HubClientError;
-use crate::hub::envelope::SavedEnvelope;
+use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::report::ReconcileReport;
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
 use crate::reconcile::engine::{EngineReload, provider_for};
@@ -97,22 +97,22 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         .map_err(|e| CliError::Usage(format!("proxmox: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (reconcile_tx, reconcile_rx) = watch::channel::<Option<ReconcileReport>>(None);
-    let hub = HubService::start(&cfg, reconcile_rx, shutdown_rx.clone())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
 
-    // The gate, from the envelope the hub loop loaded from state_dir (or none) on.
-    let envelopes = hub.envelopes();
+    // The engine starts before the hub, so the first report already carries its state.
+    // Its gate starts from the envelope kept in state_dir (the hub loop loads the same
+    // one) and then follows the hub's envelopes.
+    let kept = match EnvelopeStore::new(&cfg.state_dir).load() {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the saved hub envelope");
+            None
+        }
+    };
     let (hub_on_tx, hub_on_rx) = watch::channel(hub_enabled(&cfg));
-    let initial = gate_for(*hub_on_rx.borrow(), envelopes.borrow().as_ref());
+    let initial = gate_for(*hub_on_rx.borrow(), kept.as_ref());
     tracing::info!(gate = ?initial, "reconcile gate at start");
     let (gate_tx, gate_rx) = watch::channel(initial);
-    let gate_task = tokio::spawn(follow_hub(
-        envelopes.clone(),
-        hub_on_rx,
-        gate_tx,
-        shutdown_rx.clone(),
-    ));
+    let (envelope_tx, envelope_rx) = watch::channel(kept);
 
     let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
     let parts = DaemonParts::start(
@@ -121,14 +121,25 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         Arc::new(proxmox),
         gate_rx,
         DaemonOptions {
-            envelope: Some(envelopes),
+            envelope: Some(envelope_rx),
             mutations: Some(mutations.clone()),
         },
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    let (reconcile_tx, reconcile_rx) = watch::channel(Some(parts.engine.status().report()));
     let publisher = tokio::spawn(publish_reconcile(
         parts.engine.clone(),
         reconcile_tx,
+        shutdown_rx.clone(),
+    ));
+
+    let hub = HubService::start(&cfg, reconcile_rx, shutdown_rx.clone())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let gate_task = tokio::spawn(follow_hub(
+        hub.envelopes(),
+        hub_on_rx,
+        gate_tx,
+        envelope_tx,
         shutdown_rx.clone(),
     ));
 
@@ -194,21 +205,29 @@ pub fn gate_for(hub_enabled: bool, envelope: Option<&SavedEnvelope>) -> Gate {
     }
 }
 
-/// Feeds the gate from the hub's envelopes and the hub's on/off state (SIGHUP).
+/// Feeds the gate from the hub's envelopes and the hub's on/off state (SIGHUP), and
+/// hands each envelope on to `status`.
 async fn follow_hub(
     mut envelopes: watch::Receiver<Option<SavedEnvelope>>,
     mut hub_on: watch::Receiver<bool>,
     gate: watch::Sender<Gate>,
+    last_envelope: watch::Sender<Option<SavedEnvelope>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut first = true;
     loop {
-        tokio::select! {
-            r = envelopes.changed() => if r.is_err() { return },
-            r = hub_on.changed() => if r.is_err() { return },
-            _ = shutdown.wait_for(|s| *s) => return,
+        if !first {
+            tokio::select! {
+                r = envelopes.changed() => if r.is_err() { return },
+                r = hub_on.changed() => if r.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
         }
+        first = false;
         let enabled = *hub_on.borrow_and_update();
-        let g = gate_for(enabled, envelopes.borrow_and_update().as_ref());
+        let envelope = envelopes.borrow_and_update().clone();
+        let g = gate_for(enabled, envelope.as_ref());
+        last_envelope.send_replace(envelope);
         gate.send_if_modified(|current| {
             if *current == g {
                 return false;

@@ -215,6 +215,8 @@ struct Shared {
     /// Guests with an engine operation queued or running (those kick a cycle when they
     /// end; other lane operations do not).
     engine_lanes: Mutex<HashSet<Vmid>>,
+    /// The gate as fed now (what `status` shows before the first cycle has seen it).
+    gate_now: watch::Receiver<Gate>,
     kick: Notify,
     /// Bumped whenever the status may have changed (cycle, operation start or end).
     changes: watch::Sender<u64>,
@@ -329,6 +331,7 @@ impl Engine {
             failing: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             engine_lanes: Mutex::new(HashSet::new()),
+            gate_now: deps.gate.clone(),
             kick: Notify::new(),
             changes,
         });
@@ -398,7 +401,7 @@ impl EngineHandle {
     pub fn status(&self) -> EngineStatus {
         let s = &self.shared;
         let o = lock(&s.observed);
-        let gate = o.gate.unwrap_or(Gate::AwaitingEnvelope);
+        let gate = o.gate.unwrap_or_else(|| *s.gate_now.borrow());
         let mut failing: Vec<Failing> = lock(&s.failing)
             .iter()
             .map(|((vmid, action), b)| Failing {
@@ -634,7 +637,12 @@ async fn run_loop(
         let settings = shared.settings();
         if Instant::now() >= next_cycle {
             let g = *gate.borrow_and_update();
-            let follow_up = cycle(&shared, g).await;
+            // A cycle waiting on a slow Proxmox must not hold up shutdown; stopping
+            // between its awaits loses nothing (what it queued stays queued).
+            let follow_up = tokio::select! {
+                f = cycle(&shared, g) => f,
+                _ = stop.changed() => return,
+            };
             shared.changed();
             let resync = Instant::now() + settings.resync_interval;
             next_cycle = follow_up.map_or(resync, |t| t.min(resync));
