@@ -384,7 +384,8 @@ fn assert_all_good(o: &Outcome, what: &str) {
     let st = o.selftest_json();
     assert_eq!(st["ok"], true, "{what}: {}", o.selftest);
     assert_eq!(st["guests"].as_array().map(Vec::len), Some(6), "{what}");
-    assert_eq!(st["storages"].as_array().map(Vec::len), Some(3), "{what}");
+    // local, local-lvm, nas-backup and the PBS datastore pbs-offsite.
+    assert_eq!(st["storages"].as_array().map(Vec::len), Some(4), "{what}");
     assert_eq!(o.task_exit, Some(0), "{what}: task selftest: {}", o.task);
     assert!(
         proxmox_errors(o).is_empty(),
@@ -393,7 +394,7 @@ fn assert_all_good(o: &Outcome, what: &str) {
     );
     assert!(o.report["host"].is_object(), "{what}: host is null");
     assert_eq!(o.report["guests"].as_array().map(Vec::len), Some(6));
-    assert_eq!(o.report["storage"].as_array().map(Vec::len), Some(3));
+    assert_eq!(o.report["storage"].as_array().map(Vec::len), Some(4));
     assert!(
         o.converged && o.engine_errors.is_empty(),
         "{what}: reconcile did not converge: {}",

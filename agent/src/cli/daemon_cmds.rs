@@ -107,6 +107,19 @@ fn render_status(v: &Value) -> String {
             "queue: {} queued, {} running\n",
             r["queue"]["queued"], r["queue"]["running"]
         ));
+        for (what, list) in [("running", &r["running"]), ("queued", &r["queued"])] {
+            for a in list.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{what}: {} {}{}\n",
+                    a["action"].as_str().unwrap_or("?"),
+                    a["vmid"],
+                    a["op_id"]
+                        .as_str()
+                        .map(|k| format!(" (journal key {})", &k[..k.len().min(16)]))
+                        .unwrap_or_default()
+                ));
+            }
+        }
         for f in r["failing"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "failing: {} {} ({} attempts): {}\n",

@@ -1,6 +1,8 @@
 //! `felhom-agent privileged …`: thin wrapper over [`crate::privileged`]; parses the
 //! operator's arguments into validated values, makes one call, prints the answer (a few
-//! lines, or with `--json` one document).
+//! lines, or with `--json` one document). `create-keyctl` creates a guest, so it runs in
+//! that guest's queue lane: on the daemon's queue while it runs (over the control socket),
+//! else on a local one with the `state_dir` lock held (see [`super::mutations`]).
 //!
 //! Exit codes: 0 done; 1 the helper refused or failed, or `smart` found the disk failing
 //! or could not read it; 2 a bad argument (checked before the config is even loaded);
@@ -9,7 +11,9 @@
 use felhom_protocol::{BlockDevicePath, Class, DiskDevice, MountName};
 use serde_json::{Value, json};
 
+use super::mutations::{CreateError, LocalQueue, create_on_queue, created_from};
 use super::{Cli, CliError, Exit, PrivilegedCmd};
+use crate::control::{self, ControlError, Request};
 use crate::hub::report::{DiskHealth, Timestamp};
 use crate::hub::smart::parse_smartctl;
 use crate::privileged::{self, Client, PrivilegedError, SmartOutput};
@@ -157,10 +161,29 @@ pub fn run(cli: &Cli, cmd: &PrivilegedCmd) -> Result<(), CliError> {
                 Ok(())
             }
             Call::Create(spec) => {
-                let c = client
-                    .create_keyctl(&spec)
-                    .await
-                    .map_err(|e| helper_err(cli, Class::Pct, e))?;
+                let req = Request::CreateKeyctl { spec: spec.clone() };
+                let c = match control::request(&cfg.control.socket, &req).await {
+                    Ok(body) => created_from(&body)?,
+                    Err(ControlError::NotRunning { .. }) => {
+                        let command = match cmd {
+                            PrivilegedCmd::CreateKeyctl { spec } => {
+                                format!("privileged create-keyctl {}", spec.display())
+                            }
+                            _ => "privileged create-keyctl".to_string(),
+                        };
+                        let local = LocalQueue::take(&cfg, &command)?;
+                        let created = create_on_queue(&client, local.queue(), spec).await;
+                        local.close().await;
+                        match created {
+                            Ok(c) => c,
+                            Err(CreateError::Helper(e)) => {
+                                return Err(helper_err(cli, Class::Pct, e));
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if cli.json {
                     super::print_json(&json!({
                         "ok": true,

@@ -333,7 +333,9 @@ impl Journal {
              PRAGMA busy_timeout=5000;
              CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS entries (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 -- no AUTOINCREMENT: its sqlite_sequence row would be one more page
+                 -- written per intent; ids are never reused anyway (see record_intent)
+                 id INTEGER PRIMARY KEY,
                  key TEXT NOT NULL UNIQUE,
                  vmid INTEGER NOT NULL,
                  action TEXT NOT NULL,
@@ -544,12 +546,13 @@ impl Journal {
         let intent_ms = now_ms();
         let vmid = i64::from(action.vmid.get());
         let id = self.write(|tx| {
-            tx.execute(
-                "INSERT INTO entries (key, vmid, action, intent_ms, upids, checksum)
-                 VALUES (?1, ?2, ?3, ?4, '[]', '')",
-                params![key.as_str(), vmid, action_json, intent_ms],
-            )?;
-            let id = tx.last_insert_rowid();
+            // The next id, chosen here (this connection is the only writer and holds the
+            // transaction) so the row goes in once, with its checksum. Ids are never
+            // reused: compaction never deletes the newest row (it is the newest of its
+            // guest), so MAX(id) only grows.
+            let id: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM entries")?
+                .query_row([], |r| r.get(0))?;
             let sum = row_checksum(
                 id,
                 key.as_str(),
@@ -560,10 +563,11 @@ impl Journal {
                 None,
                 None,
             );
-            tx.execute(
-                "UPDATE entries SET checksum = ?1 WHERE id = ?2",
-                params![sum, id],
-            )?;
+            tx.prepare_cached(
+                "INSERT INTO entries (id, key, vmid, action, intent_ms, upids, checksum)
+                 VALUES (?1, ?2, ?3, ?4, ?5, '[]', ?6)",
+            )?
+            .execute(params![id, key.as_str(), vmid, action_json, intent_ms, sum])?;
             Ok(id)
         })?;
         Ok(Entry {
@@ -619,11 +623,11 @@ impl Journal {
             entry.outcome_ms,
         );
         self.write(|tx| {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE entries SET upids = ?1, outcome = ?2, outcome_ms = ?3, checksum = ?4
                  WHERE id = ?5",
-                params![upids, outcome, entry.outcome_ms, sum, id],
-            )
+            )?
+            .execute(params![upids, outcome, entry.outcome_ms, sum, id])
             .map(|_| ())
         })
     }
@@ -674,6 +678,20 @@ impl Journal {
             &format!("SELECT {ROW_COLUMNS} FROM entries WHERE outcome IS NULL ORDER BY id"),
             [],
         )
+    }
+
+    /// Every UPID recorded for a guest (task adoption must never pick one of these).
+    pub fn upids_of(&self, vmid: Vmid) -> Result<Vec<String>, JournalError> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM entries WHERE vmid = ?1 AND upids != '[]' ORDER BY id"
+                ),
+                params![i64::from(vmid.get())],
+            )?
+            .into_iter()
+            .flat_map(|e| e.upids)
+            .collect())
     }
 
     /// The id of the newest finished entry of a guest (part of the idempotency key).
