@@ -40,7 +40,8 @@ async fn proxmox_down_still_reports_and_reports_match_the_schema() {
         );
         // cloudflared on a closed port is `down`, not an error
         assert_eq!(report["cloudflared"]["state"], "down");
-        assert!(report["reconcile"].is_null());
+        // the engine runs and reports even while Proxmox is down
+        assert!(report["reconcile"].is_object(), "{report:#}");
     }
     agent.signal(Sig::Term);
     let status = agent

@@ -135,6 +135,7 @@ fn full_report() -> HostReport {
     r.reconcile = Some(ReconcileReport {
         blocked: false,
         safe_mode: false,
+        safe_mode_reason: None,
         desired_generation: Some(3),
         applied_generation: Some(2),
         queued: vec![ReconcileAction {

@@ -100,7 +100,12 @@ async fn lxc_lifecycle_backup_and_restore() {
     // snapshot, rollback, delete
     let name = SnapshotName::new("clienttest").unwrap();
     let n1 = name.clone();
-    let upid = task!(q, client, v, |c, p| c.snapshot_create(p, GuestKind::Lxc, &n1, None));
+    let upid = task!(q, client, v, |c, p| c.snapshot_create(
+        p,
+        GuestKind::Lxc,
+        &n1,
+        None
+    ));
     client.wait_task(&upid, fast()).await.unwrap();
     let names: Vec<String> = client
         .snapshots(GuestKind::Lxc, v)
@@ -111,13 +116,28 @@ async fn lxc_lifecycle_backup_and_restore() {
         .collect();
     assert!(names.contains(&"clienttest".to_string()), "{names:?}");
     let n2 = name.clone();
-    let upid = task!(q, client, v, |c, p| c.snapshot_rollback(p, GuestKind::Lxc, &n2, true));
+    let upid = task!(q, client, v, |c, p| c.snapshot_rollback(
+        p,
+        GuestKind::Lxc,
+        &n2,
+        true
+    ));
     assert_eq!(upid.task_type(), "vzrollback");
     client.wait_task(&upid, fast()).await.unwrap();
     let n3 = name.clone();
-    let upid = task!(q, client, v, |c, p| c.snapshot_delete(p, GuestKind::Lxc, &n3, false));
+    let upid = task!(q, client, v, |c, p| c.snapshot_delete(
+        p,
+        GuestKind::Lxc,
+        &n3,
+        false
+    ));
     client.wait_task(&upid, fast()).await.unwrap();
-    assert!(sim.snapshot_names(n).await.iter().all(|s| s != "clienttest"));
+    assert!(
+        sim.snapshot_names(n)
+            .await
+            .iter()
+            .all(|s| s != "clienttest")
+    );
 
     // shutdown with a timeout
     let upid = task!(q, client, v, |c, p| c.shutdown(
@@ -148,9 +168,11 @@ async fn lxc_lifecycle_backup_and_restore() {
         ..Default::default()
     };
     let c = client.clone();
-    let out = in_lane(&q, v, move |p| Box::pin(async move { c.vzdump(p, &opts).await }))
-        .await
-        .unwrap();
+    let out = in_lane(&q, v, move |p| {
+        Box::pin(async move { c.vzdump(p, &opts).await })
+    })
+    .await
+    .unwrap();
     let VzdumpOutcome::Task(upid) = out else {
         panic!("vzdump of a local guest is a task")
     };
@@ -195,7 +217,11 @@ async fn lxc_lifecycle_backup_and_restore() {
         .await
         .unwrap();
     assert!(!found.is_empty());
-    assert!(found.iter().all(|t| t.task_type == "vzstart" && t.id == n.to_string()));
+    assert!(
+        found
+            .iter()
+            .all(|t| t.task_type == "vzstart" && t.id == n.to_string())
+    );
     assert!(found.iter().all(|t| t.auth_id() == sim.start.token_id));
     assert!(found.iter().any(|t| t.outcome().is_some()));
 }
@@ -260,8 +286,12 @@ async fn wait_task_ok_warnings_and_failure() {
     let v = vmid(n);
     let start_path = format!("/nodes/{node}/lxc/{n}/status/start");
 
-    sim.fault(Fault::task_fail(&start_path, "WARNINGS: 2").method("POST").times(1))
-        .await;
+    sim.fault(
+        Fault::task_fail(&start_path, "WARNINGS: 2")
+            .method("POST")
+            .times(1),
+    )
+    .await;
     let upid = task!(q, client, v, |c, p| c.start(p, GuestKind::Lxc));
     let done = client.wait_task(&upid, fast()).await.unwrap();
     assert_eq!(done.warnings, Some(2));
@@ -269,8 +299,12 @@ async fn wait_task_ok_warnings_and_failure() {
     // (The simulator undoes an injected task's effect, so the guest is still stopped.)
 
     let failure = format!("command 'lxc-start -F -n {n}' failed: exit code 1");
-    sim.fault(Fault::task_fail(&start_path, &failure).method("POST").times(1))
-        .await;
+    sim.fault(
+        Fault::task_fail(&start_path, &failure)
+            .method("POST")
+            .times(1),
+    )
+    .await;
     let upid = task!(q, client, v, |c, p| c.start(p, GuestKind::Lxc));
     let e = client.wait_task(&upid, fast()).await.unwrap_err();
     let ProxmoxError::TaskFailed {
@@ -285,13 +319,22 @@ async fn wait_task_ok_warnings_and_failure() {
     assert!(permission.is_none());
     assert_eq!(failed, &upid);
     let msg = e.to_string();
-    assert!(msg.contains(&format!("task vzstart on guest {n} failed")), "{msg}");
+    assert!(
+        msg.contains(&format!("task vzstart on guest {n} failed")),
+        "{msg}"
+    );
 
     // Without a fault: OK, no warnings, and the guest runs.
     let upid = task!(q, client, v, |c, p| c.start(p, GuestKind::Lxc));
     let done = client.wait_task(&upid, fast()).await.unwrap();
     assert_eq!((done.exitstatus.as_str(), done.warnings), ("OK", None));
-    assert!(client.guest_status(GuestKind::Lxc, v).await.unwrap().is_running());
+    assert!(
+        client
+            .guest_status(GuestKind::Lxc, v)
+            .await
+            .unwrap()
+            .is_running()
+    );
 }
 
 #[tokio::test]
@@ -375,7 +418,8 @@ async fn permission_failures_of_mutations() {
         assert_eq!(denied.path.as_deref(), Some(format!("/vms/{n}").as_str()));
         assert_eq!(denied.privileges, vec!["VM.PowerMgmt"]);
         assert!(
-            e.to_string().contains(&format!("grant VM.PowerMgmt on /vms/{n}")),
+            e.to_string()
+                .contains(&format!("grant VM.PowerMgmt on /vms/{n}")),
             "{version}: {e}"
         );
 
@@ -393,9 +437,11 @@ async fn permission_failures_of_mutations() {
             ..Default::default()
         };
         let c = client.clone();
-        let out = in_lane(&q, v, move |p| Box::pin(async move { c.vzdump(p, &opts).await }))
-            .await
-            .unwrap();
+        let out = in_lane(&q, v, move |p| {
+            Box::pin(async move { c.vzdump(p, &opts).await })
+        })
+        .await
+        .unwrap();
         let VzdumpOutcome::Task(upid) = out else {
             panic!("{version}: vzdump returns a task even without VM.Backup")
         };
@@ -405,7 +451,10 @@ async fn permission_failures_of_mutations() {
         };
         let permission = permission.as_ref().expect("a permission failure");
         assert_eq!(permission.privileges, vec!["VM.Backup"]);
-        assert_eq!(permission.path.as_deref(), Some(format!("/vms/{n}").as_str()));
+        assert_eq!(
+            permission.path.as_deref(),
+            Some(format!("/vms/{n}").as_str())
+        );
         assert!(e.to_string().contains("grant VM.Backup"), "{version}: {e}");
     }
 }

@@ -17,6 +17,7 @@
 
 mod config_cmd;
 mod daemon_cmds;
+mod mutations;
 mod privileged_cmd;
 mod run_cmd;
 mod selftest;
@@ -34,6 +35,18 @@ pub enum Exit {
     Problem = 1,
     Usage = 2,
     Unreachable = 3,
+}
+
+impl Exit {
+    /// The exit for a code another process reported (unknown codes count as a problem).
+    pub fn from_code(code: u8) -> Exit {
+        match code {
+            0 => Exit::Ok,
+            2 => Exit::Usage,
+            3 => Exit::Unreachable,
+            _ => Exit::Problem,
+        }
+    }
 }
 
 impl From<Exit> for ExitCode {

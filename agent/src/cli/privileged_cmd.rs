@@ -1,9 +1,14 @@
 //! `felhom-agent privileged …`: thin wrapper over [`crate::privileged`]; parses the
 //! operator's arguments into validated values, makes one call, prints the answer.
+//! `create-keyctl` creates a guest, so it runs in that guest's queue lane: on the daemon's
+//! queue while it runs (over the control socket), else on a local one with the
+//! `state_dir` lock held (see [`super::mutations`]).
 
 use felhom_protocol::{BlockDevicePath, Class, DiskDevice, MountName};
 
+use super::mutations::{LocalQueue, create_on_queue, created_from};
 use super::{Cli, CliError, PrivilegedCmd};
+use crate::control::{self, ControlError, Request};
 use crate::privileged::{self, Client, PrivilegedError};
 
 fn helper_err(e: PrivilegedError) -> CliError {
@@ -130,7 +135,23 @@ pub fn run(cli: &Cli, cmd: &PrivilegedCmd) -> Result<(), CliError> {
                 Ok(())
             }
             Call::Create(spec) => {
-                let c = client.create_keyctl(&spec).await.map_err(helper_err)?;
+                let req = Request::CreateKeyctl { spec: spec.clone() };
+                let c = match control::request(&cfg.control.socket, &req).await {
+                    Ok(body) => created_from(&body)?,
+                    Err(ControlError::NotRunning { .. }) => {
+                        let command = match cmd {
+                            PrivilegedCmd::CreateKeyctl { spec } => {
+                                format!("privileged create-keyctl {}", spec.display())
+                            }
+                            _ => "privileged create-keyctl".to_string(),
+                        };
+                        let local = LocalQueue::take(&cfg, &command)?;
+                        let created = create_on_queue(&client, local.queue(), spec).await;
+                        local.close().await;
+                        created?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 print!("{}", c.output);
                 println!("container {} created with keyctl=1", c.vmid);
                 Ok(())

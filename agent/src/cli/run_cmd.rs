@@ -1,25 +1,51 @@
 //! `felhom-agent run`: the daemon. Also the CLI side of `selftest --hub`.
 //!
-//! Starts the hub heartbeat ([`crate::hub::service::HubService`]), tells systemd it is
-//! ready, pings the watchdog when `WATCHDOG_USEC` is set, and handles signals:
-//! SIGTERM/SIGINT stop it (the report in flight gets a short grace, then exit 0), SIGHUP
-//! reloads the configuration (a rotated hub token, say) without a restart; a configuration
-//! that fails to load or build keeps the running one.
+//! Start order: the `state_dir` lock first (a second daemon stops there, before it could
+//! report or mutate), then the hub heartbeat ([`crate::hub::service::HubService`]), then
+//! the reconcile engine and the control socket ([`crate::control::DaemonParts`]); then it
+//! tells systemd it is ready and pings the watchdog when `WATCHDOG_USEC` is set.
 //!
-//! Seam for the reconcile engine (issue 5): it is started in [`daemon`] next to the hub,
-//! takes `hub.envelopes()` (blocked, desired_generation, has_signed_ops) and publishes its
-//! state into `reconcile_tx`, which every report carries.
+//! Wiring:
+//! - The engine's mutation gate follows the hub: hub disabled → open; enabled and no
+//!   envelope yet (none from this run, none kept in `state_dir`) → awaiting the envelope;
+//!   otherwise the envelope's `blocked`. The kept envelope is loaded before the engine's
+//!   first cycle, so a `blocked: true` holds right after a restart even if the hub is
+//!   unreachable. The hub loop logs changes of `blocked`, `desired_generation` and
+//!   `has_signed_ops`; the gate logs its own changes.
+//! - The report's `reconcile` section is refreshed from the engine's status whenever it
+//!   changes (each cycle, each operation start and end).
+//! - `selftest --task` and `privileged create-keyctl` reach the daemon over the control
+//!   socket and run on its queue ([`super::mutations`]).
+//!
+//! Signals: SIGTERM/SIGINT stop it: reporting stops (the report in flight gets a short
+//! grace), queued actions are cancelled and running ones get [`DRAIN_GRACE`] to finish
+//! (an action cut off stays open in the journal and is resumed at the next start), then
+//! exit 0. SIGHUP reloads the configuration without a restart: the hub settings (a rotated
+//! token, say), the Proxmox client, the helper client, the desired-state file and the
+//! guest shutdown timeout; `state_dir` and `control.socket` need a restart (logged). A
+//! configuration that fails to load or build keeps the running one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use super::mutations::DaemonMutations;
 use super::{Cli, CliError};
-use crate::config::Config;
+use crate::config::{Config, HubMode};
+use crate::control::{ControlError, DaemonOptions, DaemonParts, StateLock};
 use crate::hub::client::HubClientError;
+use crate::hub::envelope::SavedEnvelope;
 use crate::hub::report::ReconcileReport;
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
+use crate::reconcile::engine::{EngineReload, provider_for};
+use crate::reconcile::{EngineHandle, Gate};
+
+/// How long running reconcile actions may still finish after SIGTERM (systemd's default
+/// stop timeout is 90 s).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn run(cli: &Cli) -> Result<(), CliError> {
     init_logging();
@@ -63,13 +89,48 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
     let mut sigint = sig(SignalKind::interrupt(), "SIGINT")?;
     let mut sighup = sig(SignalKind::hangup(), "SIGHUP")?;
 
+    let lock = StateLock::acquire(&cfg.state_dir).map_err(|e| match e {
+        ControlError::Locked { .. } => CliError::Problem(e.to_string()),
+        other => CliError::Usage(other.to_string()),
+    })?;
+    let proxmox = crate::proxmox::Client::from_config(&cfg)
+        .map_err(|e| CliError::Usage(format!("proxmox: {e}")))?;
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // The reconcile engine publishes its state here; `None` until it runs.
     let (reconcile_tx, reconcile_rx) = watch::channel::<Option<ReconcileReport>>(None);
     let hub = HubService::start(&cfg, reconcile_rx, shutdown_rx.clone())
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    // Issue 5 starts the reconcile engine here with `hub.envelopes()` and `reconcile_tx`.
-    let _engine_seam = (hub.envelopes(), reconcile_tx);
+
+    // The gate, from the envelope the hub loop loaded from state_dir (or none) on.
+    let envelopes = hub.envelopes();
+    let (hub_on_tx, hub_on_rx) = watch::channel(hub_enabled(&cfg));
+    let initial = gate_for(*hub_on_rx.borrow(), envelopes.borrow().as_ref());
+    tracing::info!(gate = ?initial, "reconcile gate at start");
+    let (gate_tx, gate_rx) = watch::channel(initial);
+    let gate_task = tokio::spawn(follow_hub(
+        envelopes.clone(),
+        hub_on_rx,
+        gate_tx,
+        shutdown_rx.clone(),
+    ));
+
+    let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
+    let parts = DaemonParts::start(
+        lock,
+        &cfg,
+        Arc::new(proxmox),
+        gate_rx,
+        DaemonOptions {
+            envelope: Some(envelopes),
+            mutations: Some(mutations.clone()),
+        },
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let publisher = tokio::spawn(publish_reconcile(
+        parts.engine.clone(),
+        reconcile_tx,
+        shutdown_rx.clone(),
+    ));
 
     let watchdog = notify::watchdog_period().map(|period| {
         let mut shutdown = shutdown_rx.clone();
@@ -84,16 +145,22 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         })
     });
     notify::ready();
-    tracing::info!(node = %cfg.node, version = env!("CARGO_PKG_VERSION"), "felhom-agent running");
+    tracing::info!(node = %cfg.node, version = env!("CARGO_PKG_VERSION"),
+        socket = %cfg.control.socket.display(), "felhom-agent running");
 
+    let mut running = cfg;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 notify::reloading();
-                match reload(config_path.as_deref(), &hub).await {
-                    Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+                let daemon = Reloadable { hub: &hub, engine: &parts.engine, mutations: &mutations, hub_on: &hub_on_tx };
+                match reload(config_path.as_deref(), &daemon, &running).await {
+                    Ok(new) => {
+                        running = new;
+                        tracing::info!("SIGHUP: configuration reloaded");
+                    }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the running configuration"),
                 }
                 notify::ready();
@@ -102,7 +169,10 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
     }
     notify::stopping();
     let _ = shutdown_tx.send(true);
-    hub.join().await;
+    // Reporting stops and the queue drains at the same time.
+    tokio::join!(hub.join(), parts.shutdown(DRAIN_GRACE));
+    let _ = publisher.await;
+    gate_task.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -110,12 +180,109 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
     Ok(())
 }
 
-async fn reload(path: Option<&std::path::Path>, hub: &HubService) -> Result<(), String> {
+fn hub_enabled(cfg: &Config) -> bool {
+    matches!(cfg.hub.mode, HubMode::Enabled { .. })
+}
+
+/// The mutation gate for the hub's state: disabled → open; no envelope yet (none kept
+/// either) → awaiting it; else what the envelope says.
+pub fn gate_for(hub_enabled: bool, envelope: Option<&SavedEnvelope>) -> Gate {
+    match (hub_enabled, envelope) {
+        (false, _) => Gate::Open,
+        (true, None) => Gate::AwaitingEnvelope,
+        (true, Some(saved)) => Gate::from_blocked(saved.envelope.blocked),
+    }
+}
+
+/// Feeds the gate from the hub's envelopes and the hub's on/off state (SIGHUP).
+async fn follow_hub(
+    mut envelopes: watch::Receiver<Option<SavedEnvelope>>,
+    mut hub_on: watch::Receiver<bool>,
+    gate: watch::Sender<Gate>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = envelopes.changed() => if r.is_err() { return },
+            r = hub_on.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let enabled = *hub_on.borrow_and_update();
+        let g = gate_for(enabled, envelopes.borrow_and_update().as_ref());
+        gate.send_if_modified(|current| {
+            if *current == g {
+                return false;
+            }
+            tracing::info!(from = ?*current, to = ?g, hub_enabled = enabled, "reconcile gate changed");
+            *current = g;
+            true
+        });
+    }
+}
+
+/// Keeps the report's `reconcile` section equal to the engine's status.
+async fn publish_reconcile(
+    engine: Arc<EngineHandle>,
+    tx: watch::Sender<Option<ReconcileReport>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = engine.changes();
+    loop {
+        let report = engine.status().report();
+        tx.send_if_modified(|current| {
+            if current.as_ref() == Some(&report) {
+                return false;
+            }
+            *current = Some(report);
+            true
+        });
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// What SIGHUP reaches.
+struct Reloadable<'a> {
+    hub: &'a HubService,
+    engine: &'a EngineHandle,
+    mutations: &'a DaemonMutations,
+    hub_on: &'a watch::Sender<bool>,
+}
+
+/// Loads the configuration again and applies what is safe to change at run time. Nothing
+/// changes unless the new configuration loads and every client for it can be built.
+async fn reload(
+    path: Option<&std::path::Path>,
+    d: &Reloadable<'_>,
+    running: &Config,
+) -> Result<Config, String> {
     let loaded = Config::load(path).map_err(|e| e.to_string())?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
-    hub.reload(&loaded.config).await.map_err(|e| e.to_string())
+    let new = loaded.config;
+    let proxmox = crate::proxmox::Client::from_config(&new).map_err(|e| format!("proxmox: {e}"))?;
+    d.hub.reload(&new).await.map_err(|e| e.to_string())?;
+    d.hub_on.send_replace(hub_enabled(&new));
+    let provider =
+        (new.reconcile.desired_file != running.reconcile.desired_file).then(|| provider_for(&new));
+    d.engine.reload(EngineReload {
+        provider,
+        pve: Some(Arc::new(proxmox.clone())),
+        shutdown_timeout: Some(Duration::from_secs(new.reconcile.shutdown_timeout_seconds)),
+    });
+    d.mutations.reload(proxmox, &new);
+    if new.state_dir != running.state_dir {
+        tracing::warn!(running = %running.state_dir.display(), configured = %new.state_dir.display(),
+            "state_dir changed: takes effect at the next restart");
+    }
+    if new.control.socket != running.control.socket {
+        tracing::warn!(running = %running.control.socket.display(), configured = %new.control.socket.display(),
+            "control.socket changed: takes effect at the next restart");
+    }
+    Ok(new)
 }
 
 /// `selftest --hub`: one collect + report; prints the envelope (JSON with `--json`).

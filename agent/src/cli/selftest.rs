@@ -46,14 +46,16 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use felhom_protocol::Vmid;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::control::{self, ControlError, Request};
 use crate::proxmox::{
     Client, GuestKind, ProxmoxError, RunState, SnapshotName, TaskDone, Upid, WaitOptions,
 };
-use crate::reconcile::GuestPermit;
+use crate::reconcile::{GuestPermit, Queue};
 
+use super::mutations::LocalQueue;
 use super::{Cli, CliError, Exit, SelftestArgs};
 
 /// Per-step wait for the task exercise.
@@ -301,9 +303,9 @@ fn render_health(r: &Health) -> String {
 
 // ---- task exercise -------------------------------------------------------------------------
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Step {
-    step: &'static str,
+    step: String,
     ok: bool,
     upid: Option<Upid>,
     exitstatus: Option<String>,
@@ -314,7 +316,7 @@ struct Step {
 impl Step {
     fn task(step: &'static str, done: &TaskDone) -> Step {
         Step {
-            step,
+            step: step.to_string(),
             ok: true,
             upid: Some(done.upid.clone()),
             exitstatus: Some(done.exitstatus.clone()),
@@ -324,7 +326,7 @@ impl Step {
     }
     fn check(step: &'static str) -> Step {
         Step {
-            step,
+            step: step.to_string(),
             ok: true,
             upid: None,
             exitstatus: None,
@@ -334,13 +336,13 @@ impl Step {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Cleanup {
     ok: bool,
     detail: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct TaskReport {
     ok: bool,
     vmid: Vmid,
@@ -393,10 +395,73 @@ async fn snapshot_names(
     Ok(names)
 }
 
+/// What one task selftest produced: the report, and how the command ends (`exit` 0 with
+/// no summary when it passed). The daemon sends this back over the control socket.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct TaskRun {
+    report: TaskReport,
+    exit: u8,
+    summary: Option<String>,
+}
+
+/// `selftest --task --vmid N`: on the daemon's queue when it runs, else on a local queue
+/// with the `state_dir` lock held. Same output and exit codes either way.
 async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), CliError> {
     let vmid = Vmid::new(vmid_raw).map_err(|e| CliError::Usage(format!("--vmid: {e}")))?;
-    let client = Client::from_config(config)?;
-    let kind = find_kind(&client, vmid).await?;
+    let req = Request::SelftestTask {
+        vmid: u64::from(vmid.get()),
+    };
+    let run = match control::request(&config.control.socket, &req).await {
+        Ok(body) => serde_json::from_value::<TaskRun>(body).map_err(|e| {
+            CliError::Problem(format!(
+                "the daemon's selftest answer is not understood: {e}"
+            ))
+        })?,
+        Err(ControlError::NotRunning { .. }) => {
+            let client = Client::from_config(config)?;
+            let local = LocalQueue::take(config, &format!("selftest --task --vmid {vmid}"))?;
+            let run = task_on_queue(&client, local.queue(), vmid).await;
+            local.close().await;
+            run?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if cli.json {
+        super::print_json(&run.report);
+    } else {
+        print!("{}", render_task(&run.report));
+    }
+    match (Exit::from_code(run.exit), run.summary) {
+        (Exit::Ok, _) => Ok(()),
+        (exit, summary) => Err(CliError::Reported {
+            exit,
+            summary: summary.unwrap_or_else(|| "task selftest failed".to_string()),
+        }),
+    }
+}
+
+/// Runs the task selftest on guest `vmid` as one operation in its lane of `queue`: the
+/// checks (guest exists, not a template, not locked, not HA-managed), the exercise and,
+/// after a failed step, the cleanup. An error before any change (refusal, guest not
+/// found, Proxmox unreachable) is `Err`; a run with a failed step is a [`TaskRun`] with a
+/// non-zero `exit`.
+pub(crate) async fn task_on_queue(
+    client: &Client,
+    queue: &Queue,
+    vmid: Vmid,
+) -> Result<TaskRun, CliError> {
+    let client = client.clone();
+    let handle = queue
+        .submit(vmid, "selftest-task", move |permit| {
+            Box::pin(async move { task_in_lane(&client, permit).await })
+        })
+        .map_err(|e| CliError::Problem(e.to_string()))?;
+    handle.await.map_err(|e| CliError::Problem(e.to_string()))?
+}
+
+async fn task_in_lane(client: &Client, permit: &GuestPermit) -> Result<TaskRun, CliError> {
+    let vmid = permit.vmid();
+    let kind = find_kind(client, vmid).await?;
     let status = client.guest_status(kind, vmid).await?;
     let refusal = if status.template {
         Some("it is a template".to_string())
@@ -420,10 +485,18 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
     let name = SnapshotName::new(format!("felhom-selftest-{now}"))
         .map_err(|e| CliError::Problem(e.to_string()))?;
 
-    // The permit comes from the reconcile queue's lane for this guest (issue 5): the whole
-    // exercise, cleanup included, is one queue operation.
-    let (steps, result, cleanup, error) =
-        run_on_queue(&client, vmid, kind, &name, was_running).await?;
+    let mut steps = Vec::new();
+    let result = exercise(client, permit, kind, &name, was_running, &mut steps).await;
+    let (cleanup, error) = match &result {
+        Ok(()) => (None, None),
+        Err(f) => {
+            let cleanup = clean_up(client, permit, kind, &name).await;
+            (
+                Some(cleanup),
+                Some(format!("step {} failed: {}", f.step, f.error)),
+            )
+        }
+    };
     let report = TaskReport {
         ok: result.is_ok(),
         vmid,
@@ -433,13 +506,8 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
         cleanup,
         error,
     };
-    if cli.json {
-        super::print_json(&report);
-    } else {
-        print!("{}", render_task(&report));
-    }
-    match result {
-        Ok(()) => Ok(()),
+    let (exit, summary) = match result {
+        Ok(()) => (Exit::Ok, None),
         Err(f) => {
             let exit = match f.error.exit() {
                 Exit::Unreachable => Exit::Unreachable,
@@ -453,56 +521,14 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
             if let Some(c) = &report.cleanup {
                 summary.push_str(&format!("; cleanup: {}", c.detail));
             }
-            Err(CliError::Reported { exit, summary })
+            (exit, Some(summary))
         }
-    }
-}
-
-/// What one queued run of the exercise produced: steps, result, cleanup, error summary.
-type ExerciseRun = (
-    Vec<Step>,
-    Result<(), StepFailure>,
-    Option<Cleanup>,
-    Option<String>,
-);
-
-/// Runs the exercise (and the cleanup after a failed step) as one operation on a reconcile
-/// queue, which hands it the guest's permit.
-async fn run_on_queue(
-    client: &Client,
-    vmid: Vmid,
-    kind: GuestKind,
-    name: &SnapshotName,
-    was_running: bool,
-) -> Result<ExerciseRun, CliError> {
-    let queue = crate::reconcile::Queue::start(crate::reconcile::QueueConfig {
-        max_running: 1,
-        max_queued: 1,
-    });
-    let client = client.clone();
-    let name = name.clone();
-    let handle = queue
-        .submit(vmid, "selftest-task", move |permit| {
-            Box::pin(async move {
-                let mut steps = Vec::new();
-                let result = exercise(&client, permit, kind, &name, was_running, &mut steps).await;
-                let (cleanup, error) = match &result {
-                    Ok(()) => (None, None),
-                    Err(f) => {
-                        let cleanup = clean_up(&client, permit, kind, &name).await;
-                        (
-                            Some(cleanup),
-                            Some(format!("step {} failed: {}", f.step, f.error)),
-                        )
-                    }
-                };
-                (steps, result, cleanup, error)
-            })
-        })
-        .map_err(|e| CliError::Problem(e.to_string()))?;
-    let out = handle.await.map_err(|e| CliError::Problem(e.to_string()));
-    queue.shutdown(std::time::Duration::from_secs(5)).await;
-    out
+    };
+    Ok(TaskRun {
+        report,
+        exit: exit as u8,
+        summary,
+    })
 }
 
 async fn exercise(

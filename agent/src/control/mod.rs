@@ -12,7 +12,9 @@
 //! - [`request`]: the client side; [`ControlError::NotRunning`] tells the CLI to take the
 //!   lock and do the work itself.
 //! - [`DaemonHandler`]: the daemon's answers (status, plan, journal show/verify) over the
-//!   reconcile engine.
+//!   reconcile engine, and the mutating CLI commands (`selftest --task`, `privileged
+//!   create-keyctl`), which it hands to a [`Mutations`] implementation together with the
+//!   daemon's queue, so they run in the guest's lane like every other mutation.
 //!
 //! Must never: let two processes own the journal (the lock is taken before the journal is
 //! opened and held until exit), remove a socket file it does not own (only while holding
@@ -31,6 +33,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
+use tokio::sync::watch;
+
+use crate::hub::envelope::SavedEnvelope;
+use crate::reconcile::Queue;
 use crate::reconcile::engine::EngineHandle;
 use crate::reconcile::pve::BoxFut;
 
@@ -126,8 +132,28 @@ impl StateLock {
 pub enum Request {
     Status,
     Plan,
-    JournalShow { limit: u32 },
+    JournalShow {
+        limit: u32,
+    },
     JournalVerify,
+    /// `selftest --task --vmid N`: the reversible snapshot exercise, in the guest's lane.
+    SelftestTask {
+        vmid: u64,
+    },
+    /// `privileged create-keyctl SPEC.json`: creates the guest in the lane of its vmid.
+    CreateKeyctl {
+        spec: felhom_protocol::PctCreateSpec,
+    },
+}
+
+impl Request {
+    /// Whether the request changes a guest (and so must run on the daemon's queue).
+    pub fn is_mutation(&self) -> bool {
+        matches!(
+            self,
+            Request::SelftestTask { .. } | Request::CreateKeyctl { .. }
+        )
+    }
 }
 
 /// How a failed request maps to the CLI's exit codes.
@@ -150,6 +176,13 @@ pub enum Reply {
 /// Answers requests in the daemon.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> BoxFut<'_, Reply>;
+}
+
+/// Runs the mutating requests ([`Request::is_mutation`]) on the daemon's `queue`. The CLI
+/// implements it, since it owns those commands' output; the same code runs on a local
+/// queue when no daemon is up.
+pub trait Mutations: Send + Sync + 'static {
+    fn run(&self, queue: Queue, req: Request) -> BoxFut<'_, Reply>;
 }
 
 /// The listening control socket. Dropping it stops accepting and removes the socket file.
@@ -330,6 +363,11 @@ pub fn read_envelope(state_dir: &Path) -> Option<Value> {
 pub struct DaemonHandler {
     pub engine: Arc<EngineHandle>,
     pub state_dir: PathBuf,
+    /// The hub service's last envelope (what `status` shows); without it, the copy kept
+    /// in `state_dir`.
+    pub envelope: Option<watch::Receiver<Option<SavedEnvelope>>>,
+    /// Runs the mutating requests; `None` refuses them.
+    pub mutations: Option<Arc<dyn Mutations>>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -361,12 +399,30 @@ impl Handler for DaemonHandler {
     fn handle(&self, req: Request) -> BoxFut<'_, Reply> {
         Box::pin(async move {
             match req {
-                Request::Status => ok(serde_json::json!({
-                    "daemon": "running",
-                    "pid": std::process::id(),
-                    "reconcile": self.engine.status(),
-                    "last_envelope": read_envelope(&self.state_dir),
-                })),
+                Request::Status => {
+                    let last_envelope = match &self.envelope {
+                        Some(rx) => {
+                            let saved = rx.borrow().clone();
+                            serde_json::to_value(saved).unwrap_or(Value::Null)
+                        }
+                        None => read_envelope(&self.state_dir).unwrap_or(Value::Null),
+                    };
+                    ok(serde_json::json!({
+                        "daemon": "running",
+                        "pid": std::process::id(),
+                        "reconcile": self.engine.status(),
+                        "last_envelope": last_envelope,
+                    }))
+                }
+                req @ (Request::SelftestTask { .. } | Request::CreateKeyctl { .. }) => {
+                    match &self.mutations {
+                        Some(m) => m.run(self.engine.queue().clone(), req).await,
+                        None => Reply::Error {
+                            kind: ErrorKind::Usage,
+                            message: "this daemon does not run mutating commands".into(),
+                        },
+                    }
+                }
                 Request::Plan => match self.engine.plan().await {
                     Ok(p) => ok(p),
                     Err(e) => Reply::Error {
@@ -425,16 +481,36 @@ pub enum DaemonError {
     Engine(#[from] crate::reconcile::engine::EngineError),
 }
 
+/// What the daemon adds to the control socket besides the engine.
+#[derive(Default)]
+pub struct DaemonOptions {
+    /// The hub service's envelopes, for `status`.
+    pub envelope: Option<watch::Receiver<Option<SavedEnvelope>>>,
+    /// Runs `selftest --task` and `privileged create-keyctl` on the daemon's queue.
+    pub mutations: Option<Arc<dyn Mutations>>,
+}
+
+impl std::fmt::Debug for DaemonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonOptions")
+            .field("envelope", &self.envelope.is_some())
+            .field("mutations", &self.mutations.is_some())
+            .finish()
+    }
+}
+
 impl DaemonParts {
-    /// Takes the `state_dir` lock (refusing if another process owns it), starts the engine
-    /// (journal, queue, desired-state provider from the config) and serves the control
-    /// socket. `gate` is fed by the hub loop (`Gate::Open` when the hub is disabled).
+    /// With the `state_dir` lock held (the caller takes it first, before anything else of
+    /// the daemon starts, so a second daemon stops there), starts the engine (journal,
+    /// queue, desired-state provider from the config) and serves the control socket.
+    /// `gate` is fed from the hub's envelopes (`Gate::Open` when the hub is disabled).
     pub fn start(
+        lock: StateLock,
         config: &crate::config::Config,
         pve: Arc<dyn crate::reconcile::pve::Pve>,
-        gate: tokio::sync::watch::Receiver<crate::reconcile::Gate>,
+        gate: watch::Receiver<crate::reconcile::Gate>,
+        options: DaemonOptions,
     ) -> Result<DaemonParts, DaemonError> {
-        let lock = StateLock::acquire(&config.state_dir)?;
         let engine = Arc::new(crate::reconcile::Engine::spawn_from_config(
             config, pve, gate,
         )?);
@@ -444,6 +520,8 @@ impl DaemonParts {
             Arc::new(DaemonHandler {
                 engine: engine.clone(),
                 state_dir: config.state_dir.clone(),
+                envelope: options.envelope,
+                mutations: options.mutations,
             }),
         )?;
         Ok(DaemonParts {

@@ -81,6 +81,8 @@ async fn cli_requests_reach_the_daemon_over_a_real_socket() {
         Arc::new(DaemonHandler {
             engine: engine.clone(),
             state_dir: dir.path().to_path_buf(),
+            envelope: None,
+            mutations: None,
         }),
     )
     .unwrap();

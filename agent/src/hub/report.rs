@@ -400,6 +400,8 @@ pub struct ReconcileReport {
     pub blocked: bool,
     /// The journal could not be trusted; the engine does nothing until `journal verify`.
     pub safe_mode: bool,
+    /// Why it is in safe mode (the journal error), `null` when it is not.
+    pub safe_mode_reason: Option<String>,
     pub desired_generation: Option<u64>,
     pub applied_generation: Option<u64>,
     pub queued: Vec<ReconcileAction>,

@@ -14,7 +14,13 @@
 //!   action is never queued twice. Actions of one guest in one cycle run as one queue
 //!   operation, in plan order, and stop at the first that fails.
 //! - Unfinished journal entries are resumed (waited on, adopted or re-sent per
-//!   [`super::exec`]) before anything new is planned for their guest.
+//!   [`super::exec`]) before anything new is planned for their guest. This is checked at
+//!   every open cycle, not only after a restart: an entry whose resumption could not be
+//!   queued (queue full) or that was left open by a lost wait is picked up by the next
+//!   cycle, with the same backoff as a failing action.
+//! - Settings that are safe to change at run time (desired-state source, shutdown timeout,
+//!   the Proxmox client) are swapped by [`EngineHandle::reload`]; each queued operation
+//!   keeps the ones it started with.
 //!
 //! Must never: send a mutation while blocked or in safe mode (also right after a restart:
 //! the gate starts closed), or retry a failing action faster than its backoff.
@@ -30,12 +36,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::desired::{DesiredError, DesiredProvider, DesiredState, EmptyProvider, FileProvider};
-use super::exec::{self, ExecCtx, ExecError};
-use super::journal::{Journal, JournalError, Outcome, now_ms};
+use super::exec::{self, EntryObserver, ExecCtx, ExecError};
+use super::journal::{Entry, Journal, JournalError, Outcome, now_ms};
 use super::plan::{Action, ActualGuest, Plan, Problem, Skipped, plan};
 use super::pve::Pve;
 use super::queue::{LaneView, Queue, QueueConfig, QueueStats};
 use crate::config::Config;
+use crate::hub::report::{
+    FailingAction, ReconcileAction, ReconcileReport, SkippedGuest, Timestamp,
+};
 use crate::proxmox::ProxmoxError;
 
 /// Whether the engine may mutate.
@@ -65,6 +74,8 @@ pub enum EngineError {
     Observe(#[source] ProxmoxError),
     #[error("no desired state: {0}")]
     Desired(#[source] Arc<DesiredError>),
+    #[error("no usable desired state: {0}")]
+    DesiredText(String),
 }
 
 /// Timings and limits.
@@ -121,6 +132,17 @@ pub struct Failing {
     pub next_retry_ms: i64,
 }
 
+/// One queued or running action (or another lane operation: `selftest-task`,
+/// `create-keyctl`), for `status` and the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActionView {
+    pub vmid: Vmid,
+    /// `start`, `stop`, `set-config`, or the lane operation's label.
+    pub action: String,
+    /// The journal entry's idempotency key, once its intent is recorded.
+    pub op_id: Option<String>,
+}
+
 /// What the engine is doing: the report's `reconcile` section and `felhom-agent status`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EngineStatus {
@@ -133,6 +155,10 @@ pub struct EngineStatus {
     pub applied_generation: Option<u64>,
     pub queue: QueueStats,
     pub lanes: Vec<LaneView>,
+    /// Actions running now (one per busy guest at most).
+    pub running: Vec<ActionView>,
+    /// Actions waiting in a lane, in run order per guest.
+    pub queued: Vec<ActionView>,
     pub failing: Vec<Failing>,
     pub skipped: Vec<Skipped>,
     pub only_desired: Vec<Vmid>,
@@ -165,16 +191,59 @@ struct Observed {
     last_cycle_error: Option<String>,
 }
 
+/// The running operation of a lane the engine queued: its actions and which one runs.
+struct Progress {
+    actions: Vec<&'static str>,
+    current: usize,
+    op_id: Option<String>,
+}
+
 struct Shared {
     queue: Queue,
     journal: Arc<Journal>,
-    pve: Arc<dyn Pve>,
-    provider: Arc<dyn DesiredProvider>,
-    settings: EngineSettings,
+    pve: Mutex<Arc<dyn Pve>>,
+    provider: Mutex<Arc<dyn DesiredProvider>>,
+    settings: Mutex<EngineSettings>,
     desired: Mutex<Option<Arc<DesiredState>>>,
     observed: Mutex<Observed>,
     failing: Mutex<HashMap<(Vmid, &'static str), Backoff>>,
+    progress: Mutex<HashMap<Vmid, Progress>>,
     kick: Notify,
+    /// Bumped whenever the status may have changed (cycle, operation start or end).
+    changes: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn pve(&self) -> Arc<dyn Pve> {
+        lock(&self.pve).clone()
+    }
+    fn provider(&self) -> Arc<dyn DesiredProvider> {
+        lock(&self.provider).clone()
+    }
+    fn settings(&self) -> EngineSettings {
+        lock(&self.settings).clone()
+    }
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// What [`EngineHandle::reload`] swaps; `None` keeps the running value.
+#[derive(Default)]
+pub struct EngineReload {
+    pub provider: Option<Arc<dyn DesiredProvider>>,
+    pub pve: Option<Arc<dyn Pve>>,
+    pub shutdown_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for EngineReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineReload")
+            .field("provider", &self.provider)
+            .field("pve", &self.pve.is_some())
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -229,10 +298,7 @@ impl Engine {
         gate: watch::Receiver<Gate>,
     ) -> Result<EngineHandle, EngineError> {
         let journal = Arc::new(Journal::open(&config.state_dir)?);
-        let provider: Arc<dyn DesiredProvider> = match &config.reconcile.desired_file {
-            Some(path) => Arc::new(FileProvider::new(path)),
-            None => Arc::new(EmptyProvider::default()),
-        };
+        let provider = provider_for(config);
         Ok(Engine::spawn(EngineDeps {
             pve,
             journal,
@@ -244,16 +310,19 @@ impl Engine {
 
     /// Starts the engine loop and its queue on the current Tokio runtime.
     pub fn spawn(deps: EngineDeps) -> EngineHandle {
+        let (changes, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             queue: Queue::start(deps.settings.queue),
             journal: deps.journal,
-            pve: deps.pve,
-            provider: deps.provider,
-            settings: deps.settings,
+            pve: Mutex::new(deps.pve),
+            provider: Mutex::new(deps.provider),
+            settings: Mutex::new(deps.settings),
             desired: Mutex::new(None),
             observed: Mutex::new(Observed::default()),
             failing: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             kick: Notify::new(),
+            changes,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_loop(shared.clone(), deps.gate, stop_rx));
@@ -265,11 +334,48 @@ impl Engine {
     }
 }
 
+/// The desired-state provider the configuration names (`reconcile.desired_file`, else
+/// the empty provider).
+pub fn provider_for(config: &Config) -> Arc<dyn DesiredProvider> {
+    match &config.reconcile.desired_file {
+        Some(path) => Arc::new(FileProvider::new(path)),
+        None => Arc::new(EmptyProvider::default()),
+    }
+}
+
 impl EngineHandle {
     /// The queue: every guest mutation from elsewhere (selftest, operator commands) is
     /// submitted here while the daemon runs.
     pub fn queue(&self) -> &Queue {
         &self.shared.queue
+    }
+
+    /// A counter that moves whenever the status may have changed (a cycle ended, an
+    /// operation started or finished): the daemon refreshes the report from it.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Swaps the settings that are safe to change while running (SIGHUP). Operations
+    /// already queued keep what they started with; a new provider is read at once.
+    pub fn reload(&self, r: EngineReload) {
+        let s = &self.shared;
+        if let Some(p) = r.provider {
+            tracing::info!(source = %p.describe(), "desired-state source changed");
+            *lock(&s.provider) = p;
+        }
+        if let Some(pve) = r.pve {
+            *lock(&s.pve) = pve;
+        }
+        if let Some(t) = r.shutdown_timeout {
+            lock(&s.settings).shutdown_timeout = t;
+        }
+        s.kick.notify_one();
+    }
+
+    /// The description of the desired-state source in use (`empty`, `file /path`).
+    pub fn desired_source(&self) -> String {
+        self.shared.provider().describe()
     }
 
     pub fn journal(&self) -> &Arc<Journal> {
@@ -296,16 +402,20 @@ impl EngineHandle {
             })
             .collect();
         failing.sort_by(|a, b| (a.vmid, &a.action).cmp(&(b.vmid, &b.action)));
+        let lanes = s.queue.lanes();
+        let (running, queued) = action_views(&lanes, &lock(&s.progress));
         EngineStatus {
             gate,
             blocked: gate != Gate::Open,
             safe_mode: s.journal.safe_mode(),
-            desired_source: s.provider.describe(),
+            desired_source: s.provider().describe(),
             desired_error: o.desired_error.clone(),
             desired_generation: o.desired_generation,
             applied_generation: o.applied_generation,
             queue: s.queue.stats(),
-            lanes: s.queue.lanes(),
+            lanes,
+            running,
+            queued,
             failing,
             skipped: o.skipped.clone(),
             only_desired: o.only_desired.clone(),
@@ -322,13 +432,19 @@ impl EngineHandle {
         let desired = lock(&self.shared.desired).clone();
         let desired = match desired {
             Some(d) => d,
-            None => match self.shared.provider.poll() {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => return Err(EngineError::Desired(e)),
-                None => Arc::new(DesiredState::default()),
-            },
+            None => {
+                // Unusable, or not loaded yet: the engine loads it before its first cycle
+                // (polling the provider here would take that change from the engine).
+                let mut changes = self.changes();
+                let first_cycle = changes.wait_for(|_| lock(&self.shared.observed).cycles > 0);
+                let _ = tokio::time::timeout(Duration::from_secs(5), first_cycle).await;
+                if let Some(e) = lock(&self.shared.observed).desired_error.clone() {
+                    return Err(EngineError::DesiredText(e));
+                }
+                lock(&self.shared.desired).clone().unwrap_or_default()
+            }
         };
-        plan_now(self.shared.pve.as_ref(), &desired).await
+        plan_now(self.shared.pve().as_ref(), &desired).await
     }
 
     /// Stops the loop, then the queue: running actions get `grace` to finish.
@@ -345,6 +461,84 @@ impl EngineHandle {
             "reconcile engine stopped"
         );
     }
+}
+
+impl EngineStatus {
+    /// The report's `reconcile` section.
+    pub fn report(&self) -> ReconcileReport {
+        let action = |a: &ActionView| ReconcileAction {
+            vmid: a.vmid.get(),
+            action: a.action.clone(),
+            op_id: a.op_id.clone(),
+        };
+        ReconcileReport {
+            blocked: self.blocked,
+            safe_mode: self.safe_mode.is_some(),
+            safe_mode_reason: self.safe_mode.clone(),
+            desired_generation: self.desired_generation,
+            applied_generation: self.applied_generation,
+            queued: self.queued.iter().map(action).collect(),
+            running: self.running.iter().map(action).collect(),
+            failing: self
+                .failing
+                .iter()
+                .map(|f| FailingAction {
+                    vmid: f.vmid.get(),
+                    action: f.action.clone(),
+                    attempts: f.attempts,
+                    last_error: f.last_error.clone(),
+                    next_retry_at: time::OffsetDateTime::from_unix_timestamp_nanos(
+                        i128::from(f.next_retry_ms) * 1_000_000,
+                    )
+                    .ok()
+                    .map(Timestamp::from),
+                })
+                .collect(),
+            skipped: self
+                .skipped
+                .iter()
+                .map(|s| SkippedGuest {
+                    vmid: s.vmid.get(),
+                    reason: s.reason.to_string(),
+                })
+                .collect(),
+            desired_only: self.only_desired.iter().map(|v| v.get()).collect(),
+            actual_only: self.only_actual.iter().map(|v| v.get()).collect(),
+        }
+    }
+}
+
+/// Running and queued actions from the lanes and the engine's progress records.
+fn action_views(
+    lanes: &[LaneView],
+    progress: &HashMap<Vmid, Progress>,
+) -> (Vec<ActionView>, Vec<ActionView>) {
+    let mut running = Vec::new();
+    let mut queued = Vec::new();
+    let view = |vmid, action: &str, op_id: Option<String>| ActionView {
+        vmid,
+        action: action.to_string(),
+        op_id,
+    };
+    for lane in lanes {
+        if let Some(label) = &lane.running {
+            match progress.get(&lane.vmid) {
+                Some(p) if p.current < p.actions.len() => {
+                    running.push(view(lane.vmid, p.actions[p.current], p.op_id.clone()));
+                    for a in &p.actions[p.current + 1..] {
+                        queued.push(view(lane.vmid, a, None));
+                    }
+                }
+                _ => running.push(view(lane.vmid, label, None)),
+            }
+        }
+        for label in &lane.queued {
+            for part in label.split('+') {
+                queued.push(view(lane.vmid, part, None));
+            }
+        }
+    }
+    (running, queued)
 }
 
 impl Drop for EngineHandle {
@@ -407,16 +601,16 @@ async fn run_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next_cycle = Instant::now();
-    let mut recovered = false;
     let mut gate_alive = true;
     let mut last_compact: Option<Instant> = None;
     loop {
-        if let Some(new) = shared.provider.poll() {
+        let provider = shared.provider();
+        if let Some(new) = provider.poll() {
             let mut o = lock(&shared.observed);
             match new {
                 Ok(d) => {
                     tracing::info!(generation = d.generation, guests = d.guests.len(),
-                        source = %shared.provider.describe(), "desired state loaded");
+                        source = %provider.describe(), "desired state loaded");
                     o.desired_error = None;
                     o.desired_generation = Some(d.generation);
                     *lock(&shared.desired) = Some(d);
@@ -429,10 +623,12 @@ async fn run_loop(
             }
             next_cycle = Instant::now();
         }
+        let settings = shared.settings();
         if Instant::now() >= next_cycle {
             let g = *gate.borrow_and_update();
-            cycle(&shared, g, &mut recovered).await;
-            next_cycle = Instant::now() + shared.settings.resync_interval;
+            cycle(&shared, g).await;
+            shared.changed();
+            next_cycle = Instant::now() + settings.resync_interval;
             if last_compact.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                 compact(&shared).await;
                 last_compact = Some(Instant::now());
@@ -446,7 +642,7 @@ async fn run_loop(
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(shared.settings.poll_interval) => {}
+            _ = tokio::time::sleep(settings.poll_interval) => {}
             _ = shared.kick.notified() => next_cycle = Instant::now(),
             alive = gate_changed => {
                 gate_alive = alive;
@@ -462,8 +658,9 @@ async fn compact(shared: &Arc<Shared>) {
         return;
     }
     let j = shared.journal.clone();
-    let rows = shared.settings.compact_keep_rows;
-    let age = shared.settings.compact_keep_age.as_millis() as i64;
+    let settings = shared.settings();
+    let rows = settings.compact_keep_rows;
+    let age = settings.compact_keep_age.as_millis() as i64;
     match tokio::task::spawn_blocking(move || j.compact(rows, age)).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "journal compacted"),
         Ok(Ok(_)) => {}
@@ -472,7 +669,7 @@ async fn compact(shared: &Arc<Shared>) {
     }
 }
 
-async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
+async fn cycle(shared: &Arc<Shared>, gate: Gate) {
     {
         let mut o = lock(&shared.observed);
         if o.gate != Some(gate) {
@@ -486,7 +683,7 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
     let Some(desired) = desired else {
         return; // no usable desired state: report only
     };
-    let p = match plan_now(shared.pve.as_ref(), &desired).await {
+    let p = match plan_now(shared.pve().as_ref(), &desired).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "reconcile cycle could not observe the node");
@@ -494,7 +691,7 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
             return;
         }
     };
-    let busy: HashSet<Vmid> = shared.queue.lanes().iter().map(|l| l.vmid).collect();
+    let mut busy: HashSet<Vmid> = shared.queue.lanes().iter().map(|l| l.vmid).collect();
     {
         let mut o = lock(&shared.observed);
         o.last_cycle_error = None;
@@ -509,28 +706,29 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
             o.applied_generation = Some(p.generation);
         }
     }
-    // Guests no longer drifting are not failing any more.
+    // Guests no longer drifting are not failing any more (unless an open journal entry
+    // of theirs is still being retried: that keeps its own backoff).
+    let open_keys = match open_entries(shared).await {
+        Ok(open) => open,
+        Err(e) => {
+            tracing::error!(error = %e, "reading open journal entries failed");
+            return;
+        }
+    };
     {
-        let drifting: HashSet<(Vmid, &'static str)> =
-            p.actions.iter().map(|a| (a.vmid, a.op.name())).collect();
-        lock(&shared.failing).retain(|k, _| drifting.contains(k));
+        let keep: HashSet<(Vmid, &'static str)> = p
+            .actions
+            .iter()
+            .map(|a| (a.vmid, a.op.name()))
+            .chain(open_keys.iter().map(|e| (e.vmid, e.action.op.name())))
+            .collect();
+        lock(&shared.failing).retain(|k, _| keep.contains(k));
     }
     if gate != Gate::Open || shared.journal.safe_mode().is_some() {
         return; // no mutation while blocked or in safe mode
     }
-    let mut busy = busy;
-    if !*recovered {
-        match recover(shared).await {
-            Ok(resumed) => {
-                busy.extend(resumed);
-                *recovered = true;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reading open journal entries failed");
-                return;
-            }
-        }
-    }
+    // Unfinished entries first: their guests get nothing new this cycle.
+    resume_open(shared, open_keys, &mut busy);
     let mut per_guest: BTreeMap<Vmid, Vec<Action>> = BTreeMap::new();
     for a in p.actions {
         per_guest.entry(a.vmid).or_default().push(a);
@@ -550,24 +748,22 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
         if waiting {
             continue;
         }
-        let label = actions
-            .iter()
-            .map(|a| a.op.name())
-            .collect::<Vec<_>>()
-            .join("+");
+        let names: Vec<&'static str> = actions.iter().map(|a| a.op.name()).collect();
+        let label = names.join("+");
         let sh = shared.clone();
         let submitted = shared.queue.submit(vmid, label, move |permit| {
             Box::pin(async move {
-                let ctx = exec_ctx(&sh);
-                for action in actions {
+                start_progress(&sh, vmid, names);
+                let ctx = exec_ctx(&sh, vmid);
+                for (i, action) in actions.into_iter().enumerate() {
+                    step_progress(&sh, vmid, i);
                     let name = action.op.name();
                     let result = exec::run(&ctx, permit, action).await;
-                    let ok = note_result(&sh, vmid, name, &result);
-                    if !ok {
+                    if !note_result(&sh, vmid, name, &result) {
                         break;
                     }
                 }
-                sh.kick.notify_one();
+                end_progress(&sh, vmid);
             })
         });
         if let Err(e) = submitted {
@@ -577,12 +773,50 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate, recovered: &mut bool) {
     }
 }
 
-fn exec_ctx(shared: &Shared) -> ExecCtx {
+fn start_progress(shared: &Shared, vmid: Vmid, actions: Vec<&'static str>) {
+    lock(&shared.progress).insert(
+        vmid,
+        Progress {
+            actions,
+            current: 0,
+            op_id: None,
+        },
+    );
+    shared.changed();
+}
+
+fn step_progress(shared: &Shared, vmid: Vmid, current: usize) {
+    if let Some(p) = lock(&shared.progress).get_mut(&vmid) {
+        p.current = current;
+        p.op_id = None;
+    }
+    shared.changed();
+}
+
+/// The operation is over: forget its progress and ask for a cycle.
+fn end_progress(shared: &Shared, vmid: Vmid) {
+    lock(&shared.progress).remove(&vmid);
+    shared.changed();
+    shared.kick.notify_one();
+}
+
+fn exec_ctx(shared: &Arc<Shared>, vmid: Vmid) -> ExecCtx {
+    let settings = shared.settings();
+    let weak = Arc::downgrade(shared);
+    let observer: EntryObserver = Arc::new(move |entry| {
+        if let Some(sh) = weak.upgrade() {
+            if let Some(p) = lock(&sh.progress).get_mut(&vmid) {
+                p.op_id = Some(entry.key.as_str().to_string());
+            }
+            sh.changed();
+        }
+    });
     ExecCtx {
-        pve: shared.pve.clone(),
+        pve: shared.pve(),
         journal: shared.journal.clone(),
-        shutdown_timeout: shared.settings.shutdown_timeout,
-        task_timeout: shared.settings.task_timeout,
+        shutdown_timeout: settings.shutdown_timeout,
+        task_timeout: settings.task_timeout,
+        observer: Some(observer),
     }
 }
 
@@ -602,6 +836,7 @@ fn note_result(
         Ok(_) => String::new(),
         Err(e) => e.to_string(),
     };
+    let settings = shared.settings();
     let mut f = lock(&shared.failing);
     let b = f.entry((vmid, action)).or_insert(Backoff {
         attempts: 0,
@@ -611,11 +846,10 @@ fn note_result(
     });
     b.attempts += 1;
     let exp = b.attempts.saturating_sub(1).min(16);
-    let delay = shared
-        .settings
+    let delay = settings
         .backoff_base
         .saturating_mul(1u32 << exp)
-        .min(shared.settings.backoff_max);
+        .min(settings.backoff_max);
     b.retry_at = Instant::now() + delay;
     b.retry_at_ms = now_ms() + delay.as_millis() as i64;
     b.last_error = error.clone();
@@ -623,39 +857,66 @@ fn note_result(
     false
 }
 
-/// Queues the resumption of every open journal entry; returns the guests involved.
-async fn recover(shared: &Arc<Shared>) -> Result<Vec<Vmid>, JournalError> {
+async fn open_entries(shared: &Shared) -> Result<Vec<Entry>, JournalError> {
     let j = shared.journal.clone();
-    let open = tokio::task::spawn_blocking(move || j.open_entries())
+    tokio::task::spawn_blocking(move || j.open_entries())
         .await
-        .unwrap_or_else(|e| Err(JournalError::SafeMode(format!("journal worker: {e}"))))?;
-    let mut per_guest: BTreeMap<Vmid, Vec<_>> = BTreeMap::new();
+        .unwrap_or_else(|e| Err(JournalError::SafeMode(format!("journal worker: {e}"))))
+}
+
+/// Queues the resumption of the open journal entries of every guest whose lane is idle.
+/// Every guest with an open entry is added to `busy`, queued or not (queue full, backing
+/// off), so nothing new is planned for it before its entry is finished; one that could not
+/// be queued is tried again next cycle.
+fn resume_open(shared: &Arc<Shared>, open: Vec<Entry>, busy: &mut HashSet<Vmid>) {
+    let mut per_guest: BTreeMap<Vmid, Vec<Entry>> = BTreeMap::new();
     for e in open {
         per_guest.entry(e.vmid).or_default().push(e);
     }
-    let mut vmids = Vec::new();
+    let now = Instant::now();
+    let mut full = false;
     for (vmid, entries) in per_guest {
-        tracing::info!(vmid = %vmid, entries = entries.len(), "resuming unfinished journal entries");
+        if !busy.insert(vmid) || full {
+            continue; // its lane is busy (maybe resuming it already), or no room left
+        }
+        let waiting = {
+            let f = lock(&shared.failing);
+            entries.iter().any(|e| {
+                f.get(&(vmid, e.action.op.name()))
+                    .is_some_and(|b| b.retry_at > now)
+            })
+        };
+        if waiting {
+            continue;
+        }
+        let names: Vec<&'static str> = entries.iter().map(|e| e.action.op.name()).collect();
         let sh = shared.clone();
+        let n = entries.len();
         let submitted = shared.queue.submit(vmid, "resume", move |permit| {
             Box::pin(async move {
-                let ctx = exec_ctx(&sh);
-                for entry in entries {
+                start_progress(&sh, vmid, names);
+                let ctx = exec_ctx(&sh, vmid);
+                for (i, entry) in entries.into_iter().enumerate() {
+                    step_progress(&sh, vmid, i);
                     let name = entry.action.op.name();
                     let result = exec::resume(&ctx, permit, entry).await;
                     if !note_result(&sh, vmid, name, &result) {
                         break;
                     }
                 }
-                sh.kick.notify_one();
+                end_progress(&sh, vmid);
             })
         });
         match submitted {
-            Ok(_) => vmids.push(vmid),
-            Err(e) => tracing::warn!(error = %e, "resume not queued"),
+            Ok(_) => {
+                tracing::info!(vmid = %vmid, entries = n, "resuming unfinished journal entries")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "resume not queued; tried again next cycle");
+                full = true;
+            }
         }
     }
-    Ok(vmids)
 }
 
 #[cfg(test)]

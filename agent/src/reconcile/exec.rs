@@ -7,8 +7,10 @@
 //! - a recorded UPID without an outcome is waited on, never re-sent;
 //! - an entry with an outcome is `AlreadyApplied` (nothing is sent);
 //! - an intent without a UPID is matched against the node's task list (our token, that
-//!   guest and task type, started at or after the intent) and adopted if found; only if no
-//!   such task exists and the guest still differs is the request sent again.
+//!   guest and task type, started in or after the intent's second, and not a UPID the
+//!   journal already holds for that guest, so an earlier action's task of the same type
+//!   started in the same second is never taken for this one) and adopted if found; only
+//!   if no such task exists and the guest still differs is the request sent again.
 //!
 //! Must never: call a mutating Proxmox method before the intent is committed, or after the
 //! journal entered safe mode; send a request again for an entry that has a UPID.
@@ -42,6 +44,10 @@ pub enum ExecError {
     Blocking(String),
 }
 
+/// Told which journal entry an action is working on (new intent, or a resumed one): the
+/// engine shows it as the running action's operation id.
+pub type EntryObserver = Arc<dyn Fn(&Entry) + Send + Sync>;
+
 /// What the executor needs.
 #[derive(Clone)]
 pub struct ExecCtx {
@@ -51,6 +57,7 @@ pub struct ExecCtx {
     pub shutdown_timeout: Duration,
     /// How long a task (start, stop, qmconfig) may run before we stop waiting.
     pub task_timeout: Duration,
+    pub observer: Option<EntryObserver>,
 }
 
 impl std::fmt::Debug for ExecCtx {
@@ -139,6 +146,7 @@ pub async fn run(
     let a = action.clone();
     let entry = blocking(&ctx.journal, move |j| j.record_intent(&key, &a)).await?;
     tracing::info!(vmid = %vmid, action = %action, key = %entry.key, "intent recorded");
+    observe(ctx, &entry);
     send(ctx, permit, entry).await
 }
 
@@ -168,6 +176,17 @@ async fn send(ctx: &ExecCtx, permit: &GuestPermit, entry: Entry) -> Result<Outco
         }
     };
     finish(ctx, id, outcome).await
+}
+
+fn observe(ctx: &ExecCtx, entry: &Entry) {
+    if let Some(o) = &ctx.observer {
+        o(entry);
+    }
+}
+
+/// The UPIDs the journal holds for `vmid`: never adopted for another entry.
+async fn known_upids(ctx: &ExecCtx, vmid: Vmid) -> Result<Vec<String>, ExecError> {
+    blocking(&ctx.journal, move |j| j.upids_of(vmid)).await
 }
 
 async fn finish(ctx: &ExecCtx, id: i64, outcome: Outcome) -> Result<Outcome, ExecError> {
@@ -255,9 +274,10 @@ async fn finish_stop(
         // The crash may have fallen after the hard stop was sent and before its UPID was
         // recorded: adopt it rather than stop twice.
         let since = entry.intent_ms.div_euclid(1000);
+        let known = known_upids(ctx, vmid).await?;
         let found = ctx
             .pve
-            .find_task(vmid, hard_stop_type(kind), since)
+            .find_task(vmid, hard_stop_type(kind), since, &known)
             .await
             .map_err(|source| ExecError::Unfinished {
                 vmid,
@@ -297,6 +317,19 @@ pub async fn resume(
     permit: &GuestPermit,
     entry: Entry,
 ) -> Result<Outcome, ExecError> {
+    // The entry as the journal has it now: a resume queued earlier may have finished it.
+    let id = entry.id;
+    let entry = match blocking(&ctx.journal, move |j| j.get(id)).await? {
+        Some(e) if e.is_open() => e,
+        Some(e) => return Ok(e.outcome.unwrap_or(Outcome::AlreadyApplied)),
+        None => {
+            return Err(ExecError::Journal(JournalError::NoSuchEntry {
+                path: ctx.journal.path().to_path_buf(),
+                id,
+            }));
+        }
+    };
+    observe(ctx, &entry);
     let kind = entry.action.kind;
     let vmid = entry.vmid;
     let mut upids: Vec<Upid> = Vec::with_capacity(entry.upids.len());
@@ -318,9 +351,10 @@ pub async fn resume(
         && let Some(task_type) = first_task_type(&entry.action)
     {
         let since = entry.intent_ms.div_euclid(1000);
+        let known = known_upids(ctx, vmid).await?;
         let found = ctx
             .pve
-            .find_task(vmid, task_type, since)
+            .find_task(vmid, task_type, since, &known)
             .await
             .map_err(|source| ExecError::Unfinished {
                 vmid,

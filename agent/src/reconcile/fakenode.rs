@@ -452,6 +452,7 @@ impl Pve for FakeNode {
         vmid: Vmid,
         task_type: &'a str,
         since: i64,
+        exclude: &'a [String],
     ) -> BoxFut<'a, Result<Option<Upid>, ProxmoxError>> {
         let found = self
             .lock()
@@ -462,6 +463,7 @@ impl Pve for FakeNode {
                     && t.upid.task_type() == task_type
                     && t.upid.user() == TOKEN
                     && i64::from(t.upid.starttime()) >= since
+                    && !exclude.iter().any(|x| x == t.upid.as_str())
             })
             .map(|t| t.upid.clone())
             .next();

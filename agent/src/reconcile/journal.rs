@@ -676,6 +676,20 @@ impl Journal {
         )
     }
 
+    /// Every UPID recorded for a guest (task adoption must never pick one of these).
+    pub fn upids_of(&self, vmid: Vmid) -> Result<Vec<String>, JournalError> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM entries WHERE vmid = ?1 AND upids != '[]' ORDER BY id"
+                ),
+                params![i64::from(vmid.get())],
+            )?
+            .into_iter()
+            .flat_map(|e| e.upids)
+            .collect())
+    }
+
     /// The id of the newest finished entry of a guest (part of the idempotency key).
     pub fn last_finished(&self, vmid: Vmid) -> Result<Option<i64>, JournalError> {
         let c = self.lock();

@@ -66,12 +66,15 @@ pub trait Pve: Send + Sync + 'static {
         timeout: Duration,
     ) -> BoxFut<'a, Result<TaskDone, ProxmoxError>>;
     /// Our token's oldest task of `task_type` for `vmid` started at or after `since`
-    /// (epoch seconds): how an intent without a recorded UPID finds what it started.
+    /// (epoch seconds) that is not in `exclude`: how an intent without a recorded UPID
+    /// finds what it started. `exclude` holds the UPIDs the journal already knows for the
+    /// guest, so an earlier action's task started in the same second is never adopted.
     fn find_task<'a>(
         &'a self,
         vmid: Vmid,
         task_type: &'a str,
         since: i64,
+        exclude: &'a [String],
     ) -> BoxFut<'a, Result<Option<Upid>, ProxmoxError>>;
 }
 
@@ -169,6 +172,7 @@ impl Pve for Client {
         vmid: Vmid,
         task_type: &'a str,
         since: i64,
+        exclude: &'a [String],
     ) -> BoxFut<'a, Result<Option<Upid>, ProxmoxError>> {
         Box::pin(async move {
             let filter = TaskListFilter {
@@ -189,6 +193,7 @@ impl Pve for Client {
                         && u.id() == vmid.to_string()
                         && u.user() == self.token_id()
                         && i64::from(u.starttime()) >= since
+                        && !exclude.iter().any(|x| x == u.as_str())
                 })
                 .collect();
             found.sort_by_key(|u| u.starttime());

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
+use crate::reconcile::GuestPermit;
 use crate::reconcile::desired::DesiredState;
 use crate::reconcile::fakenode::{Call, FakeGuest, FakeNode};
 use crate::reconcile::journal::CommitGate;
@@ -433,4 +434,149 @@ fn crash_at_random_moments_converges_with_each_action_sent_once() {
         eprintln!("round {round}: converged after {incarnations} incarnations");
         assert_eq!(count(&n.calls()), expected_calls(), "round {round}");
     }
+}
+
+fn start_action(vmid: u32, digest: &str) -> crate::reconcile::plan::Action {
+    crate::reconcile::plan::Action {
+        vmid: Vmid::new(u64::from(vmid)).unwrap(),
+        kind: GuestKind::Lxc,
+        op: crate::reconcile::plan::Op::Start,
+        basis: crate::reconcile::plan::Basis {
+            status: "stopped".into(),
+            digest: Some(digest.into()),
+        },
+    }
+}
+
+/// An interrupted start must not adopt an earlier start of the same guest that began in
+/// the same second and is already in the journal: it finds no task of its own, sees the
+/// guest stopped, and starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_skips_a_same_second_task_the_journal_already_holds() {
+    use crate::reconcile::journal::{IdemKey, Outcome};
+    let vmid = Vmid::new(101).unwrap();
+    let permit = GuestPermit::for_test(vmid);
+    // Retry until the earlier task and the new intent fall into the same second (without
+    // that the time filter alone would hide the old task, and this test would prove
+    // nothing).
+    for attempt in 0.. {
+        assert!(attempt < 20, "could not place both in one second");
+        let dir = tempfile::tempdir().unwrap();
+        let n = Arc::new(FakeNode::new(
+            vec![(101, FakeGuest::new(GuestKind::Lxc, "stopped"))],
+            Duration::from_millis(1),
+        ));
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        // Entry A: a start that ran to completion, its UPID recorded.
+        let a = start_action(101, "a");
+        let ea = journal
+            .record_intent(&IdemKey::derive(&a, None), &a)
+            .unwrap();
+        let first = n.start(&permit, GuestKind::Lxc).await.unwrap();
+        n.wait(&first, Duration::from_secs(5)).await.unwrap();
+        journal.record_upid(ea.id, first.as_str()).unwrap();
+        journal
+            .record_outcome(ea.id, &Outcome::Succeeded { detail: None })
+            .unwrap();
+        // Someone stops the guest; entry B (a new start) is interrupted before its
+        // request went out.
+        n.with_guest(101, |g| g.status = "stopped".into());
+        let b = start_action(101, "b");
+        let eb = journal
+            .record_intent(&IdemKey::derive(&b, Some(ea.id)), &b)
+            .unwrap();
+        if eb.intent_ms.div_euclid(1000) != i64::from(first.starttime()) {
+            continue;
+        }
+        let ctx = ExecCtx {
+            pve: n.clone(),
+            journal: journal.clone(),
+            shutdown_timeout: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(5),
+            observer: None,
+        };
+        let outcome = exec::resume(&ctx, &permit, eb.clone()).await.unwrap();
+        assert_eq!(outcome, Outcome::Succeeded { detail: None });
+        assert_eq!(count(&n.calls())[&(101, "start")], 2, "started again");
+        assert_eq!(n.guest_state(101).status, "running");
+        let eb = journal.get(eb.id).unwrap().unwrap();
+        assert_eq!(eb.upids.len(), 1);
+        assert_ne!(
+            eb.upids[0],
+            first.as_str(),
+            "the earlier task was not adopted"
+        );
+        break;
+    }
+}
+
+/// Open entries whose resumption does not fit into the queue are resumed on later
+/// cycles, without a restart. Their recorded basis is stale, so only resumption (not a
+/// re-plan that derives the same key) can close them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_entries_that_did_not_fit_the_queue_are_resumed_next_cycle() {
+    use crate::reconcile::journal::IdemKey;
+    let dir = tempfile::tempdir().unwrap();
+    let guests: Vec<u32> = (201..=206).collect();
+    let n = Arc::new(FakeNode::new(
+        guests
+            .iter()
+            .map(|v| (*v, FakeGuest::new(GuestKind::Lxc, "stopped")))
+            .collect(),
+        Duration::from_millis(20),
+    ));
+    let journal = Arc::new(Journal::open(dir.path()).unwrap());
+    for v in &guests {
+        let a = start_action(*v, "stale");
+        journal
+            .record_intent(&IdemKey::derive(&a, None), &a)
+            .unwrap();
+    }
+    let desired = format!(
+        r#"{{"generation": 1, "guests": [{}]}}"#,
+        guests
+            .iter()
+            .map(|v| format!(r#"{{"vmid": {v}, "power": "running"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (_tx, rx) = watch::channel(Gate::Open);
+    let h = Engine::spawn(EngineDeps {
+        pve: n.clone(),
+        journal: journal.clone(),
+        provider: provider(&desired),
+        gate: rx,
+        settings: EngineSettings {
+            queue: crate::reconcile::QueueConfig {
+                max_running: 1,
+                max_queued: 1,
+            },
+            ..settings()
+        },
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || journal
+            .open_entries()
+            .unwrap()
+            .is_empty())
+        .await,
+        "open entries left: {:?}",
+        journal.open_entries().unwrap()
+    );
+    let calls = count(&n.calls());
+    for v in &guests {
+        assert_eq!(calls.get(&(*v, "start")), Some(&1), "{v}: {calls:?}");
+        assert_eq!(n.guest_state(*v).status, "running");
+    }
+    // every entry ended as a real send, none as a guess
+    for e in journal.recent(100).unwrap() {
+        assert!(
+            matches!(
+                e.outcome,
+                Some(crate::reconcile::journal::Outcome::Succeeded { .. })
+            ),
+            "{e:?}"
+        );
+    }
+    h.shutdown(Duration::from_secs(1)).await;
 }
