@@ -112,6 +112,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevstackErr
     move |source| DevstackError::Io { what, source }
 }
 
+/// How long `felhom-agent run` gets to stop after SIGTERM: longer than its own drain
+/// grace for running actions (30 s), so a normal stop is never cut short.
+const AGENT_GRACE: Duration = Duration::from_secs(35);
+
 const BINS: [Bin; 6] = [
     build::AGENT,
     build::PRIVHELPER,
@@ -149,7 +153,10 @@ pub fn main(opts: Options) -> ExitCode {
             };
             let mut stack = Stack::new(bins, layout, printer, opts);
             let result = runtime.block_on(stack.run());
-            let clean = runtime.block_on(stack.shutdown());
+            if let Err(e) = &result {
+                stack.say("devstack", &format!("FAILED: {e}"));
+            }
+            let clean = runtime.block_on(stack.shutdown(result.is_err()));
             let code = match &result {
                 Ok(End::Cycles(n)) => {
                     stack
@@ -164,12 +171,19 @@ pub fn main(opts: Options) -> ExitCode {
                     0
                 }
                 Err(e) => {
+                    let first = e.to_string();
+                    let first = first.lines().next().unwrap_or("");
                     stack
                         .printer
-                        .plain(&format!("felhom-devstack: FAILED: {e}"));
+                        .plain(&format!("felhom-devstack: FAILED: {first}"));
                     1
                 }
             };
+            if code == 0 && !clean {
+                stack.printer.plain(
+                    "felhom-devstack: FAILED: the stack did not stop cleanly (see the lines above)",
+                );
+            }
             stack.summary();
             runtime.shutdown_timeout(Duration::from_secs(1));
             if code == 0 && !clean {
@@ -581,6 +595,8 @@ impl Stack {
             .wait_with_output()
             .map_err(io_err("waiting for felhom-agent"))?;
         procs::unregister(pid);
+        // what happened during the call (a helper activated by it) comes before its result
+        self.pump(Duration::ZERO);
         let run = CliRun {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -619,8 +635,9 @@ impl Stack {
             Command::new(self.bin(build::PVESIM)).args([
                 "--guests",
                 &self.opts.guests.to_string(),
+                // long enough that a guest's second action is seen waiting behind its first
                 "--task-seconds",
-                "0.2",
+                "0.5",
                 "--node",
                 "pve1",
             ]),
@@ -895,6 +912,10 @@ impl Stack {
                 scene::DISKS.len()
             ),
         );
+        self.watchers.push(tokio::spawn(watch::queue(
+            l.control_socket.clone(),
+            tx.clone(),
+        )));
         self.watchers.push(tokio::spawn(watch::journal(
             l.control_socket.clone(),
             tx.clone(),
@@ -1094,10 +1115,16 @@ impl Stack {
     }
 
     /// Stops everything in order and reaps it; `false` when something had to be killed
-    /// or was left over.
-    async fn shutdown(&mut self) -> bool {
+    /// or was left over. After a failure the agent gets a short grace: its running
+    /// actions may be waiting on a node that is gone.
+    async fn shutdown(&mut self, failed: bool) -> bool {
         self.say("devstack", "stopping: agent, helpers, simulators");
-        let mut clean = self.stop_proc(|s| &mut s.agent, Duration::from_secs(15));
+        let grace = if failed {
+            Duration::from_secs(5)
+        } else {
+            AGENT_GRACE
+        };
+        let mut clean = self.stop_proc(|s| &mut s.agent, grace);
         if self.usb_mounted {
             match self.agent_cli(&["privileged", "usb-unmount", "backup"]) {
                 Ok(r) => {

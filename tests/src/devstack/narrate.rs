@@ -247,10 +247,11 @@ pub fn report_lines(seq: u64, outcome: &str, r: &Value) -> Vec<String> {
     if rec.is_null() {
         out.push("reconcile: null (the engine is not running in this agent)".into());
     } else {
+        let generation = |v: &Value| v.as_u64().map_or("—".to_string(), |g| g.to_string());
         out.push(format!(
-            "reconcile: generation {} applied {} · queued {} · running {} · failing {} · skipped {}",
-            rec["desired_generation"],
-            rec["applied_generation"],
+            "reconcile: desired generation {}, applied {} · queued {} · running {} · failing {} · skipped {}",
+            generation(&rec["desired_generation"]),
+            generation(&rec["applied_generation"]),
             arr(&rec["queued"]).len(),
             arr(&rec["running"]).len(),
             arr(&rec["failing"]).len(),
@@ -300,17 +301,7 @@ fn audit_args(op: &str, args: &Value) -> String {
 pub fn audit_line(r: &Value) -> Option<String> {
     let seq = &r["seq"];
     let class = s(r, "class");
-    let peer = &r["peer"];
-    let who = if peer.is_object() {
-        format!(
-            "{}[{}] uid {}",
-            peer["comm"].as_str().unwrap_or("?"),
-            peer["pid"],
-            peer["uid"]
-        )
-    } else {
-        String::new()
-    };
+    let who = peer_label(&r["peer"]);
     match s(r, "kind") {
         "intent" => None,
         "outcome" => {
@@ -345,6 +336,75 @@ pub fn audit_line(r: &Value) -> Option<String> {
             s(r, "reason")
         )),
         other => Some(format!("#{seq} {class}: {other} record")),
+    }
+}
+
+/// Audit records as lines: like [`audit_line`], except that a run of outcomes of one
+/// operation by the same process with the same result (the agent's SMART reads of every
+/// disk in a cycle) becomes one line.
+pub fn audit_lines(records: &[Value]) -> Vec<String> {
+    let key = |r: &Value| {
+        (r["kind"] == "outcome").then(|| {
+            (
+                s(r, "class").to_string(),
+                s(r, "op").to_string(),
+                s(r, "result").to_string(),
+                r["peer"]["pid"].as_i64(),
+            )
+        })
+    };
+    let outcomes: Vec<&Value> = records.iter().filter(|r| r["kind"] != "intent").collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < outcomes.len() {
+        let k = key(outcomes[i]);
+        let mut j = i + 1;
+        while k.is_some() && j < outcomes.len() && key(outcomes[j]) == k {
+            j += 1;
+        }
+        let run = &outcomes[i..j];
+        if run.len() == 1 {
+            out.extend(audit_line(run[0]));
+        } else {
+            let first = run[0];
+            let op = s(first, "op");
+            let items: Vec<String> = run
+                .iter()
+                .map(|r| {
+                    let args = audit_args(op, &r["args"]);
+                    match r["detail"]["exit_status"].as_i64() {
+                        Some(x) => format!("{args} (exit {x})"),
+                        None => args,
+                    }
+                })
+                .collect();
+            let last = run[run.len() - 1];
+            out.push(format!(
+                "#{}..#{} {}: {op} ×{} → {}: {} · {}",
+                first["intent_seq"],
+                last["seq"],
+                s(first, "class"),
+                run.len(),
+                s(first, "result"),
+                items.join(", "),
+                peer_label(&first["peer"])
+            ));
+        }
+        i = j;
+    }
+    out
+}
+
+fn peer_label(peer: &Value) -> String {
+    if peer.is_object() {
+        format!(
+            "{}[{}] uid {}",
+            peer["comm"].as_str().unwrap_or("?"),
+            peer["pid"],
+            peer["uid"]
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -459,6 +519,38 @@ mod tests {
             refused.contains("REFUSED (peer) peer_refused: uid 1001"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn a_run_of_the_same_operation_by_one_process_is_one_line() {
+        let peer = json!({"pid": 9, "uid": 0, "gid": 0, "comm": "felhom-agent"});
+        let out = |seq: u64, dev: &str, exit: i64| {
+            json!({"kind": "outcome", "seq": seq, "intent_seq": seq - 1, "class": "smart",
+                "peer": peer, "op": "smart_read", "args": {"device": dev}, "result": "ok",
+                "detail": {"exit_status": exit}, "duration_ms": 1.0})
+        };
+        let intent = |seq: u64| json!({"kind": "intent", "seq": seq});
+        let records = [
+            intent(1),
+            out(2, "sda", 0),
+            intent(3),
+            out(4, "sdc", 216),
+            intent(5),
+            json!({"kind": "outcome", "seq": 6, "intent_seq": 5, "class": "usb", "peer": peer,
+                "op": "usb_mount", "args": {"device": "/dev/x", "name": "b"}, "result": "denied",
+                "error": "not_usb", "reason": "no", "duration_ms": 0.1}),
+        ];
+        let lines = audit_lines(&records);
+        assert_eq!(
+            lines[0],
+            "#1..#4 smart: smart_read ×2 → ok: sda (exit 0), sdc (exit 216) · felhom-agent[9] uid 0"
+        );
+        assert!(
+            lines[1].starts_with("#5+#6 usb: usb_mount /dev/x as b → DENIED"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines.len(), 2);
     }
 
     #[test]

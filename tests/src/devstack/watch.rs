@@ -182,19 +182,52 @@ pub fn read_new_lines(path: &Path, offset: &mut u64) -> Vec<String> {
 pub async fn audit_log(path: PathBuf, tx: UnboundedSender<Event>) {
     let mut offset = 0u64;
     loop {
+        let mut records = Vec::new();
         for l in read_new_lines(&path, &mut offset) {
             match serde_json::from_str::<Value>(&l) {
-                Ok(v) => {
-                    if let Some(text) = narrate::audit_line(&v) {
-                        let _ = tx.send(line("audit", text));
-                    }
-                }
+                Ok(v) => records.push(v),
                 Err(e) => {
                     let _ = tx.send(line("audit", format!("a line that is not JSON ({e})")));
                 }
             }
         }
+        for text in narrate::audit_lines(&records) {
+            let _ = tx.send(line("audit", text));
+        }
         tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// Follows the reconcile engine's queue through the agent's control socket (`status`):
+/// tells each action once, when it is first seen waiting in its guest's lane.
+pub async fn queue(socket: PathBuf, tx: UnboundedSender<Event>) {
+    let mut told: HashSet<(u64, String)> = HashSet::new();
+    loop {
+        if let Some(body) = control(&socket, json!({"cmd": "status"})).await {
+            let rec = &body["reconcile"];
+            let mut fresh = Vec::new();
+            for (list, state) in [(&rec["queued"], "queued"), (&rec["running"], "running")] {
+                for a in list.as_array().into_iter().flatten() {
+                    let key = (
+                        a["vmid"].as_u64().unwrap_or(0),
+                        a["action"].as_str().unwrap_or("?").to_string(),
+                    );
+                    if told.insert(key.clone()) && state == "queued" {
+                        fresh.push(format!("{} {}", key.1, key.0));
+                    }
+                }
+            }
+            if !fresh.is_empty() {
+                let _ = tx.send(line(
+                    "reconcile",
+                    format!(
+                        "queued behind their guest's running action: {}",
+                        fresh.join(", ")
+                    ),
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -230,11 +263,12 @@ pub fn agent_log_line(l: &str) -> Option<String> {
     }
 }
 
-/// One `journal_show` over the agent's control socket (one JSON line each way).
-async fn journal_show(socket: &Path) -> Option<Value> {
+/// One request over the agent's control socket (one JSON line each way); the reply's
+/// `body` when it is `ok`.
+async fn control(socket: &Path, request: Value) -> Option<Value> {
     let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
     let (r, mut w) = stream.into_split();
-    let mut req = serde_json::to_vec(&json!({"cmd": "journal_show", "limit": 500})).ok()?;
+    let mut req = serde_json::to_vec(&request).ok()?;
     req.push(b'\n');
     w.write_all(&req).await.ok()?;
     let mut reply = String::new();
@@ -253,7 +287,7 @@ pub async fn journal(socket: PathBuf, tx: UnboundedSender<Event>) {
     // entry id → whether its outcome was told
     let mut told: HashMap<i64, bool> = HashMap::new();
     loop {
-        if let Some(body) = journal_show(&socket).await {
+        if let Some(body) = control(&socket, json!({"cmd": "journal_show", "limit": 500})).await {
             let mut entries: Vec<&Value> =
                 body["entries"].as_array().into_iter().flatten().collect();
             entries.sort_by_key(|e| e["id"].as_i64().unwrap_or(0));
