@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use felhom_protocol::Class;
@@ -252,6 +253,7 @@ fn prepare(opts: &Options, printer: &mut Printer) -> Result<(PathBuf, Layout), D
             .into());
         }
     }
+    printer.restart();
     let root = run_dir(opts, euid, printer)?;
     printer.tee(&Layout::new(&root).narrative);
     Ok((bins, Layout::new(&root)))
@@ -497,6 +499,41 @@ impl LoopDisk {
     }
 }
 
+/// SIGINT/SIGTERM, caught from the moment the first child is started: set-up checks it
+/// between steps, the main loop is woken by it.
+#[derive(Debug, Default)]
+struct Interrupt {
+    name: std::sync::Mutex<Option<&'static str>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Interrupt {
+    fn end(&self) -> Option<End> {
+        self.name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(End::Signal)
+    }
+
+    /// Installs the handlers (from now on the signals no longer end the process) and
+    /// records the first one that arrives.
+    fn install(self: &Arc<Self>) -> Result<(), DevstackError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
+        let mut term = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = int.recv() => "interrupted (SIGINT)",
+                _ = term.recv() => "SIGTERM",
+            };
+            *me.name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
+            me.notify.notify_one();
+        });
+        Ok(())
+    }
+}
+
 /// Everything started, so that shutdown can stop exactly that.
 struct Stack {
     bins: PathBuf,
@@ -518,6 +555,7 @@ struct Stack {
     /// Every process started: (name, pid).
     started: Vec<(String, i32)>,
     activations: BTreeMap<&'static str, u32>,
+    interrupt: Arc<Interrupt>,
     accepted: u64,
     applied: u64,
     failed_actions: u64,
@@ -545,6 +583,7 @@ impl Stack {
             usb_mounted: false,
             started: Vec::new(),
             activations: BTreeMap::new(),
+            interrupt: Arc::new(Interrupt::default()),
             accepted: 0,
             applied: 0,
             failed_actions: 0,
@@ -624,6 +663,7 @@ impl Stack {
             &format!("run directory {} (logs, state, sockets)", l.root.display()),
         );
         procs::become_subreaper()?;
+        self.interrupt.install()?;
         l.create(self.agent_uid_gid().1, self.euid == 0)?;
         let (tx, rx) = unbounded_channel::<Event>();
         self.events = Some(rx);
@@ -686,6 +726,9 @@ impl Stack {
         let pve_api = sim_api(&pve_line)?;
         let hub_api = sim_api(&hub_line)?;
 
+        if let Some(e) = self.interrupt.end() {
+            return Ok(e);
+        }
         // files
         scene::write_fixtures(&l)?;
         scene::write_fake_tools(
@@ -769,6 +812,9 @@ impl Stack {
             );
         }
 
+        if let Some(e) = self.interrupt.end() {
+            return Ok(e);
+        }
         // the helper sockets, activated on demand
         let (htx, hrx) = unbounded_channel::<HelperEvent>();
         self.helper_events = Some(hrx);
@@ -810,6 +856,9 @@ impl Stack {
             tx.clone(),
         )));
 
+        if let Some(e) = self.interrupt.end() {
+            return Ok(e);
+        }
         // what the agent would do
         let plan = self.agent_cli(&["plan", "--json"])?;
         if plan.code != Some(0) {
@@ -890,6 +939,9 @@ impl Stack {
         }
         self.pump(Duration::from_millis(300));
 
+        if let Some(e) = self.interrupt.end() {
+            return Ok(e);
+        }
         // the daemon
         let mut cmd = Command::new(self.bin(build::AGENT));
         cmd.arg("run")
@@ -1016,9 +1068,7 @@ impl Stack {
     }
 
     async fn main_loop(&mut self) -> Result<End, DevstackError> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
-        let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
+        let interrupt = self.interrupt.clone();
         let (Some(mut events), Some(mut helper_events)) =
             (self.events.take(), self.helper_events.take())
         else {
@@ -1046,8 +1096,11 @@ impl Stack {
                         break Err(e);
                     }
                 }
-                _ = sigint.recv() => break Ok(End::Signal("interrupted (SIGINT)")),
-                _ = sigterm.recv() => break Ok(End::Signal("SIGTERM")),
+                _ = interrupt.notify.notified() => {
+                    if let Some(e) = interrupt.end() {
+                        break Ok(e);
+                    }
+                }
                 _ = tick.tick() => {
                     if let Some(e) = self.check_alive() {
                         break Err(e);

@@ -29,6 +29,11 @@ impl Printer {
         Printer { start, file: None }
     }
 
+    /// Counts from now (after the build, so the run's own times start at zero).
+    pub fn restart(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// Also write every line to `path` from now on (truncates it).
     pub fn tee(&mut self, path: &Path) {
         self.file = File::create(path).ok();
@@ -40,7 +45,8 @@ impl Printer {
     }
 
     fn emit(&mut self, text: &str) {
-        println!("{text}");
+        // A closed stdout (`| head`) must not stop the run half-way: the file keeps it all.
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
         if let Some(f) = self.file.as_mut() {
             let _ = writeln!(f, "{text}");
         }
