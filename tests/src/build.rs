@@ -144,9 +144,34 @@ pub fn is_stale(dir: &Path, bin: Bin) -> Result<bool, BuildError> {
     Ok(newest_source(bin.package)?.is_some_and(|src| src > built))
 }
 
+/// Whether `name` is one of the variables `cargo run`/`cargo test` set for the process
+/// they start, describing *its* package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, …).
+/// A nested cargo must not inherit them: build scripts track some of them (ring's
+/// `CARGO_MANIFEST_DIR`), so they would look changed and everything above them would be
+/// rebuilt. Cargo's own configuration variables (`CARGO_HOME`, `CARGO_TARGET_DIR`, …)
+/// are kept.
+pub fn is_package_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
+}
+
 /// The `cargo build` that (re)builds `bins` into `dir`'s target directory and profile.
 pub fn build_command(dir: &Path, bins: &[Bin], quiet: bool) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_env) {
+            cmd.env_remove(name);
+        }
+    }
     cmd.current_dir(workspace_root()).arg("build");
     if quiet {
         cmd.arg("--quiet");
@@ -273,6 +298,29 @@ mod tests {
                 "/x/target"
             ]
         );
+    }
+
+    #[test]
+    fn the_running_packages_variables_are_not_passed_to_the_nested_cargo() {
+        for v in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+        ] {
+            assert!(is_package_env(v), "{v}");
+        }
+        for v in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "PATH"] {
+            assert!(!is_package_env(v), "{v}");
+        }
+        // under `cargo test` this process has CARGO_MANIFEST_DIR; the command drops it
+        if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+            let cmd = build_command(Path::new("/x/target/debug"), &[AGENT], true);
+            assert!(
+                cmd.get_envs()
+                    .any(|(k, v)| k == "CARGO_MANIFEST_DIR" && v.is_none())
+            );
+        }
     }
 
     #[test]
