@@ -6,7 +6,11 @@
 //!   same bytes; target ≤ 1.3× (median);
 //! - plan: time at 1k and 10k guests; target linear (per-guest time about equal).
 //!
-//! Run: `cargo bench -p felhom-agent --bench reconcile`.
+//! Run: `cargo bench -p felhom-agent --bench reconcile` (all three), or name the parts to
+//! run: `… -- plan`, `… -- queue journal`. `… -- plan-once N` plans N guests once and
+//! prints nothing else, for an instruction count under
+//! `valgrind --tool=callgrind --toggle-collect='*reconcile::plan::plan*'`, which is not
+//! disturbed by other load on the machine.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -185,6 +189,30 @@ fn bench_plan() {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if let Some(i) = args.iter().position(|a| a == "plan-once") {
+        let n: u32 = args
+            .get(i + 1)
+            .and_then(|s| s.parse().ok())
+            .expect("plan-once N");
+        let (d, a) = plan_inputs(n);
+        let p = plan(&d, &a);
+        println!("planned {} actions for {n} guests", p.actions.len());
+        return;
+    }
+    let wants = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
+    if wants("queue") {
+        bench_queue();
+    }
+    if wants("journal") {
+        bench_journal();
+    }
+    if wants("plan") {
+        bench_plan();
+    }
+}
+
+fn bench_queue() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -199,6 +227,4 @@ fn main() {
         rate(base),
         ours.as_secs_f64() / base.as_secs_f64()
     );
-    bench_journal();
-    bench_plan();
 }

@@ -265,6 +265,11 @@ async fn reload(
     let new = loaded.config;
     let proxmox = crate::proxmox::Client::from_config(&new).map_err(|e| format!("proxmox: {e}"))?;
     d.hub.reload(&new).await.map_err(|e| e.to_string())?;
+    // A reloaded hub setting (a new token, a new hub) is tried at once, not after the
+    // backoff of the old one's failures.
+    if hub_enabled(&new) {
+        let _ = d.hub.report_now().await;
+    }
     d.hub_on.send_replace(hub_enabled(&new));
     let provider =
         (new.reconcile.desired_file != running.reconcile.desired_file).then(|| provider_for(&new));

@@ -38,6 +38,11 @@
 //!   "error": null
 //! }
 //! ```
+//! The exercise is one operation in the guest's reconcile queue lane: on the daemon's
+//! queue (over the control socket) while `felhom-agent run` is up, else on a local queue
+//! with the `state_dir` lock held (run it as the `state_dir` owner). Output and exit codes
+//! are the same either way.
+//!
 //! A refused guest (template, locked, HA-managed) exits 1 before any change. When a step
 //! fails, the snapshot (if it exists) is deleted, `cleanup` says how that went
 //! (`{"ok": true, "detail": "…"}`), `error` names the failed step, and the exit is 1 (3 if

@@ -416,7 +416,12 @@ impl Handler for DaemonHandler {
                 }
                 req @ (Request::SelftestTask { .. } | Request::CreateKeyctl { .. }) => {
                     match &self.mutations {
-                        Some(m) => m.run(self.engine.queue().clone(), req).await,
+                        Some(m) => {
+                            let reply = m.run(self.engine.queue().clone(), req).await;
+                            // The guest may need reconciling after what the command did.
+                            self.engine.kick();
+                            reply
+                        }
                         None => Reply::Error {
                             kind: ErrorKind::Usage,
                             message: "this daemon does not run mutating commands".into(),

@@ -10,9 +10,13 @@
 //!   safe mode. With the hub enabled the gate starts [`Gate::AwaitingEnvelope`] unless the
 //!   envelope kept in `state_dir` already says not blocked; it is the `run` command that
 //!   feeds the gate from the hub's envelopes. Reporting goes on in every state.
-//! - A guest whose lane is busy is not planned for again until its lane is idle, so an
-//!   action is never queued twice. Actions of one guest in one cycle run as one queue
-//!   operation, in plan order, and stop at the first that fails.
+//! - A guest whose lane is busy (at any moment of the cycle's observation) is not planned
+//!   for again until its lane is idle, so an action is never queued twice. Actions of one
+//!   guest in one cycle run as one queue operation, in plan order, and stop at the first
+//!   that fails. When the operation gets its lane it first checks that the guest is still
+//!   in the state (status, config digest) the plan was made from; if not (an operation
+//!   that finished while the cycle was reading, a change by hand), nothing is sent and the
+//!   next cycle plans from a fresh read.
 //! - Unfinished journal entries are resumed (waited on, adopted or re-sent per
 //!   [`super::exec`]) before anything new is planned for their guest. This is checked at
 //!   every open cycle, not only after a restart: an entry whose resumption could not be
@@ -208,6 +212,9 @@ struct Shared {
     observed: Mutex<Observed>,
     failing: Mutex<HashMap<(Vmid, &'static str), Backoff>>,
     progress: Mutex<HashMap<Vmid, Progress>>,
+    /// Guests with an engine operation queued or running (those kick a cycle when they
+    /// end; other lane operations do not).
+    engine_lanes: Mutex<HashSet<Vmid>>,
     kick: Notify,
     /// Bumped whenever the status may have changed (cycle, operation start or end).
     changes: watch::Sender<u64>,
@@ -321,6 +328,7 @@ impl Engine {
             observed: Mutex::new(Observed::default()),
             failing: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
+            engine_lanes: Mutex::new(HashSet::new()),
             kick: Notify::new(),
             changes,
         });
@@ -626,9 +634,10 @@ async fn run_loop(
         let settings = shared.settings();
         if Instant::now() >= next_cycle {
             let g = *gate.borrow_and_update();
-            cycle(&shared, g).await;
+            let follow_up = cycle(&shared, g).await;
             shared.changed();
-            next_cycle = Instant::now() + settings.resync_interval;
+            let resync = Instant::now() + settings.resync_interval;
+            next_cycle = follow_up.map_or(resync, |t| t.min(resync));
             if last_compact.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                 compact(&shared).await;
                 last_compact = Some(Instant::now());
@@ -669,7 +678,10 @@ async fn compact(shared: &Arc<Shared>) {
     }
 }
 
-async fn cycle(shared: &Arc<Shared>, gate: Gate) {
+/// One observe-plan-queue pass. Returns when a follow-up cycle is due sooner than the
+/// resync: a guest with work was skipped because its lane was busy (an operator command,
+/// say, which does not wake the engine when it ends), or a failing action's backoff ends.
+async fn cycle(shared: &Arc<Shared>, gate: Gate) -> Option<Instant> {
     {
         let mut o = lock(&shared.observed);
         if o.gate != Some(gate) {
@@ -681,17 +693,20 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
     }
     let desired = lock(&shared.desired).clone();
     let Some(desired) = desired else {
-        return; // no usable desired state: report only
+        return None; // no usable desired state: report only
     };
+    // Guests busy at any moment of the observation are left for a later cycle.
+    let busy_before: HashSet<Vmid> = shared.queue.lanes().iter().map(|l| l.vmid).collect();
     let p = match plan_now(shared.pve().as_ref(), &desired).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "reconcile cycle could not observe the node");
             lock(&shared.observed).last_cycle_error = Some(e.to_string());
-            return;
+            return None;
         }
     };
     let mut busy: HashSet<Vmid> = shared.queue.lanes().iter().map(|l| l.vmid).collect();
+    busy.extend(busy_before);
     {
         let mut o = lock(&shared.observed);
         o.last_cycle_error = None;
@@ -712,7 +727,7 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
         Ok(open) => open,
         Err(e) => {
             tracing::error!(error = %e, "reading open journal entries failed");
-            return;
+            return None;
         }
     };
     {
@@ -725,10 +740,15 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
         lock(&shared.failing).retain(|k, _| keep.contains(k));
     }
     if gate != Gate::Open || shared.journal.safe_mode().is_some() {
-        return; // no mutation while blocked or in safe mode
+        return None; // no mutation while blocked or in safe mode
     }
+    let poll = shared.settings().poll_interval;
+    let mut follow_up: Option<Instant> = None;
+    let mut due = |t: Instant| follow_up = Some(follow_up.map_or(t, |f| f.min(t)));
     // Unfinished entries first: their guests get nothing new this cycle.
-    resume_open(shared, open_keys, &mut busy);
+    if let Some(t) = resume_open(shared, open_keys, &mut busy) {
+        due(t);
+    }
     let mut per_guest: BTreeMap<Vmid, Vec<Action>> = BTreeMap::new();
     for a in p.actions {
         per_guest.entry(a.vmid).or_default().push(a);
@@ -736,16 +756,22 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
     let now = Instant::now();
     for (vmid, actions) in per_guest {
         if busy.contains(&vmid) {
+            if !lock(&shared.engine_lanes).contains(&vmid) {
+                // an operator command holds the lane; it does not wake us when it ends
+                due(now + poll);
+            }
             continue;
         }
-        let waiting = {
+        let retry_at = {
             let f = lock(&shared.failing);
-            actions.iter().any(|a| {
-                f.get(&(vmid, a.op.name()))
-                    .is_some_and(|b| b.retry_at > now)
-            })
+            actions
+                .iter()
+                .filter_map(|a| f.get(&(vmid, a.op.name())).map(|b| b.retry_at))
+                .filter(|t| *t > now)
+                .max()
         };
-        if waiting {
+        if let Some(t) = retry_at {
+            due(t);
             continue;
         }
         let names: Vec<&'static str> = actions.iter().map(|a| a.op.name()).collect();
@@ -755,6 +781,22 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
             Box::pin(async move {
                 start_progress(&sh, vmid, names);
                 let ctx = exec_ctx(&sh, vmid);
+                // The plan came from a read taken before this operation got its lane.
+                if let Some(first) = actions.first() {
+                    match exec::basis_holds(&ctx, first).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(vmid = %vmid, "guest changed since it was planned; planning again");
+                            end_progress(&sh, vmid);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(vmid = %vmid, error = %e, "guest not readable before acting; planning again");
+                            end_progress(&sh, vmid);
+                            return;
+                        }
+                    }
+                }
                 for (i, action) in actions.into_iter().enumerate() {
                     step_progress(&sh, vmid, i);
                     let name = action.op.name();
@@ -766,11 +808,18 @@ async fn cycle(shared: &Arc<Shared>, gate: Gate) {
                 end_progress(&sh, vmid);
             })
         });
-        if let Err(e) = submitted {
-            tracing::warn!(error = %e, "not queued this cycle");
-            break;
+        match submitted {
+            Ok(_) => {
+                lock(&shared.engine_lanes).insert(vmid);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "not queued this cycle");
+                due(now + poll);
+                break;
+            }
         }
     }
+    follow_up
 }
 
 fn start_progress(shared: &Shared, vmid: Vmid, actions: Vec<&'static str>) {
@@ -796,6 +845,7 @@ fn step_progress(shared: &Shared, vmid: Vmid, current: usize) {
 /// The operation is over: forget its progress and ask for a cycle.
 fn end_progress(shared: &Shared, vmid: Vmid) {
     lock(&shared.progress).remove(&vmid);
+    lock(&shared.engine_lanes).remove(&vmid);
     shared.changed();
     shared.kick.notify_one();
 }
@@ -868,25 +918,38 @@ async fn open_entries(shared: &Shared) -> Result<Vec<Entry>, JournalError> {
 /// Every guest with an open entry is added to `busy`, queued or not (queue full, backing
 /// off), so nothing new is planned for it before its entry is finished; one that could not
 /// be queued is tried again next cycle.
-fn resume_open(shared: &Arc<Shared>, open: Vec<Entry>, busy: &mut HashSet<Vmid>) {
+fn resume_open(
+    shared: &Arc<Shared>,
+    open: Vec<Entry>,
+    busy: &mut HashSet<Vmid>,
+) -> Option<Instant> {
     let mut per_guest: BTreeMap<Vmid, Vec<Entry>> = BTreeMap::new();
     for e in open {
         per_guest.entry(e.vmid).or_default().push(e);
     }
     let now = Instant::now();
+    let poll = shared.settings().poll_interval;
+    let mut follow_up: Option<Instant> = None;
     let mut full = false;
     for (vmid, entries) in per_guest {
+        let engine_owned = lock(&shared.engine_lanes).contains(&vmid);
         if !busy.insert(vmid) || full {
-            continue; // its lane is busy (maybe resuming it already), or no room left
+            // its lane is busy (maybe resuming it already), or no room left
+            if full || !engine_owned {
+                follow_up = Some(follow_up.map_or(now + poll, |f| f.min(now + poll)));
+            }
+            continue;
         }
-        let waiting = {
+        let retry_at = {
             let f = lock(&shared.failing);
-            entries.iter().any(|e| {
-                f.get(&(vmid, e.action.op.name()))
-                    .is_some_and(|b| b.retry_at > now)
-            })
+            entries
+                .iter()
+                .filter_map(|e| f.get(&(vmid, e.action.op.name())).map(|b| b.retry_at))
+                .filter(|t| *t > now)
+                .max()
         };
-        if waiting {
+        if let Some(t) = retry_at {
+            follow_up = Some(follow_up.map_or(t, |f| f.min(t)));
             continue;
         }
         let names: Vec<&'static str> = entries.iter().map(|e| e.action.op.name()).collect();
@@ -909,14 +972,17 @@ fn resume_open(shared: &Arc<Shared>, open: Vec<Entry>, busy: &mut HashSet<Vmid>)
         });
         match submitted {
             Ok(_) => {
+                lock(&shared.engine_lanes).insert(vmid);
                 tracing::info!(vmid = %vmid, entries = n, "resuming unfinished journal entries")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "resume not queued; tried again next cycle");
+                follow_up = Some(follow_up.map_or(now + poll, |f| f.min(now + poll)));
                 full = true;
             }
         }
     }
+    follow_up
 }
 
 #[cfg(test)]

@@ -125,6 +125,23 @@ pub fn already_done(action: &Action, guest: &ActualGuest) -> bool {
     }
 }
 
+/// Whether the guest is still in the state (status and config digest) `action` was
+/// planned against. The engine checks this when an operation starts in its lane: a plan
+/// made from a read that an operation finishing meanwhile (or a change by hand) made stale
+/// must not be sent; the next cycle plans again from a fresh read.
+pub async fn basis_holds(ctx: &ExecCtx, action: &Action) -> Result<bool, ExecError> {
+    let now = ctx
+        .pve
+        .guest(action.kind, action.vmid)
+        .await
+        .map_err(|source| ExecError::Unfinished {
+            vmid: action.vmid,
+            what: "reading the guest before acting",
+            source,
+        })?;
+    Ok(now.basis() == action.basis)
+}
+
 /// Plans-to-outcome for one action in its lane. The idempotency key is derived here, from
 /// the journal position at execution time, so a retry after a crash derives the same key.
 pub async fn run(

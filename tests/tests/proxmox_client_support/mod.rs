@@ -152,6 +152,9 @@ impl Sim {
                 "token_id": self.start.token_id,
                 "tls": tls,
             },
+            // never the default /run/felhom/agent.sock: a daemon there would take the
+            // mutating commands
+            "control": { "socket": dir.join("agent.sock") },
         });
         std::fs::create_dir_all(dir.join("state")).expect("state dir");
         let p = dir.join("agent.json");
