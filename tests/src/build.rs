@@ -310,7 +310,13 @@ mod tests {
         ] {
             assert!(is_package_env(v), "{v}");
         }
-        for v in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "PATH"] {
+        for v in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "PATH",
+        ] {
             assert!(!is_package_env(v), "{v}");
         }
         // under `cargo test` this process has CARGO_MANIFEST_DIR; the command drops it

@@ -677,7 +677,7 @@ impl Stack {
                 &self.opts.guests.to_string(),
                 // long enough that a guest's second action is seen waiting behind its first
                 "--task-seconds",
-                "0.5",
+                "0.3",
                 "--node",
                 "pve1",
             ]),
@@ -1171,6 +1171,9 @@ impl Stack {
     /// or was left over. After a failure the agent gets a short grace: its running
     /// actions may be waiting on a node that is gone.
     async fn shutdown(&mut self, failed: bool) -> bool {
+        // let the watchers catch up while the agent still answers on its control socket
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.pump(Duration::ZERO);
         self.say("devstack", "stopping: agent, helpers, simulators");
         let grace = if failed {
             Duration::from_secs(5)
