@@ -221,7 +221,7 @@ pub async fn queue(socket: PathBuf, tx: UnboundedSender<Event>) {
                 let _ = tx.send(line(
                     "reconcile",
                     format!(
-                        "queued behind their guest's running action: {}",
+                        "queued (waiting for a worker or for their guest's running action): {}",
                         fresh.join(", ")
                     ),
                 ));
