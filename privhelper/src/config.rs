@@ -4,6 +4,11 @@
 //! group or other may write it, and the same holds for every tool it names (and every
 //! directory above them, unless sticky). Defaults are the production values; every
 //! non-default path is reported as a warning at start.
+//!
+//! "Owned by root" precisely: owned by uid 0 or by the helper's own effective uid. For
+//! the production helper (euid 0) that is root only. A helper running as an ordinary user
+//! (the local stack, `felhom-devstack`) gains nothing from a file that same user can
+//! write, so that user's files are trusted too; another user's never are.
 
 use std::fs::Metadata;
 use std::io::Read;
@@ -94,13 +99,31 @@ fn untrusted(path: &Path, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Owned by root, not writable by group or others.
+/// Whether a file or directory owned by `owner` may be trusted by a helper running with
+/// effective uid `euid`: root's always; our own user's too (a helper that is not root
+/// could write such a file itself, so trusting it grants nothing); nobody else's.
+pub fn trusted_owner(owner: u32, euid: u32) -> bool {
+    owner == 0 || owner == euid
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+fn not_trusted_owner(owner: u32) -> String {
+    let me = euid();
+    if me == 0 {
+        format!("owned by uid {owner}, not root")
+    } else {
+        format!("owned by uid {owner}, neither root nor this helper's uid {me}")
+    }
+}
+
+/// Owned by root (or by the helper's own uid, see [`trusted_owner`]), not writable by
+/// group or others.
 fn check_root_owned(path: &Path, md: &Metadata) -> Result<(), ConfigError> {
-    if md.uid() != 0 {
-        return Err(untrusted(
-            path,
-            format!("owned by uid {}, not root", md.uid()),
-        ));
+    if !trusted_owner(md.uid(), euid()) {
+        return Err(untrusted(path, not_trusted_owner(md.uid())));
     }
     if md.permissions().mode() & 0o022 != 0 {
         return Err(untrusted(
@@ -117,7 +140,7 @@ fn check_root_owned(path: &Path, md: &Metadata) -> Result<(), ConfigError> {
 /// A file root may execute: canonical path, regular, executable, root-owned, not
 /// group/other-writable, and every directory above it root-owned and not writable by
 /// others (a sticky directory such as /tmp is accepted, as only its owner may replace
-/// entries in it).
+/// entries in it). "Root-owned" as [`trusted_owner`] says.
 pub fn check_trusted_tool(path: &Path) -> Result<PathBuf, ConfigError> {
     let canon = std::fs::canonicalize(path).map_err(|source| ConfigError::Io {
         path: path.to_path_buf(),
@@ -147,10 +170,10 @@ fn check_parents(canon: &Path) -> Result<(), ConfigError> {
         })?;
         let mode = md.permissions().mode();
         let sticky = mode & 0o1000 != 0;
-        if md.uid() != 0 {
+        if !trusted_owner(md.uid(), euid()) {
             return Err(untrusted(
                 d,
-                format!("directory owned by uid {}, not root", md.uid()),
+                format!("directory {}", not_trusted_owner(md.uid())),
             ));
         }
         if mode & 0o022 != 0 && !sticky {
@@ -367,6 +390,18 @@ mod tests {
         );
         assert!(c.warnings.iter().any(|w| w.contains("tools.pct")));
         assert!(raw(r#"{"agent_uid": 990, "agent_gid": 990, "fstab": "rel/fstab"}"#).is_err());
+    }
+
+    #[test]
+    fn root_and_our_own_uid_are_trusted_owners_nobody_else() {
+        // the production helper: root only
+        assert!(trusted_owner(0, 0));
+        assert!(!trusted_owner(1000, 0));
+        // a helper running as uid 1000 (the local stack): root and itself
+        assert!(trusted_owner(0, 1000));
+        assert!(trusted_owner(1000, 1000));
+        assert!(!trusted_owner(1001, 1000));
+        assert!(!trusted_owner(65534, 1000));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! # felhom-testbed
 //!
 //! The product's test bed: `felhom-pvesim` (a faithful Proxmox VE node), `felhom-hubsim`
-//! (the hub), and later `felhom-devstack`. Integration tests in `tests/tests/` drive the
-//! real binaries as separate processes over real sockets.
+//! (the hub), and `felhom-devstack` (the whole stack on loopback, narrated). Integration
+//! tests in `tests/tests/` drive the real binaries as separate processes over real
+//! sockets.
 //!
 //! Modules: [`tls`] (a throw-away CA and server certificate), [`http`] (the HTTPS server
 //! plumbing with custom reason phrases and dropped connections), [`pvesim`] (the PVE
@@ -12,7 +13,12 @@
 //! - [`privhelper`]: environments, socket activation, a raw client and throw-away users
 //!   for the root helper's tests; the fake tools are the binaries `felhom-fake-pct` and
 //!   `felhom-fake-smartctl`.
+//! - [`build`]: the workspace's binaries next to the running executable, built when
+//!   missing or older than their sources.
+//! - [`devstack`]: the local stack behind `felhom-devstack`.
 
+pub mod build;
+pub mod devstack;
 pub mod harness;
 pub mod http;
 pub mod hubsim;

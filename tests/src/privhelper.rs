@@ -21,83 +21,19 @@ use serde_json::{Value, json};
 
 /// The directory holding the workspace's binaries for the running test or bench.
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir
+    crate::build::profile_dir().expect("current_exe")
 }
 
 /// `felhom-privhelper`, built for this profile. Under `cargo test --workspace` it is
 /// built already and used as is. When it is missing or older than its sources (e.g.
 /// `cargo test -p felhom-testbed`, or the benchmark in release), the first call runs
-/// `cargo build -p felhom-privhelper` for it. Set `FELHOM_TESTBED_NO_BUILD=1` to never
-/// build and use what is there.
+/// `cargo build -p felhom-privhelper` for it ([`crate::build`]). Set
+/// `FELHOM_TESTBED_NO_BUILD=1` to never build and use what is there.
 pub fn privhelper_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let dir = target_dir();
-            let bin = dir.join("felhom-privhelper");
-            let stale = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
-                Ok(built) => newest_source().is_some_and(|src| src > built),
-                Err(_) => true,
-            };
-            if stale && std::env::var_os("FELHOM_TESTBED_NO_BUILD").is_none() {
-                let mut cmd =
-                    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-                cmd.args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "felhom-privhelper",
-                    "--bin",
-                    "felhom-privhelper",
-                ]);
-                if dir.ends_with("release") {
-                    cmd.arg("--release");
-                }
-                cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-                let st = cmd
-                    .status()
-                    .expect("running cargo build for felhom-privhelper");
-                assert!(st.success(), "cargo build -p felhom-privhelper failed");
-            }
-            assert!(bin.exists(), "{} missing", bin.display());
-            bin
-        })
+        .get_or_init(|| crate::build::bin_for_tests(crate::build::PRIVHELPER))
         .clone()
-}
-
-/// Newest modification time among the helper's and the protocol's sources.
-fn newest_source() -> Option<std::time::SystemTime> {
-    fn walk(p: &Path, newest: &mut Option<std::time::SystemTime>) {
-        let Ok(md) = std::fs::metadata(p) else { return };
-        if md.is_dir() {
-            if let Ok(rd) = std::fs::read_dir(p) {
-                for e in rd.flatten() {
-                    walk(&e.path(), newest);
-                }
-            }
-        } else if let Ok(m) = md.modified() {
-            *newest = Some(newest.map_or(m, |n: std::time::SystemTime| n.max(m)));
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let mut newest = None;
-    for p in [
-        "privhelper/src",
-        "privhelper/Cargo.toml",
-        "protocol/src",
-        "protocol/Cargo.toml",
-        "Cargo.lock",
-    ] {
-        walk(&root.join(p), &mut newest);
-    }
-    newest
 }
 
 /// `tests/fixtures/hosttools`.

@@ -173,43 +173,15 @@ pub fn acl_file(dir: &Path, token_id: &str, secret: &str, acl: Value) -> PathBuf
 }
 
 /// The `felhom-agent` binary, built on demand (another package's binary is not in
-/// `CARGO_BIN_EXE_*`): `cargo build -p felhom-agent --bin felhom-agent` into the same target
-/// directory, a no-op when it is up to date. `FELHOM_AGENT_BIN` overrides.
+/// `CARGO_BIN_EXE_*`) into the same target directory when missing or older than its
+/// sources (`felhom_testbed::build`). `FELHOM_AGENT_BIN` overrides.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("FELHOM_AGENT_BIN") {
             return PathBuf::from(p);
         }
-        // target/<profile>/deps/<test> → target/<profile> → target
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "felhom-agent",
-                "--bin",
-                "felhom-agent",
-            ])
-            .arg("--target-dir")
-            .arg(&target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build for felhom-agent");
-        assert!(status.success(), "building felhom-agent failed");
-        let bin = profile_dir.join("felhom-agent");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
+        felhom_testbed::build::bin_for_tests(felhom_testbed::build::AGENT)
     })
     .clone()
 }
