@@ -402,6 +402,9 @@ impl SimState {
             // PBS: 101 verified ok (and an older one too), 102 failed its verification,
             // 103 not verified yet (verify jobs run after the backups).
             if i < 3 {
+                // Its own generator, so the PBS datastore leaves the seeded guests as
+                // they were before it existed (tests and the devstack name their states).
+                let mut rng = fastrand::Rng::with_seed(0x9b5_0000 + u64::from(vmid));
                 let ctime = now - 86_400 + vmid as u64;
                 let mut volumes = Vec::new();
                 let mut v = backup_volume("pbs-offsite", true, &g, ctime, "zstd", None, false);
