@@ -742,10 +742,13 @@ fn the_deb_under_a_booted_systemd() {
         .collect();
     let mut last = m.activated_at(smart);
     for round in 1..=2 {
-        let out = m.out("runuser -u felhom-agent -- felhom-agent privileged smart sda");
+        let out = m.out("runuser -u felhom-agent -- felhom-agent --json privileged smart sda");
         let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         m.check(
-            v["model_name"] == "WDC WD20EFRX-68EUZN0",
+            v["ok"] == true
+                && v["health"] == "passed"
+                && v["model"] == "WDC WD20EFRX-68EUZN0"
+                && v["smartctl"]["model_name"] == "WDC WD20EFRX-68EUZN0",
             &format!("smart sda (round {round}): {out}"),
         );
         let now = m.activated_at(smart);
