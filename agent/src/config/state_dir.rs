@@ -22,19 +22,21 @@ pub enum StateDirError {
     #[error("state_dir {path} is not a directory")]
     NotADirectory { path: PathBuf },
     #[error(
-        "`felhom-agent {command}` writes to {path}, which belongs to {owner}, but this runs as {current}; run it as the owner so the daemon can open what it writes: sudo -u {sudo_user} felhom-agent {command}"
+        "`felhom-agent {command}` writes to {path}, which belongs to {owner}, but this runs as {current}; run it as the owner so the daemon can open what it writes: {run_as} felhom-agent {command}"
     )]
     WrongUser {
         command: String,
         path: PathBuf,
         owner: String,
         current: String,
-        sudo_user: String,
+        /// The command prefix that runs as the owner (`runuser`/`setpriv`, util-linux;
+        /// PVE has no `sudo`).
+        run_as: String,
     },
 }
 
 /// Refuses unless the effective user owns `state_dir`. `command` is how the operator ran
-/// it (e.g. `journal verify`), for the `sudo -u … felhom-agent <command>` hint.
+/// it (e.g. `journal verify`), for the `runuser -u … -- felhom-agent <command>` hint.
 pub fn ensure_state_dir_owner(state_dir: &Path, command: &str) -> Result<(), StateDirError> {
     check_owner(state_dir, effective_uid(), command)
 }
@@ -60,11 +62,12 @@ fn user_label(uid: u32) -> String {
     }
 }
 
-fn sudo_user(uid: u32) -> String {
+/// How to run a command as `uid` (group `gid`) with what a PVE host has: `runuser` takes
+/// only names, so a uid without one goes through `setpriv`.
+fn run_as(uid: u32, gid: u32) -> String {
     match user_name(uid) {
-        Some(name) => name,
-        // sudo takes a numeric uid as `#N`; quoted so the shell does not read a comment.
-        None => format!("'#{uid}'"),
+        Some(name) => format!("runuser -u {name} --"),
+        None => format!("setpriv --reuid={uid} --regid={gid} --clear-groups"),
     }
 }
 
@@ -87,7 +90,7 @@ fn check_owner(state_dir: &Path, euid: u32, command: &str) -> Result<(), StateDi
         path: state_dir.to_path_buf(),
         owner: user_label(owner),
         current: user_label(euid),
-        sudo_user: sudo_user(owner),
+        run_as: run_as(owner, meta.gid()),
     })
 }
 
@@ -105,7 +108,10 @@ mod tests {
         let err = check_owner(dir.path(), other, "journal verify").unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, StateDirError::WrongUser { .. }));
-        assert!(msg.contains("sudo -u "), "{msg}");
+        assert!(
+            msg.contains("runuser -u ") || msg.contains("setpriv --reuid="),
+            "{msg}"
+        );
         assert!(msg.contains("felhom-agent journal verify"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
@@ -123,8 +129,8 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("uid 65534"), "{msg}");
         assert!(
-            msg.contains("sudo -u nobody felhom-agent run")
-                || msg.contains("sudo -u '#65534' felhom-agent run"),
+            msg.contains("runuser -u nobody -- felhom-agent run")
+                || msg.contains("setpriv --reuid=65534 --regid=0 --clear-groups felhom-agent run"),
             "{msg}"
         );
     }
@@ -222,7 +228,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&format!("{name} (uid {uid})")), "{msg}");
         assert!(
-            msg.contains(&format!("sudo -u {name} felhom-agent journal verify")),
+            msg.contains(&format!("runuser -u {name} -- felhom-agent journal verify")),
             "{msg}"
         );
     }
