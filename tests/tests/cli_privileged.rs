@@ -36,21 +36,16 @@ fn fakes() -> FakeBins {
 }
 
 /// The secret the config needs to load (the privileged commands never use Proxmox).
-const ENV: &[(&str, &str)] = &[("FELHOM_AGENT_PROXMOX_TOKEN_SECRET", "unused-here")];
+const ENV: &[(&str, &str)] = &[];
 
 /// An agent config whose `privhelper.socket_dir` is `socket_dir` and whose
 /// `sensors.hwmon_root` is `hwmon_root`.
 fn agent_config(dir: &Path, socket_dir: &Path, hwmon_root: &Path) -> PathBuf {
     std::fs::create_dir_all(dir.join("state")).unwrap();
-    let pin = ["AB"; 32].join(":");
+    // No proxmox or hub section: these commands need neither (nor their secrets).
     let cfg = json!({
         "node": "pve1",
         "state_dir": dir.join("state"),
-        "proxmox": {
-            "url": "https://127.0.0.1:8006",
-            "token_id": "felhom@pve!agent",
-            "tls": {"pin_sha256": pin},
-        },
         "privhelper": {"socket_dir": socket_dir, "timeout_seconds": 20},
         "sensors": {"hwmon_root": hwmon_root},
     });

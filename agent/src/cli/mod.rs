@@ -269,6 +269,12 @@ pub(crate) fn load_config(cli: &Cli) -> Result<crate::config::Config, CliError> 
     Ok(loaded.config)
 }
 
+/// The host-local sections only (`privileged …`, `sensors`): no Proxmox or hub secret
+/// needed.
+pub(crate) fn load_host_config(cli: &Cli) -> Result<crate::config::HostConfig, CliError> {
+    Ok(crate::config::Config::load_host(cli.config.as_deref())?)
+}
+
 /// [`load_config`] with the provenance and without logging the warnings (`config check`
 /// prints them itself).
 pub(crate) fn load_config_full(cli: &Cli) -> Result<crate::config::LoadedConfig, CliError> {

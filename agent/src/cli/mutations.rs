@@ -8,6 +8,7 @@
 //! Must never: run a mutation outside a queue lane, or take the local path while a daemon
 //! owns `state_dir` (the lock refuses it).
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -34,10 +35,10 @@ pub(crate) struct LocalQueue {
 
 impl LocalQueue {
     /// Checks that this runs as `state_dir`'s owner, takes its lock, starts a queue.
-    /// `command` is how the operator ran it (for the `sudo -u` hint).
-    pub(crate) fn take(config: &Config, command: &str) -> Result<LocalQueue, CliError> {
-        crate::config::ensure_state_dir_owner(&config.state_dir, command)?;
-        let lock = StateLock::acquire(&config.state_dir)?;
+    /// `command` is how the operator ran it (for the `runuser -u` hint).
+    pub(crate) fn take(state_dir: &Path, command: &str) -> Result<LocalQueue, CliError> {
+        crate::config::ensure_state_dir_owner(state_dir, command)?;
+        let lock = StateLock::acquire(state_dir)?;
         Ok(LocalQueue {
             queue: Queue::start(QueueConfig {
                 max_running: 1,

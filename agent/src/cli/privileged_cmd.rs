@@ -85,7 +85,7 @@ pub fn run(cli: &Cli, cmd: &PrivilegedCmd) -> Result<(), CliError> {
             Call::Create(privileged::load_spec(spec).map_err(usage)?)
         }
     };
-    let cfg = super::load_config(cli)?;
+    let cfg = super::load_host_config(cli)?;
     let client = Client::new(&cfg.privhelper);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -171,7 +171,7 @@ pub fn run(cli: &Cli, cmd: &PrivilegedCmd) -> Result<(), CliError> {
                             }
                             _ => "privileged create-keyctl".to_string(),
                         };
-                        let local = LocalQueue::take(&cfg, &command)?;
+                        let local = LocalQueue::take(&cfg.state_dir, &command)?;
                         let created = create_on_queue(&client, local.queue(), spec).await;
                         local.close().await;
                         match created {

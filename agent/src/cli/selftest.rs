@@ -424,7 +424,8 @@ async fn task_exercise(cli: &Cli, config: &Config, vmid_raw: u64) -> Result<(), 
         })?,
         Err(ControlError::NotRunning { .. }) => {
             let client = Client::from_config(config)?;
-            let local = LocalQueue::take(config, &format!("selftest --task --vmid {vmid}"))?;
+            let local =
+                LocalQueue::take(&config.state_dir, &format!("selftest --task --vmid {vmid}"))?;
             let run = task_on_queue(&client, local.queue(), vmid).await;
             local.close().await;
             run?

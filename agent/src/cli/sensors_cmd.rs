@@ -4,7 +4,7 @@
 use super::{Cli, CliError};
 
 pub fn run(cli: &Cli) -> Result<(), CliError> {
-    let cfg = super::load_config(cli)?;
+    let cfg = super::load_host_config(cli)?;
     let readings = crate::sensors::read_hwmon(&cfg.sensors.hwmon_root)
         .map_err(|e| CliError::Problem(e.to_string()))?;
     if cli.json {

@@ -13,8 +13,9 @@ use serde_json::Value;
 
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
-    CloudflaredConfig, Config, ConfigError, ControlConfig, HubConfig, HubMode, PrivhelperConfig,
-    ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig, SmartConfig, TlsVerify,
+    CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig, HubMode,
+    PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig, SmartConfig,
+    TlsVerify,
 };
 
 /// Biggest config file we read; a daemon's config is a few hundred bytes.
@@ -206,6 +207,13 @@ impl Layer {
 /// Loads the configuration from `path` (default [`super::DEFAULT_CONFIG_PATH`]) with the
 /// given environment. [`Config::load`] calls this with the process environment.
 pub(super) fn load(path: Option<&Path>, env: &EnvMap) -> Result<LoadedConfig, ConfigError> {
+    let (layer, world_readable) = read_layer(path, env)?;
+    build(&layer, env, world_readable)
+}
+
+/// Reads and resolves every field from the file and `env`; also says whether the file is
+/// readable by every user.
+fn read_layer(path: Option<&Path>, env: &EnvMap) -> Result<(Layer, bool), ConfigError> {
     let file = path
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(super::DEFAULT_CONFIG_PATH));
@@ -224,8 +232,15 @@ pub(super) fn load(path: Option<&Path>, env: &EnvMap) -> Result<LoadedConfig, Co
             });
         }
     }
-    let layer = resolve(file, file_values, env)?;
-    build(&layer, env, world_readable)
+    Ok((resolve(file, file_values, env)?, world_readable))
+}
+
+/// The sections a host-local command needs ([`HostConfig`]), from the same file and
+/// environment as [`load`], without building (or requiring) the Proxmox and hub sections
+/// and their secrets.
+pub(super) fn load_host(path: Option<&Path>, env: &EnvMap) -> Result<HostConfig, ConfigError> {
+    let layer = read_layer(path, env)?.0;
+    build_host(&layer)
 }
 
 fn read_config_file(path: &Path) -> Result<(String, bool), ConfigError> {
@@ -713,6 +728,32 @@ fn build_hub(layer: &Layer, env: &EnvMap) -> Result<(HubConfig, Option<Source>),
     ))
 }
 
+/// The host-local sections: what `privileged …` and `sensors` need.
+fn build_host(layer: &Layer) -> Result<HostConfig, ConfigError> {
+    let state_dir = layer.path_or("state_dir", PathBuf::from(super::DEFAULT_STATE_DIR))?;
+    let pd = PrivhelperConfig::default();
+    let privhelper = PrivhelperConfig {
+        socket_dir: layer.path_or("privhelper.socket_dir", pd.socket_dir)?,
+        audit_log: layer.path_or("privhelper.audit_log", pd.audit_log)?,
+        timeout: Duration::from_secs(
+            layer.positive_or("privhelper.timeout_seconds", pd.timeout.as_secs())?,
+        ),
+    };
+    let sensors = SensorsConfig {
+        hwmon_root: layer.path_or("sensors.hwmon_root", SensorsConfig::default().hwmon_root)?,
+    };
+    let control = ControlConfig {
+        socket: layer.path_or("control.socket", ControlConfig::default().socket)?,
+    };
+
+    Ok(HostConfig {
+        state_dir,
+        privhelper,
+        sensors,
+        control,
+    })
+}
+
 fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConfig, ConfigError> {
     let node = required_str(
         layer,
@@ -725,7 +766,6 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
             format!("{node:?} is not a node name (letters, digits and '-')"),
         ));
     }
-    let state_dir = layer.path_or("state_dir", PathBuf::from(super::DEFAULT_STATE_DIR))?;
 
     let url = required_str(layer, "proxmox.url", "e.g. https://127.0.0.1:8006")?;
     let url = https_base_url(layer, "proxmox.url", url)?;
@@ -753,17 +793,6 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
     let tls = build_tls(layer)?;
     let (hub, hub_token_source) = build_hub(layer, env)?;
 
-    let pd = PrivhelperConfig::default();
-    let privhelper = PrivhelperConfig {
-        socket_dir: layer.path_or("privhelper.socket_dir", pd.socket_dir)?,
-        audit_log: layer.path_or("privhelper.audit_log", pd.audit_log)?,
-        timeout: Duration::from_secs(
-            layer.positive_or("privhelper.timeout_seconds", pd.timeout.as_secs())?,
-        ),
-    };
-    let sensors = SensorsConfig {
-        hwmon_root: layer.path_or("sensors.hwmon_root", SensorsConfig::default().hwmon_root)?,
-    };
     let devices = match layer.list("smart.devices") {
         None => None,
         Some(list) => {
@@ -812,9 +841,12 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
             ReconcileConfig::default().shutdown_timeout_seconds,
         )?,
     };
-    let control = ControlConfig {
-        socket: layer.path_or("control.socket", ControlConfig::default().socket)?,
-    };
+    let HostConfig {
+        state_dir,
+        privhelper,
+        sensors,
+        control,
+    } = build_host(layer)?;
 
     let config = Config {
         node: node.to_string(),

@@ -105,6 +105,14 @@ impl Config {
         load::load(path, env)
     }
 
+    /// Only the host-local sections ([`HostConfig`]) of the same file and environment:
+    /// what `privileged …` and `sensors` need. The Proxmox and hub sections, and their
+    /// secrets, are neither read nor required, so an operator can run these where the
+    /// daemon's systemd credentials are not available.
+    pub fn load_host(path: Option<&Path>) -> Result<HostConfig, ConfigError> {
+        load::load_host(path, &process_env()?)
+    }
+
     /// A complete config for tests: the given node, state dir and Proxmox section, every
     /// other section at its default and the hub disabled. Not used by the binary.
     pub fn for_tests(node: &str, state_dir: PathBuf, proxmox: ProxmoxConfig) -> Config {
@@ -160,6 +168,15 @@ pub struct Config {
     pub smart: SmartConfig,
     pub cloudflared: CloudflaredConfig,
     pub reconcile: ReconcileConfig,
+    pub control: ControlConfig,
+}
+
+/// The sections of [`Config`] that concern this host only (no Proxmox, no hub).
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub state_dir: PathBuf,
+    pub privhelper: PrivhelperConfig,
+    pub sensors: SensorsConfig,
     pub control: ControlConfig,
 }
 

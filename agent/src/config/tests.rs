@@ -400,3 +400,44 @@ fn missing_file_is_named() {
         .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/agent.json"));
 }
+
+#[test]
+fn host_sections_load_without_proxmox_or_hub_and_still_check_what_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // No proxmox or hub section at all, as on a host whose secrets are systemd
+    // credentials the operator's shell does not have.
+    let p = write(
+        dir.path(),
+        "agent.json",
+        r#"{"node":"pve1","state_dir":"/srv/felhom","privhelper":{"socket_dir":"/run/x","timeout_seconds":7},"sensors":{"hwmon_root":"/tmp/hw"},"control":{"socket":"/run/x/agent.sock"}}"#,
+    );
+    let h = load::load_host(
+        Some(&p),
+        &env(&[("FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS", "9")]),
+    )
+    .unwrap();
+    assert_eq!(h.state_dir, PathBuf::from("/srv/felhom"));
+    assert_eq!(h.privhelper.socket_dir, PathBuf::from("/run/x"));
+    assert_eq!(h.privhelper.timeout, std::time::Duration::from_secs(9));
+    assert_eq!(h.sensors.hwmon_root, PathBuf::from("/tmp/hw"));
+    assert_eq!(h.control.socket, PathBuf::from("/run/x/agent.sock"));
+    // The full load of the same file still needs the Proxmox section.
+    let full = Config::load_with_env(Some(&p), &env(&[])).unwrap_err();
+    assert!(full.to_string().contains("proxmox.url"), "{full}");
+
+    // Typos and bad values in the file are still errors naming the field.
+    let p = write(
+        dir.path(),
+        "typo.json",
+        r#"{"node":"pve1","privhelper":{"socket_dri":"/x"}}"#,
+    );
+    let e = load::load_host(Some(&p), &env(&[])).unwrap_err();
+    assert!(e.to_string().contains("privhelper.socket_dri"), "{e}");
+    let p = write(
+        dir.path(),
+        "bad.json",
+        r#"{"node":"pve1","privhelper":{"timeout_seconds":0}}"#,
+    );
+    let e = load::load_host(Some(&p), &env(&[])).unwrap_err();
+    assert!(e.to_string().contains("privhelper.timeout_seconds"), "{e}");
+}
