@@ -684,6 +684,16 @@ fn the_deb_under_a_booted_systemd() {
         m.out("journalctl -u felhom-agent.service -o cat --no-pager")
             .contains("felhom-agent running")
     });
+    // The journal stamps each line; the agent adds no second timestamp there.
+    let journal = m.out("journalctl -u felhom-agent.service -o cat --no-pager");
+    let start = journal
+        .lines()
+        .find(|l| l.contains("felhom-agent running"))
+        .unwrap_or_default();
+    m.check(
+        start.trim_start().starts_with("INFO felhom-agent running"),
+        &format!("the agent's journal line carries its own timestamp: {start:?}"),
+    );
 
     step("reports reach felhom-hubsim, with SMART read through the helper");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -237,15 +237,34 @@ pub fn main() -> ExitCode {
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`). Idempotent.
+/// Under journald (stderr is the stream `JOURNAL_STREAM` names) lines carry no time of
+/// their own: the journal stamps each one, and two timestamps per line only confuse.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let journal = std::env::var("JOURNAL_STREAM").is_ok_and(|v| {
+        std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| is_journal_stream(&v, &m))
+    });
+    let _ = if journal {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Whether `meta` (of stderr) is the stream `JOURNAL_STREAM` (`DEV:INODE`, decimal) names;
+/// a variable inherited by a child whose stderr went elsewhere does not match.
+fn is_journal_stream(value: &str, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
 /// Prints one JSON document on stdout.
@@ -279,4 +298,34 @@ pub(crate) fn load_host_config(cli: &Cli) -> Result<crate::config::HostConfig, C
 /// prints them itself).
 pub(crate) fn load_config_full(cli: &Cli) -> Result<crate::config::LoadedConfig, CliError> {
     Ok(crate::config::Config::load(cli.config.as_deref())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn journal_stream_matches_only_the_named_device_and_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("stream");
+        std::fs::write(&f, b"").unwrap();
+        let m = std::fs::metadata(&f).unwrap();
+        assert!(super::is_journal_stream(
+            &format!("{}:{}", m.dev(), m.ino()),
+            &m
+        ));
+        assert!(!super::is_journal_stream(
+            &format!("{}:{}", m.dev(), m.ino() + 1),
+            &m
+        ));
+        for bad in [
+            "",
+            ":",
+            "x:y",
+            &m.ino().to_string(),
+            &format!("{}:{}:", m.dev(), m.ino()),
+        ] {
+            assert!(!super::is_journal_stream(bad, &m), "{bad:?}");
+        }
+    }
 }
