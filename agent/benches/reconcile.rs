@@ -131,8 +131,9 @@ fn bench_journal() {
     let (s50, s99) = (percentile(sqlite.clone(), 0.5), percentile(sqlite, 0.99));
     let (r50, r99) = (percentile(raw.clone(), 0.5), percentile(raw, 0.99));
     println!(
-        "journal append (intent commit, {N} samples): median {s50:?} p99 {s99:?}; raw write+fsync: median {r50:?} p99 {r99:?}; ratio (median) {:.2}x (target <= 1.3x)",
-        s50.as_secs_f64() / r50.as_secs_f64()
+        "journal append (intent commit, {N} samples): median {s50:?} p99 {s99:?}; raw write+fsync: median {r50:?} p99 {r99:?}; ratio (median) {:.2}x (target <= 1.3x), p99 {:.2}x (the commits that checkpoint)",
+        s50.as_secs_f64() / r50.as_secs_f64(),
+        s99.as_secs_f64() / r99.as_secs_f64()
     );
 }
 

@@ -330,6 +330,11 @@ impl Journal {
         }
         c.db.execute_batch(
             "PRAGMA synchronous=FULL;
+             -- Checkpoint every 64 pages (default 1000): the WAL then stays small and
+             -- is rewritten from its start, and an fsync of blocks already allocated
+             -- costs no file-size metadata; measured, an intent commit went from 1.8x
+             -- to 1.0x a raw append+fsync (median; the checkpointing commit is the p99).
+             PRAGMA wal_autocheckpoint=64;
              PRAGMA busy_timeout=5000;
              CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS entries (
