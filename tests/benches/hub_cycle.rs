@@ -8,7 +8,9 @@
 //! 2. the resident memory of this process (which holds exactly the daemon's hub side: the
 //!    runtime, the Proxmox and hub clients, the collector) before the first cycle, after
 //!    10 and after 200 cycles with 100 guests (target ≤ 12 MiB, no growth), in a fresh
-//!    process, plus a 400-cycle point to show the plateau.
+//!    process, plus 400- and 600-cycle points to show the plateau, and the live heap at each
+//!    point (a counting global allocator): it stays flat, so RSS moving is the
+//!    allocator's pages, not a leak.
 //!
 //! Run: `cargo bench -p felhom-testbed --bench hub_cycle` (release build).
 
@@ -25,6 +27,58 @@ use felhom_testbed::harness::PveSim;
 use serde_json::Value;
 
 const LATENCY_MS: u64 = 2;
+
+/// The system allocator, counting the bytes live on the heap, so the memory phase can
+/// tell a leak (live bytes grow) from the allocator's pages settling (RSS moves, live
+/// bytes do not).
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call is passed unchanged to `System`, which upholds GlobalAlloc's
+// contract; the only addition is a relaxed counter update.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator (i.e. from `System`) with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from this allocator with `layout`; `new` is the caller's.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new as isize - layout.size() as isize,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Bytes live on the heap now.
+fn live_kib() -> f64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
+}
 
 struct Hub {
     child: Child,
@@ -252,15 +306,19 @@ fn memory_phase() {
         for _ in 0..10 {
             cycle(&mut collector, &client).await;
         }
-        let after10 = rss_kib();
+        let (after10, live10) = (rss_kib(), live_kib());
         for _ in 10..200 {
             cycle(&mut collector, &client).await;
         }
-        let after200 = rss_kib();
+        let (after200, live200) = (rss_kib(), live_kib());
         for _ in 200..400 {
             cycle(&mut collector, &client).await;
         }
-        let after400 = rss_kib();
+        let (after400, live400) = (rss_kib(), live_kib());
+        for _ in 400..600 {
+            cycle(&mut collector, &client).await;
+        }
+        let (after600, live600) = (rss_kib(), live_kib());
         println!("resident memory of the hub side (a fresh process: runtime, clients, collector), 100 guests:");
         println!("  before the first cycle: {:.1} MiB", mib(before));
         println!("  after 10 cycles:        {:.1} MiB", mib(after10));
@@ -274,6 +332,23 @@ fn memory_phase() {
             "  after 400 cycles:       {:.1} MiB  (growth 200 → 400: {:+.2} MiB)",
             mib(after400),
             mib(after400) - mib(after200)
+        );
+        println!(
+            "  after 600 cycles:       {:.1} MiB  (growth 400 → 600: {:+.2} MiB)",
+            mib(after600),
+            mib(after600) - mib(after400)
+        );
+        println!(
+            "  live heap (allocated, not freed) after 10 / 200 / 400 / 600 cycles: {live10:.1} / {live200:.1} / {live400:.1} / {live600:.1} KiB"
+        );
+        println!(
+            "  live heap 400 → 600: {:+.1} KiB: {}",
+            live600 - live400,
+            if (live600 - live400).abs() < 8.0 {
+                "flat (caches and pools filled by then); RSS moving is the allocator's pages, not a leak"
+            } else {
+                "STILL GROWING"
+            }
         );
         println!("  (node_exporter, for scale: 14–20 MiB on such hosts)");
     });
