@@ -450,3 +450,63 @@ pub fn build_client(ca_pem: &str) -> Result<reqwest::Client, HarnessError> {
         .build()
         .map_err(HarnessError::Client)
 }
+
+/// A `felhom-agent run` started by a test, its stderr going to `log`. Killed and reaped
+/// on drop if it is still running.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: impl Into<nix::sys::signal::Signal>) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig.into());
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill9(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit; `None` if it did not exit within `timeout` (it is then killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM; the exit code (`None` if it did not exit within `timeout`, or died of a
+    /// signal).
+    pub fn term(mut self, timeout: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(timeout).and_then(|s| s.code())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

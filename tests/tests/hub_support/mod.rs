@@ -195,21 +195,26 @@ pub fn client_tls(ca_file: &Path) -> rustls::ClientConfig {
     cfg
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub enum Sig {
     Term,
     Int,
     Hup,
 }
 
+impl From<Sig> for nix::sys::signal::Signal {
+    fn from(sig: Sig) -> Self {
+        match sig {
+            Sig::Term => nix::sys::signal::Signal::SIGTERM,
+            Sig::Int => nix::sys::signal::Signal::SIGINT,
+            Sig::Hup => nix::sys::signal::Signal::SIGHUP,
+        }
+    }
+}
+
 pub fn signal(pid: i32, sig: Sig) {
-    use nix::sys::signal::{Signal, kill};
-    let s = match sig {
-        Sig::Term => Signal::SIGTERM,
-        Sig::Int => Signal::SIGINT,
-        Sig::Hup => Signal::SIGHUP,
-    };
-    let _ = kill(nix::unistd::Pid::from_raw(pid), s);
+    let sig: nix::sys::signal::Signal = sig.into();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
 /// A port on loopback where nothing listens (connection refused).
@@ -352,49 +357,7 @@ pub fn write_secret(path: &Path, value: &str) {
 }
 
 /// A running `felhom-agent run`.
-pub struct Agent {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Agent {
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    pub fn signal(&self, sig: Sig) {
-        signal(self.pid(), sig);
-    }
-
-    /// Waits for exit; `None` if it did not exit in time (then it is killed).
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+pub use felhom_testbed::harness::AgentProcess as Agent;
 
 /// Writes audit lines the way felhom-privhelper does: `seq`, `prev` chain, `\n`, rotation
 /// by rename.

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use felhom_testbed::harness::LoggedRequest;
@@ -187,58 +187,7 @@ impl Home {
 }
 
 /// A running `felhom-agent run`.
-pub struct Daemon {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Daemon {
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// SIGKILL, and reap it.
-    pub fn kill9(mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM; the exit code (None if it did not exit within `timeout`, then killed).
-    pub fn term(mut self, timeout: Duration) -> Option<i32> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+pub use felhom_testbed::harness::AgentProcess as Daemon;
 
 /// A guest mutation seen in the simulator's request log.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
