@@ -2,7 +2,7 @@
 //! CA file, or (explicit `insecure: true`) no verification. Builds the `rustls` client
 //! config with the ring provider; reqwest gets it preconfigured.
 //!
-//! Must never: verify less than the config says. The accept-anything verifier is reachable
+//! Must never: verify less than the config says. `Leaf::Any` (accept any certificate) is built
 //! only from [`TlsVerify::Insecure`].
 
 use std::error::Error as StdError;
@@ -49,16 +49,25 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Accepts exactly the leaf certificate whose SHA-256 is pinned; handshake signatures are
-/// still verified, so the server must hold that certificate's key. The host name is not
-/// checked: the pin is the identity.
+/// Which leaf certificates [`LeafVerifier`] accepts.
 #[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
+enum Leaf {
+    /// Exactly the one whose SHA-256 is pinned. The host name is not checked: the pin is
+    /// the identity.
+    Pinned([u8; 32]),
+    /// Any (`insecure: true` only).
+    Any,
+}
+
+/// The verifier for a pin or for `insecure: true`; either way the handshake signatures
+/// are still verified, so the server must hold the key of the certificate it sent.
+#[derive(Debug)]
+struct LeafVerifier {
+    leaf: Leaf,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinVerifier {
+impl ServerCertVerifier for LeafVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -67,58 +76,21 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let pin = match &self.leaf {
+            Leaf::Any => return Ok(ServerCertVerified::assertion()),
+            Leaf::Pinned(pin) => pin,
+        };
         let seen = fingerprint(end_entity.as_ref());
-        if seen == self.pin {
+        if seen == *pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::Other(rustls::OtherError(Arc::new(
                 PinMismatch {
-                    expected: format_fingerprint(&self.pin),
+                    expected: format_fingerprint(pin),
                     seen: format_fingerprint(&seen),
                 },
             ))))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `insecure: true` only: accepts any certificate.
-#[derive(Debug)]
-struct NoVerification {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -176,20 +148,18 @@ pub(crate) fn client_config(verify: &TlsVerify) -> Result<rustls::ClientConfig, 
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ProxmoxError::Setup(format!("TLS protocol versions: {e}")))?;
+    let leaf = |leaf| Arc::new(LeafVerifier { leaf, algorithms });
     let mut config = match verify {
         TlsVerify::PinSha256(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: *pin,
-                algorithms,
-            }))
+            .with_custom_certificate_verifier(leaf(Leaf::Pinned(*pin)))
             .with_no_client_auth(),
         TlsVerify::CaFile(path) => builder
             .with_root_certificates(root_store_from_pem(path)?)
             .with_no_client_auth(),
         TlsVerify::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification { algorithms }))
+            .with_custom_certificate_verifier(leaf(Leaf::Any))
             .with_no_client_auth(),
     };
     // pveproxy speaks HTTP/1.1.
