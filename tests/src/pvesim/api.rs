@@ -1244,7 +1244,7 @@ fn qemu_config(
         *g = work;
         Ok(vec![])
     });
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -1255,8 +1255,7 @@ fn qemu_config(
             finish,
             cleanup: Box::new(|_| {}),
         },
-    );
-    data(json!(upid))
+    )
 }
 
 /// A task to start: worker type, id, first log lines, and what it does.
@@ -1268,12 +1267,18 @@ struct NewTask {
     cleanup: state::CleanupFn,
 }
 
-fn spawn(st: &mut SimState, ctx: &mut RequestCtx, caller: &Caller, t: NewTask) -> String {
+/// Starts the task and answers with its UPID, as PVE answers every async call.
+fn spawn(
+    st: &mut SimState,
+    ctx: &mut RequestCtx,
+    caller: &Caller,
+    t: NewTask,
+) -> Result<Answer, ApiError> {
     let injected_failure = ctx.task_fail.take();
     if injected_failure.is_some() {
         ctx.task_fail_used = true;
     }
-    st.start_task(
+    let upid = st.start_task(
         t.wtype,
         &t.id,
         &caller.token_id,
@@ -1283,7 +1288,8 @@ fn spawn(st: &mut SimState, ctx: &mut RequestCtx, caller: &Caller, t: NewTask) -
             cleanup: t.cleanup,
             injected_failure,
         },
-    )
+    );
+    data(json!(upid))
 }
 
 // ---------------------------------------------------------------- power
@@ -1373,7 +1379,7 @@ fn guest_action(
             }
             Ok(vec![])
         });
-        let upid = spawn(
+        return spawn(
             st,
             ctx,
             caller,
@@ -1385,7 +1391,6 @@ fn guest_action(
                 cleanup: Box::new(|_| {}),
             },
         );
-        return data(json!(upid));
     }
     let (wtype, want) = match (kind, action) {
         (Kind::Lxc, Action::Start) => ("vzstart", true),
@@ -1434,7 +1439,7 @@ fn guest_action(
         st.set_running(vmid, want);
         Ok(vec![])
     });
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -1445,8 +1450,7 @@ fn guest_action(
             finish,
             cleanup: Box::new(|_| {}),
         },
-    );
-    data(json!(upid))
+    )
 }
 
 // ---------------------------------------------------------------- snapshots
@@ -1551,7 +1555,7 @@ fn snapshot_create(
     } else {
         "qmsnapshot"
     };
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -1562,8 +1566,7 @@ fn snapshot_create(
             finish,
             cleanup,
         },
-    );
-    data(json!(upid))
+    )
 }
 
 fn snapshot_delete(
@@ -1636,7 +1639,7 @@ fn snapshot_delete(
     } else {
         "qmdelsnapshot"
     };
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -1647,8 +1650,7 @@ fn snapshot_delete(
             finish,
             cleanup,
         },
-    );
-    data(json!(upid))
+    )
 }
 
 fn snapshot_rollback(
@@ -1726,7 +1728,7 @@ fn snapshot_rollback(
     } else {
         "qmrollback"
     };
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -1737,8 +1739,7 @@ fn snapshot_rollback(
             finish,
             cleanup,
         },
-    );
-    data(json!(upid))
+    )
 }
 
 // ---------------------------------------------------------------- storage
@@ -2193,7 +2194,7 @@ fn vzdump(
             }
         }
     });
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -2204,8 +2205,7 @@ fn vzdump(
             finish,
             cleanup,
         },
-    );
-    data(json!(upid))
+    )
 }
 
 // ---------------------------------------------------------------- create / restore
@@ -2520,7 +2520,7 @@ fn lxc_create(
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         undo_create(st, vmid, existed_for_cleanup.as_ref());
     });
-    let upid = spawn(
+    spawn(
         st,
         ctx,
         caller,
@@ -2531,8 +2531,7 @@ fn lxc_create(
             finish,
             cleanup,
         },
-    );
-    data(json!(upid))
+    )
 }
 
 /// After a failed create/restore: a new CT disappears, an existing one loses its lock.
