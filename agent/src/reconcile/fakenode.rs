@@ -171,6 +171,36 @@ impl FakeNode {
         self.lock().tasks.iter().all(|t| t.done)
     }
 
+    /// A power action as PVE does it: refused with its 500 when the guest is already in
+    /// the state it leads to (start on a running guest, shutdown/stop on a stopped one),
+    /// else a task of type `<qm|vz><op>`.
+    fn power(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        op: &'static str,
+        params: String,
+        effect: Effect,
+    ) -> Result<Upid, ProxmoxError> {
+        let vmid = permit.vmid();
+        let mut st = self.begin(vmid, op, params)?;
+        let running = st.guests[&vmid].status == "running";
+        match (op, running) {
+            ("start", true) => return Err(api(500, op, format!("CT {vmid} already running"))),
+            ("shutdown" | "stop", false) => {
+                return Err(api(500, op, format!("CT {vmid} not running")));
+            }
+            _ => {}
+        }
+        Ok(self.task(
+            &mut st,
+            vmid,
+            &format!("{}{op}", prefix(kind)),
+            None,
+            effect,
+        ))
+    }
+
     fn begin(
         &self,
         vmid: Vmid,
@@ -317,20 +347,13 @@ impl Pve for FakeNode {
         permit: &'a GuestPermit,
         kind: GuestKind,
     ) -> BoxFut<'a, Result<Upid, ProxmoxError>> {
-        let r = (|| {
-            let vmid = permit.vmid();
-            let mut st = self.begin(vmid, "start", String::new())?;
-            if st.guests[&vmid].status == "running" {
-                return Err(api(500, "start", format!("CT {vmid} already running")));
-            }
-            Ok(self.task(
-                &mut st,
-                vmid,
-                &format!("{}start", prefix(kind)),
-                None,
-                Effect::Status("running"),
-            ))
-        })();
+        let r = self.power(
+            permit,
+            kind,
+            "start",
+            String::new(),
+            Effect::Status("running"),
+        );
         Box::pin(async move { r })
     }
 
@@ -340,20 +363,8 @@ impl Pve for FakeNode {
         kind: GuestKind,
         timeout: Duration,
     ) -> BoxFut<'a, Result<Upid, ProxmoxError>> {
-        let r = (|| {
-            let vmid = permit.vmid();
-            let mut st = self.begin(vmid, "shutdown", format!("timeout={}", timeout.as_secs()))?;
-            if st.guests[&vmid].status != "running" {
-                return Err(api(500, "shutdown", format!("CT {vmid} not running")));
-            }
-            Ok(self.task(
-                &mut st,
-                vmid,
-                &format!("{}shutdown", prefix(kind)),
-                None,
-                Effect::Shutdown,
-            ))
-        })();
+        let params = format!("timeout={}", timeout.as_secs());
+        let r = self.power(permit, kind, "shutdown", params, Effect::Shutdown);
         Box::pin(async move { r })
     }
 
@@ -362,20 +373,13 @@ impl Pve for FakeNode {
         permit: &'a GuestPermit,
         kind: GuestKind,
     ) -> BoxFut<'a, Result<Upid, ProxmoxError>> {
-        let r = (|| {
-            let vmid = permit.vmid();
-            let mut st = self.begin(vmid, "stop", String::new())?;
-            if st.guests[&vmid].status != "running" {
-                return Err(api(500, "stop", format!("CT {vmid} not running")));
-            }
-            Ok(self.task(
-                &mut st,
-                vmid,
-                &format!("{}stop", prefix(kind)),
-                None,
-                Effect::Status("stopped"),
-            ))
-        })();
+        let r = self.power(
+            permit,
+            kind,
+            "stop",
+            String::new(),
+            Effect::Status("stopped"),
+        );
         Box::pin(async move { r })
     }
 
