@@ -295,6 +295,9 @@ impl Request {
 /// smartctl's result: stdout (capped at [`SMART_OUTPUT_CAP`]) and its exit status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SmartOutput {
+    /// One byte string on the wire (length, then the bytes), so encoding and decoding
+    /// copy it whole instead of visiting every byte.
+    #[serde(with = "serde_bytes")]
     pub stdout: Vec<u8>,
     /// smartctl's exit status (a bit mask); -1 if it was killed by a signal.
     pub exit_status: i32,
@@ -648,6 +651,40 @@ mod tests {
         })
         .unwrap();
         assert_eq!(err[4], 0);
+    }
+
+    #[test]
+    fn smart_stdout_is_length_then_raw_bytes() {
+        // The layout a plain Vec<u8> had (a length, then one byte per u8), so helpers and
+        // agents of either build still understand each other.
+        let stdout: Vec<u8> = (0..=255u8).chain(0..44).collect();
+        let frame = encode_response(&Response::Smart(SmartOutput {
+            stdout: stdout.clone(),
+            exit_status: 4,
+            truncated: true,
+        }))
+        .unwrap();
+        let payload = &frame[4..];
+        // variant index 6, then length 300 as a bincode varint (251 = u16 follows, BE).
+        assert_eq!(&payload[..4], &[6, 251, 1, 44]);
+        assert_eq!(&payload[4..304], &stdout[..]);
+        let mut plain = vec![6u8];
+        plain.extend(
+            bincode::serde::encode_to_vec(
+                (&stdout, 4i32, true),
+                config::<MAX_RESPONSE_FRAME>(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(payload, &plain[..]);
+        assert_eq!(
+            decode_response(payload).unwrap(),
+            Response::Smart(SmartOutput {
+                stdout,
+                exit_status: 4,
+                truncated: true
+            })
+        );
     }
 
     #[test]
