@@ -670,11 +670,8 @@ mod tests {
         assert_eq!(&payload[4..304], &stdout[..]);
         let mut plain = vec![6u8];
         plain.extend(
-            bincode::serde::encode_to_vec(
-                (&stdout, 4i32, true),
-                config::<MAX_RESPONSE_FRAME>(),
-            )
-            .unwrap(),
+            bincode::serde::encode_to_vec((&stdout, 4i32, true), config::<MAX_RESPONSE_FRAME>())
+                .unwrap(),
         );
         assert_eq!(payload, &plain[..]);
         assert_eq!(
