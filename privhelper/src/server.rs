@@ -10,7 +10,7 @@
 //!
 //! The loop exits after `idle_exit` without connections; systemd starts it again.
 
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -176,7 +176,7 @@ impl Server {
     }
 
     /// Audits a refusal and answers it; the caller then ends the connection.
-    fn refuse(&self, stream: &mut UnixStream, peer: &Peer, r: Refusal<'_>) {
+    fn refuse(&self, conn: &mut Conn, peer: &Peer, r: Refusal<'_>) {
         let Refusal {
             category,
             kind,
@@ -201,10 +201,10 @@ impl Server {
                 peer.pid, peer.uid
             ),
         );
-        let _ = send(stream, &Response::Error { kind, message });
+        let _ = conn.send(&Response::Error { kind, message });
     }
 
-    fn connection(&self, mut stream: UnixStream) {
+    fn connection(&self, stream: UnixStream) {
         let peer = match Peer::of(&stream) {
             Ok(p) => p,
             Err(e) => {
@@ -217,8 +217,9 @@ impl Server {
                 "uid {} is not served (only root and the agent's uid {})",
                 peer.uid, self.cfg.agent_uid
             );
+            let mut conn = Conn::new(stream);
             self.refuse(
-                &mut stream,
+                &mut conn,
                 &peer,
                 Refusal {
                     category: "peer",
@@ -230,21 +231,23 @@ impl Server {
             );
             // Let the client's first frame arrive before closing, so it can read the
             // refusal instead of getting EPIPE on its write. Bounded in time and size.
+            let stream = conn.stream();
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = (&mut stream).take(64 * 1024).read_to_end(&mut Vec::new());
+            let _ = stream.take(64 * 1024).read_to_end(&mut Vec::new());
             return;
         }
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
         let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+        let mut conn = Conn::new(stream);
         let mut greeted = false;
         loop {
-            let req = match read_frame(&mut stream) {
+            let req = match read_frame(&mut conn.reader) {
                 Ok(None) => return,
                 Ok(Some(Ok(req))) => req,
                 Ok(Some(Err(FrameError::Invalid(msg)))) => {
                     self.refuse(
-                        &mut stream,
+                        &mut conn,
                         &peer,
                         Refusal {
                             category: "validation",
@@ -258,7 +261,7 @@ impl Server {
                 }
                 Ok(Some(Err(e))) => {
                     self.refuse(
-                        &mut stream,
+                        &mut conn,
                         &peer,
                         Refusal {
                             category: "framing",
@@ -272,7 +275,7 @@ impl Server {
                 }
                 Err(e) => {
                     self.refuse(
-                        &mut stream,
+                        &mut conn,
                         &peer,
                         Refusal {
                             category: "framing",
@@ -288,15 +291,11 @@ impl Server {
             match req {
                 Request::Hello { version } if version == PROTOCOL_VERSION => {
                     greeted = true;
-                    if send(
-                        &mut stream,
-                        &Response::Hello {
-                            version: PROTOCOL_VERSION,
-                            class: self.class,
-                        },
-                    )
-                    .is_err()
-                    {
+                    let hello = Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        class: self.class,
+                    };
+                    if conn.send_or_hold(&hello).is_err() {
                         return;
                     }
                 }
@@ -305,7 +304,7 @@ impl Server {
                         "protocol version mismatch: client speaks {version}, this helper speaks {PROTOCOL_VERSION}"
                     );
                     self.refuse(
-                        &mut stream,
+                        &mut conn,
                         &peer,
                         Refusal {
                             category: "version",
@@ -320,7 +319,7 @@ impl Server {
                 _ if !greeted => {
                     let op = req.operation().map(|o| o.as_str());
                     self.refuse(
-                        &mut stream,
+                        &mut conn,
                         &peer,
                         Refusal {
                             category: "handshake",
@@ -333,7 +332,7 @@ impl Server {
                     return;
                 }
                 Request::Ping => {
-                    if send(&mut stream, &Response::Pong { class: self.class }).is_err() {
+                    if conn.send(&Response::Pong { class: self.class }).is_err() {
                         return;
                     }
                 }
@@ -346,7 +345,7 @@ impl Server {
                             self.class
                         );
                         self.refuse(
-                            &mut stream,
+                            &mut conn,
                             &peer,
                             Refusal {
                                 category: "class",
@@ -359,7 +358,7 @@ impl Server {
                         return;
                     }
                     let (resp, outcome) = self.execute(&peer, &req);
-                    if self.reply_and_record(&mut stream, &resp, outcome).is_err() {
+                    if self.reply_and_record(&mut conn, &resp, outcome).is_err() {
                         return;
                     }
                 }
@@ -374,11 +373,12 @@ impl Server {
     /// too big for the socket buffer is finished after the lock is released.
     fn reply_and_record(
         &self,
-        stream: &mut UnixStream,
+        conn: &mut Conn,
         resp: &Response,
         outcome: Option<Entry>,
     ) -> std::io::Result<()> {
-        let bytes = encode_response(resp).map_err(std::io::Error::other)?;
+        let bytes = conn.after_held(encode_response(resp).map_err(std::io::Error::other)?);
+        let stream = conn.stream();
         let sent = match outcome {
             None => 0,
             Some(outcome) => match self
@@ -542,7 +542,7 @@ fn unreachable_op() -> Result<(Response, Value), OpError> {
 
 /// `Ok(None)`: clean EOF between frames. `Ok(Some(Err))`: a bad frame. `Err`: I/O (a
 /// truncated frame or a timeout).
-fn read_frame(stream: &mut UnixStream) -> std::io::Result<Option<Result<Request, FrameError>>> {
+fn read_frame(stream: &mut impl Read) -> std::io::Result<Option<Result<Request, FrameError>>> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -610,7 +610,72 @@ fn send_without_blocking(stream: &UnixStream, bytes: &[u8]) -> usize {
     sent
 }
 
-fn send(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
-    let bytes = encode_response(resp).map_err(std::io::Error::other)?;
-    stream.write_all(&bytes)
+/// One client's connection: requests are read through a buffer (a Hello the client
+/// pipelined with its request arrives in the same read), replies go straight out.
+///
+/// The answer to a Hello is held back while the client's next frame is already here,
+/// and goes out in the same write as the next reply: the client, which sent both
+/// frames at once, then wakes once instead of twice. At most one answer is held (a
+/// client streaming Hellos without reading gets them answered one by one, as socket
+/// back-pressure expects), every later reply or refusal sends it first, and it is sent
+/// when the connection ends.
+struct Conn {
+    reader: BufReader<UnixStream>,
+    held: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> Self {
+        Conn {
+            reader: BufReader::new(stream),
+            held: Vec::new(),
+        }
+    }
+
+    fn stream(&mut self) -> &mut UnixStream {
+        self.reader.get_mut()
+    }
+
+    /// `bytes` preceded by the held answer, if any (which is no longer held).
+    fn after_held(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        if self.held.is_empty() {
+            return bytes;
+        }
+        let mut out = std::mem::take(&mut self.held);
+        out.extend_from_slice(&bytes);
+        out
+    }
+
+    fn send(&mut self, resp: &Response) -> std::io::Result<()> {
+        let bytes = self.after_held(encode_response(resp).map_err(std::io::Error::other)?);
+        self.stream().write_all(&bytes)
+    }
+
+    /// Sends `resp`, or holds it when nothing is held yet and a whole next frame is
+    /// already buffered (its reply will carry this one).
+    fn send_or_hold(&mut self, resp: &Response) -> std::io::Result<()> {
+        let buffered = self.reader.buffer();
+        let next_frame_here = buffered.len() >= 4
+            && frame_len(
+                [buffered[0], buffered[1], buffered[2], buffered[3]],
+                MAX_REQUEST_FRAME,
+            )
+            .is_ok_and(|len| buffered.len() - 4 >= len);
+        if self.held.is_empty() && next_frame_here {
+            self.held = encode_response(resp).map_err(std::io::Error::other)?;
+            return Ok(());
+        }
+        self.send(resp)
+    }
+}
+
+impl Drop for Conn {
+    /// A held answer still goes out when the connection ends (e.g. the client sent Hello
+    /// and a frame, then closed its side).
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            let _ = self.reader.get_mut().write_all(&held);
+        }
+    }
 }

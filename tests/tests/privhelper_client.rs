@@ -301,3 +301,76 @@ fn timeouts_protocol_faults_and_misrouted_sockets_are_typed() {
         .unwrap_err();
     assert!(e.to_string().contains("served by the smart helper"), "{e}");
 }
+
+/// A Hello pipelined with the next frame is answered in the same write as that frame's
+/// reply (the client wakes once); a Hello sent alone is answered at once; the order of
+/// answers never changes.
+#[test]
+fn a_pipelined_hello_is_answered_with_the_next_reply() {
+    use felhom_protocol::{PROTOCOL_VERSION, encode_request, encode_response};
+    use felhom_testbed::privhelper::Client as RawClient;
+    use std::io::Read;
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let _s = bed.listen(Class::Smart);
+    let hello = encode_request(&Request::Hello {
+        version: PROTOCOL_VERSION,
+    })
+    .unwrap();
+    let ping = encode_request(&Request::Ping).unwrap();
+    let hello_answer = encode_response(&Response::Hello {
+        version: PROTOCOL_VERSION,
+        class: Class::Smart,
+    })
+    .unwrap();
+    let pong = encode_response(&Response::Pong {
+        class: Class::Smart,
+    })
+    .unwrap();
+
+    // Pipelined: both answers come in one read.
+    let mut c = RawClient::connect(&bed.socket(Class::Smart)).unwrap();
+    c.send_raw(&[hello.clone(), ping.clone(), ping.clone()].concat())
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = c.stream.read(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &[hello_answer.clone(), pong.clone()].concat()[..]
+    );
+    assert_eq!(
+        c.read_response().unwrap(),
+        Some(Response::Pong {
+            class: Class::Smart
+        })
+    );
+
+    // Alone: answered without waiting for anything else.
+    let mut c = RawClient::connect(&bed.socket(Class::Smart)).unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    c.send_raw(&hello).unwrap();
+    let n = c.stream.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &hello_answer[..]);
+
+    // Pipelined with a frame that is refused: the Hello's answer still comes first.
+    let mut c = RawClient::connect(&bed.socket(Class::Smart)).unwrap();
+    let usb = encode_request(&Request::UsbUnmount {
+        name: MountName::new("backup").unwrap(),
+    })
+    .unwrap();
+    c.send_raw(&[hello, usb].concat()).unwrap();
+    assert!(matches!(
+        c.read_response().unwrap(),
+        Some(Response::Hello { .. })
+    ));
+    assert!(matches!(
+        c.read_response().unwrap(),
+        Some(Response::Error {
+            kind: ErrorKind::WrongClass,
+            ..
+        })
+    ));
+    assert_eq!(c.read_response().unwrap(), None);
+}
