@@ -9,6 +9,13 @@
 //!
 //! Baselines are measured in the same run, interleaved in rounds so machine noise hits
 //! both sides alike. Needs root (it starts the root helper); prints SKIP otherwise.
+//!
+//! Every process of the run (this one, the helper, the echo server, the tools) is pinned
+//! to one CPU, so the helper and each baseline meet the same scheduling. Left to the
+//! scheduler, a wake-up lands on the same CPU or on the other one by chance, and on this
+//! VM the other CPU costs 10-40 µs more (an idle vCPU woken through the hypervisor): the
+//! Ping ratio then swung between 0.6x and 4.9x from run to run on the same build.
+//! `FELHOM_BENCH_NO_PIN=1` measures unpinned.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -70,6 +77,23 @@ fn echo_server_main(path: &std::path::Path) -> ! {
     std::process::exit(0)
 }
 
+/// Pins this process, and with it everything it starts, to the last CPU it may use.
+fn pin_to_one_cpu() -> Option<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    if std::env::var_os("FELHOM_BENCH_NO_PIN").is_some() {
+        return None;
+    }
+    let allowed = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let cpu = (0..CpuSet::count())
+        .rev()
+        .find(|&c| allowed.is_set(c).unwrap_or(false))?;
+    let mut one = CpuSet::new();
+    one.set(cpu).ok()?;
+    sched_setaffinity(Pid::from_raw(0), &one).ok()?;
+    Some(cpu)
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -87,6 +111,7 @@ fn main() {
         println!("SKIP: the privhelper benchmark needs root (it starts the root helper)");
         return;
     }
+    let pinned = pin_to_one_cpu();
     let fakes = FakeBins {
         smartctl: env!("CARGO_BIN_EXE_felhom-fake-smartctl").into(),
         pct: env!("CARGO_BIN_EXE_felhom-fake-pct").into(),
@@ -323,9 +348,13 @@ fn main() {
         }
     };
     println!(
-        "privhelper round trips (medians; {} / {} samples)",
+        "privhelper round trips (medians; {} / {} samples; {})",
         t_ping.len(),
-        t_smart.len()
+        t_smart.len(),
+        match pinned {
+            Some(cpu) => format!("all processes on CPU {cpu}"),
+            None => "not pinned".to_string(),
+        }
     );
     println!("  raw Unix-socket echo (thread)  {:>9.1} µs", us(e_thread));
     println!("  raw Unix-socket echo (process) {:>9.1} µs", us(e_proc));
