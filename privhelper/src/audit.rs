@@ -402,20 +402,20 @@ impl AuditLog {
     fn take_lock<'a>(&self, slot: &'a mut Option<(File, (u64, u64))>) -> std::io::Result<&'a File> {
         let path = lock_path(&self.log);
         for _ in 0..3 {
-            if slot.is_none() {
-                let f = open_nofollow(&path, true)?;
-                let md = f.metadata()?;
-                *slot = Some((f, (md.dev(), md.ino())));
-            }
-            let (f, id) = slot.as_ref().expect("just set");
-            f.lock()?;
-            match std::fs::symlink_metadata(&path) {
-                Ok(md) if (md.dev(), md.ino()) == *id => {
-                    return Ok(&slot.as_ref().expect("just set").0);
+            let (file, id) = match slot.take() {
+                Some(kept) => kept,
+                None => {
+                    let f = open_nofollow(&path, true)?;
+                    let md = f.metadata()?;
+                    (f, (md.dev(), md.ino()))
                 }
+            };
+            file.lock()?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(md) if (md.dev(), md.ino()) == id => return Ok(&slot.insert((file, id)).0),
+                // Replaced or removed: let go of it and open what the name holds now.
                 _ => {
-                    let _ = f.unlock();
-                    *slot = None;
+                    let _ = file.unlock();
                 }
             }
         }
