@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+mod error_chain;
 pub mod hub;
 pub mod privileged;
 pub mod proxmox;

@@ -21,6 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use super::envelope::{ControlEnvelope, EnvelopeError};
 use super::report::HostReport;
 use crate::config::Secret;
+use crate::error_chain::error_chain;
 
 /// Path of the report endpoint below the hub's base URL.
 pub const REPORT_PATH: &str = "/api/agent/v1/report";
@@ -283,20 +284,6 @@ async fn read_capped(
         }
     }
     Ok(out)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// rustls with the ring provider, trusting `ca_file` only, or the system roots.

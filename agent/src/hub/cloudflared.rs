@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::report::{CloudflaredReport, CloudflaredState};
+use crate::error_chain::error_chain;
 
 /// Why the probe could not tell the state (the report says `unknown`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +113,7 @@ impl CloudflaredProber {
             Err(e) => {
                 return unknown(CloudflaredError::Request {
                     url: self.ready_url.clone(),
-                    reason: chain(&e.without_url()),
+                    reason: error_chain(&e.without_url()),
                 });
             }
         };
@@ -154,20 +155,6 @@ fn is_refused(e: &reqwest::Error) -> bool {
         src = err.source();
     }
     false
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

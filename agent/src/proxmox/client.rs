@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{Config, ProxmoxConfig, TlsVerify};
+use crate::error_chain::error_chain;
 
 use super::error::{PermissionDenied, ProxmoxError};
 use super::tls;
@@ -329,19 +330,6 @@ impl Client {
         self.get(&format!("{}/tasks", self.node_path()), &filter.query())
             .await
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 fn send_error(endpoint: &str, e: &reqwest::Error) -> ProxmoxError {
