@@ -130,15 +130,13 @@ pub fn already_done(action: &Action, guest: &ActualGuest) -> bool {
 /// made from a read that an operation finishing meanwhile (or a change by hand) made stale
 /// must not be sent; the next cycle plans again from a fresh read.
 pub async fn basis_holds(ctx: &ExecCtx, action: &Action) -> Result<bool, ExecError> {
-    let now = ctx
-        .pve
-        .guest(action.kind, action.vmid)
-        .await
-        .map_err(|source| ExecError::Unfinished {
-            vmid: action.vmid,
-            what: "reading the guest before acting",
-            source,
-        })?;
+    let now = read_guest(
+        ctx,
+        action.kind,
+        action.vmid,
+        "reading the guest before acting",
+    )
+    .await?;
     Ok(now.basis() == action.basis)
 }
 
@@ -202,8 +200,38 @@ fn observe(ctx: &ExecCtx, entry: &Entry) {
 }
 
 /// The UPIDs the journal holds for `vmid`: never adopted for another entry.
-async fn known_upids(ctx: &ExecCtx, vmid: Vmid) -> Result<Vec<String>, ExecError> {
-    blocking(&ctx.journal, move |j| j.upids_of(vmid)).await
+/// The guest as the node has it now; a failed read leaves the entry open.
+async fn read_guest(
+    ctx: &ExecCtx,
+    kind: GuestKind,
+    vmid: Vmid,
+    what: &'static str,
+) -> Result<ActualGuest, ExecError> {
+    ctx.pve
+        .guest(kind, vmid)
+        .await
+        .map_err(|source| ExecError::Unfinished { vmid, what, source })
+}
+
+/// The task of `task_type` that `entry`'s request may have started before a crash kept
+/// its UPID from the journal: our token's, begun at or after the intent, and not one the
+/// journal already holds for this guest.
+async fn find_started_task(
+    ctx: &ExecCtx,
+    entry: &Entry,
+    task_type: &str,
+) -> Result<Option<Upid>, ExecError> {
+    let vmid = entry.vmid;
+    let since = entry.intent_ms.div_euclid(1000);
+    let known = blocking(&ctx.journal, move |j| j.upids_of(vmid)).await?;
+    ctx.pve
+        .find_task(vmid, task_type, since, &known)
+        .await
+        .map_err(|source| ExecError::Unfinished {
+            vmid,
+            what: "searching the task list",
+            source,
+        })
 }
 
 async fn finish(ctx: &ExecCtx, id: i64, outcome: Outcome) -> Result<Outcome, ExecError> {
@@ -290,31 +318,12 @@ async fn finish_stop(
     if resuming {
         // The crash may have fallen after the hard stop was sent and before its UPID was
         // recorded: adopt it rather than stop twice.
-        let since = entry.intent_ms.div_euclid(1000);
-        let known = known_upids(ctx, vmid).await?;
-        let found = ctx
-            .pve
-            .find_task(vmid, hard_stop_type(kind), since, &known)
-            .await
-            .map_err(|source| ExecError::Unfinished {
-                vmid,
-                what: "searching the task list",
-                source,
-            })?;
-        if let Some(upid) = found {
+        if let Some(upid) = find_started_task(ctx, entry, hard_stop_type(kind)).await? {
             record_upid(ctx, entry.id, &upid).await?;
             return wait(ctx, vmid, &upid, ctx.task_timeout).await;
         }
     }
-    let now = ctx
-        .pve
-        .guest(kind, vmid)
-        .await
-        .map_err(|source| ExecError::Unfinished {
-            vmid,
-            what: "reading the guest after shutdown",
-            source,
-        })?;
+    let now = read_guest(ctx, kind, vmid, "reading the guest after shutdown").await?;
     if now.status != "running" {
         return Ok(Outcome::Succeeded { detail: None });
     }
@@ -366,23 +375,11 @@ pub async fn resume(
     // No UPID recorded: did the request reach Proxmox before the crash?
     if upids.is_empty()
         && let Some(task_type) = first_task_type(&entry.action)
+        && let Some(upid) = find_started_task(ctx, &entry, task_type).await?
     {
-        let since = entry.intent_ms.div_euclid(1000);
-        let known = known_upids(ctx, vmid).await?;
-        let found = ctx
-            .pve
-            .find_task(vmid, task_type, since, &known)
-            .await
-            .map_err(|source| ExecError::Unfinished {
-                vmid,
-                what: "searching the task list",
-                source,
-            })?;
-        if let Some(upid) = found {
-            tracing::info!(vmid = %vmid, upid = %upid, "adopting the task an interrupted intent started");
-            record_upid(ctx, entry.id, &upid).await?;
-            upids.push(upid);
-        }
+        tracing::info!(vmid = %vmid, upid = %upid, "adopting the task an interrupted intent started");
+        record_upid(ctx, entry.id, &upid).await?;
+        upids.push(upid);
     }
     if let Some(last) = upids.last().cloned() {
         tracing::info!(vmid = %vmid, upid = %last, "resuming: waiting on the recorded task");
@@ -395,15 +392,7 @@ pub async fn resume(
         return finish(ctx, entry.id, outcome).await;
     }
     // Nothing was started (or LXC config, which has no task): send only if still needed.
-    let now = ctx
-        .pve
-        .guest(kind, vmid)
-        .await
-        .map_err(|source| ExecError::Unfinished {
-            vmid,
-            what: "reading the guest to resume",
-            source,
-        })?;
+    let now = read_guest(ctx, kind, vmid, "reading the guest to resume").await?;
     if already_done(&entry.action, &now) {
         tracing::info!(vmid = %vmid, action = %entry.action, "resuming: already applied");
         return finish(ctx, entry.id, Outcome::AlreadyApplied).await;
