@@ -837,17 +837,7 @@ impl SmartSchedule {
                     read_at,
                 ),
                 Err(reason) => super::smart::ParsedDisk {
-                    disk: DiskReport {
-                        device: device.clone(),
-                        model: None,
-                        serial: None,
-                        health: DiskHealth::Unknown,
-                        temperature_c: None,
-                        power_on_hours: None,
-                        reallocated_sectors: None,
-                        media_errors: None,
-                        read_at,
-                    },
+                    disk: DiskReport::unread(&device, read_at),
                     error: Some(SmartError::Smartctl {
                         device: device.clone(),
                         exit_status: -1,

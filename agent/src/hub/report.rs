@@ -200,6 +200,23 @@ pub struct DiskReport {
     pub read_at: Timestamp,
 }
 
+impl DiskReport {
+    /// A disk known by name only: nothing read from it yet (health `unknown`).
+    pub fn unread(device: &str, read_at: Timestamp) -> DiskReport {
+        DiskReport {
+            device: device.to_owned(),
+            model: None,
+            serial: None,
+            health: DiskHealth::Unknown,
+            temperature_c: None,
+            power_on_hours: None,
+            reallocated_sectors: None,
+            media_errors: None,
+            read_at,
+        }
+    }
+}
+
 /// SMART overall health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

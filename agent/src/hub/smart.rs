@@ -70,17 +70,7 @@ pub fn parse_smartctl(
     truncated: bool,
     read_at: Timestamp,
 ) -> ParsedDisk {
-    let mut disk = DiskReport {
-        device: device.to_owned(),
-        model: None,
-        serial: None,
-        health: DiskHealth::Unknown,
-        temperature_c: None,
-        power_on_hours: None,
-        reallocated_sectors: None,
-        media_errors: None,
-        read_at,
-    };
+    let mut disk = DiskReport::unread(device, read_at);
     let json: Value = match serde_json::from_slice(stdout) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
