@@ -467,25 +467,33 @@ impl Journal {
         if let Some(why) = self.safe_mode() {
             return Err(JournalError::SafeMode(why));
         }
-        c.commits += 1;
-        let n = c.commits;
-        let result = (|| {
-            let tx = c.db.transaction().map_err(|e| self.sql_err(e))?;
-            let value = f(&tx).map_err(|e| self.sql_err(e))?;
-            self.gate
-                .before_commit(n)
-                .map_err(|source| JournalError::Commit {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            tx.commit().map_err(|e| self.sql_err(e))?;
-            Ok(value)
-        })();
+        let result = self.commit(&mut c, f);
         if let Err(e) = &result {
             self.enter_safe_mode(e);
         }
         drop(c);
         result
+    }
+
+    /// One transaction on the held connection: `f`, the gate, the commit. The path every
+    /// durable write takes, `verify`'s probe included.
+    fn commit<T>(
+        &self,
+        c: &mut Conn,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        c.commits += 1;
+        let n = c.commits;
+        let tx = c.db.transaction().map_err(|e| self.sql_err(e))?;
+        let value = f(&tx).map_err(|e| self.sql_err(e))?;
+        self.gate
+            .before_commit(n)
+            .map_err(|source| JournalError::Commit {
+                path: self.path.clone(),
+                source,
+            })?;
+        tx.commit().map_err(|e| self.sql_err(e))?;
+        Ok(value)
     }
 
     fn enter_safe_mode(&self, e: &JournalError) {
@@ -507,23 +515,14 @@ impl Journal {
     pub fn verify(&self) -> Result<VerifyReport, JournalError> {
         let check = self.check().and_then(|counts| {
             // A probe commit through the same path as real writes (catches a full disk).
-            let mut c = self.lock();
-            c.commits += 1;
-            let n = c.commits;
-            let tx = c.db.transaction().map_err(|e| self.sql_err(e))?;
-            tx.execute(
-                "INSERT INTO meta (k, v) VALUES ('verified_ms', ?1)
-                 ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-                params![now_ms().to_string()],
-            )
-            .map_err(|e| self.sql_err(e))?;
-            self.gate
-                .before_commit(n)
-                .map_err(|source| JournalError::Commit {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            tx.commit().map_err(|e| self.sql_err(e))?;
+            // Unlike `write`, it runs in safe mode: it is how the journal leaves it.
+            self.commit(&mut self.lock(), |tx| {
+                tx.execute(
+                    "INSERT INTO meta (k, v) VALUES ('verified_ms', ?1)
+                     ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                    params![now_ms().to_string()],
+                )
+            })?;
             Ok(counts)
         });
         match check {
