@@ -494,8 +494,14 @@ async fn a_pinned_hub_is_checked_and_a_wrong_pin_explained() {
     // the pin the hub presented and names the key to change; nothing reached the hub.
     let (code, out, err) = agent_command(&home, &["selftest", "--hub"]);
     assert_eq!(code, Some(2), "{out}\n{err}");
-    assert!(err.contains("presented a certificate whose SHA-256 is"), "{err}");
-    assert!(err.contains(&wrong) && err.contains("hub.tls.pin_sha256"), "{err}");
+    assert!(
+        err.contains("presented a certificate whose SHA-256 is"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&wrong) && err.contains("hub.tls.pin_sha256"),
+        "{err}"
+    );
     assert!(!err.contains(&hub.token));
     assert!(hub.reports().await.is_empty());
 }
