@@ -351,13 +351,6 @@ pub struct UnreachableFailure {
     pub cause: Unreachable,
 }
 
-impl TlsFailure {
-    /// Retrying does not help; the certificate or the config has to change.
-    pub fn is_config_problem(&self) -> bool {
-        !matches!(self.problem, TlsProblem::Other { .. })
-    }
-}
-
 fn describe_tls(peer: Peer, problem: &TlsProblem) -> String {
     let who = peer.name();
     let pin = peer.pin_key();
@@ -476,14 +469,6 @@ fn chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'stat
     let mut out = Vec::new();
     walk(err, &mut out);
     out
-}
-
-/// The [`PinMismatch`] in `err`'s chain, if the handshake failed on the pin.
-pub fn find_pin_mismatch(err: &(dyn StdError + 'static)) -> Option<PinMismatch> {
-    match find_tls_problem(err)? {
-        TlsProblem::PinMismatch { expected, seen } => Some(PinMismatch { expected, seen }),
-        _ => None,
-    }
 }
 
 fn find_tls_problem(err: &(dyn StdError + 'static)) -> Option<TlsProblem> {
