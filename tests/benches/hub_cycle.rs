@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use felhom_agent::config::{Config, ProxmoxConfig, Secret, TlsVerify};
+use felhom_agent::config::{Config, HubTls, ProxmoxConfig, Secret, TlsVerify};
 use felhom_agent::hub::client::{HubClient, HubEndpoint};
 use felhom_agent::hub::collector::{DEFAULT_GUEST_CONCURRENCY, HostCollector};
 use felhom_agent::hub::report::Timestamp;
@@ -151,7 +151,7 @@ fn setup(pve: &PveSim, hub: &Hub, dir: &std::path::Path) -> (HostCollector, HubC
     let client = HubClient::new(&HubEndpoint {
         url: hub.url.clone(),
         token: Secret::new(hub.token.clone()),
-        ca_file: Some(hub.ca_file.clone()),
+        tls: HubTls::CaFile(hub.ca_file.clone()),
         timeout: Duration::from_secs(60),
     })
     .unwrap();

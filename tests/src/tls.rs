@@ -49,6 +49,17 @@ pub enum TlsError {
     },
 }
 
+/// How a server certificate deviates from a good one, for tests of refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flaw {
+    /// Valid until yesterday.
+    Expired,
+    /// Valid only from tomorrow on.
+    NotYetValid,
+    /// Extended key usage `clientAuth` only (not for TLS servers).
+    ClientOnly,
+}
+
 /// A CA and one leaf certificate it signed, with the leaf's key.
 pub struct TestPki {
     ca_pem: String,
@@ -71,6 +82,16 @@ impl TestPki {
     /// Generates a CA named `ca_name` and a server certificate for `names` (IP addresses
     /// and DNS names), valid from yesterday for ten years.
     pub fn generate(ca_name: &str, leaf_name: &str, names: &[&str]) -> Result<Self, TlsError> {
+        Self::generate_flawed(ca_name, leaf_name, names, None)
+    }
+
+    /// [`TestPki::generate`] with a server certificate that has `flaw`.
+    pub fn generate_flawed(
+        ca_name: &str,
+        leaf_name: &str,
+        names: &[&str],
+        flaw: Option<Flaw>,
+    ) -> Result<Self, TlsError> {
         let now = time::OffsetDateTime::now_utc();
         let gen_err = |what| move |source| TlsError::Generate { what, source };
 
@@ -100,13 +121,7 @@ impl TestPki {
         dn.push(DnType::OrganizationName, "PVE Cluster Node");
         leaf_params.distinguished_name = dn;
         for name in names {
-            let san = match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*name).try_into().map_err(|_| TlsError::BadName {
-                    name: (*name).to_owned(),
-                })?),
-            };
-            leaf_params.subject_alt_names.push(san);
+            leaf_params.subject_alt_names.push(san(name)?);
         }
         leaf_params.is_ca = IsCa::ExplicitNoCa;
         leaf_params.key_usages = vec![
@@ -116,6 +131,17 @@ impl TestPki {
         leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         leaf_params.not_before = now - time::Duration::days(1);
         leaf_params.not_after = now + time::Duration::days(3650);
+        match flaw {
+            None => {}
+            Some(Flaw::Expired) => {
+                leaf_params.not_before = now - time::Duration::days(30);
+                leaf_params.not_after = now - time::Duration::days(1);
+            }
+            Some(Flaw::NotYetValid) => leaf_params.not_before = now + time::Duration::days(1),
+            Some(Flaw::ClientOnly) => {
+                leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+        }
         let leaf_cert = leaf_params
             .signed_by(&leaf_key, &issuer)
             .map_err(gen_err("server certificate"))?;
@@ -162,28 +188,115 @@ impl TestPki {
     /// A rustls server configuration presenting the leaf certificate and the CA
     /// (chain), HTTP/1.1 only, with the ring provider.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key_der.clone()));
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|source| TlsError::Rustls {
-                side: "server",
-                source,
-            })?
-            .with_no_client_auth()
-            .with_single_cert(vec![self.leaf_der.clone(), self.ca_der.clone()], key)
-            .map_err(|source| TlsError::Rustls {
-                side: "server",
-                source,
-            })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        server_config_for(
+            vec![self.leaf_der.clone(), self.ca_der.clone()],
+            self.leaf_key_der.clone(),
+        )
     }
 
     /// A rustls client configuration that trusts only this CA.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         client_config_trusting(&self.ca_pem)
     }
+}
+
+/// A self-signed CA certificate used as the server's own certificate: what
+/// `openssl req -x509 -newkey … -subj /CN=hub` makes by default (basic constraints
+/// `CA:TRUE`), which a verifier refuses as an end entity unless it is pinned.
+pub struct SelfSignedCaServer {
+    pem: String,
+    der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for SelfSignedCaServer {
+    // The key stays out of Debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfSignedCaServer")
+            .field("pin_sha256", &self.pin_sha256())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SelfSignedCaServer {
+    /// Generates the certificate for `names` (IP addresses and DNS names).
+    pub fn generate(common_name: &str, names: &[&str]) -> Result<Self, TlsError> {
+        let now = time::OffsetDateTime::now_utc();
+        let gen_err = |what| move |source| TlsError::Generate { what, source };
+        let key = KeyPair::generate().map_err(gen_err("self-signed key"))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        for name in names {
+            params.subject_alt_names.push(san(name)?);
+        }
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("self-signed certificate"))?;
+        Ok(SelfSignedCaServer {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        })
+    }
+
+    /// The certificate in PEM form (what an operator would give as the CA file).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// SHA-256 of the certificate's DER in the `XX:XX:…` form.
+    pub fn pin_sha256(&self) -> String {
+        pin_sha256(self.der.as_ref())
+    }
+
+    /// Writes the certificate as `name` into `dir` and returns the path.
+    pub fn write_pem(&self, dir: &Path, name: &str) -> Result<PathBuf, TlsError> {
+        let path = dir.join(name);
+        std::fs::write(&path, self.pem.as_bytes()).map_err(|source| TlsError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// A rustls server configuration presenting this certificate alone, HTTP/1.1.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        server_config_for(vec![self.der.clone()], self.key_der.clone())
+    }
+}
+
+fn san(name: &str) -> Result<SanType, TlsError> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.try_into().map_err(|_| TlsError::BadName {
+            name: name.to_owned(),
+        })?),
+    })
+}
+
+fn server_config_for(
+    chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
+    let err = |source| TlsError::Rustls {
+        side: "server",
+        source,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(err)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(err)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// SHA-256 of `der`, upper-case hex pairs joined by `:` (the `pvenode cert info` form).

@@ -320,7 +320,9 @@ pub fn selftest_hub(cli: &Cli) -> Result<(), CliError> {
         .block_on(selftest_exchange(&cfg))
         .map_err(|e| match &e {
             HubServiceError::Disabled => CliError::Usage(e.to_string()),
-            HubServiceError::Client(HubClientError::Setup(_)) => CliError::Usage(e.to_string()),
+            HubServiceError::Client(HubClientError::Setup(_) | HubClientError::Tls(_)) => {
+                CliError::Usage(e.to_string())
+            }
             HubServiceError::Client(HubClientError::Http(h))
                 if h.status == 401 || h.status == 403 =>
             {

@@ -80,6 +80,11 @@ pub(crate) const FIELDS: &[Field] = &[
     field("hub.token_file", "FELHOM_AGENT_HUB_TOKEN_FILE", Kind::Path),
     field("hub.ca_file", "FELHOM_AGENT_HUB_CA_FILE", Kind::Path),
     field(
+        "hub.tls.pin_sha256",
+        "FELHOM_AGENT_HUB_TLS_PIN_SHA256",
+        Kind::Str,
+    ),
+    field(
         "hub.test_min_poll_interval_seconds",
         "FELHOM_AGENT_HUB_TEST_MIN_POLL_INTERVAL_SECONDS",
         Kind::U64,

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
-    CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig, HubMode,
+    CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig, HubMode, HubTls,
     PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig, SmartConfig,
     TlsVerify,
 };
@@ -666,6 +666,24 @@ fn build_tls(layer: &Layer) -> Result<TlsVerify, ConfigError> {
     }
 }
 
+/// `hub.ca_file` or `hub.tls.pin_sha256` (not both), else the system roots.
+fn build_hub_tls(layer: &Layer) -> Result<HubTls, ConfigError> {
+    const PIN: &str = "hub.tls.pin_sha256";
+    const CA: &str = "hub.ca_file";
+    match (layer.str(PIN), layer.path(CA)?) {
+        (Some(_), Some(_)) => Err(ConfigError::Conflict {
+            first: format!("{PIN} ({})", layer.origin(PIN)),
+            second: format!("{CA} ({})", layer.origin(CA)),
+            hint: "a pin is the hub's identity on its own; set one of them".to_string(),
+        }),
+        (Some(pin), None) => parse_pin(pin)
+            .map(HubTls::PinSha256)
+            .map_err(|reason| layer.invalid(PIN, reason)),
+        (None, Some(ca)) => Ok(HubTls::CaFile(ca)),
+        (None, None) => Ok(HubTls::SystemRoots),
+    }
+}
+
 fn required_str<'a>(layer: &'a Layer, path: &str, hint: &str) -> Result<&'a str, ConfigError> {
     layer.str(path).ok_or_else(|| ConfigError::Missing {
         field: path.to_string(),
@@ -720,7 +738,7 @@ fn build_hub(layer: &Layer, env: &EnvMap) -> Result<(HubConfig, Option<Source>),
             mode: HubMode::Enabled {
                 url,
                 token,
-                ca_file: layer.path("hub.ca_file")?,
+                tls: build_hub_tls(layer)?,
             },
             test_min_poll_interval_seconds,
         },
@@ -992,8 +1010,16 @@ fn effective(c: &Config, path: &str) -> Option<String> {
         },
         "hub.ca_file" => match &c.hub.mode {
             HubMode::Enabled {
-                ca_file: Some(f), ..
+                tls: HubTls::CaFile(f),
+                ..
             } => p(f),
+            _ => None,
+        },
+        "hub.tls.pin_sha256" => match &c.hub.mode {
+            HubMode::Enabled {
+                tls: HubTls::PinSha256(b),
+                ..
+            } => Some(format_fingerprint(b)),
             _ => None,
         },
         "hub.test_min_poll_interval_seconds" => {

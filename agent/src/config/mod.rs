@@ -25,7 +25,8 @@
 //! | `proxmox.token_secret` / `proxmox.token_secret_file` / credential `proxmox-token` | one required |
 //! | `proxmox.tls.pin_sha256` / `proxmox.tls.ca_file` / `proxmox.tls.insecure` | exactly one |
 //! | `hub.mode` | `enabled` when `hub.url` is set, else `disabled` |
-//! | `hub.url`, `hub.token` / `hub.token_file` / credential `hub-token`, `hub.ca_file` | needed when enabled |
+//! | `hub.url`, `hub.token` / `hub.token_file` / credential `hub-token` | needed when enabled |
+//! | `hub.ca_file` / `hub.tls.pin_sha256` | at most one; system roots when neither |
 //! | `hub.test_min_poll_interval_seconds` | unset (test bed only) |
 //! | `privhelper.socket_dir`, `.audit_log`, `.timeout_seconds` | `/run/felhom`, `/var/log/felhom/privhelper-audit.jsonl`, 30 |
 //! | `sensors.hwmon_root` | `/sys/class/hwmon` |
@@ -215,9 +216,21 @@ pub enum HubMode {
         /// https URL of the hub (base; the client appends `/api/agent/v1/report`).
         url: String,
         token: Secret,
-        /// Extra CA to trust; system roots otherwise.
-        ca_file: Option<PathBuf>,
+        /// How the hub's certificate is verified.
+        tls: HubTls,
     },
+}
+
+/// How the hub's certificate is verified: the system roots unless `hub.ca_file` or
+/// `hub.tls.pin_sha256` is set (at most one of the two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubTls {
+    SystemRoots,
+    /// Trust only the CA(s) in this PEM file.
+    CaFile(PathBuf),
+    /// Exactly the leaf certificate with this SHA-256 of its DER (names not checked); a
+    /// self-signed certificate, even a CA certificate used as the server's, works.
+    PinSha256([u8; 32]),
 }
 
 #[derive(Debug, Clone)]

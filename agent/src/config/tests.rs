@@ -441,3 +441,91 @@ fn host_sections_load_without_proxmox_or_hub_and_still_check_what_they_read() {
     let e = load::load_host(Some(&p), &env(&[])).unwrap_err();
     assert!(e.to_string().contains("privhelper.timeout_seconds"), "{e}");
 }
+
+fn hub_json(hub_tls: &str) -> String {
+    format!(
+        r#"{{"node":"pve1","hub":{{"url":"https://hub.example","token":"hub-tok"{hub_tls}}},"proxmox":{{"url":"https://h:8006","token_id":"a@pve!b","token_secret":"{SECRET}","tls":{{"insecure":true}}}}}}"#
+    )
+}
+
+#[test]
+fn the_hub_can_be_pinned_like_proxmox() {
+    // No pin, no CA file: the system roots.
+    let l = load(&hub_json(""), &[]).unwrap();
+    assert!(matches!(
+        l.config.hub.mode,
+        HubMode::Enabled {
+            tls: HubTls::SystemRoots,
+            ..
+        }
+    ));
+
+    // A pin in the file, in any case, colons optional; shown and sourced by config check.
+    let body = hub_json(&format!(
+        r#","tls":{{"pin_sha256":"{}"}}"#,
+        PIN.to_lowercase()
+    ));
+    let l = load(&body, &[]).unwrap();
+    let HubMode::Enabled {
+        tls: HubTls::PinSha256(pin),
+        ..
+    } = l.config.hub.mode
+    else {
+        panic!("{:?}", l.config.hub.mode)
+    };
+    assert_eq!(format_fingerprint(&pin), PIN);
+    let shown = l.provenance.get("hub.tls.pin_sha256").unwrap();
+    assert_eq!(shown.value.as_deref(), Some(PIN));
+    assert!(
+        matches!(shown.source, Source::File { .. }),
+        "{:?}",
+        shown.source
+    );
+
+    // From the environment, replacing a CA file given in the file.
+    let body = hub_json(r#","ca_file":"/etc/felhom/hub-ca.pem""#);
+    let l = load(
+        &body,
+        &[
+            ("FELHOM_AGENT_HUB_TLS_PIN_SHA256", PIN),
+            ("FELHOM_AGENT_HUB_CA_FILE", ""),
+        ],
+    )
+    .unwrap();
+    assert!(matches!(
+        l.config.hub.mode,
+        HubMode::Enabled {
+            tls: HubTls::PinSha256(_),
+            ..
+        }
+    ));
+    assert_eq!(
+        l.provenance.get("hub.tls.pin_sha256").unwrap().source,
+        Source::Env {
+            var: "FELHOM_AGENT_HUB_TLS_PIN_SHA256".into()
+        }
+    );
+    assert_eq!(l.provenance.get("hub.ca_file").unwrap().value, None);
+
+    // A pin and a CA file at once: an error naming both.
+    let msg = load(&body, &[("FELHOM_AGENT_HUB_TLS_PIN_SHA256", PIN)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("hub.tls.pin_sha256") && msg.contains("hub.ca_file"),
+        "{msg}"
+    );
+
+    // A pin that is not 32 bytes of hex.
+    let msg = load(&hub_json(r#","tls":{"pin_sha256":"AB:CD"}"#), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("hub.tls.pin_sha256"), "{msg}");
+
+    // An unknown key beside it is still refused.
+    let err = load(&hub_json(r#","tls":{"pin_sha265":"x"}"#), &[]).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::UnknownKey { key, .. } if key == "hub.tls.pin_sha265"),
+        "{err}"
+    );
+}

@@ -1,27 +1,27 @@
 //! The hub client: one `POST <hub.url>/api/agent/v1/report` with `Authorization: Bearer
 //! <token>`, answered by a [`ControlEnvelope`].
 //!
-//! TLS is rustls (ring provider) and verifies the hub against the system roots, or only
-//! against `hub.ca_file` when that is set. No proxy from the environment is used. Answers
-//! are read up to [`MAX_ANSWER_BYTES`].
+//! TLS is rustls (ring provider, [`crate::tls`]) and verifies the hub against the system
+//! roots, only against `hub.ca_file`, or only the certificate pinned by
+//! `hub.tls.pin_sha256` (the same pin verifier as Proxmox's). A failed handshake is a
+//! [`HubClientError::Tls`] that says what is wrong and how to fix it. No proxy from the
+//! environment is used. Answers are read up to [`MAX_ANSWER_BYTES`].
 //!
 //! Must never: put the token into an error, a log line or `Debug` output (errors are built
 //! from reqwest errors with the URL stripped, and any echo of the token in the hub's
 //! answer is redacted), or follow a redirect (a redirect could carry the token elsewhere).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 use super::envelope::{ControlEnvelope, EnvelopeError};
 use super::report::HostReport;
-use crate::config::Secret;
+use crate::config::{HubTls, Secret};
 use crate::error_chain::error_chain;
+use crate::tls::{Failure, Peer, TlsFailure, Trust, Unreachable};
 
 /// Path of the report endpoint below the hub's base URL.
 pub const REPORT_PATH: &str = "/api/agent/v1/report";
@@ -39,9 +39,14 @@ pub enum HubClientError {
     /// The client could not be built from its settings.
     #[error("hub client setup: {0}")]
     Setup(String),
-    /// The request did not complete (connect, TLS, timeout, broken connection).
+    /// The request did not complete (connect, timeout, broken connection).
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The TLS handshake failed: the hub's certificate or TLS setup does not match
+    /// `hub.ca_file` / `hub.tls.pin_sha256`. Retrying does not help; the message names the
+    /// fix.
+    #[error("hub TLS: {0}")]
+    Tls(TlsFailure),
     /// The hub answered with a non-success status.
     #[error(transparent)]
     Http(#[from] HttpError),
@@ -93,8 +98,8 @@ pub struct HubEndpoint {
     /// Base URL, `https://…` (the report path is appended).
     pub url: String,
     pub token: Secret,
-    /// Trust only this CA (PEM); system roots when `None`.
-    pub ca_file: Option<PathBuf>,
+    /// How the hub's certificate is verified.
+    pub tls: HubTls,
     /// Deadline of one report.
     pub timeout: Duration,
 }
@@ -104,7 +109,7 @@ impl fmt::Debug for HubEndpoint {
         f.debug_struct("HubEndpoint")
             .field("url", &self.url)
             .field("token", &self.token)
-            .field("ca_file", &self.ca_file)
+            .field("tls", &self.tls)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -152,7 +157,12 @@ impl HubClient {
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", endpoint.token.expose()))
             .map_err(|_| setup("hub token contains characters not allowed in a header".into()))?;
         auth.set_sensitive(true);
-        let tls = tls_config(endpoint.ca_file.as_deref()).map_err(setup)?;
+        let trust = match &endpoint.tls {
+            HubTls::SystemRoots => Trust::SystemRoots,
+            HubTls::CaFile(path) => Trust::CaFile(path.clone()),
+            HubTls::PinSha256(pin) => Trust::PinSha256(*pin),
+        };
+        let tls = crate::tls::client_config(Peer::Hub, &trust).map_err(|e| setup(e.to_string()))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .no_proxy()
@@ -213,18 +223,26 @@ impl HubClient {
     }
 
     fn transport(&self, e: reqwest::Error) -> HubClientError {
-        let kind = if e.is_timeout() {
-            TransportKind::Timeout
-        } else if e.is_connect() {
-            TransportKind::Connect
-        } else if e.is_body() || e.is_request() || e.is_decode() {
-            TransportKind::Broken
-        } else {
-            TransportKind::Other
+        let explained = crate::tls::explain(Peer::Hub, &e);
+        let kind = match &explained {
+            Some(Failure::Tls(failure)) => return HubClientError::Tls(failure.clone()),
+            Some(Failure::Unreachable(u)) => match u.cause {
+                Unreachable::TimedOut => TransportKind::Timeout,
+                Unreachable::Refused | Unreachable::Unresolved => TransportKind::Connect,
+                Unreachable::Closed if e.is_connect() => TransportKind::Connect,
+                Unreachable::Closed => TransportKind::Broken,
+            },
+            None if e.is_timeout() => TransportKind::Timeout,
+            None if e.is_connect() => TransportKind::Connect,
+            None if e.is_body() || e.is_request() || e.is_decode() => TransportKind::Broken,
+            None => TransportKind::Other,
         };
         let mut message = error_chain(&e.without_url());
         if !message.contains(&self.report_url) {
             message = format!("{message} (POST {})", self.report_url);
+        }
+        if let Some(Failure::Unreachable(u)) = &explained {
+            message = format!("{u}: {message}");
         }
         TransportError {
             kind,
@@ -286,39 +304,6 @@ async fn read_capped(
     Ok(out)
 }
 
-/// rustls with the ring provider, trusting `ca_file` only, or the system roots.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("reading hub CA file {}: {e}", path.display()))?;
-            let mut n = 0;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("hub CA file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("hub CA file {}: {e}", path.display()))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(format!(
-                    "hub CA file {} holds no PEM certificate",
-                    path.display()
-                ));
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
-            if roots.is_empty() {
-                return Err("no system root certificates found; set hub.ca_file".into());
-            }
-        }
-    }
-    rustls_config(roots)
-}
-
 /// A rustls client config over the ring provider trusting `roots`, HTTP/1.1 only.
 pub(crate) fn rustls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -339,7 +324,7 @@ mod tests {
         HubEndpoint {
             url: url.into(),
             token: Secret::new("tok-SECRET-123"),
-            ca_file: None,
+            tls: HubTls::SystemRoots,
             timeout: Duration::from_secs(2),
         }
     }
@@ -368,14 +353,14 @@ mod tests {
     fn a_missing_or_empty_ca_file_is_a_setup_error() {
         let dir = tempfile::tempdir().unwrap();
         let mut e = endpoint("https://hub.example");
-        e.ca_file = Some(dir.path().join("missing.pem"));
+        e.tls = HubTls::CaFile(dir.path().join("missing.pem"));
         assert!(
-            matches!(HubClient::new(&e), Err(HubClientError::Setup(m)) if m.contains("missing.pem"))
+            matches!(HubClient::new(&e), Err(HubClientError::Setup(m)) if m.contains("missing.pem") && m.contains("hub.ca_file") && m.contains("hub.tls.pin_sha256")),
         );
         std::fs::write(dir.path().join("empty.pem"), "no pem here").unwrap();
-        e.ca_file = Some(dir.path().join("empty.pem"));
+        e.tls = HubTls::CaFile(dir.path().join("empty.pem"));
         assert!(
-            matches!(HubClient::new(&e), Err(HubClientError::Setup(m)) if m.contains("no PEM"))
+            matches!(HubClient::new(&e), Err(HubClientError::Setup(m)) if m.contains("holds no certificate"))
         );
     }
 
@@ -388,7 +373,7 @@ mod tests {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, test_ca_pem()).unwrap();
         let mut e = e;
-        e.ca_file = Some(ca);
+        e.tls = HubTls::CaFile(ca);
         let c = HubClient::new(&e).unwrap();
         assert_eq!(
             c.report_url(),
@@ -403,7 +388,7 @@ mod tests {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, test_ca_pem()).unwrap();
         let mut e = endpoint("https://hub.example");
-        e.ca_file = Some(ca);
+        e.tls = HubTls::CaFile(ca);
         let c = HubClient::new(&e).unwrap();
         let m = c.error_message(
             reqwest::StatusCode::UNAUTHORIZED,

@@ -10,6 +10,11 @@
 //! finish, then is abandoned), and [`Command`]s: `Reload` swaps collector, reporter and
 //! floor between cycles (SIGHUP), `ReportNow` skips the wait.
 //!
+//! The next report is always due at the end of the last accepted report plus the interval
+//! in force *now*: when the interval changes during a wait (a reload that changes the
+//! floor), the running wait is rescheduled, so a shorter interval cuts it short instead of
+//! taking effect only after it.
+//!
 //! Outputs: the last envelope is saved in `state_dir` (only when it changed) and published
 //! on a `watch` channel for the reconcile side ([`Heartbeat::subscribe`]); changes of
 //! `blocked`, `desired_generation`, `has_signed_ops` and of the interval are logged.
@@ -177,6 +182,9 @@ impl<C: Collect, R: Report> Heartbeat<C, R> {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut next = Instant::now();
+        // End of the last accepted report while no failure followed it: the base the next
+        // report is scheduled from when the interval changes during the wait.
+        let mut last_accepted: Option<Instant> = None;
         let mut commands_open = true;
         loop {
             if *shutdown.borrow() {
@@ -195,12 +203,21 @@ impl<C: Collect, R: Report> Heartbeat<C, R> {
                     match cmd {
                         Some(Command::Reload { collector, reporter, floor }) => {
                             let was = self.reporter.is_some();
+                            let old_interval = self.interval();
                             self.collector = collector;
                             self.reporter = reporter;
                             self.floor = floor;
                             tracing::info!(hub_reporting = self.reporter.is_some(), "configuration reloaded");
                             if !was {
                                 next = Instant::now();
+                            } else if let Some(last) = last_accepted
+                                && self.interval() != old_interval
+                            {
+                                next = last + self.interval();
+                                tracing::info!(
+                                    poll_interval_seconds = self.interval().as_secs(),
+                                    "poll interval changed; next report rescheduled"
+                                );
                             }
                         }
                         Some(Command::ReportNow) => next = Instant::now(),
@@ -228,7 +245,9 @@ impl<C: Collect, R: Report> Heartbeat<C, R> {
                         s.last_error = None;
                     });
                     tracing::debug!(next_in_seconds = wait.as_secs(), "report accepted");
-                    next = Instant::now() + wait;
+                    let now = Instant::now();
+                    last_accepted = Some(now);
+                    next = now + wait;
                 }
                 Cycle::Failed(error) => {
                     let mut failures = 0;
@@ -239,6 +258,7 @@ impl<C: Collect, R: Report> Heartbeat<C, R> {
                         s.last_error = Some(error.clone());
                         failures = s.consecutive_failures;
                     });
+                    last_accepted = None;
                     let wait = backoff(failures, self.interval());
                     tracing::warn!(
                         error = %error,

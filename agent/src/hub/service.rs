@@ -40,14 +40,10 @@ pub enum HubServiceError {
 pub fn reporter_for(cfg: &Config) -> Result<Option<HubClient>, HubClientError> {
     match &cfg.hub.mode {
         HubMode::Disabled => Ok(None),
-        HubMode::Enabled {
-            url,
-            token,
-            ca_file,
-        } => HubClient::new(&HubEndpoint {
+        HubMode::Enabled { url, token, tls } => HubClient::new(&HubEndpoint {
             url: url.clone(),
             token: token.clone(),
-            ca_file: ca_file.clone(),
+            tls: tls.clone(),
             timeout: if cfg.hub.test_min_poll_interval_seconds.is_some() {
                 TEST_BED_TIMEOUT
             } else {

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::config::{Config, ProxmoxConfig, TlsVerify};
 use crate::error_chain::error_chain;
+use crate::tls::{Failure, Peer, TlsProblem, Unreachable};
 
 use super::error::{PermissionDenied, ProxmoxError};
 use super::tls;
@@ -333,27 +334,28 @@ impl Client {
 }
 
 fn send_error(endpoint: &str, e: &reqwest::Error) -> ProxmoxError {
-    if let Some(p) = tls::find_pin_mismatch(e) {
-        return ProxmoxError::PinMismatch {
-            endpoint: endpoint.to_string(),
-            expected: p.expected,
-            seen: p.seen,
-        };
-    }
-    if e.is_timeout() {
-        return ProxmoxError::Timeout {
-            endpoint: endpoint.to_string(),
-        };
-    }
-    if let Some(t) = tls::find_tls_error(e) {
-        return ProxmoxError::Tls {
-            endpoint: endpoint.to_string(),
-            detail: t,
-        };
-    }
-    ProxmoxError::Transport {
-        endpoint: endpoint.to_string(),
-        detail: error_chain(e),
+    let endpoint = endpoint.to_string();
+    match crate::tls::explain(Peer::Proxmox, e) {
+        Some(Failure::Tls(failure)) => match failure.problem {
+            TlsProblem::PinMismatch { expected, seen } => ProxmoxError::PinMismatch {
+                endpoint,
+                expected,
+                seen,
+            },
+            _ => ProxmoxError::Tls { endpoint, failure },
+        },
+        Some(Failure::Unreachable(u)) if u.cause == Unreachable::TimedOut => {
+            ProxmoxError::Timeout { endpoint }
+        }
+        Some(Failure::Unreachable(u)) => ProxmoxError::Transport {
+            endpoint,
+            detail: format!("{u} ({})", error_chain(e)),
+        },
+        None if e.is_timeout() => ProxmoxError::Timeout { endpoint },
+        None => ProxmoxError::Transport {
+            endpoint,
+            detail: error_chain(e),
+        },
     }
 }
 

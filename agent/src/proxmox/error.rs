@@ -143,9 +143,13 @@ pub enum ProxmoxError {
         expected: String,
         seen: String,
     },
-    /// Another TLS failure (unknown CA, bad certificate, handshake).
-    #[error("TLS with Proxmox failed for {endpoint}: {detail}")]
-    Tls { endpoint: String, detail: String },
+    /// Another TLS failure (CA used as the server certificate, unknown CA, expired, name
+    /// mismatch, handshake), explained with its fix.
+    #[error("TLS with Proxmox failed for {endpoint}: {failure}")]
+    Tls {
+        endpoint: String,
+        failure: crate::tls::TlsFailure,
+    },
     /// 401: the token is wrong, expired or unknown.
     #[error(
         "Proxmox rejected the API token for {endpoint} (401 {reason}); check proxmox.token_id and the token secret"

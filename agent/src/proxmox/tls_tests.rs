@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use super::*;
 use crate::config::{ProxmoxConfig, Secret, TlsVerify};
 use crate::reconcile::GuestPermit;
+use crate::tls::TlsProblem;
 
 const TOKEN_ID: &str = "felhom@pve!agent";
 const TOKEN_SECRET: &str = "5f0c2c33-1c8e-4a4e-8d51-token-secret";
@@ -26,22 +27,46 @@ struct Pki {
 }
 
 fn pki() -> Pki {
+    pki_with("Test PVE Root CA", |_| {})
+}
+
+/// A CA named `ca_name` and a leaf for 127.0.0.1 and localhost, changed by `tweak`.
+fn pki_with(ca_name: &str, tweak: impl FnOnce(&mut rcgen::CertificateParams)) -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "Test PVE Root CA");
+        .push(rcgen::DnType::CommonName, ca_name);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_params =
+    let mut leaf_params =
         rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
             .unwrap();
+    tweak(&mut leaf_params);
     let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
     Pki {
         ca_pem: ca.pem(),
         leaf_der: leaf.der().clone(),
         leaf_key: leaf_key.serialize_der(),
+    }
+}
+
+/// A self-signed CA certificate used as the server's own, as `openssl req -x509` makes.
+fn ca_as_server() -> Pki {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "pve1");
+    let cert = params.self_signed(&key).unwrap();
+    Pki {
+        ca_pem: cert.pem(),
+        leaf_der: cert.der().clone(),
+        leaf_key: key.serialize_der(),
     }
 }
 
@@ -99,7 +124,14 @@ struct Server {
 
 impl Server {
     async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Server {
-        let pki = pki();
+        Server::start_with(pki(), handler).await
+    }
+
+    /// A server presenting `pki`'s leaf certificate.
+    async fn start_with(
+        pki: Pki,
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Server {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.leaf_key.clone()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -283,6 +315,7 @@ async fn wrong_pin_names_expected_and_seen() {
         "{msg}"
     );
     assert!(!msg.contains(TOKEN_SECRET));
+    assert!(msg.contains("proxmox.tls.pin_sha256"), "{msg}");
     assert!(e.is_config_problem());
     // Nothing reached the HTTP layer.
     assert!(server.requests().is_empty());
@@ -302,16 +335,240 @@ async fn ca_file_verifies_and_a_foreign_ca_is_refused() {
     std::fs::write(&other_ca, other.ca_pem).unwrap();
     let client = Client::new(&server.config(TlsVerify::CaFile(other_ca)), "pve1").unwrap();
     let e = client.version().await.unwrap_err();
-    assert!(matches!(e, ProxmoxError::Tls { .. }), "{e:?}");
     // Both test CAs share a name, so webpki finds "an issuer" and the signature fails.
-    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+    assert_eq!(problem(&e), TlsProblem::BadSignature, "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("regenerated"), "{msg}");
+    assert!(msg.contains("proxmox.tls.ca_file"), "{msg}");
     assert!(e.is_config_problem() && !e.is_unreachable());
 
-    // A CA file that is not PEM is a setup error, before any connection.
+    // A CA file that is missing, not PEM, or empty is a setup error, before any
+    // connection, naming the file, the key and the fix.
+    let missing = dir.path().join("missing.pem");
     let junk = dir.path().join("junk.pem");
-    std::fs::write(&junk, "not a certificate").unwrap();
-    let e = Client::new(&server.config(TlsVerify::CaFile(junk)), "pve1").unwrap_err();
-    assert!(matches!(e, ProxmoxError::Setup(_)), "{e:?}");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate").unwrap();
+    for (file, cause) in [
+        (&missing, "cannot read the CA file"),
+        (&junk, "is not valid PEM"),
+        (&empty, "holds no certificate"),
+    ] {
+        let e = Client::new(&server.config(TlsVerify::CaFile(file.clone())), "pve1").unwrap_err();
+        assert!(matches!(e, ProxmoxError::Setup(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(cause), "{msg}");
+        assert!(msg.contains(&file.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("proxmox.tls.ca_file") && msg.contains("fix:"),
+            "{msg}"
+        );
+    }
+}
+
+/// The TLS problem of a Proxmox error; panics on any other error.
+fn problem(e: &ProxmoxError) -> TlsProblem {
+    match e {
+        ProxmoxError::Tls { failure, .. } => failure.problem.clone(),
+        ProxmoxError::PinMismatch { expected, seen, .. } => TlsProblem::PinMismatch {
+            expected: expected.clone(),
+            seen: seen.clone(),
+        },
+        other => panic!("not a TLS failure: {other:?}"),
+    }
+}
+
+/// Connects with a CA file holding `pki`'s CA to a server presenting its leaf.
+async fn refused_with_ca_file(pki: Pki) -> ProxmoxError {
+    let ca_pem = pki.ca_pem.clone();
+    let server = Server::start_with(pki, version_only).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let e = Client::new(&server.config(TlsVerify::CaFile(ca)), "pve1")
+        .unwrap()
+        .version()
+        .await
+        .unwrap_err();
+    assert!(
+        server.requests().is_empty(),
+        "nothing may reach the HTTP layer"
+    );
+    assert!(e.is_config_problem() && !e.is_unreachable(), "{e:?}");
+    let msg = e.to_string();
+    assert!(!msg.contains(TOKEN_SECRET), "{msg}");
+    assert!(!msg.contains("OtherError"), "{msg}");
+    e
+}
+
+#[tokio::test]
+async fn a_ca_certificate_used_as_the_server_certificate_is_explained_and_pinnable() {
+    // What `openssl req -x509` makes: one self-signed certificate with CA:TRUE.
+    let e = refused_with_ca_file(ca_as_server()).await;
+    assert_eq!(problem(&e), TlsProblem::CaUsedAsEndEntity, "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("presented a CA certificate"), "{msg}");
+    assert!(
+        msg.contains("leaf") && msg.contains("signed by that CA"),
+        "{msg}"
+    );
+    assert!(msg.contains("proxmox.tls.pin_sha256"), "{msg}");
+
+    // The fix works: the same server, pinned.
+    let server = Server::start_with(ca_as_server(), version_only).await;
+    let client = Client::new(&server.config(server.pin()), "pve1").unwrap();
+    assert_eq!(client.version().await.unwrap().version, "8.0.3");
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_unknown_ca_is_explained() {
+    let server = Server::start(version_only).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, pki_with("Another Root CA", |_| {}).ca_pem).unwrap();
+    let e = Client::new(&server.config(TlsVerify::CaFile(other)), "pve1")
+        .unwrap()
+        .version()
+        .await
+        .unwrap_err();
+    assert_eq!(problem(&e), TlsProblem::UnknownIssuer, "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("not signed by a CA the agent trusts"), "{msg}");
+    assert!(
+        msg.contains("proxmox.tls.ca_file") && msg.contains("pvenode cert info"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_or_not_yet_valid_certificate_is_explained() {
+    let now = time::OffsetDateTime::now_utc();
+    let e = refused_with_ca_file(pki_with("Test PVE Root CA", |p| {
+        p.not_before = now - time::Duration::days(30);
+        p.not_after = now - time::Duration::days(2);
+    }))
+    .await;
+    assert!(
+        matches!(problem(&e), TlsProblem::Expired { not_after: Some(_) }),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("has expired (valid until"), "{msg}");
+    assert!(msg.contains("pvecm updatecerts"), "{msg}");
+
+    let e = refused_with_ca_file(pki_with("Test PVE Root CA", |p| {
+        p.not_before = now + time::Duration::days(2);
+        p.not_after = now + time::Duration::days(30);
+    }))
+    .await;
+    assert!(
+        matches!(
+            problem(&e),
+            TlsProblem::NotYetValid {
+                not_before: Some(_)
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("clock"), "{e}");
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_name_is_explained() {
+    let e = refused_with_ca_file(pki_with("Test PVE Root CA", |p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName("pve1.example".try_into().unwrap())];
+    }))
+    .await;
+    let TlsProblem::NameMismatch {
+        expected,
+        presented,
+    } = problem(&e)
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(expected, "127.0.0.1");
+    assert_eq!(presented, ["pve1.example"]);
+    let msg = e.to_string();
+    assert!(msg.contains("not issued for \"127.0.0.1\""), "{msg}");
+    assert!(
+        msg.contains("pve1.example") && msg.contains("proxmox.url"),
+        "{msg}"
+    );
+    assert!(msg.contains("IP address"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_certificate_not_for_servers_is_explained() {
+    let e = refused_with_ca_file(pki_with("Test PVE Root CA", |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    }))
+    .await;
+    assert_eq!(problem(&e), TlsProblem::NotForServers, "{e:?}");
+    assert!(e.to_string().contains("serverAuth"), "{e}");
+}
+
+/// A TCP server on loopback that reads the client's first bytes, writes `answer` and
+/// closes: a TLS peer that refuses the ClientHello, or a port that is not TLS at all.
+async fn raw_server(answer: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 512];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp.write_all(answer).await;
+            let _ = tcp.shutdown().await;
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_refused_handshake_and_a_port_without_tls_are_explained() {
+    // A fatal handshake_failure alert, what OpenSSL sends when no cipher is shared.
+    let port = raw_server(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await;
+    let mut cfg = Server::start(version_only)
+        .await
+        .config(TlsVerify::Insecure);
+    cfg.url = format!("https://127.0.0.1:{port}");
+    let e = Client::new(&cfg, "pve1")
+        .unwrap()
+        .version()
+        .await
+        .unwrap_err();
+    assert!(matches!(problem(&e), TlsProblem::Handshake { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("HandshakeFailure") && msg.contains("TLS 1.2"),
+        "{msg}"
+    );
+    assert!(!e.is_unreachable(), "{e:?}");
+
+    // A protocol_version alert: the server wants a TLS version we do not speak.
+    let port = raw_server(&[0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x46]).await;
+    cfg.url = format!("https://127.0.0.1:{port}");
+    let e = Client::new(&cfg, "pve1")
+        .unwrap()
+        .version()
+        .await
+        .unwrap_err();
+    assert!(matches!(problem(&e), TlsProblem::Handshake { .. }), "{e:?}");
+    assert!(e.to_string().contains("ProtocolVersion"), "{e}");
+
+    // Plain HTTP on the port.
+    let port = raw_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
+    cfg.url = format!("https://127.0.0.1:{port}");
+    let e = Client::new(&cfg, "pve1")
+        .unwrap()
+        .version()
+        .await
+        .unwrap_err();
+    assert!(matches!(problem(&e), TlsProblem::NotTls { .. }), "{e:?}");
+    assert!(e.to_string().contains("plain HTTP"), "{e}");
 }
 
 #[tokio::test]
@@ -618,4 +875,10 @@ async fn a_slow_answer_is_a_timeout_and_a_closed_port_is_unreachable() {
         .unwrap_err();
     assert!(matches!(e, ProxmoxError::Transport { .. }), "{e:?}");
     assert!(e.is_unreachable());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("connection refused") && msg.contains("pveproxy"),
+        "{msg}"
+    );
+    assert!(!msg.contains("TLS"), "{msg}");
 }

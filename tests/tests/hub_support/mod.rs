@@ -162,6 +162,51 @@ impl HubSim {
     }
 }
 
+impl HubSim {
+    /// Polls `state()` until `pred` holds or `timeout` passes.
+    pub async fn wait_state(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.state().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting; state: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Polls the agent's log until it contains `needle` or `timeout` passes; returns the log.
+pub async fn wait_log(agent: &Agent, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = agent.log_text();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {needle:?} in the agent log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The hub's receipt times of `reports`.
+pub fn received_times(reports: &[&Value]) -> Vec<time::OffsetDateTime> {
+    reports
+        .iter()
+        .map(|r| {
+            time::OffsetDateTime::parse(
+                r["received_at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
 fn summary(reports: &[Value]) -> String {
     reports
         .iter()

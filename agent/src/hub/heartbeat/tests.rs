@@ -456,3 +456,30 @@ async fn the_envelope_is_saved_and_a_restart_starts_from_it() {
     assert_eq!(hb.subscribe().borrow().as_ref().unwrap().envelope, blocked);
     assert_eq!(hb.interval(), Duration::from_secs(900));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_shortens_the_interval_cuts_the_running_wait_short() {
+    // The hub asks for 5 s; the production floor makes that 60 s.
+    let r = start(vec![], Answer::Ok(env(Some(5))), MIN_POLL, None);
+    // Created now so its clock (the log's times) starts with the loop's.
+    let hub_b = ScriptedHub::new("b", vec![], Answer::Ok(env(Some(5))), r.log.clone());
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(send_times(&r.log), [0]);
+    // A reload lowers the floor to 1 s while the loop waits out 60 s: the next report is
+    // due at the last one (0 s) + 5 s, already past, so it goes at once, then every 5 s.
+    r.commands
+        .send(Command::Reload {
+            collector: CountingCollector {
+                n: 100,
+                log: r.log.clone(),
+            },
+            reporter: Some(hub_b),
+            floor: crate::hub::envelope::poll_floor(Some(1)),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(send_times(&r.log), [0, 12, 17]);
+    r.shutdown.send(true).unwrap();
+    r.task.await.unwrap();
+}
