@@ -13,6 +13,7 @@
 //! - [`hub`]: the host report, its collector, the hub client and the heartbeat loop.
 //! - [`reconcile`]: per-guest queue, desired state, normalization, plan, engine, journal.
 //! - [`control`]: the local control socket the CLI uses while the daemon runs.
+//! - [`timestamp`]: the RFC 3339 point in time every wire format shares.
 //!
 //! Must never: run as root by design, spawn a process (a test greps the sources), or put
 //! a secret (API token, hub token) into a log line, an error or `Debug` output.
@@ -28,3 +29,4 @@ pub mod privileged;
 pub mod proxmox;
 pub mod reconcile;
 pub mod sensors;
+pub mod timestamp;

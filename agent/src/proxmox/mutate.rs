@@ -15,10 +15,9 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::reconcile::GuestPermit;
-
 use super::client::{Client, seg};
 use super::error::ProxmoxError;
+use super::permit::GuestPermit;
 use super::types::GuestKind;
 use super::upid::Upid;
 

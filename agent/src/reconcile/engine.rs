@@ -3,7 +3,8 @@
 //! Owns: the cycle schedule (at start, on every change of the desired state or of the
 //! mutation gate, when an action finishes, and at least once a minute), crash recovery at
 //! the first open cycle, per-guest-and-action exponential backoff, journal compaction, and
-//! the status the report and `felhom-agent status` show.
+//! the status `felhom-agent status` shows (the report's section is built from it in
+//! [`super::status`]).
 //!
 //! Rules:
 //! - Mutations happen only while the [`Gate`] is [`Gate::Open`] and the journal is not in
@@ -46,9 +47,6 @@ use super::plan::{Action, ActualGuest, Plan, Problem, Skipped, plan};
 use super::pve::Pve;
 use super::queue::{LaneView, Queue, QueueConfig, QueueStats};
 use crate::config::Config;
-use crate::hub::report::{
-    FailingAction, ReconcileAction, ReconcileReport, SkippedGuest, Timestamp,
-};
 use crate::proxmox::ProxmoxError;
 
 /// Whether the engine may mutate.
@@ -471,51 +469,6 @@ impl EngineHandle {
             cancelled_running = report.cancelled_running,
             "reconcile engine stopped"
         );
-    }
-}
-
-impl EngineStatus {
-    /// The report's `reconcile` section.
-    pub fn report(&self) -> ReconcileReport {
-        let action = |a: &ActionView| ReconcileAction {
-            vmid: a.vmid.get(),
-            action: a.action.clone(),
-            op_id: a.op_id.clone(),
-        };
-        ReconcileReport {
-            blocked: self.blocked,
-            safe_mode: self.safe_mode.is_some(),
-            safe_mode_reason: self.safe_mode.clone(),
-            desired_generation: self.desired_generation,
-            applied_generation: self.applied_generation,
-            queued: self.queued.iter().map(action).collect(),
-            running: self.running.iter().map(action).collect(),
-            failing: self
-                .failing
-                .iter()
-                .map(|f| FailingAction {
-                    vmid: f.vmid.get(),
-                    action: f.action.clone(),
-                    attempts: f.attempts,
-                    last_error: f.last_error.clone(),
-                    next_retry_at: time::OffsetDateTime::from_unix_timestamp_nanos(
-                        i128::from(f.next_retry_ms) * 1_000_000,
-                    )
-                    .ok()
-                    .map(Timestamp::from),
-                })
-                .collect(),
-            skipped: self
-                .skipped
-                .iter()
-                .map(|s| SkippedGuest {
-                    vmid: s.vmid.get(),
-                    reason: s.reason.to_string(),
-                })
-                .collect(),
-            desired_only: self.only_desired.iter().map(|v| v.get()).collect(),
-            actual_only: self.only_actual.iter().map(|v| v.get()).collect(),
-        }
     }
 }
 

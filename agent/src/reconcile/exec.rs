@@ -22,9 +22,9 @@ use felhom_protocol::Vmid;
 
 use super::journal::{Entry, IdemKey, Journal, JournalError, Outcome};
 use super::normalize::{Field, GuestKind, Norm, Param};
-use super::permit::GuestPermit;
 use super::plan::{Action, ActualGuest, Op};
 use super::pve::Pve;
+use crate::proxmox::GuestPermit;
 use crate::proxmox::{ConfigChange, ProxmoxError, SetConfigOutcome, Upid};
 
 /// Why an action did not reach an outcome. The journal entry stays open (or the journal is

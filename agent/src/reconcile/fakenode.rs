@@ -13,10 +13,10 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use super::normalize::{GuestKind, Param};
-use super::permit::GuestPermit;
 use super::plan::ActualGuest;
 use super::pve::{BoxFut, GuestSummary, Pve};
 use super::testmodel::pve_write;
+use crate::proxmox::GuestPermit;
 use crate::proxmox::{ConfigChange, ConfigValue, ProxmoxError, SetConfigOutcome, TaskDone, Upid};
 
 pub(crate) const TOKEN: &str = "felhom@pve!agent";
