@@ -17,7 +17,10 @@
 //!   that fails. When the operation gets its lane it first checks that the guest is still
 //!   in the state (status, config digest) the plan was made from; if not (an operation
 //!   that finished while the cycle was reading, a change by hand), nothing is sent and the
-//!   next cycle plans from a fresh read.
+//!   next cycle plans from a fresh read. That check alone leaves a window before the
+//!   write, so every config write also carries the plan's digest and PVE refuses it if the
+//!   config changed meanwhile ([`super::exec`]); such a refusal is handled the same way:
+//!   no backoff, no `failing` entry, the rest of the operation dropped, a cycle at once.
 //! - Unfinished journal entries are resumed (waited on, adopted or re-sent per
 //!   [`super::exec`]) before anything new is planned for their guest. This is checked at
 //!   every open cycle, not only after a restart: an entry whose resumption could not be
@@ -831,7 +834,11 @@ fn exec_ctx(shared: &Arc<Shared>, vmid: Vmid) -> ExecCtx {
     }
 }
 
-/// Records an action's result in the backoff table; true when it succeeded.
+/// Records an action's result in the backoff table; true when it succeeded (the
+/// operation goes on with its next action). A write refused because the guest changed
+/// since it was planned is no failure: no backoff, no `failing` entry; the operation stops
+/// (its other actions were planned from the same stale read) and ending it asks for a
+/// cycle, which plans again from a fresh read.
 fn note_result(
     shared: &Shared,
     vmid: Vmid,
@@ -842,6 +849,10 @@ fn note_result(
         Ok(o) if o.is_success() => {
             lock(&shared.failing).remove(&(vmid, action));
             return true;
+        }
+        Ok(Outcome::Stale { .. }) => {
+            tracing::info!(vmid = %vmid, action, "guest changed before the write; planning again from a fresh read");
+            return false;
         }
         Ok(Outcome::Failed { error }) => error.clone(),
         Ok(_) => String::new(),
