@@ -14,6 +14,7 @@
 //! - [`reconcile`]: per-guest queue, desired state, normalization, plan, engine, journal.
 //! - [`control`]: the local control socket the CLI uses while the daemon runs.
 //! - [`tls`]: certificate verification for Proxmox and the hub, and TLS failures explained.
+//! - [`timestamp`]: the RFC 3339 point in time every wire format shares.
 //!
 //! Must never: run as root by design, spawn a process (a test greps the sources), or put
 //! a secret (API token, hub token) into a log line, an error or `Debug` output.
@@ -30,3 +31,4 @@ pub mod proxmox;
 pub mod reconcile;
 pub mod sensors;
 pub mod tls;
+pub mod timestamp;

@@ -92,7 +92,7 @@ pub struct Fault {
     pub method: Option<String>,
     /// Below `/api2/json`; a trailing `*` makes it a prefix.
     pub path: String,
-    /// `http_500`, `task_fail`, `latency`, `malformed_body`, `drop_connection`.
+    /// `http_500`, `task_fail`, `latency`, `malformed_body`, `drop_connection`, `edit`.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -100,6 +100,9 @@ pub struct Fault {
     pub latency_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u32>,
+    /// For `edit`: `{"vmid": …, "patch": <PUT /_sim/guests body>}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit: Option<Value>,
 }
 
 impl Fault {
@@ -133,6 +136,14 @@ impl Fault {
     }
     pub fn drop_connection(path: &str) -> Fault {
         Fault::of("drop_connection", path)
+    }
+    /// Changes guest `vmid` (a `PUT /_sim/guests/{vmid}` body) right before the matching
+    /// request is served: a change by hand between a client's read and its write.
+    pub fn edit(path: &str, vmid: u32, patch: Value) -> Fault {
+        Fault {
+            edit: Some(serde_json::json!({"vmid": vmid, "patch": patch})),
+            ..Fault::of("edit", path)
+        }
     }
     /// Only for this HTTP method.
     pub fn method(mut self, m: &str) -> Fault {

@@ -8,6 +8,8 @@
 //!   restart with the hub unreachable, and no envelope at all; unblocking (after a SIGHUP
 //!   pointing at another hub) lets it converge;
 //! - HA-managed, locked and template guests are never touched;
+//! - a change by hand between the engine's read and its config write is not overwritten:
+//!   the write carries the read's digest, PVE refuses it, the engine plans again at once;
 //! - the report's `reconcile` section comes from the engine.
 
 mod hub_support;
@@ -16,6 +18,7 @@ mod reconcile_support;
 
 use std::time::Duration;
 
+use felhom_testbed::harness::Fault;
 use hub_support::HubSim;
 use proxmox_client_support::Sim;
 use reconcile_support::*;
@@ -442,4 +445,116 @@ async fn sigterm_lets_running_actions_finish_then_exits_0() {
     let entries = journal["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 1, "{journal:#}");
     assert_eq!(entries[0]["outcome"]["result"], "succeeded", "{journal:#}");
+}
+
+/// Someone changes a guest in the GUI after the engine read it and before its config write
+/// arrives (an `edit` fault lands the change right before the simulator serves the write,
+/// so nothing races on time). The write carries the digest of the engine's read and the
+/// simulator refuses it as PVE does (LXC: `PUT`, QEMU: `POST` config, each in PVE's words);
+/// the refusal is no failure (no backoff, no `failing` entry): the engine plans again from
+/// a fresh read and its second write, based on the new digest, keeps the change by hand.
+/// Without the digest the container's `features` written from the old read would drop the
+/// `keyctl=1` set by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_by_hand_between_read_and_write_is_not_overwritten() {
+    let sim = Sim::start(&["--task-seconds", "0.05"]);
+    let node = sim.node().to_string();
+    let ct = sim.plain_guest("lxc", "stopped").await;
+    let vm = sim.plain_guest("qemu", "stopped").await;
+    // nesting is a flag an API token may change only on an unprivileged container
+    sim.put_guest(
+        ct,
+        json!({"config": {"unprivileged": "1", "features": null, "description": null}}),
+    )
+    .await;
+    let digest_of = |v: &Value| v["config"]["digest"].as_str().expect("digest").to_string();
+    let ct_before = digest_of(&sim.pve.guest(ct as u32).await.expect("guest"));
+    let vm_before = digest_of(&sim.pve.guest(vm as u32).await.expect("guest"));
+    sim.fault(
+        Fault::edit(
+            &format!("/nodes/{node}/lxc/{ct}/config"),
+            ct as u32,
+            json!({"config": {"features": "keyctl=1"}}),
+        )
+        .method("PUT")
+        .times(1),
+    )
+    .await;
+    sim.fault(
+        Fault::edit(
+            &format!("/nodes/{node}/qemu/{vm}/config"),
+            vm as u32,
+            json!({"config": {"tags": "by-hand"}}),
+        )
+        .method("POST")
+        .times(1),
+    )
+    .await;
+    let home = Home::new(&sim, json!({}));
+    home.write_desired(&json!({"generation": 1, "guests": [
+        {"vmid": ct, "config": {"nesting": true, "description": "managed"}},
+        {"vmid": vm, "config": {"memory": 1536}}
+    ]}));
+    let since = last_seq(&sim).await;
+    let mut daemon = home.start_daemon(&home.log_path("daemon.log"));
+    let status = home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
+        v["reconcile"]["applied_generation"] == 1
+    });
+    assert_eq!(status["reconcile"]["failing"], json!([]), "{status:#}");
+
+    let log = log_since(&sim, since).await;
+    for (vmid, method, before, refusal) in [
+        (
+            ct,
+            "PUT",
+            &ct_before,
+            "detected modified configuration - file changed by other user? Try again.",
+        ),
+        (
+            vm,
+            "POST",
+            &vm_before,
+            "checksum missmatch (file change by other user?)",
+        ),
+    ] {
+        let writes: Vec<_> = log
+            .iter()
+            .filter(|r| r.method != "GET" && r.path.ends_with(&format!("/{vmid}/config")))
+            .collect();
+        assert_eq!(writes.len(), 2, "{vmid}: {writes:#?}");
+        assert!(writes.iter().all(|w| w.method == method), "{writes:#?}");
+        // the first write was based on the engine's read, and refused
+        assert_eq!(writes[0].params.get("digest"), Some(before), "{vmid}");
+        assert_eq!(writes[0].status, Some(500), "{vmid}");
+        // the second on the read after the change by hand, and taken
+        let second = writes[1].params.get("digest").expect("digest sent");
+        assert_ne!(second, before, "{vmid}");
+        assert_eq!(second.len(), 40, "{vmid}: {second}");
+        assert_eq!(writes[1].status, Some(200), "{vmid}");
+        let entries = home.cli_json(&["journal", "show"])["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["vmid"] == vmid)
+            .map(|e| e["outcome"].clone())
+            .collect::<Vec<_>>();
+        // newest first
+        assert_eq!(entries.len(), 2, "{vmid}: {entries:#?}");
+        assert_eq!(entries[0]["result"], "succeeded", "{vmid}: {entries:#?}");
+        assert_eq!(entries[1]["result"], "stale", "{vmid}: {entries:#?}");
+        let detail = entries[1]["detail"].as_str().expect("detail");
+        assert!(detail.contains(refusal), "{vmid}: {detail}");
+    }
+    let ct_now = sim.pve.guest(ct as u32).await.expect("guest");
+    assert_eq!(
+        ct_now["config"]["features"], "keyctl=1,nesting=1",
+        "the flag set by hand is kept: {ct_now:#}"
+    );
+    assert_eq!(ct_now["config"]["description"], "managed\n");
+    let vm_now = sim.pve.guest(vm as u32).await.expect("guest");
+    assert_eq!(vm_now["config"]["tags"], "by-hand", "{vm_now:#}");
+    assert_eq!(vm_now["config"]["memory"], 1536, "{vm_now:#}");
+    let text = daemon.log_text();
+    assert!(!text.contains("action failed"), "{text}");
+    assert_eq!(daemon.term(Duration::from_secs(20)), Some(0));
 }

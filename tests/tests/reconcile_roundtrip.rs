@@ -202,7 +202,9 @@ async fn fixture_values_round_trip_through_the_simulator_without_drift() {
                 panic!("{action:?}");
             };
             assert!(fields.len() >= 3, "{name}: {fields:?}");
-            write(&client, &q, kind, v, config_change(params)).await;
+            // based on the digest of the read it was planned from, as the engine sends it
+            let digest = action.basis.digest.as_deref().expect("PVE sends a digest");
+            write(&client, &q, kind, v, config_change(params, digest)).await;
             let after = read(&client, kind, v).await;
             assert_no_drift(
                 &plan(&desired, std::slice::from_ref(&after)),

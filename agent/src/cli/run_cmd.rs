@@ -38,9 +38,9 @@ use crate::config::{Config, HubMode};
 use crate::control::{ControlError, DaemonOptions, DaemonParts, StateLock};
 use crate::hub::client::HubClientError;
 use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
-use crate::hub::report::ReconcileReport;
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
 use crate::reconcile::engine::{EngineReload, provider_for};
+use crate::reconcile::status::ReconcileReport;
 use crate::reconcile::{EngineHandle, Gate};
 
 /// How long running reconcile actions may still finish after SIGTERM (systemd's default

@@ -9,6 +9,10 @@
 //!   schema change, and one that removes or renames a field bumps [`SCHEMA_VERSION`];
 //! - units are in the field name (`_bytes`, `_seconds`, `_c`, `_hours`).
 //!
+//! The `reconcile` section is the engine's own type ([`crate::reconcile::status`]) and
+//! [`Timestamp`] is a shared leaf ([`crate::timestamp`]): the report embeds and re-exports
+//! them, and the rules above hold for them too (the schema test walks them).
+//!
 //! Must never: carry a secret (the report goes to the hub in the clear inside TLS and is
 //! stored there), or anything the hub could mistake for a command.
 
@@ -16,10 +20,11 @@ use std::borrow::Cow;
 use std::fmt;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+
+pub use crate::reconcile::status::{FailingAction, ReconcileAction, ReconcileReport, SkippedGuest};
+pub use crate::timestamp::Timestamp;
 
 /// The report's `schema_version`.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -409,55 +414,6 @@ pub enum RestoreTestResult {
     Failed,
 }
 
-/// What the reconcile engine is doing, filled by the engine (issue 5).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReconcileReport {
-    /// The hub's `blocked` as the engine applies it.
-    pub blocked: bool,
-    /// The journal could not be trusted; the engine does nothing until `journal verify`.
-    pub safe_mode: bool,
-    /// Why it is in safe mode (the journal error), `null` when it is not.
-    pub safe_mode_reason: Option<String>,
-    pub desired_generation: Option<u64>,
-    pub applied_generation: Option<u64>,
-    pub queued: Vec<ReconcileAction>,
-    pub running: Vec<ReconcileAction>,
-    pub failing: Vec<FailingAction>,
-    pub skipped: Vec<SkippedGuest>,
-    /// Guests in the desired state that do not exist on the node.
-    pub desired_only: Vec<u32>,
-    /// Guests on the node that the desired state does not mention.
-    pub actual_only: Vec<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReconcileAction {
-    pub vmid: u32,
-    /// e.g. `start`, `stop`, `set_config`.
-    pub action: String,
-    /// The journal's operation id.
-    pub op_id: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FailingAction {
-    pub vmid: u32,
-    pub action: String,
-    pub attempts: u32,
-    pub last_error: String,
-    pub next_retry_at: Option<Timestamp>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SkippedGuest {
-    pub vmid: u32,
-    pub reason: String,
-}
-
 /// One line of the helper's audit log, sent byte for byte as the helper wrote it (minus
 /// the `\n`), so the hub can re-check the `prev` SHA-256 chain. Holds valid JSON with an
 /// integer `seq` (checked when read).
@@ -504,71 +460,6 @@ impl JsonSchema for AuditRecord {
                 "seq": { "type": "integer", "minimum": 1 },
                 "prev": { "type": "string" }
             }
-        })
-    }
-}
-
-/// A point in time, RFC 3339 on the wire (`2025-01-31T02:00:05Z`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Timestamp(OffsetDateTime);
-
-impl Timestamp {
-    pub fn now() -> Self {
-        Timestamp(OffsetDateTime::now_utc())
-    }
-
-    pub fn from_unix(secs: i64) -> Option<Self> {
-        OffsetDateTime::from_unix_timestamp(secs)
-            .ok()
-            .map(Timestamp)
-    }
-
-    pub fn get(self) -> OffsetDateTime {
-        self.0
-    }
-}
-
-impl From<OffsetDateTime> for Timestamp {
-    fn from(t: OffsetDateTime) -> Self {
-        Timestamp(t)
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.format(&Rfc3339) {
-            Ok(s) => f.write_str(&s),
-            Err(_) => write!(f, "{}", self.0.unix_timestamp()),
-        }
-    }
-}
-
-impl Serialize for Timestamp {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let text = self.0.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-}
-
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = Cow::<'de, str>::deserialize(d)?;
-        OffsetDateTime::parse(&text, &Rfc3339)
-            .map(Timestamp)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Timestamp {
-    fn schema_name() -> Cow<'static, str> {
-        "Timestamp".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "RFC 3339 date-time.",
-            "type": "string",
-            "format": "date-time"
         })
     }
 }
@@ -650,18 +541,6 @@ mod tests {
             }
         }
         walk(&report_schema(), "#");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        let t = Timestamp::from_unix(1_738_288_805).unwrap();
-        assert_eq!(
-            serde_json::to_string(&t).unwrap(),
-            r#""2025-01-31T02:00:05Z""#
-        );
-        let back: Timestamp = serde_json::from_str(r#""2025-01-31T03:00:05+01:00""#).unwrap();
-        assert_eq!(back, t);
-        assert!(serde_json::from_str::<Timestamp>(r#""yesterday""#).is_err());
     }
 
     #[test]

@@ -169,6 +169,13 @@ pub enum ProxmoxError {
         message: String,
         errors: BTreeMap<String, String>,
     },
+    /// A config write carried the `digest` it was based on and PVE refused it because the
+    /// config changed since (someone else wrote it): nothing was changed. Read the guest
+    /// again and decide afresh; sending the same write again can only be refused again.
+    #[error(
+        "{endpoint} refused: the guest config changed since it was read ({message}); nothing was written"
+    )]
+    ConfigChanged { endpoint: String, message: String },
     /// The answer did not have the expected shape.
     #[error("unexpected answer from {endpoint}: {detail}")]
     Decode { endpoint: String, detail: String },

@@ -13,7 +13,9 @@
 //! - Answers are typed to match real PVE JSON ([`types`]): numbers sent as strings, 0/1
 //!   booleans, absent-means-default, unknown fields ignored. Guest config is kept raw with
 //!   typed accessors.
-//! - Every mutating method takes a [`crate::reconcile::GuestPermit`] and acts on its vmid.
+//! - Every mutating method takes a [`GuestPermit`] and acts on its vmid. The permit is
+//!   defined here and minted only by the reconcile queue ([`permit`]), so the client
+//!   depends on nothing of reconcile.
 //! - Errors ([`ProxmoxError`]) name the endpoint; a 403 (or a task failing on a permission
 //!   check) names the ACL path and privilege(s) to grant. PVE's message comes from the
 //!   body's `message` (PVE ≥ 8.4) or the HTTP reason phrase (older PVE).
@@ -26,6 +28,7 @@ mod client;
 mod de;
 mod error;
 mod mutate;
+pub mod permit;
 mod task;
 mod tls;
 pub mod types;
@@ -37,6 +40,7 @@ pub use mutate::{
     ConfigChange, ConfigValue, RestoreOptions, SetConfigOutcome, SnapshotName, VzdumpCompress,
     VzdumpMode, VzdumpOptions, VzdumpOutcome,
 };
+pub use permit::GuestPermit;
 pub use task::{TaskDone, WaitOptions};
 pub use tls::{PinMismatch, fingerprint};
 pub use types::{

@@ -15,10 +15,9 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::reconcile::GuestPermit;
-
 use super::client::{Client, seg};
 use super::error::ProxmoxError;
+use super::permit::GuestPermit;
 use super::types::GuestKind;
 use super::upid::Upid;
 
@@ -122,7 +121,9 @@ impl From<bool> for ConfigValue {
 }
 
 /// A set-config call: keys to set, keys to delete, and optionally the digest the change is
-/// based on (PVE refuses the write if the config changed since).
+/// based on. PVE compares `digest` only when it is sent; then a config that changed since
+/// makes it refuse the write ([`ProxmoxError::ConfigChanged`]) instead of overwriting what
+/// someone else wrote. Reconcile sends it with every write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConfigChange {
     pub set: BTreeMap<String, ConfigValue>,
@@ -190,7 +191,8 @@ impl ConfigChange {
             form.push(("delete".to_string(), self.delete.join(",")));
         }
         if let Some(d) = &self.digest {
-            if d.len() > 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+            // PVE's schema: a string of at most 40 characters (a SHA-1 in hex).
+            if d.is_empty() || d.len() > 40 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ProxmoxError::InvalidRequest(format!(
                     "{d:?} is not a config digest"
                 )));
@@ -198,6 +200,33 @@ impl ConfigChange {
             form.push(("digest".to_string(), d.clone()));
         }
         Ok(form)
+    }
+}
+
+/// How PVE words the refusal of a config write whose `digest` is out of date (a 500 from
+/// the handler, before anything is written or a task is started): pve-container's
+/// `assert_if_modified`, and qemu-server's own check in its update handler.
+const DIGEST_REFUSALS: &[&str] = &[
+    "detected modified configuration - file changed by other user?",
+    "checksum missmatch (file change by other user?)",
+];
+
+/// A refused config write that carried a digest: [`ProxmoxError::ConfigChanged`] when PVE
+/// said the digest is out of date, the error unchanged otherwise.
+fn digest_refusal(change: &ConfigChange, e: ProxmoxError) -> ProxmoxError {
+    match e {
+        ProxmoxError::Api {
+            endpoint,
+            status: 500,
+            message,
+            ..
+        } if change.digest.is_some() && DIGEST_REFUSALS.iter().any(|r| message.starts_with(r)) => {
+            ProxmoxError::ConfigChanged {
+                endpoint,
+                message: message.trim_end().to_string(),
+            }
+        }
+        other => other,
     }
 }
 
@@ -422,7 +451,9 @@ impl Client {
     }
 
     /// Set and delete config keys. LXC: `PUT .../config`, synchronous → `Applied`. QEMU:
-    /// `POST .../config`, a `qmconfig` task → `Task`.
+    /// `POST .../config`, a `qmconfig` task → `Task`. With a digest, a config that changed
+    /// since gives [`ProxmoxError::ConfigChanged`] (for both kinds PVE checks it before
+    /// writing or starting a task).
     pub async fn set_config(
         &self,
         permit: &GuestPermit,
@@ -434,7 +465,10 @@ impl Client {
         match kind {
             GuestKind::Lxc => {
                 let endpoint = format!("PUT {path}");
-                let v: Value = self.call(Method::PUT, &path, &[], Some(&form)).await?;
+                let v: Value = self
+                    .call(Method::PUT, &path, &[], Some(&form))
+                    .await
+                    .map_err(|e| digest_refusal(change, e))?;
                 if !v.is_null() {
                     return Err(ProxmoxError::Decode {
                         endpoint,
@@ -447,7 +481,9 @@ impl Client {
                 Ok(SetConfigOutcome::Applied)
             }
             GuestKind::Qemu => Ok(SetConfigOutcome::Task(
-                self.task_call(Method::POST, path, form, permit).await?,
+                self.task_call(Method::POST, path, form, permit)
+                    .await
+                    .map_err(|e| digest_refusal(change, e))?,
             )),
         }
     }
@@ -593,5 +629,57 @@ mod tests {
         assert!(ConfigChange::new().set("delete", "x").form().is_err());
         assert!(ConfigChange::new().set("Bad Key", "x").form().is_err());
         assert!(ConfigChange::new().set("a", 1).digest("zz").form().is_err());
+        assert!(ConfigChange::new().set("a", 1).digest("").form().is_err());
+        let sha1 = "3f8a5e0c7d9b1a2e4f6c8d0b2a4e6f8a0c2e4b6d";
+        assert!(ConfigChange::new().set("a", 1).digest(sha1).form().is_ok());
+        let longer = format!("{sha1}0");
+        assert!(
+            ConfigChange::new()
+                .set("a", 1)
+                .digest(longer)
+                .form()
+                .is_err()
+        );
+    }
+
+    fn api(status: u16, message: &str) -> ProxmoxError {
+        ProxmoxError::Api {
+            endpoint: "PUT /nodes/pve1/lxc/101/config".into(),
+            status,
+            message: message.into(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn an_out_of_date_digest_is_its_own_error() {
+        let with = ConfigChange::new().set("memory", 1024).digest("abc");
+        for text in [
+            "detected modified configuration - file changed by other user? Try again.\n",
+            "checksum missmatch (file change by other user?)\n",
+        ] {
+            let e = digest_refusal(&with, api(500, text));
+            assert!(
+                matches!(&e, ProxmoxError::ConfigChanged { endpoint, message }
+                    if endpoint == "PUT /nodes/pve1/lxc/101/config" && !message.ends_with('\n')),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("changed since it was read"), "{e}");
+        }
+        // Without a digest PVE cannot have compared one; other refusals stay what they are.
+        let without = ConfigChange::new().set("memory", 1024);
+        let text = "detected modified configuration - file changed by other user? Try again.";
+        assert!(matches!(
+            digest_refusal(&without, api(500, text)),
+            ProxmoxError::Api { .. }
+        ));
+        assert!(matches!(
+            digest_refusal(&with, api(500, "CT is locked (backup)")),
+            ProxmoxError::Api { .. }
+        ));
+        assert!(matches!(
+            digest_refusal(&with, api(400, text)),
+            ProxmoxError::Api { .. }
+        ));
     }
 }

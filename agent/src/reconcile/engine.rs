@@ -3,7 +3,8 @@
 //! Owns: the cycle schedule (at start, on every change of the desired state or of the
 //! mutation gate, when an action finishes, and at least once a minute), crash recovery at
 //! the first open cycle, per-guest-and-action exponential backoff, journal compaction, and
-//! the status the report and `felhom-agent status` show.
+//! the status `felhom-agent status` shows (the report's section is built from it in
+//! [`super::status`]).
 //!
 //! Rules:
 //! - Mutations happen only while the [`Gate`] is [`Gate::Open`] and the journal is not in
@@ -16,7 +17,10 @@
 //!   that fails. When the operation gets its lane it first checks that the guest is still
 //!   in the state (status, config digest) the plan was made from; if not (an operation
 //!   that finished while the cycle was reading, a change by hand), nothing is sent and the
-//!   next cycle plans from a fresh read.
+//!   next cycle plans from a fresh read. That check alone leaves a window before the
+//!   write, so every config write also carries the plan's digest and PVE refuses it if the
+//!   config changed meanwhile ([`super::exec`]); such a refusal is handled the same way:
+//!   no backoff, no `failing` entry, the rest of the operation dropped, a cycle at once.
 //! - Unfinished journal entries are resumed (waited on, adopted or re-sent per
 //!   [`super::exec`]) before anything new is planned for their guest. This is checked at
 //!   every open cycle, not only after a restart: an entry whose resumption could not be
@@ -46,9 +50,6 @@ use super::plan::{Action, ActualGuest, Plan, Problem, Skipped, plan};
 use super::pve::Pve;
 use super::queue::{LaneView, Queue, QueueConfig, QueueStats};
 use crate::config::Config;
-use crate::hub::report::{
-    FailingAction, ReconcileAction, ReconcileReport, SkippedGuest, Timestamp,
-};
 use crate::proxmox::ProxmoxError;
 
 /// Whether the engine may mutate.
@@ -474,51 +475,6 @@ impl EngineHandle {
     }
 }
 
-impl EngineStatus {
-    /// The report's `reconcile` section.
-    pub fn report(&self) -> ReconcileReport {
-        let action = |a: &ActionView| ReconcileAction {
-            vmid: a.vmid.get(),
-            action: a.action.clone(),
-            op_id: a.op_id.clone(),
-        };
-        ReconcileReport {
-            blocked: self.blocked,
-            safe_mode: self.safe_mode.is_some(),
-            safe_mode_reason: self.safe_mode.clone(),
-            desired_generation: self.desired_generation,
-            applied_generation: self.applied_generation,
-            queued: self.queued.iter().map(action).collect(),
-            running: self.running.iter().map(action).collect(),
-            failing: self
-                .failing
-                .iter()
-                .map(|f| FailingAction {
-                    vmid: f.vmid.get(),
-                    action: f.action.clone(),
-                    attempts: f.attempts,
-                    last_error: f.last_error.clone(),
-                    next_retry_at: time::OffsetDateTime::from_unix_timestamp_nanos(
-                        i128::from(f.next_retry_ms) * 1_000_000,
-                    )
-                    .ok()
-                    .map(Timestamp::from),
-                })
-                .collect(),
-            skipped: self
-                .skipped
-                .iter()
-                .map(|s| SkippedGuest {
-                    vmid: s.vmid.get(),
-                    reason: s.reason.to_string(),
-                })
-                .collect(),
-            desired_only: self.only_desired.iter().map(|v| v.get()).collect(),
-            actual_only: self.only_actual.iter().map(|v| v.get()).collect(),
-        }
-    }
-}
-
 /// Running and queued actions from the lanes and the engine's progress records.
 fn action_views(
     lanes: &[LaneView],
@@ -878,7 +834,11 @@ fn exec_ctx(shared: &Arc<Shared>, vmid: Vmid) -> ExecCtx {
     }
 }
 
-/// Records an action's result in the backoff table; true when it succeeded.
+/// Records an action's result in the backoff table; true when it succeeded (the
+/// operation goes on with its next action). A write refused because the guest changed
+/// since it was planned is no failure: no backoff, no `failing` entry; the operation stops
+/// (its other actions were planned from the same stale read) and ending it asks for a
+/// cycle, which plans again from a fresh read.
 fn note_result(
     shared: &Shared,
     vmid: Vmid,
@@ -889,6 +849,10 @@ fn note_result(
         Ok(o) if o.is_success() => {
             lock(&shared.failing).remove(&(vmid, action));
             return true;
+        }
+        Ok(Outcome::Stale { .. }) => {
+            tracing::info!(vmid = %vmid, action, "guest changed before the write; planning again from a fresh read");
+            return false;
         }
         Ok(Outcome::Failed { error }) => error.clone(),
         Ok(_) => String::new(),

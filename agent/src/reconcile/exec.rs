@@ -12,8 +12,15 @@
 //!   started in the same second is never taken for this one) and adopted if found; only
 //!   if no such task exists and the guest still differs is the request sent again.
 //!
+//! Compare-and-set: every config write carries the config `digest` of the read its action
+//! was planned from ([`super::plan::Basis`]), so PVE refuses it if anyone changed the
+//! config since, also between the engine's last check and the write. That refusal ends
+//! the entry as [`Outcome::Stale`]: nothing was written, and the engine plans again from
+//! a fresh read (which sees the new digest) instead of retrying the old write.
+//!
 //! Must never: call a mutating Proxmox method before the intent is committed, or after the
-//! journal entered safe mode; send a request again for an entry that has a UPID.
+//! journal entered safe mode; send a request again for an entry that has a UPID; write a
+//! guest's config without the digest its action was planned against.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +29,9 @@ use felhom_protocol::Vmid;
 
 use super::journal::{Entry, IdemKey, Journal, JournalError, Outcome};
 use super::normalize::{Field, GuestKind, Norm, Param};
-use super::permit::GuestPermit;
 use super::plan::{Action, ActualGuest, Op};
 use super::pve::Pve;
+use crate::proxmox::GuestPermit;
 use crate::proxmox::{ConfigChange, ProxmoxError, SetConfigOutcome, Upid};
 
 /// Why an action did not reach an outcome. The journal entry stays open (or the journal is
@@ -100,9 +107,10 @@ fn hard_stop_type(kind: GuestKind) -> &'static str {
     }
 }
 
-/// The client's config change for the action's parameters.
-pub fn config_change(params: &[Param]) -> ConfigChange {
-    let mut change = ConfigChange::new();
+/// The client's config change for the action's parameters, based on `digest` (the config
+/// digest of the read the action was planned from).
+pub fn config_change(params: &[Param], digest: &str) -> ConfigChange {
+    let mut change = ConfigChange::new().digest(digest);
     for p in params {
         change = match p {
             Param::Set(k, v) => change.set(k.clone(), v.clone()),
@@ -178,17 +186,32 @@ async fn send(ctx: &ExecCtx, permit: &GuestPermit, entry: Entry) -> Result<Outco
             Err(e) => failed(e),
         },
         Op::Stop => stop_sequence(ctx, permit, &entry, None).await?,
-        Op::SetConfig { params, .. } => {
-            let change = config_change(params);
-            match ctx.pve.set_config(permit, kind, &change).await {
-                Ok(SetConfigOutcome::Applied) => Outcome::Succeeded { detail: None },
-                Ok(SetConfigOutcome::Task(upid)) => {
-                    record_upid(ctx, id, &upid).await?;
-                    wait(ctx, entry.vmid, &upid, ctx.task_timeout).await?
+        Op::SetConfig { params, .. } => match &entry.action.basis.digest {
+            // PVE always sends one; without it the write could not be a compare-and-set.
+            None => Outcome::Failed {
+                error: format!(
+                    "guest {}: its config was read without a digest, so a write could overwrite a concurrent change; nothing sent",
+                    entry.vmid
+                ),
+            },
+            Some(digest) => {
+                let change = config_change(params, digest);
+                match ctx.pve.set_config(permit, kind, &change).await {
+                    Ok(SetConfigOutcome::Applied) => Outcome::Succeeded { detail: None },
+                    Ok(SetConfigOutcome::Task(upid)) => {
+                        record_upid(ctx, id, &upid).await?;
+                        wait(ctx, entry.vmid, &upid, ctx.task_timeout).await?
+                    }
+                    Err(e @ ProxmoxError::ConfigChanged { .. }) => {
+                        tracing::info!(vmid = %entry.vmid, error = %e, "config changed since it was planned; nothing written");
+                        Outcome::Stale {
+                            detail: e.to_string(),
+                        }
+                    }
+                    Err(e) => failed(e),
                 }
-                Err(e) => failed(e),
             }
-        }
+        },
     };
     finish(ctx, id, outcome).await
 }

@@ -1,7 +1,8 @@
 //! Test-only in-memory Proxmox node behind the [`Pve`] seam: guests with PVE's config
 //! round-trip rules ([`super::testmodel`]), tasks that take time and change the guest when
 //! they end, synchronous LXC config writes, `qmconfig` tasks, refusals PVE gives (already
-//! running, locked), and a log of every mutating call. The end-to-end version of these
+//! running, locked, a config `digest` that is out of date), and a log of every mutating
+//! call. Every config write moves the digest, as in PVE. The end-to-end version of these
 //! tests runs the real daemon against `felhom-pvesim`.
 
 use std::collections::BTreeMap;
@@ -13,10 +14,10 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use super::normalize::{GuestKind, Param};
-use super::permit::GuestPermit;
 use super::plan::ActualGuest;
 use super::pve::{BoxFut, GuestSummary, Pve};
 use super::testmodel::pve_write;
+use crate::proxmox::GuestPermit;
 use crate::proxmox::{ConfigChange, ConfigValue, ProxmoxError, SetConfigOutcome, TaskDone, Upid};
 
 pub(crate) const TOKEN: &str = "felhom@pve!agent";
@@ -392,7 +393,20 @@ impl Pve for FakeNode {
         let r = (|| {
             let vmid = permit.vmid();
             let params = params_of(change);
-            let mut st = self.begin(vmid, "set_config", format!("{params:?}"))?;
+            let payload = format!("{params:?} digest={:?}", change.digest);
+            let mut st = self.begin(vmid, "set_config", payload)?;
+            // PVE compares the digest only when one is sent, before writing anything.
+            let current = st.guests[&vmid].config.get("digest").cloned();
+            if let Some(d) = &change.digest
+                && current.as_ref().and_then(Value::as_str) != Some(d.as_str())
+            {
+                return Err(ProxmoxError::ConfigChanged {
+                    endpoint: "set_config".into(),
+                    message:
+                        "detected modified configuration - file changed by other user? Try again."
+                            .into(),
+                });
+            }
             match kind {
                 GuestKind::Lxc => {
                     if let Some(g) = st.guests.get_mut(&vmid) {

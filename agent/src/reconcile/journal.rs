@@ -107,6 +107,10 @@ pub enum Outcome {
     AlreadyApplied,
     /// Not sent after a crash because the guest no longer needed it (state moved on).
     Superseded { reason: String },
+    /// Refused by Proxmox because the guest's config changed after the action was planned
+    /// (the `digest` it carried was out of date): nothing was written. Not a failure of
+    /// the action: the engine plans again from a fresh read, without backoff.
+    Stale { detail: String },
 }
 
 impl Outcome {

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use felhom_protocol::Vmid;
 
-use super::permit::GuestPermit;
 use super::plan::ActualGuest;
+use crate::proxmox::GuestPermit;
 use crate::proxmox::{
     Client, ConfigChange, GuestKind, ProxmoxError, SetConfigOutcome, TaskDone, TaskListFilter,
     TaskSource, Upid, WaitOptions,

@@ -45,17 +45,7 @@ use felhom_protocol::Vmid;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
-use super::permit::GuestPermit;
-
-/// The key [`GuestPermit::mint`] demands. Its field is private to this module, so only the
-/// queue can make one, and so only the queue can mint permits.
-#[derive(Debug)]
-pub(in crate::reconcile) struct MintKey(());
-
-#[cfg(test)]
-pub(in crate::reconcile) fn test_permit(vmid: Vmid) -> GuestPermit {
-    GuestPermit::mint(vmid, MintKey(()))
-}
+use crate::proxmox::GuestPermit;
 
 /// An operation's name in `status` and errors; a `&'static str` costs no allocation.
 pub type Label = Cow<'static, str>;
@@ -276,7 +266,7 @@ async fn worker(inner: Arc<Inner>) {
     loop {
         match inner.finish_and_take(finished.take()) {
             Next::Run(vmid, op) => {
-                let permit = GuestPermit::mint(vmid, MintKey(()));
+                let permit = GuestPermit::mint(vmid);
                 (op.job)(&permit).await;
                 finished = Some(vmid);
             }

@@ -1209,15 +1209,17 @@ fn qemu_config(
     for k in keys {
         qemu_key_perm(caller, vmid, k)?;
     }
+    // qemu-server compares the digest in its update handler, under the config lock and
+    // before it forks the `qmconfig` worker, in its own words: a 500 for PUT and POST.
+    let g = load(st, Kind::Qemu, vmid)?;
+    if let Some(d) = &digest
+        && *d != g.digest
+    {
+        return Err(ApiError::die(
+            "checksum missmatch (file change by other user?)",
+        ));
+    }
     if !is_async {
-        let g = load(st, Kind::Qemu, vmid)?;
-        if let Some(d) = &digest
-            && *d != g.digest
-        {
-            return Err(ApiError::die(
-                "detected modified configuration - file changed by other user? Try again.",
-            ));
-        }
         let mut rng = st.rng.fork();
         let g = st
             .guests
@@ -1229,14 +1231,7 @@ fn qemu_config(
         return data(Value::Null);
     }
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
-        let g = load_task(st, Kind::Qemu, vmid)?;
-        if let Some(d) = &digest
-            && *d != g.digest
-        {
-            return Err(
-                "detected modified configuration - file changed by other user? Try again.".into(),
-            );
-        }
+        load_task(st, Kind::Qemu, vmid)?;
         let mut rng = st.rng.fork();
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
         let mut work = g.clone();

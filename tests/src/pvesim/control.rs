@@ -1,5 +1,7 @@
 //! The simulator's own control surface (`/_sim/…`, admin token only): the request log,
-//! fault injection, state inspection and direct state changes.
+//! fault injection (including an `edit` of a guest that lands right before a chosen
+//! request is served, so a test can put a change by hand between a client's read and its
+//! write without racing on time), state inspection and direct state changes.
 //!
 //! Owns: the request log and the fault table. Must never: accept a PVE token, or log
 //! a PVE request it changed itself.
@@ -41,6 +43,9 @@ pub enum FaultKind {
     Latency,
     MalformedBody,
     DropConnection,
+    /// Not a failure: the fault's `edit` is applied to the state just before the request
+    /// is served, as if someone had changed the guest in the GUI at that moment.
+    Edit,
 }
 
 impl FaultKind {
@@ -52,6 +57,7 @@ impl FaultKind {
             FaultKind::Latency => "latency",
             FaultKind::MalformedBody => "malformed_body",
             FaultKind::DropConnection => "drop_connection",
+            FaultKind::Edit => "edit",
         }
     }
 }
@@ -66,6 +72,16 @@ pub struct FaultSpec {
     pub message: Option<String>,
     pub latency_ms: Option<u64>,
     pub times: Option<u32>,
+    /// For `edit`: the guest change to apply (a `PUT /_sim/guests/{vmid}` body).
+    pub edit: Option<GuestEdit>,
+}
+
+/// A guest change an `edit` fault applies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestEdit {
+    pub vmid: u32,
+    pub patch: GuestPatch,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +98,8 @@ pub struct FaultMatch {
     pub latency_ms: u64,
     /// The first matching non-latency fault: `(id, kind, message)`.
     pub action: Option<(u64, FaultKind, Option<String>)>,
+    /// The chosen fault's guest change when it is an `edit`.
+    pub edit: Option<GuestEdit>,
 }
 
 /// Log and faults.
@@ -170,6 +188,9 @@ impl ControlState {
         if spec.times == Some(0) {
             return Err("times must be at least 1 (omit it for 'until cleared')".into());
         }
+        if (spec.kind == FaultKind::Edit) != spec.edit.is_some() {
+            return Err("an edit fault needs \"edit\", and only an edit fault takes one".into());
+        }
         self.next_fault += 1;
         let id = self.next_fault;
         self.faults.push(Fault {
@@ -235,6 +256,7 @@ impl ControlState {
                 }
                 kind if m.action.is_none() => {
                     m.action = Some((f.id, kind, f.spec.message.clone()));
+                    m.edit = f.spec.edit.clone();
                     if kind != FaultKind::TaskFail {
                         f.hits += 1;
                         if let Some(r) = &mut f.remaining {
@@ -314,7 +336,7 @@ pub fn state_json(st: &SimState) -> Value {
 }
 
 /// `PUT /_sim/guests/{vmid}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestPatch {
     #[serde(rename = "type")]
@@ -489,7 +511,40 @@ mod tests {
             message: None,
             latency_ms: Some(5),
             times,
+            edit: None,
         }
+    }
+
+    #[test]
+    fn an_edit_fault_carries_its_change_and_needs_one() {
+        let mut c = ControlState::default();
+        assert!(
+            c.add_fault(spec("/nodes/pve1/lxc/101/config", FaultKind::Edit, Some(1)))
+                .is_err()
+        );
+        let edit: GuestEdit =
+            serde_json::from_value(json!({"vmid": 101, "patch": {"config": {"tags": "gui"}}}))
+                .unwrap();
+        let mut with_edit = spec("/nodes/pve1/lxc/101/config", FaultKind::Http500, None);
+        with_edit.edit = Some(edit.clone());
+        assert!(c.add_fault(with_edit.clone()).is_err());
+        with_edit.kind = FaultKind::Edit;
+        with_edit.method = Some("PUT".into());
+        with_edit.times = Some(1);
+        c.add_fault(with_edit).unwrap();
+        assert!(
+            c.match_faults("GET", "/nodes/pve1/lxc/101/config")
+                .edit
+                .is_none()
+        );
+        let m = c.match_faults("PUT", "/nodes/pve1/lxc/101/config");
+        assert_eq!(m.action.map(|a| a.1), Some(FaultKind::Edit));
+        assert_eq!(m.edit.map(|e| e.vmid), Some(101));
+        assert!(
+            c.match_faults("PUT", "/nodes/pve1/lxc/101/config")
+                .edit
+                .is_none()
+        );
     }
 
     #[test]

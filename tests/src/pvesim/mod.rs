@@ -221,6 +221,7 @@ impl Sim {
         }
         let mut task_fail = None;
         let mut malformed = false;
+        let edit = faults.edit;
         if let Some((id, kind, message)) = faults.action {
             match kind {
                 FaultKind::DropConnection => return Reply::Drop,
@@ -236,7 +237,7 @@ impl Sim {
                         message.unwrap_or_else(|| "simulated task failure".into()),
                     ));
                 }
-                FaultKind::Latency => {}
+                FaultKind::Latency | FaultKind::Edit => {}
             }
         }
         let token = match self.authenticate(&req) {
@@ -281,14 +282,23 @@ impl Sim {
         };
         let (result, timers) = {
             let mut st = lock(&self.state);
-            let r = api::dispatch(
-                &mut st,
-                &caller,
-                req.method.as_str(),
-                &rel,
-                params,
-                &mut ctx,
-            );
+            // An `edit` fault: the change lands under the same lock, right before this
+            // request is served.
+            let edited = match edit {
+                Some(e) => control::patch_guest(&mut st, e.vmid, e.patch).map(|_| ()),
+                None => Ok(()),
+            };
+            let r = match edited {
+                Ok(()) => api::dispatch(
+                    &mut st,
+                    &caller,
+                    req.method.as_str(),
+                    &rel,
+                    params,
+                    &mut ctx,
+                ),
+                Err(msg) => Err(ApiError::die(format!("simulated edit failed: {msg}"))),
+            };
             (r, std::mem::take(&mut st.timers))
         };
         self.spawn_timers(timers);

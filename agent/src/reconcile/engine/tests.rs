@@ -580,3 +580,202 @@ async fn open_entries_that_did_not_fit_the_queue_are_resumed_next_cycle() {
     }
     h.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A change by hand lands between the engine's last read of a guest and its config write
+/// (the fake applies it as the write arrives, `edits` times in a row). The write carries
+/// the digest of the read it was planned from, the node refuses it, and the engine plans
+/// again at once from a fresh read, without backoff (an hour here: a backoff would stall
+/// the test) and without a `failing` entry, until a write goes through. Its `features`
+/// are merged from what the guest has then, so the flag set by hand is kept.
+async fn edit_between_read_and_write(edits: usize) {
+    use crate::reconcile::journal::Outcome;
+    use crate::reconcile::normalize::Param;
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(FakeNode::new(
+        vec![(101, FakeGuest::new(GuestKind::Lxc, "stopped"))],
+        Duration::from_millis(2),
+    ));
+    {
+        let node = Arc::downgrade(&n);
+        let seen = AtomicU64::new(0);
+        n.on_call(Box::new(move |c: &Call| {
+            if c.what != "set_config" || seen.fetch_add(1, Ordering::SeqCst) >= edits as u64 {
+                return;
+            }
+            let flag = format!("keyctl=1,mknod={}", seen.load(Ordering::SeqCst) % 2);
+            if let Some(node) = node.upgrade() {
+                node.with_guest(101, |g| {
+                    crate::reconcile::testmodel::pve_write(
+                        g.kind,
+                        &mut g.config,
+                        &[Param::Set("features".into(), flag)],
+                    )
+                });
+            }
+        }));
+    }
+    let journal = Arc::new(Journal::open(dir.path()).unwrap());
+    let (_tx, rx) = watch::channel(Gate::Open);
+    let h = Engine::spawn(EngineDeps {
+        pve: n.clone(),
+        journal: journal.clone(),
+        provider: provider(
+            r#"{"generation": 1, "guests": [
+                {"vmid": 101, "config": {"nesting": true, "description": "web"}}]}"#,
+        ),
+        gate: rx,
+        settings: EngineSettings {
+            resync_interval: Duration::from_secs(3600),
+            backoff_base: Duration::from_secs(3600),
+            backoff_max: Duration::from_secs(3600),
+            ..settings()
+        },
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || h.status().applied_generation
+            == Some(1))
+        .await,
+        "converged: {:?}\ncalls: {:?}",
+        h.status(),
+        n.calls()
+    );
+    let want_features = format!("keyctl=1,mknod={},nesting=1", edits % 2);
+    assert_eq!(
+        n.guest_state(101).config.get("features"),
+        Some(&serde_json::json!(want_features)),
+        "the flag set by hand survives"
+    );
+    assert_eq!(
+        n.guest_state(101).config.get("description"),
+        Some(&serde_json::json!("web\n"))
+    );
+    // Each write carried the digest of the read before it: the first the initial one,
+    // each later one the digest the hand edit before it left.
+    let writes: Vec<String> = n.calls().into_iter().map(|c| c.payload).collect();
+    assert_eq!(writes.len(), edits + 1, "{writes:#?}");
+    for (i, w) in writes.iter().enumerate() {
+        assert!(
+            w.ends_with(&format!("digest=Some(\"{i}\")")),
+            "write {i}: {w}"
+        );
+    }
+    // The refused writes ended as stale, not failed, and nothing is failing.
+    let outcomes: Vec<Option<Outcome>> = journal
+        .recent(100)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(outcomes.len(), edits + 1, "{outcomes:?}");
+    for o in &outcomes[..edits] {
+        assert!(
+            matches!(o, Some(Outcome::Stale { detail }) if detail.contains("changed since it was read")),
+            "{o:?}"
+        );
+    }
+    assert!(matches!(outcomes[edits], Some(Outcome::Succeeded { .. })));
+    assert!(h.status().failing.is_empty(), "{:?}", h.status().failing);
+    // Converged: two more cycles send nothing.
+    let cycles = h.status().cycles;
+    h.kick();
+    assert!(wait_until(Duration::from_secs(10), || h.status().cycles > cycles).await);
+    h.kick();
+    assert!(wait_until(Duration::from_secs(10), || h.status().cycles > cycles + 1).await);
+    assert_eq!(n.calls().len(), edits + 1);
+    h.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_edit_between_read_and_write_makes_the_engine_plan_again() {
+    edit_between_read_and_write(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_before_several_writes_in_a_row_still_converge() {
+    edit_between_read_and_write(3).await;
+}
+
+/// After a crash between an intent and its write, someone changes the guest by hand while
+/// the agent is down. The resumed write still carries the digest of the read the intent
+/// was planned from, so it cannot overwrite that change: refused, the entry ends `stale`
+/// (no backoff), and the plan made from a fresh read keeps the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_write_does_not_overwrite_a_change_made_while_the_agent_was_down() {
+    use crate::reconcile::journal::{IdemKey, Outcome};
+    use crate::reconcile::normalize::Param;
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(FakeNode::new(
+        vec![(101, FakeGuest::new(GuestKind::Lxc, "stopped"))],
+        Duration::from_millis(2),
+    ));
+    let desired = r#"{"generation": 1, "guests": [{"vmid": 101, "config": {"nesting": true}}]}"#;
+    // The previous run planned and committed its intent, then died before the write.
+    let p = plan_now(
+        n.as_ref(),
+        &DesiredState::from_json(desired.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let [action] = p.actions.as_slice() else {
+        panic!("{p:?}")
+    };
+    let journal = Arc::new(Journal::open(dir.path()).unwrap());
+    journal
+        .record_intent(&IdemKey::derive(action, None), action)
+        .unwrap();
+    // The change by hand while it was down.
+    n.with_guest(101, |g| {
+        crate::reconcile::testmodel::pve_write(
+            g.kind,
+            &mut g.config,
+            &[Param::Set("features".into(), "keyctl=1".into())],
+        )
+    });
+    let (_tx, rx) = watch::channel(Gate::Open);
+    let h = Engine::spawn(EngineDeps {
+        pve: n.clone(),
+        journal: journal.clone(),
+        provider: provider(desired),
+        gate: rx,
+        settings: EngineSettings {
+            resync_interval: Duration::from_secs(3600),
+            backoff_base: Duration::from_secs(3600),
+            backoff_max: Duration::from_secs(3600),
+            ..settings()
+        },
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || h.status().applied_generation
+            == Some(1)
+            && journal.open_entries().unwrap().is_empty())
+        .await,
+        "{:?}\n{:?}",
+        h.status(),
+        n.calls()
+    );
+    assert_eq!(
+        n.guest_state(101).config.get("features"),
+        Some(&serde_json::json!("keyctl=1,nesting=1"))
+    );
+    let writes: Vec<String> = n.calls().into_iter().map(|c| c.payload).collect();
+    assert_eq!(writes.len(), 2, "{writes:#?}");
+    assert!(writes[0].ends_with("digest=Some(\"0\")"), "{}", writes[0]);
+    assert!(writes[1].ends_with("digest=Some(\"1\")"), "{}", writes[1]);
+    let outcomes: Vec<Option<Outcome>> = journal
+        .recent(10)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|e| e.outcome)
+        .collect();
+    assert!(
+        matches!(
+            outcomes.as_slice(),
+            [Some(Outcome::Stale { .. }), Some(Outcome::Succeeded { .. })]
+        ),
+        "{outcomes:?}"
+    );
+    assert!(h.status().failing.is_empty());
+    h.shutdown(Duration::from_secs(1)).await;
+}
