@@ -30,5 +30,5 @@ pub mod privileged;
 pub mod proxmox;
 pub mod reconcile;
 pub mod sensors;
-pub mod tls;
 pub mod timestamp;
+pub mod tls;

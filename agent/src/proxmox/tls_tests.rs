@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::config::{ProxmoxConfig, Secret, TlsVerify};
-use crate::reconcile::GuestPermit;
+use crate::proxmox::GuestPermit;
 use crate::tls::TlsProblem;
 
 const TOKEN_ID: &str = "felhom@pve!agent";
