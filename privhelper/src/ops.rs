@@ -94,6 +94,9 @@ pub trait System {
         fstype: Fstype,
         data: Option<&str>,
     ) -> std::io::Result<()>;
+    /// Sets [`USB_MOUNT_FLAGS`] (and `MS_RDONLY` when `read_only`) on the mount at `target`
+    /// (a bind remount: the per-mount flags only, the file system is not touched).
+    fn restrict(&self, target: &Path, read_only: bool) -> std::io::Result<()>;
     fn umount(&self, target: &Path) -> std::io::Result<()>;
     fn mountinfo(&self) -> std::io::Result<String>;
 }
@@ -134,6 +137,15 @@ impl System for RealSystem {
             data,
         )
         .map_err(std::io::Error::from)
+    }
+    fn restrict(&self, target: &Path, read_only: bool) -> std::io::Result<()> {
+        use nix::mount::MsFlags;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | USB_MOUNT_FLAGS;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+            .map_err(std::io::Error::from)
     }
     fn umount(&self, target: &Path) -> std::io::Result<()> {
         nix::mount::umount2(target, nix::mount::MntFlags::UMOUNT_NOFOLLOW)
@@ -607,6 +619,8 @@ pub struct MountEntry {
     pub fstype: String,
     /// The device the file system was mounted from, as mount(2) was given it.
     pub source: String,
+    /// The per-mount options (`rw,nosuid,nodev,noexec,noatime`).
+    pub options: Vec<String>,
 }
 
 /// What is mounted at `target`, if anything (the topmost mount).
@@ -621,6 +635,7 @@ pub fn mounted_at(mountinfo: &str, target: &Path) -> Option<MountEntry> {
                 dev: (ma.parse().ok()?, mi.parse().ok()?),
                 fstype: f.get(sep + 1)?.to_string(),
                 source: unescape_mountinfo(f.get(sep + 2)?),
+                options: f.get(5)?.split(',').map(str::to_string).collect(),
             })
         } else {
             None
@@ -726,8 +741,20 @@ pub fn usb_mount(
     let info = sys
         .mountinfo()
         .map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
+    let mut flags_restricted = false;
     let already_mounted = match mounted_at(&info, &mp) {
-        Some(m) if is_mount_of(&m, &part, fstype) => true,
+        Some(m) if is_mount_of(&m, &part, fstype) => {
+            // Adopted (mounted by hand, or by a version without these flags): it gets
+            // them now, not only at the next boot.
+            let opts = |o: &str| m.options.iter().any(|x| x == o);
+            if !fstab::FLAG_OPTIONS.iter().all(|f| opts(f)) {
+                sys.restrict(&mp, opts("ro")).map_err(|e| {
+                    mount_error(e, format!("remount {} nosuid,nodev,noexec", mp.display()))
+                })?;
+                flags_restricted = true;
+            }
+            true
+        }
         Some(m) => {
             return Err(OpError::denied(
                 ErrorKind::NameInUse,
@@ -780,6 +807,7 @@ pub fn usb_mount(
         "fstype": fstype.as_str(),
         "mount_point": mp_str,
         "already_mounted": already_mounted,
+        "flags_restricted": flags_restricted,
         "fstab_changed": fstab_changed,
     });
     Ok((
@@ -902,6 +930,13 @@ pub(crate) mod fake {
                 t.display(),
                 data.unwrap_or("-")
             ));
+            Ok(())
+        }
+        fn restrict(&self, t: &Path, ro: bool) -> std::io::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("restrict {} {ro}", t.display()));
             Ok(())
         }
         fn umount(&self, t: &Path) -> std::io::Result<()> {
@@ -1028,6 +1063,7 @@ mod tests {
             (m.dev, m.fstype.as_str(), m.source.as_str()),
             ((7, 0), "ext4", "/dev/loop0")
         );
+        assert_eq!(m.options, ["rw", "nosuid"]);
         assert_eq!(mounted_at(mi, Path::new("/mnt/felhom/other")), None);
         // btrfs: an anonymous device number; recognised by type and source.
         let b = mounted_at(mi, Path::new("/mnt/felhom/b")).unwrap();

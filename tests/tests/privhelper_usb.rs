@@ -773,3 +773,39 @@ fn blkid_runs_without_capabilities() {
     rt().block_on(client(&bed).usb_unmount(&name("caps")))
         .unwrap();
 }
+
+#[test]
+fn a_mount_made_without_the_flags_gets_them_when_adopted() {
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let disk = LoopDisk::new(&bed.dir, "adopt", 32, &["mkfs.ext4", "-q", "-F"]);
+    bed.mark_usb_partition(&disk);
+    // Mounted by hand (or by a version of the helper without these flags).
+    std::fs::create_dir(&bed.mount_root).unwrap();
+    std::fs::set_permissions(&bed.mount_root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mp = bed.mount_root.join("backup");
+    std::fs::create_dir(&mp).unwrap();
+    let st = Command::new("mount")
+        .arg(&disk.dev)
+        .arg(&mp)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = mount_at(&mp).unwrap();
+    assert!(!before.options.iter().any(|o| o == "nosuid"), "{before:?}");
+    let _h = bed.activate(Class::Usb);
+    let m = rt()
+        .block_on(client(&bed).usb_mount(&dev(&disk), &name("backup")))
+        .unwrap();
+    assert!(m.already_mounted && m.fstab_changed);
+    let after = mount_at(&mp).unwrap();
+    for flag in ["nosuid", "nodev", "noexec", "noatime"] {
+        assert!(after.options.iter().any(|o| o == flag), "{flag}: {after:?}");
+    }
+    assert_eq!(after.dev, before.dev, "the same mount, not a second one");
+    let recs = bed.audit_records();
+    assert_eq!(recs.last().unwrap()["detail"]["flags_restricted"], true);
+    rt().block_on(client(&bed).usb_unmount(&name("backup")))
+        .unwrap();
+    assert_eq!(mount_at(&mp), None, "one mount only, and it is gone");
+}
