@@ -3,7 +3,9 @@
 //! returns the response plus a detail object for the audit outcome.
 //!
 //! Must never: build a command line from anything but validated values, run a tool
-//! other than the configured one, or touch a path outside the configured roots.
+//! other than the configured one, touch a path outside the configured roots, follow a
+//! device path beyond one udev link into /dev (or say where a link points), mount a USB
+//! file system with suid, dev or exec, or unmount a mount without its managed fstab line.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
