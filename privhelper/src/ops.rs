@@ -660,9 +660,10 @@ fn io_failed(what: &str, path: &Path, e: std::io::Error) -> OpError {
 
 /// The mount root: created 0700 if missing (its parent must exist), so no local account
 /// can reach a medium's files, whatever modes the medium carries; must be a real
-/// directory (not a symlink) owned by root and not writable by group or others (an
-/// operator may open it further, e.g. 0711, see docs/privhelper.md). Returns its
-/// canonical path, so that mount points compare equal to what mountinfo shows.
+/// directory (not a symlink) owned by root and not writable by group or others. One
+/// readable by others (0755, what earlier versions created) loses its bits for others;
+/// traverse-only for others (0711) is an operator's choice and kept (docs/privhelper.md).
+/// Returns its canonical path, so that mount points compare equal to what mountinfo shows.
 fn check_mount_root(root: &Path) -> Result<PathBuf, OpError> {
     if std::fs::symlink_metadata(root).is_err() {
         std::fs::DirBuilder::new()
@@ -679,6 +680,11 @@ fn check_mount_root(root: &Path) -> Result<PathBuf, OpError> {
                 root.display()
             ),
         ));
+    }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o004 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode & !0o007))
+            .map_err(|e| io_failed("closing to others", root, e))?;
     }
     std::fs::canonicalize(root).map_err(|e| io_failed("resolving", root, e))
 }

@@ -809,3 +809,34 @@ fn a_mount_made_without_the_flags_gets_them_when_adopted() {
         .unwrap();
     assert_eq!(mount_at(&mp), None, "one mount only, and it is gone");
 }
+
+#[test]
+fn a_mount_root_open_to_others_is_closed_and_traverse_only_is_kept() {
+    need_root!();
+    let bed = Bed::new(fakes(), BedOptions::default());
+    let disk = LoopDisk::new(&bed.dir, "root", 32, &["mkfs.ext4", "-q", "-F"]);
+    bed.mark_usb_partition(&disk);
+    let _h = bed.activate(Class::Usb);
+    let c = client(&bed);
+    let rt = rt();
+    let mode = || {
+        std::fs::metadata(&bed.mount_root)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    // What earlier versions created: readable and traversable by everyone.
+    std::fs::create_dir(&bed.mount_root).unwrap();
+    std::fs::set_permissions(&bed.mount_root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rt.block_on(c.usb_mount(&dev(&disk), &name("backup")))
+        .unwrap();
+    assert_eq!(mode(), 0o750);
+    rt.block_on(c.usb_unmount(&name("backup"))).unwrap();
+    // Traverse-only for others, set by an operator for vzdump's suspend mode: kept.
+    std::fs::set_permissions(&bed.mount_root, std::fs::Permissions::from_mode(0o711)).unwrap();
+    rt.block_on(c.usb_mount(&dev(&disk), &name("backup")))
+        .unwrap();
+    assert_eq!(mode(), 0o711);
+    rt.block_on(c.usb_unmount(&name("backup"))).unwrap();
+}
