@@ -3,7 +3,8 @@
 //! /dev/null, its own process group (killed whole on timeout), and capped output.
 //!
 //! The tool inherits the capability bounding set this instance dropped to at start
-//! (see [`crate::capability`]); nothing here raises anything.
+//! (see [`crate::capability`]), or, with [`ToolCaps::None`], starts with no capabilities
+//! at all ([`crate::sys::exec_without_capabilities`]); nothing here raises anything.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -15,6 +16,16 @@ use std::time::{Duration, Instant};
 /// The only environment a tool sees.
 pub const TOOL_ENV: [(&str, &str); 2] =
     [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("LC_ALL", "C")];
+
+/// The capabilities a tool starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolCaps {
+    /// What a uid-0 program gets on exec: the instance's bounding set (smartctl, pct).
+    Class,
+    /// None (effective, permitted, inheritable and ambient empty, `no_new_privs` set):
+    /// blkid, which parses a file system from media someone else prepared.
+    None,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -76,7 +87,12 @@ impl Capped {
 /// Runs `tool args…` under `limits`. Both pipes are read in this thread with poll(2)
 /// (no helper threads: fewer wake-ups on a loaded host), until both reach EOF or the
 /// deadline passes; then the tool is reaped.
-pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput, ExecError> {
+pub fn run(
+    tool: &Path,
+    args: &[OsString],
+    limits: Limits,
+    caps: ToolCaps,
+) -> Result<ToolOutput, ExecError> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
 
@@ -90,6 +106,9 @@ pub fn run(tool: &Path, args: &[OsString], limits: Limits) -> Result<ToolOutput,
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if caps == ToolCaps::None {
+        crate::sys::exec_without_capabilities(&mut cmd);
+    }
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         tool: name.clone(),
         source,
@@ -230,6 +249,7 @@ mod tests {
                 stdout_cap: 4096,
                 stderr_cap: 100,
             },
+            ToolCaps::Class,
         )
         .unwrap();
         let env = String::from_utf8(out.stdout).unwrap();
@@ -239,11 +259,23 @@ mod tests {
             lines,
             vec!["LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
         );
-        let out = run(Path::new("/usr/bin/seq"), &["1000".into()], limits(10_000)).unwrap();
+        let out = run(
+            Path::new("/usr/bin/seq"),
+            &["1000".into()],
+            limits(10_000),
+            ToolCaps::Class,
+        )
+        .unwrap();
         assert_eq!(out.stdout, b"1\n2\n3\n4\n5\n");
         assert!(out.stdout_truncated);
         assert_eq!(out.code, Some(0));
-        let out = run(Path::new("/bin/false"), &[], limits(10_000)).unwrap();
+        let out = run(
+            Path::new("/bin/false"),
+            &[],
+            limits(10_000),
+            ToolCaps::Class,
+        )
+        .unwrap();
         assert_eq!(out.code, Some(1));
     }
 
@@ -254,6 +286,7 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "sleep 30 & echo started".into()],
             limits(20_000),
+            ToolCaps::Class,
         )
         .unwrap();
         assert_eq!(out.code, Some(0));
@@ -261,10 +294,63 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
+    /// The `Cap*` and `NoNewPrivs` lines of a tool's own /proc/self/status.
+    fn tool_status(caps: ToolCaps) -> Vec<String> {
+        let out = run(
+            Path::new("/bin/grep"),
+            &[
+                "-E".into(),
+                "^(Cap(Inh|Prm|Eff|Amb)|NoNewPrivs):".into(),
+                "/proc/self/status".into(),
+            ],
+            Limits {
+                timeout: Duration::from_secs(10),
+                stdout_cap: 4096,
+                stderr_cap: 100,
+            },
+            caps,
+        )
+        .unwrap();
+        assert_eq!(out.code, Some(0));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+
+    #[test]
+    fn a_tool_without_capabilities_has_none() {
+        let none = tool_status(ToolCaps::None);
+        assert_eq!(
+            none,
+            [
+                "CapInh: 0000000000000000",
+                "CapPrm: 0000000000000000",
+                "CapEff: 0000000000000000",
+                "CapAmb: 0000000000000000",
+                "NoNewPrivs: 1",
+            ],
+        );
+        if nix::unistd::geteuid().is_root() {
+            // The same tool as root otherwise holds what root holds.
+            let class = tool_status(ToolCaps::Class);
+            assert_ne!(class[1], "CapPrm: 0000000000000000", "{class:?}");
+        } else {
+            eprintln!("SKIP (needs root): the tool's capabilities without the drop");
+        }
+    }
+
     #[test]
     fn timeout_kills_the_group() {
         let t = std::time::Instant::now();
-        let err = run(Path::new("/bin/sleep"), &["30".into()], limits(200)).unwrap_err();
+        let err = run(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            limits(200),
+            ToolCaps::Class,
+        )
+        .unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
         assert!(t.elapsed() < Duration::from_secs(10));
     }

@@ -3,7 +3,9 @@
 //! returns the response plus a detail object for the audit outcome.
 //!
 //! Must never: build a command line from anything but validated values, run a tool
-//! other than the configured one, or touch a path outside the configured roots.
+//! other than the configured one, touch a path outside the configured roots, follow a
+//! device path beyond one udev link into /dev (or say where a link points), mount a USB
+//! file system with suid, dev or exec, or unmount a mount without its managed fstab line.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -13,13 +15,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use felhom_protocol::{
-    BlockDevicePath, DiskDevice, ErrorKind, FsUuid, Fstype, MountName, PctCreateSpec, Response,
-    SMART_OUTPUT_CAP, SmartOutput,
+    BLOCK_DEVICE_LINK_DIRS, BlockDeviceName, BlockDevicePath, DiskDevice, ErrorKind, FsUuid,
+    Fstype, MountName, PctCreateSpec, Response, SMART_OUTPUT_CAP, SmartOutput, is_kernel_name,
+    is_udev_link_name,
 };
 use serde_json::{Value, json};
 
 use crate::config::{Config, Tools};
-use crate::exec::{ExecError, Limits, ToolOutput};
+use crate::exec::{ExecError, Limits, ToolCaps, ToolOutput};
 use crate::fstab;
 
 /// Which side a failure falls on in the audit outcome.
@@ -68,7 +71,7 @@ impl From<ExecError> for OpError {
 impl From<fstab::FstabError> for OpError {
     fn from(e: fstab::FstabError) -> Self {
         match e {
-            fstab::FstabError::NameInUse { .. } => {
+            fstab::FstabError::NameInUse { .. } | fstab::FstabError::InUse { .. } => {
                 OpError::denied(ErrorKind::NameInUse, e.to_string())
             }
             other => OpError::failed(ErrorKind::Internal, other.to_string()),
@@ -83,11 +86,30 @@ pub trait System {
         tool: &Path,
         args: &[OsString],
         limits: Limits,
+        caps: ToolCaps,
     ) -> Result<ToolOutput, ExecError>;
-    fn mount(&self, source: &Path, target: &Path, fstype: Fstype) -> std::io::Result<()>;
+    /// Mounts with [`USB_MOUNT_FLAGS`] and `data` (the file-system-specific options).
+    fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fstype: Fstype,
+        data: Option<&str>,
+    ) -> std::io::Result<()>;
+    /// Sets [`USB_MOUNT_FLAGS`] (and `MS_RDONLY` when `read_only`) on the mount at `target`
+    /// (a bind remount: the per-mount flags only, the file system is not touched).
+    fn restrict(&self, target: &Path, read_only: bool) -> std::io::Result<()>;
     fn umount(&self, target: &Path) -> std::io::Result<()>;
     fn mountinfo(&self) -> std::io::Result<String>;
 }
+
+/// Every USB mount: no set-user-ID or file capabilities, no device nodes, no programs
+/// run from the medium (whoever prepared it could otherwise hand any local account root),
+/// and no access-time writes. The fstab line says the same ([`fstab::FLAG_OPTIONS`]).
+pub const USB_MOUNT_FLAGS: nix::mount::MsFlags = nix::mount::MsFlags::MS_NOSUID
+    .union(nix::mount::MsFlags::MS_NODEV)
+    .union(nix::mount::MsFlags::MS_NOEXEC)
+    .union(nix::mount::MsFlags::MS_NOATIME);
 
 #[derive(Debug, Default)]
 pub struct RealSystem;
@@ -98,18 +120,34 @@ impl System for RealSystem {
         tool: &Path,
         args: &[OsString],
         limits: Limits,
+        caps: ToolCaps,
     ) -> Result<ToolOutput, ExecError> {
-        crate::exec::run(tool, args, limits)
+        crate::exec::run(tool, args, limits, caps)
     }
-    fn mount(&self, source: &Path, target: &Path, fstype: Fstype) -> std::io::Result<()> {
+    fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fstype: Fstype,
+        data: Option<&str>,
+    ) -> std::io::Result<()> {
         nix::mount::mount(
             Some(source),
             target,
             Some(fstype.as_str()),
-            nix::mount::MsFlags::MS_NOATIME,
-            None::<&str>,
+            USB_MOUNT_FLAGS,
+            data,
         )
         .map_err(std::io::Error::from)
+    }
+    fn restrict(&self, target: &Path, read_only: bool) -> std::io::Result<()> {
+        use nix::mount::MsFlags;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | USB_MOUNT_FLAGS;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+            .map_err(std::io::Error::from)
     }
     fn umount(&self, target: &Path) -> std::io::Result<()> {
         nix::mount::umount2(target, nix::mount::MntFlags::UMOUNT_NOFOLLOW)
@@ -160,6 +198,7 @@ pub fn smart_read(
             stdout_cap: SMART_OUTPUT_CAP,
             stderr_cap: 16 * 1024,
         },
+        ToolCaps::Class,
     )?;
     let exit_status = out.code.unwrap_or(-1);
     let detail = json!({
@@ -308,6 +347,7 @@ pub fn pct_create(
             stdout_cap: 64 * 1024,
             stderr_cap: 64 * 1024,
         },
+        ToolCaps::Class,
     )?;
     drop(keys);
     let detail = json!({"exit_status": out.code, "signal": out.signal});
@@ -339,43 +379,112 @@ pub fn pct_create(
 /// A resolved USB partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsbPartition {
-    /// `/dev/<kname>` after following symlinks.
+    /// `/dev/<kname>`.
     pub dev: PathBuf,
     pub kname: String,
     pub rdev: (u64, u64),
+    /// Its udev name `/dev/disk/by-id/usb-…` (the fstab line's device).
+    pub by_id: String,
 }
 
-fn is_kname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+/// The kernel name a udev link points at: `../../<kname>` (what udev writes) or
+/// `/dev/<kname>`; anything else is not followed.
+fn kname_of_link(target: &Path) -> Option<String> {
+    let t = target.to_str()?;
+    let k = t
+        .strip_prefix("../../")
+        .or_else(|| t.strip_prefix("/dev/"))?;
+    is_kernel_name(k).then(|| k.to_string())
 }
 
-/// Follows `device`'s symlinks to `/dev/<kname>` (a block device directly in /dev), then
-/// checks in sysfs that it is a partition on a USB-attached disk:
+/// Whether `path` is a real directory (not a symlink).
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// The kernel name `device` names, found without following any link but one udev link
+/// directly in `/dev/disk/by-{id,uuid,path}`, read with one `readlink` that must land on
+/// `/dev/<kname>`. Nothing else is resolved (no canonicalize), and a refusal names only
+/// the path the agent sent, never where a link points or an errno.
+fn device_kname(device: &BlockDevicePath) -> Result<String, OpError> {
+    let refuse = |why: &str| OpError::denied(ErrorKind::NotUsb, format!("{device}: {why}"));
+    match device.name() {
+        // Checked again here: this is the helper's own boundary.
+        BlockDeviceName::Kernel(k) if is_kernel_name(k) => Ok(k.to_string()),
+        BlockDeviceName::Link { dir, link }
+            if BLOCK_DEVICE_LINK_DIRS.contains(&dir) && is_udev_link_name(link) =>
+        {
+            let base = Path::new("/dev/disk");
+            if !is_real_dir(base) || !is_real_dir(&base.join(dir)) {
+                return Err(refuse("no such udev link"));
+            }
+            let target =
+                std::fs::read_link(device.as_str()).map_err(|_| refuse("no such udev link"))?;
+            kname_of_link(&target)
+                .ok_or_else(|| refuse("is not a udev link to a device node in /dev"))
+        }
+        _ => Err(refuse(
+            "must be /dev/<kernel name> or /dev/disk/by-id|by-uuid|by-path/<udev link name>",
+        )),
+    }
+}
+
+/// The `/dev/disk/by-id/usb-…` udev link of `kname` (the first in byte order if there
+/// are several). udev makes `usb-` links only for disks on the USB bus; the fstab line is
+/// keyed on it, so at boot no other device can be mounted in its place.
+fn usb_by_id(kname: &str) -> Result<String, OpError> {
+    let dir = Path::new("/dev/disk/by-id");
+    let mut found: Vec<String> = Vec::new();
+    if is_real_dir(dir)
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with("usb-")
+                && is_udev_link_name(&name)
+                && std::fs::read_link(e.path())
+                    .ok()
+                    .and_then(|t| kname_of_link(&t))
+                    .is_some_and(|k| k == kname)
+            {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    found
+        .into_iter()
+        .next()
+        .map(|n| format!("/dev/disk/by-id/{n}"))
+        .ok_or_else(|| {
+            OpError::denied(
+                ErrorKind::NotUsb,
+                format!(
+                    "{kname}: udev has no /dev/disk/by-id/usb-… link for it (the fstab entry is keyed on that name)"
+                ),
+            )
+        })
+}
+
+/// Finds the device node `device` names ([`device_kname`]), a block device directly in
+/// /dev, then checks in sysfs that it is a partition on a USB-attached disk:
 /// `<sysfs>/class/block/<kname>` resolves inside `<sysfs>/devices/` through a `usb…`
-/// component, has a `partition` file, and its `dev` matches the node's major:minor.
-/// The same check runs on the real /sys and on a test tree.
+/// component, has a `partition` file, and its `dev` matches the node's major:minor; and
+/// finds its `usb-` udev link ([`usb_by_id`]). The same check runs on the real /sys and
+/// on a test tree.
 pub fn resolve_usb_partition(
     device: &BlockDevicePath,
     sysfs_root: &Path,
 ) -> Result<UsbPartition, OpError> {
     let not_usb = |m: String| OpError::denied(ErrorKind::NotUsb, m);
-    let dev =
-        std::fs::canonicalize(device.as_str()).map_err(|e| not_usb(format!("{device}: {e}")))?;
-    let kname = match (dev.parent(), dev.file_name().and_then(|n| n.to_str())) {
-        (Some(p), Some(n)) if p == Path::new("/dev") && is_kname(n) => n.to_string(),
-        _ => {
-            return Err(not_usb(format!(
-                "{device} resolves to {}, not a device node in /dev",
-                dev.display()
-            )));
-        }
-    };
-    let md = std::fs::metadata(&dev).map_err(|e| not_usb(format!("{}: {e}", dev.display())))?;
+    let kname = device_kname(device)?;
+    let dev = Path::new("/dev").join(&kname);
+    let md = std::fs::symlink_metadata(&dev)
+        .map_err(|_| not_usb(format!("{device}: no such block device")))?;
     if !md.file_type().is_block_device() {
-        return Err(not_usb(format!("{} is not a block device", dev.display())));
+        return Err(not_usb(format!("{device}: not a block device")));
     }
     let rdev = (
         nix::sys::stat::major(md.rdev()),
@@ -419,10 +528,17 @@ pub fn resolve_usb_partition(
             rdev.1
         )));
     }
-    Ok(UsbPartition { dev, kname, rdev })
+    let by_id = usb_by_id(&kname)?;
+    Ok(UsbPartition {
+        dev,
+        kname,
+        rdev,
+        by_id,
+    })
 }
 
-/// `blkid -p -o export <dev>` → (TYPE, UUID).
+/// `blkid -p -o export <dev>` → (TYPE, UUID). blkid parses the untrusted medium, so it
+/// runs with no capabilities ([`ToolCaps::None`]).
 fn probe(
     sys: &dyn System,
     tools: &Tools,
@@ -442,6 +558,7 @@ fn probe(
             stdout_cap: 16 * 1024,
             stderr_cap: 4 * 1024,
         },
+        ToolCaps::None,
     )?;
     if out.code != Some(0) {
         return Err(OpError::denied(
@@ -496,18 +613,42 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// major:minor of what is mounted at `target`, if anything (the topmost mount).
-pub fn mounted_at(mountinfo: &str, target: &Path) -> Option<(u64, u64)> {
+/// One line of /proc/self/mountinfo, the parts we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// major:minor; an anonymous `0:NN` for btrfs.
+    pub dev: (u64, u64),
+    pub fstype: String,
+    /// The device the file system was mounted from, as mount(2) was given it.
+    pub source: String,
+    /// The per-mount options (`rw,nosuid,nodev,noexec,noatime`).
+    pub options: Vec<String>,
+}
+
+/// What is mounted at `target`, if anything (the topmost mount).
+pub fn mounted_at(mountinfo: &str, target: &Path) -> Option<MountEntry> {
     let t = target.to_string_lossy();
     mountinfo.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         if f.len() > 4 && unescape_mountinfo(f[4]) == t {
             let (ma, mi) = f[2].split_once(':')?;
-            Some((ma.parse().ok()?, mi.parse().ok()?))
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(MountEntry {
+                dev: (ma.parse().ok()?, mi.parse().ok()?),
+                fstype: f.get(sep + 1)?.to_string(),
+                source: unescape_mountinfo(f.get(sep + 2)?),
+                options: f.get(5)?.split(',').map(str::to_string).collect(),
+            })
         } else {
             None
         }
     })
+}
+
+/// Whether the mount `m` is `part`'s file system: the same device number, or (btrfs
+/// shows an anonymous `0:NN` device) the same type mounted from the same device node.
+fn is_mount_of(m: &MountEntry, part: &UsbPartition, fstype: Fstype) -> bool {
+    m.dev == part.rdev || (m.fstype == fstype.as_str() && Path::new(&m.source) == part.dev)
 }
 
 fn io_failed(what: &str, path: &Path, e: std::io::Error) -> OpError {
@@ -517,13 +658,16 @@ fn io_failed(what: &str, path: &Path, e: std::io::Error) -> OpError {
     )
 }
 
-/// The mount root: created 0755 if missing (its parent must exist); must be a real
-/// directory (not a symlink) owned by root and not writable by group or others. Returns
-/// its canonical path, so that mount points compare equal to what mountinfo shows.
+/// The mount root: created 0700 if missing (its parent must exist), so no local account
+/// can reach a medium's files, whatever modes the medium carries; must be a real
+/// directory (not a symlink) owned by root and not writable by group or others. One
+/// readable by others (0755, what earlier versions created) loses its bits for others;
+/// traverse-only for others (0711) is an operator's choice and kept (docs/privhelper.md).
+/// Returns its canonical path, so that mount points compare equal to what mountinfo shows.
 fn check_mount_root(root: &Path) -> Result<PathBuf, OpError> {
     if std::fs::symlink_metadata(root).is_err() {
         std::fs::DirBuilder::new()
-            .mode(0o755)
+            .mode(0o700)
             .create(root)
             .map_err(|e| io_failed("creating", root, e))?;
     }
@@ -537,13 +681,18 @@ fn check_mount_root(root: &Path) -> Result<PathBuf, OpError> {
             ),
         ));
     }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o004 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode & !0o007))
+            .map_err(|e| io_failed("closing to others", root, e))?;
+    }
     std::fs::canonicalize(root).map_err(|e| io_failed("resolving", root, e))
 }
 
 /// Creates `<root>/<name>` if missing and opens it without following symlinks.
 fn open_mount_point(root: &Path, name: &MountName) -> Result<(std::fs::File, PathBuf), OpError> {
     let mp = root.join(name.as_str());
-    match std::fs::DirBuilder::new().mode(0o755).create(&mp) {
+    match std::fs::DirBuilder::new().mode(0o700).create(&mp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_failed("creating", &mp, e)),
@@ -564,6 +713,15 @@ fn open_mount_point(root: &Path, name: &MountName) -> Result<(std::fs::File, Pat
     Ok((f, mp))
 }
 
+fn mount_error(e: std::io::Error, what: String) -> OpError {
+    let kind = if e.raw_os_error() == Some(nix::libc::EBUSY) {
+        ErrorKind::Busy
+    } else {
+        ErrorKind::ToolFailed
+    };
+    OpError::failed(kind, format!("{what}: {e}"))
+}
+
 pub fn usb_mount(
     sys: &dyn System,
     cfg: &Config,
@@ -576,23 +734,44 @@ pub fn usb_mount(
     let root = check_mount_root(&cfg.mount_root)?;
     let mp = root.join(name.as_str());
     let mp_str = mp.to_string_lossy().into_owned();
-    let line = fstab::managed_line(&uuid, &mp_str, fstype, name);
+    let data = fstab::fs_data(fstype, cfg.agent_gid);
+    let entry = fstab::Entry {
+        spec: part.by_id.clone(),
+        mount_point: mp_str.clone(),
+        fstype,
+        uuid: uuid.clone(),
+        name: name.clone(),
+        data: data.clone(),
+    };
     let old = fstab::read(&cfg.fstab)?;
-    // Check the fstab before any effect, so a taken name changes nothing.
-    let new = fstab::with_entry(&old, name, &line, &mp_str)?;
+    // Check the fstab before any effect, so a taken name or UUID changes nothing.
+    let new = fstab::with_entry(&old, &entry)?;
     let info = sys
         .mountinfo()
         .map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
+    let mut flags_restricted = false;
     let already_mounted = match mounted_at(&info, &mp) {
-        Some(d) if d == part.rdev => true,
-        Some(d) => {
+        Some(m) if is_mount_of(&m, &part, fstype) => {
+            // Adopted (mounted by hand, or by a version without these flags): it gets
+            // them now, not only at the next boot.
+            let opts = |o: &str| m.options.iter().any(|x| x == o);
+            if !fstab::FLAG_OPTIONS.iter().all(|f| opts(f)) {
+                sys.restrict(&mp, opts("ro")).map_err(|e| {
+                    mount_error(e, format!("remount {} nosuid,nodev,noexec", mp.display()))
+                })?;
+                flags_restricted = true;
+            }
+            true
+        }
+        Some(m) => {
             return Err(OpError::denied(
                 ErrorKind::NameInUse,
                 format!(
-                    "{} already has another filesystem mounted (device {}:{})",
+                    "{} already has another filesystem mounted ({}, device {}:{})",
                     mp.display(),
-                    d.0,
-                    d.1
+                    m.fstype,
+                    m.dev.0,
+                    m.dev.1
                 ),
             ));
         }
@@ -603,35 +782,40 @@ pub fn usb_mount(
         // Mount onto the directory we opened (no symlink can be swapped in).
         use std::os::fd::AsRawFd;
         let target = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-        sys.mount(&part.dev, &target, fstype).map_err(|e| {
-            let kind = if e.raw_os_error() == Some(nix::libc::EBUSY) {
-                ErrorKind::Busy
-            } else {
-                ErrorKind::ToolFailed
-            };
-            OpError::failed(
-                kind,
-                format!(
-                    "mount {} on {} ({fstype}): {e}",
-                    part.dev.display(),
-                    mp.display()
-                ),
-            )
-        })?;
+        sys.mount(&part.dev, &target, fstype, data.as_deref())
+            .map_err(|e| {
+                mount_error(
+                    e,
+                    format!(
+                        "mount {} on {} ({fstype})",
+                        part.dev.display(),
+                        mp.display()
+                    ),
+                )
+            })?;
     }
     let fstab_changed = match new {
         Some(content) => {
-            fstab::write_atomic(&cfg.fstab, &content)?;
+            if let Err(e) = fstab::write_atomic(&cfg.fstab, &content) {
+                // Without its fstab line the mount would not be managed (UsbUnmount
+                // leaves unmanaged mounts alone): take back what this call mounted.
+                if !already_mounted {
+                    let _ = sys.umount(&mp);
+                }
+                return Err(e.into());
+            }
             true
         }
         None => false,
     };
     let detail = json!({
         "dev": part.dev.to_string_lossy(),
+        "by_id": part.by_id,
         "uuid": uuid.as_str(),
         "fstype": fstype.as_str(),
         "mount_point": mp_str,
         "already_mounted": already_mounted,
+        "flags_restricted": flags_restricted,
         "fstab_changed": fstab_changed,
     });
     Ok((
@@ -647,23 +831,45 @@ pub fn usb_mount(
     ))
 }
 
+/// Unmounts a managed mount: one that has its fstab line (`x-felhom.name=<name>`). Whatever
+/// else is mounted at `<mount_root>/<name>` is left alone (`name_in_use`), and so is a
+/// mount of another type than the line's. No line and nothing mounted: a no-op success.
 pub fn usb_unmount(sys: &dyn System, cfg: &Config, name: &MountName) -> OpResult {
     let root = std::fs::canonicalize(&cfg.mount_root).unwrap_or_else(|_| cfg.mount_root.clone());
     let mp = root.join(name.as_str());
     let old = fstab::read(&cfg.fstab)?;
+    let managed = fstab::managed_entry(&old, name);
     let info = sys
         .mountinfo()
         .map_err(|e| io_failed("reading", Path::new("/proc/self/mountinfo"), e))?;
-    let was_mounted = mounted_at(&info, &mp).is_some();
+    let mounted = mounted_at(&info, &mp);
+    match (&managed, &mounted) {
+        (None, Some(m)) => {
+            return Err(OpError::denied(
+                ErrorKind::NameInUse,
+                format!(
+                    "{} has a {} file system mounted that is not a felhom mount (no fstab line with x-felhom.name={name}); left alone",
+                    mp.display(),
+                    m.fstype
+                ),
+            ));
+        }
+        (Some((_, ty)), Some(m)) if m.fstype != *ty => {
+            return Err(OpError::denied(
+                ErrorKind::NameInUse,
+                format!(
+                    "{} has a {} file system mounted, not the {ty} of its fstab line; left alone",
+                    mp.display(),
+                    m.fstype
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let was_mounted = mounted.is_some();
     if was_mounted {
-        sys.umount(&mp).map_err(|e| {
-            let kind = if e.raw_os_error() == Some(nix::libc::EBUSY) {
-                ErrorKind::Busy
-            } else {
-                ErrorKind::ToolFailed
-            };
-            OpError::failed(kind, format!("umount {}: {e}", mp.display()))
-        })?;
+        sys.umount(&mp)
+            .map_err(|e| mount_error(e, format!("umount {}", mp.display())))?;
     }
     let fstab_changed = match fstab::without_entry(&old, name) {
         Some(content) => {
@@ -672,8 +878,9 @@ pub fn usb_unmount(sys: &dyn System, cfg: &Config, name: &MountName) -> OpResult
         }
         None => false,
     };
-    // Remove the (now empty) mount point we created; a non-empty or foreign one stays.
-    if let Ok(md) = std::fs::symlink_metadata(&mp)
+    // Remove the (now empty) mount point of a managed mount; a non-empty one stays.
+    if managed.is_some()
+        && let Ok(md) = std::fs::symlink_metadata(&mp)
         && md.is_dir()
     {
         let _ = std::fs::remove_dir(&mp);
@@ -708,6 +915,7 @@ pub(crate) mod fake {
             tool: &Path,
             args: &[OsString],
             _l: Limits,
+            _c: ToolCaps,
         ) -> Result<ToolOutput, ExecError> {
             let mut line = tool.display().to_string();
             for a in args {
@@ -723,11 +931,20 @@ pub(crate) mod fake {
                 signal: None,
             })
         }
-        fn mount(&self, s: &Path, t: &Path, f: Fstype) -> std::io::Result<()> {
+        fn mount(&self, s: &Path, t: &Path, f: Fstype, data: Option<&str>) -> std::io::Result<()> {
+            self.calls.lock().unwrap().push(format!(
+                "mount {} {} {f} {}",
+                s.display(),
+                t.display(),
+                data.unwrap_or("-")
+            ));
+            Ok(())
+        }
+        fn restrict(&self, t: &Path, ro: bool) -> std::io::Result<()> {
             self.calls
                 .lock()
                 .unwrap()
-                .push(format!("mount {} {} {f}", s.display(), t.display()));
+                .push(format!("restrict {} {ro}", t.display()));
             Ok(())
         }
         fn umount(&self, t: &Path) -> std::io::Result<()> {
@@ -812,12 +1029,96 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_lookup() {
-        let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n90 22 7:0 / /mnt/felhom/my\\040disk rw - ext4 /dev/loop0 rw\n";
-        assert_eq!(
-            mounted_at(mi, Path::new("/mnt/felhom/my disk")),
-            Some((7, 0))
+    fn pct_command_line_with_ipv6() {
+        let sys = RecordingSystem::default();
+        let spec = PctCreateSpec::from_json(&SPEC.replace(
+            r#""ip": "dhcp", "gw": null"#,
+            r#""ip": "2001:db8::5/64", "gw": "2001:db8::1""#,
+        ))
+        .unwrap();
+        pct_create(&sys, &tools(), Duration::from_secs(5), &spec).unwrap();
+        let calls = sys.calls.lock().unwrap();
+        assert!(
+            calls[0].contains(" --net0 name=eth0,bridge=vmbr0,ip6=2001:db8::5/64,gw6=2001:db8::1 "),
+            "{}",
+            calls[0]
         );
+        assert_eq!(
+            pct_audit_args(&spec)["net0"],
+            "name=eth0,bridge=vmbr0,ip6=2001:db8::5/64,gw6=2001:db8::1"
+        );
+        // IPv4 keeps ip=/gw=.
+        let v4 = PctCreateSpec::from_json(&SPEC.replace(
+            r#""ip": "dhcp", "gw": null"#,
+            r#""ip": "192.0.2.5/24", "gw": "192.0.2.1""#,
+        ))
+        .unwrap();
+        assert_eq!(
+            pct_argv(&v4, None)
+                .iter()
+                .skip_while(|a| *a != "--net0")
+                .nth(1)
+                .unwrap(),
+            "name=eth0,bridge=vmbr0,ip=192.0.2.5/24,gw=192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn mountinfo_lookup() {
+        let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n90 22 7:0 / /mnt/felhom/my\\040disk rw,nosuid shared:5 - ext4 /dev/loop0 rw\n91 22 0:77 / /mnt/felhom/b rw - btrfs /dev/loop1 rw,space_cache=v2\n";
+        let m = mounted_at(mi, Path::new("/mnt/felhom/my disk")).unwrap();
+        assert_eq!(
+            (m.dev, m.fstype.as_str(), m.source.as_str()),
+            ((7, 0), "ext4", "/dev/loop0")
+        );
+        assert_eq!(m.options, ["rw", "nosuid"]);
         assert_eq!(mounted_at(mi, Path::new("/mnt/felhom/other")), None);
+        // btrfs: an anonymous device number; recognised by type and source.
+        let b = mounted_at(mi, Path::new("/mnt/felhom/b")).unwrap();
+        let part = UsbPartition {
+            dev: "/dev/loop1".into(),
+            kname: "loop1".into(),
+            rdev: (7, 1),
+            by_id: "/dev/disk/by-id/usb-x".into(),
+        };
+        assert!(is_mount_of(&b, &part, Fstype::Btrfs));
+        assert!(!is_mount_of(&b, &part, Fstype::Ext4));
+        let other = UsbPartition {
+            dev: "/dev/loop2".into(),
+            ..part
+        };
+        assert!(!is_mount_of(&b, &other, Fstype::Btrfs));
+    }
+
+    #[test]
+    fn udev_links_are_read_one_step_into_dev_only() {
+        assert_eq!(
+            kname_of_link(Path::new("../../sdb1")).as_deref(),
+            Some("sdb1")
+        );
+        assert_eq!(
+            kname_of_link(Path::new("/dev/sdb1")).as_deref(),
+            Some("sdb1")
+        );
+        for bad in [
+            "../../shm/x",
+            "../../../etc/shadow",
+            "/root/.ssh/id_ed25519",
+            "/dev/shm/x",
+            "sdb1",
+            "../sdb1",
+            "../../SDB1",
+        ] {
+            assert_eq!(kname_of_link(Path::new(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn usb_mount_flags_are_nosuid_nodev_noexec_noatime() {
+        use nix::mount::MsFlags;
+        assert_eq!(
+            USB_MOUNT_FLAGS,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_NOATIME
+        );
     }
 }

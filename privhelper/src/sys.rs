@@ -1,7 +1,8 @@
 //! The only module of the helper with `unsafe`: adopting the socket systemd passes
-//! (`LISTEN_FDS`), removing the activation variables from our own environment, and
-//! `pidfd_open(2)` (which std and nix do not offer on stable). Every block says why it is
-//! sound.
+//! (`LISTEN_FDS`), removing the activation variables from our own environment,
+//! `pidfd_open(2)` (which std and nix do not offer on stable), and starting a tool with
+//! no capabilities (`prctl` and `capset(2)` between fork and exec). Every block says why
+//! it is sound.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -81,4 +82,64 @@ pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: the kernel just returned this fd to us, open and owned by no one else, so
     // taking ownership is sound and it is closed exactly once.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two of them (capabilities 0–31, 32–63).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Makes the child `cmd` starts hold no capabilities although it runs as uid 0.
+///
+/// Between fork and exec the child sets `no_new_privs` and empties its effective,
+/// permitted and inheritable sets (which empties ambient too). Neither needs a
+/// capability. On exec, the kernel would give a uid-0 program the bounding set; under
+/// `no_new_privs` it gives no more than the permitted set the caller had, which is now
+/// empty (`cap_bprm_creds_from_file`). The bounding set itself cannot be emptied: that
+/// needs `CAP_SETPCAP`, which the usb instance does not hold. If either call fails, the
+/// spawn fails and the tool does not run.
+pub fn exec_without_capabilities(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2)
+    // and capset(2) (async-signal-safe system calls), reads nothing shared, allocates
+    // nothing (the structures are on its stack) and builds its error from errno only
+    // (`last_os_error` does not allocate).
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let data = [CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            if nix::libc::syscall(
+                nix::libc::SYS_capset,
+                &mut header as *mut CapHeader,
+                data.as_ptr(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
 }

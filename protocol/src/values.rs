@@ -378,31 +378,71 @@ impl DiskDevice {
     }
 }
 
+/// A kernel block device name as it appears directly in /dev (`sdb1`, `nvme0n1p1`,
+/// `loop0`, `mmcblk0p1`): a lower-case letter, then lower-case letters and digits, ≤ 32.
+pub fn is_kernel_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// The udev link directories a [`BlockDevicePath`] may name, below `/dev/disk/`.
+pub const BLOCK_DEVICE_LINK_DIRS: [&str; 3] = ["by-id", "by-uuid", "by-path"];
+
+/// One udev link name: 1..=200 bytes of `[A-Za-z0-9._:+@=-]`, not `.` or `..` (udev
+/// replaces every other byte of a serial or a path with `_`).
+pub fn is_udev_link_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'+' | b'@' | b'=')
+        })
+}
+
 fn check_block_device_path(s: &str) -> Result<(), &'static str> {
-    let Some(rest) = s.strip_prefix("/dev/") else {
-        return Err("must be a path under /dev/");
-    };
+    const WHAT: &str =
+        "must be /dev/<kernel name> or /dev/disk/by-id|by-uuid|by-path/<udev link name>";
     if s.len() > 255 {
         return Err("must be at most 255 bytes");
     }
-    for comp in rest.split('/') {
-        if comp.is_empty() || comp == "." || comp == ".." {
-            return Err("must not contain empty, '.' or '..' components");
-        }
-        if !comp.bytes().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'+' | b'@' | b'=')
-        }) {
-            return Err("may only contain ASCII letters, digits and -_.:+@=");
-        }
+    let Some(rest) = s.strip_prefix("/dev/") else {
+        return Err(WHAT);
+    };
+    if is_kernel_name(rest) {
+        return Ok(());
     }
-    Ok(())
+    let link = rest.strip_prefix("disk/").and_then(|r| {
+        let (dir, name) = r.split_once('/')?;
+        BLOCK_DEVICE_LINK_DIRS.contains(&dir).then_some(name)
+    });
+    match link {
+        Some(name) if is_udev_link_name(name) => Ok(()),
+        _ => Err(WHAT),
+    }
 }
 
 string_newtype!(
-    /// A block device path under `/dev/` (e.g. `/dev/sdb1`, `/dev/disk/by-id/usb-…-part1`).
-    /// The helper resolves symlinks itself and re-checks what it lands on.
+    /// A block device as the agent names it: `/dev/<kernel name>` (`/dev/sdb1`) or a udev
+    /// link `/dev/disk/by-{id,uuid,path}/<name>` (`/dev/disk/by-id/usb-…-part1`). Nothing
+    /// else under /dev (no `/dev/shm/…`, no nested paths). The helper reads such a link
+    /// itself (one `readlink`, which must land on `/dev/<kernel name>`) and re-checks
+    /// what it lands on; it never resolves any other path.
     BlockDevicePath, "device", check_block_device_path
 );
+
+/// What a [`BlockDevicePath`] names, split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockDeviceName<'a> {
+    /// `/dev/<kernel name>`.
+    Kernel(&'a str),
+    /// `/dev/disk/<dir>/<link>`, `dir` one of [`BLOCK_DEVICE_LINK_DIRS`].
+    Link { dir: &'a str, link: &'a str },
+}
 
 impl BlockDevicePath {
     /// Accepts a kernel name (`sdb1`) or a `/dev/…` path.
@@ -411,6 +451,15 @@ impl BlockDevicePath {
             Self::new(s)
         } else {
             Self::new(format!("/dev/{s}"))
+        }
+    }
+
+    /// The two accepted shapes, split (the constructor guarantees one of them).
+    pub fn name(&self) -> BlockDeviceName<'_> {
+        let rest = &self.0["/dev/".len()..];
+        match rest.strip_prefix("disk/").and_then(|r| r.split_once('/')) {
+            Some((dir, link)) if !is_kernel_name(rest) => BlockDeviceName::Link { dir, link },
+            _ => BlockDeviceName::Kernel(rest),
         }
     }
 }
@@ -758,7 +807,29 @@ mod tests {
     #[test]
     fn block_device_paths() {
         assert!(BlockDevicePath::parse_user("sdb1").is_ok());
-        assert!(BlockDevicePath::new("/dev/disk/by-id/usb-JMicron_0123-0:0-part1").is_ok());
+        for ok in [
+            "/dev/sdb1",
+            "/dev/nvme0n1p1",
+            "/dev/loop7",
+            "/dev/disk/by-id/usb-JMicron_0123-0:0-part1",
+            "/dev/disk/by-uuid/0f3c1a9e-8d2b-4c1e-9a55-3b7d2e1f0a11",
+            "/dev/disk/by-path/pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0-part1",
+        ] {
+            assert!(BlockDevicePath::new(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(
+            BlockDevicePath::new("/dev/sdb1").unwrap().name(),
+            BlockDeviceName::Kernel("sdb1")
+        );
+        assert_eq!(
+            BlockDevicePath::new("/dev/disk/by-id/usb-X-part1")
+                .unwrap()
+                .name(),
+            BlockDeviceName::Link {
+                dir: "by-id",
+                link: "usb-X-part1"
+            }
+        );
         for bad in [
             "/dev/../etc/shadow",
             "/etc/passwd",
@@ -766,6 +837,19 @@ mod tests {
             "/dev//sda",
             "/dev/sd a",
             "/dev/x;y",
+            // Anywhere else under /dev, e.g. where any user can plant a symlink.
+            "/dev/shm/x",
+            "/dev/mqueue/x",
+            "/dev/disk/by-id",
+            "/dev/disk/by-label/backup",
+            "/dev/disk/by-partuuid/x",
+            "/dev/disk/by-id/a/b",
+            "/dev/disk/by-id/..",
+            "/dev/disk/by-id/.",
+            "/dev/mapper/x",
+            "/dev/dm-0",
+            "/dev/SDB1",
+            "/dev/1sda",
         ] {
             assert!(BlockDevicePath::new(bad).is_err(), "{bad}");
         }

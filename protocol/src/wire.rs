@@ -164,11 +164,15 @@ impl NetSpec {
     pub fn gw(&self) -> Option<Gateway> {
         self.gw
     }
-    /// `name=eth0,bridge=B,ip=IP[,gw=GW]`: the value of `pct create --net0`.
+    /// The value of `pct create --net0`: `name=eth0,bridge=B,ip=IP[,gw=GW]` for `dhcp`
+    /// and IPv4, `name=eth0,bridge=B,ip6=IP[,gw6=GW]` for IPv6 (PVE's net0 format takes
+    /// IPv6 only under `ip6`/`gw6`; an IPv6 address in `ip=` fails its format check).
     pub fn net0(&self) -> String {
-        let mut s = format!("name=eth0,bridge={},ip={}", self.bridge, self.ip);
-        if let Some(gw) = self.gw {
-            s.push_str(&format!(",gw={gw}"));
+        let v6 = matches!(self.ip, NetIp::Cidr { addr, .. } if addr.is_ipv6());
+        let (ip, gw) = if v6 { ("ip6", "gw6") } else { ("ip", "gw") };
+        let mut s = format!("name=eth0,bridge={},{ip}={}", self.bridge, self.ip);
+        if let Some(g) = self.gw {
+            s.push_str(&format!(",{gw}={g}"));
         }
         s
     }
@@ -571,6 +575,19 @@ mod tests {
         assert_eq!(
             PctCreateSpec::from_json(&ok).unwrap().net.net0(),
             "name=eth0,bridge=vmbr0,ip=192.0.2.5/24,gw=192.0.2.1"
+        );
+        let v6 = SPEC.replace(
+            "\"ip\": \"dhcp\", \"gw\": null",
+            "\"ip\": \"2001:db8::5/64\", \"gw\": \"2001:db8::1\"",
+        );
+        assert_eq!(
+            PctCreateSpec::from_json(&v6).unwrap().net.net0(),
+            "name=eth0,bridge=vmbr0,ip6=2001:db8::5/64,gw6=2001:db8::1"
+        );
+        let v6_no_gw = SPEC.replace("\"ip\": \"dhcp\"", "\"ip\": \"fd00::7/64\"");
+        assert_eq!(
+            PctCreateSpec::from_json(&v6_no_gw).unwrap().net.net0(),
+            "name=eth0,bridge=vmbr0,ip6=fd00::7/64"
         );
     }
 

@@ -602,6 +602,41 @@ impl LoopDisk {
         }
     }
 
+    /// The udev name [`Bed::mark_usb_partition`] gives the device, as udev names a USB
+    /// stick's partition: `/dev/disk/by-id/usb-Felhom_Test_<kname>-0:0-part1`.
+    pub fn by_id(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/dev/disk/by-id/usb-Felhom_Test_{}-0:0-part1",
+            self.kname
+        ))
+    }
+
+    /// The managed fstab line the usb helper writes for this disk (with the file system
+    /// options `data`, e.g. vfat's `uid=0,gid=G,umask=0027`).
+    pub fn managed_line(
+        &self,
+        mount_point: &Path,
+        fstype: &str,
+        name: &str,
+        data: Option<&str>,
+    ) -> String {
+        let data = data.map(|d| format!(",{d}")).unwrap_or_default();
+        format!(
+            "{} {} {fstype} nosuid,nodev,noexec,noatime,nofail{data},x-systemd.requires=/dev/disk/by-uuid/{},x-felhom.name={name} 0 0",
+            self.by_id().display(),
+            mount_point.display(),
+            self.uuid()
+        )
+    }
+
+    /// Removes the udev-style link [`Bed::mark_usb_partition`] made, if it is there.
+    fn remove_by_id(&self) {
+        let link = self.by_id();
+        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new("../..").join(&self.kname)) {
+            let _ = std::fs::remove_file(&link);
+        }
+    }
+
     /// The filesystem UUID as blkid sees it.
     pub fn uuid(&self) -> String {
         let out = Command::new("blkid")
@@ -626,6 +661,7 @@ impl Drop for LoopDisk {
                 let _ = Command::new("umount").arg(t).status();
             }
         }
+        self.remove_by_id();
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
@@ -633,8 +669,14 @@ impl Drop for LoopDisk {
 impl Bed {
     /// The test seam for "USB-attached": makes `<sysfs>/class/block/<kname>` point into a
     /// USB host controller's subtree as a partition with the disk's major:minor, as a real
-    /// USB stick's partition looks in /sys.
+    /// USB stick's partition looks in /sys, and gives it the udev link a USB partition
+    /// has, [`LoopDisk::by_id`] (in the real /dev; removed when the disk is dropped).
     pub fn mark_usb_partition(&self, disk: &LoopDisk) {
+        let link = disk.by_id();
+        std::fs::create_dir_all(link.parent().expect("by-id dir")).expect("/dev/disk/by-id");
+        disk.remove_by_id();
+        std::os::unix::fs::symlink(Path::new("../..").join(&disk.kname), &link)
+            .expect("by-id link");
         let real = self.sysfs_root.join(format!(
             "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdx/{}",
             disk.kname
@@ -651,8 +693,9 @@ impl Bed {
         std::os::unix::fs::symlink(&real, &link).expect("sysfs link");
     }
 
-    /// Makes the same device look like an internal SATA disk (not USB).
+    /// Makes the same device look like an internal SATA disk (not USB; no `usb-` udev link).
     pub fn mark_sata_partition(&self, disk: &LoopDisk) {
+        disk.remove_by_id();
         let real = self.sysfs_root.join(format!(
             "devices/pci0000:00/0000:00:17.0/ata1/host0/target0:0:0/0:0:0:0/block/sdy/{}",
             disk.kname
@@ -678,4 +721,37 @@ pub fn mounted_at(target: &Path) -> Option<String> {
         .lines()
         .find(|l| l.split(' ').nth(4) == Some(&*t))
         .and_then(|l| l.split(' ').nth(2).map(str::to_string))
+}
+
+/// What is mounted at `target` in this process's namespace (the topmost mount): the
+/// per-mount options (`rw,nosuid,nodev,noexec,noatime`), the file system type and the
+/// source, from /proc/self/mountinfo.
+pub fn mount_at(target: &Path) -> Option<MountInfo> {
+    let t = target.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(&*t))?;
+    let f: Vec<&str> = line.split(' ').collect();
+    let sep = f.iter().position(|x| *x == "-")?;
+    Some(MountInfo {
+        dev: f[2].to_string(),
+        options: f[5].split(',').map(str::to_string).collect(),
+        fstype: f.get(sep + 1)?.to_string(),
+        source: f.get(sep + 2)?.to_string(),
+        super_options: f.get(sep + 3)?.split(',').map(str::to_string).collect(),
+    })
+}
+
+/// One mount, as [`mount_at`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// major:minor.
+    pub dev: String,
+    /// The per-mount options.
+    pub options: Vec<String>,
+    pub fstype: String,
+    pub source: String,
+    pub super_options: Vec<String>,
 }

@@ -24,7 +24,8 @@
 //! USB partition in a fake sysfs instead. Nothing listens beyond loopback.
 //!
 //! Must never: touch anything outside its run directory (the loop device in `--usb-loop`
-//! mode excepted, detached at the end), or leave a process behind.
+//! mode and the `usb-` link in /dev/disk/by-id that udev would give it excepted, both
+//! removed at the end), or leave a process behind.
 
 pub mod activate;
 pub mod narrate;
@@ -462,9 +463,23 @@ impl LoopDisk {
         self.dev.rsplit('/').next().unwrap_or("loop")
     }
 
+    /// The `usb-` udev link the usb helper keys the fstab line on (udev makes one for every
+    /// partition of a USB disk; nothing makes one for a loop device).
+    fn by_id(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/dev/disk/by-id/usb-Felhom_Devstack_{}-0:0-part1",
+            self.kname()
+        ))
+    }
+
     /// `<sysfs>/class/block/<kname>` → a partition below a USB host controller, as a USB
-    /// stick's partition looks in /sys.
+    /// stick's partition looks in /sys; and its `usb-` udev link in /dev.
     fn mark_usb(&self, sysfs: &Path) -> Result<(), DevstackError> {
+        let link = self.by_id();
+        std::fs::create_dir_all("/dev/disk/by-id").map_err(io_err("creating /dev/disk/by-id"))?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(Path::new("../..").join(self.kname()), &link)
+            .map_err(io_err(format!("creating {}", link.display())))?;
         let real = sysfs.join(format!(
             "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdx/{}",
             self.kname()
@@ -494,6 +509,10 @@ impl LoopDisk {
                     let _ = Command::new("umount").arg(target).status();
                 }
             }
+        }
+        let link = self.by_id();
+        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new("../..").join(self.kname())) {
+            let _ = std::fs::remove_file(&link);
         }
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }

@@ -443,6 +443,11 @@ pub fn non_usb_block_device() -> Option<String> {
     let mut candidates: Vec<(bool, String)> = Vec::new();
     for e in std::fs::read_dir("/sys/class/block").ok()?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        // A name the protocol accepts as /dev/<kernel name> (not dm-0), so the refusal
+        // shown is the helper's USB check, not a validation error.
+        if !felhom_protocol::is_kernel_name(&name) {
+            continue;
+        }
         let Ok(real) = std::fs::canonicalize(e.path()) else {
             continue;
         };
