@@ -202,42 +202,6 @@ fn sockets_services_and_paths_match_the_contract() {
         && v.contains("AF_UNIX")
         && v.contains("AF_INET")));
 
-    // The usb helper must mount for the host: no directive that creates a mount namespace.
-    let hiding = [
-        "ProtectSystem",
-        "ProtectHome",
-        "PrivateTmp",
-        "PrivateDevices",
-        "PrivateMounts",
-        "PrivateIPC",
-        "ProtectKernelTunables",
-        "ProtectKernelModules",
-        "ProtectKernelLogs",
-        "ProtectControlGroups",
-        "ProtectProc",
-        "ProcSubset",
-        "ReadWritePaths",
-        "ReadOnlyPaths",
-        "InaccessiblePaths",
-        "TemporaryFileSystem",
-        "BindPaths",
-        "BindReadOnlyPaths",
-        "RootDirectory",
-        "RootImage",
-        "DynamicUser",
-        "PrivateUsers",
-        "MountFlags",
-        "LogNamespace",
-        "ExecPaths",
-        "NoExecPaths",
-    ];
-    let usb_text = unit("felhom-privhelper-usb.service");
-    for (k, _) in directives(&usb_text) {
-        assert!(
-            !hiding.contains(&k.as_str()),
-            "usb helper sets {k}, which hides its mounts from the host"
-        );
-    }
     // Every directive left out says why (a comment names it).
     for (name, left_out) in [
         (
@@ -309,4 +273,107 @@ fn sockets_services_and_paths_match_the_contract() {
     ]));
     let sysusers = std::fs::read_to_string(systemd_dir().join("felhom.sysusers")).unwrap();
     assert!(sysusers.lines().any(|l| l.starts_with("u felhom-agent ")));
+}
+
+/// Services that must mount in, or act on, the host's mount namespace: the usb helper
+/// mounts the USB partition for the host; pct starts containers that must see the host's
+/// mounts.
+const HOST_MOUNTERS: [&str; 2] = [
+    "felhom-privhelper-usb.service",
+    "felhom-privhelper-pct.service",
+];
+
+/// Directives that give a service a mount namespace of its own whatever else is set
+/// (systemd.exec(5); measured with systemd 252 as PID 1, PRIVSEP-NOTES §2). `MountFlags=`
+/// is here with any value: `shared` does not restore propagation once a namespace exists.
+const MOUNT_NAMESPACE: [&str; 26] = [
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateIPC",
+    "IPCNamespacePath",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadWritePaths",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "RootDirectory",
+    "RootImage",
+    "DynamicUser",
+    "PrivateUsers",
+    "MountFlags",
+    "LogNamespace",
+    "ExecPaths",
+    "NoExecPaths",
+];
+
+/// What keeps a unit's mounts out of the host's mount namespace, on systemd 252 (Debian 12,
+/// PVE 8) or on systemd >= 254 (Debian 13, PVE 9), where `PrivateNetwork=yes` (like any
+/// directive that needs a network namespace) implies `PrivateMounts=yes` unless
+/// `PrivateMounts=` is set. The rule: `PrivateMounts=no` said once, explicitly, and no
+/// directive that creates a mount namespace on its own.
+fn hides_host_mounts(text: &str) -> Vec<String> {
+    let d = directives(text);
+    let mut why = Vec::new();
+    let private_mounts: Vec<&str> = d
+        .iter()
+        .filter(|(k, _)| k == "PrivateMounts")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if private_mounts != ["no"] {
+        let implied: Vec<&str> = d
+            .iter()
+            .filter(|(k, _)| k == "PrivateNetwork" || k == "NetworkNamespacePath")
+            .map(|(k, _)| k.as_str())
+            .collect();
+        why.push(format!(
+            "PrivateMounts= is {private_mounts:?}, not exactly [\"no\"] (implied by {implied:?} on systemd >= 254)"
+        ));
+    }
+    for (k, v) in &d {
+        if MOUNT_NAMESPACE.contains(&k.as_str()) {
+            why.push(format!("{k}={v} creates a mount namespace"));
+        }
+    }
+    why
+}
+
+#[test]
+fn units_that_mount_for_the_host_say_private_mounts_no() {
+    for name in HOST_MOUNTERS {
+        let why = hides_host_mounts(&unit(name));
+        assert!(
+            why.is_empty(),
+            "{name} would mount into a namespace of its own: {why:?}"
+        );
+    }
+    // The rule can fail: the usb unit as it was before PrivateMounts=no (right on 252,
+    // hides the mount on 257), and with one file-system directive added.
+    let usb = unit("felhom-privhelper-usb.service");
+    let without: String = usb
+        .lines()
+        .filter(|l| l.trim() != "PrivateMounts=no")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, usb);
+    let why = hides_host_mounts(&without);
+    assert!(
+        why.len() == 1 && why[0].contains("PrivateNetwork"),
+        "{why:?}"
+    );
+    let why = hides_host_mounts(&format!("{usb}ProtectSystem=full\n"));
+    assert!(
+        why.len() == 1 && why[0].starts_with("ProtectSystem=full"),
+        "{why:?}"
+    );
+    let why = hides_host_mounts(&format!("{usb}PrivateMounts=yes\n"));
+    assert!(!why.is_empty(), "a second PrivateMounts= line overrides");
 }
