@@ -7,8 +7,11 @@
 //! paths to executable stand-ins in that directory, and verify the copies together (the
 //! directory of the given files is on verify's unit path, so Requires=/Wants= resolve).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use felhom_testbed::privhelper::is_root;
 
 fn systemd_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,6 +35,11 @@ macro_rules! need_analyze {
         }
     };
 }
+
+/// Where the helpers' sockets live: a directory only root can write, so the agent cannot
+/// pre-empt a socket path (a directory or file it made there would stop the socket unit
+/// from listening). The agent's own control socket stays in /run/felhom.
+const HELPER_SOCKET_DIR: &str = "/run/felhom-privhelper";
 
 const SERVICES: [(&str, u32); 4] = [
     // unit, threshold (0-100 scale; 15 = exposure 1.5)
@@ -164,8 +172,9 @@ fn sockets_services_and_paths_match_the_contract() {
         };
         assert_eq!(
             get(&sock, "ListenStream"),
-            [format!("/run/felhom/privhelper-{class}.sock")]
+            [format!("{HELPER_SOCKET_DIR}/privhelper-{class}.sock")]
         );
+        assert_eq!(get(&sock, "DirectoryMode"), ["0755"]);
         assert_eq!(get(&sock, "SocketMode"), ["0660"]);
         assert_eq!(get(&sock, "SocketUser"), ["root"]);
         assert_eq!(get(&sock, "SocketGroup"), ["felhom-agent"]);
@@ -255,6 +264,14 @@ fn sockets_services_and_paths_match_the_contract() {
         .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
         .map(|l| l.split_whitespace().collect())
         .collect();
+    assert!(entries.contains(&vec![
+        "d",
+        HELPER_SOCKET_DIR,
+        "0755",
+        "root",
+        "root",
+        "-"
+    ]));
     assert!(entries.contains(&vec![
         "d",
         "/run/felhom",
@@ -376,4 +393,110 @@ fn units_that_mount_for_the_host_say_private_mounts_no() {
     );
     let why = hides_host_mounts(&format!("{usb}PrivateMounts=yes\n"));
     assert!(!why.is_empty(), "a second PrivateMounts= line overrides");
+}
+
+/// The agent's stand-in identity for the permission check: an unused uid and gid, given
+/// the ownership tmpfiles.d would give user and group felhom-agent.
+const AGENT_ID: u32 = 64_123;
+
+#[test]
+fn the_agent_cannot_create_anything_at_a_helper_socket_path() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (chown to a stand-in uid, setpriv)");
+        return;
+    }
+    let tmpfiles = std::fs::read_to_string(systemd_dir().join("felhom.tmpfiles")).unwrap();
+    let entry = |dir: &str| -> (u32, u32, u32) {
+        let f: Vec<&str> = tmpfiles
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() >= 5 && f[0] == "d" && f[1] == dir)
+            .unwrap_or_else(|| panic!("felhom.tmpfiles has no `d {dir}` line"));
+        let id = |name: &str| match name {
+            "root" => 0,
+            "felhom-agent" => AGENT_ID,
+            other => panic!("unexpected owner {other} of {dir}"),
+        };
+        (u32::from_str_radix(f[2], 8).unwrap(), id(f[3]), id(f[4]))
+    };
+    // A copy of /run (0755 root) with each directory as tmpfiles.d makes it.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let make = |dir: &str| {
+        let (mode, uid, gid) = entry(dir);
+        let p = tmp.path().join(dir.trim_start_matches('/'));
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    std::fs::create_dir(tmp.path().join("run")).unwrap();
+    std::fs::set_permissions(
+        tmp.path().join("run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    make("/run/felhom");
+    let agent_rw: Vec<String> = directives(&unit("felhom-agent.service"))
+        .into_iter()
+        .filter(|(k, _)| k == "ReadWritePaths")
+        .map(|(_, v)| v)
+        .collect();
+    // As the agent (its uid, its group): make a directory, then a file, at `path`.
+    let as_agent = |path: &Path| -> Vec<bool> {
+        ["mkdir \"$0\"", ": > \"$0\""]
+            .iter()
+            .map(|script| {
+                let st = Command::new("setpriv")
+                    .arg(format!("--reuid={AGENT_ID}"))
+                    .arg(format!("--regid={AGENT_ID}"))
+                    .arg(format!("--groups={AGENT_ID}"))
+                    .args(["--", "/bin/sh", "-c", script])
+                    .arg(path)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .expect("setpriv (package util-linux)");
+                let made = st.success() && path.symlink_metadata().is_ok();
+                let _ = std::fs::remove_dir(path).or_else(|_| std::fs::remove_file(path));
+                made
+            })
+            .collect()
+    };
+    let mut seen = 0;
+    for e in std::fs::read_dir(systemd_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "socket") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (k, path) in directives(&text) {
+            if k != "ListenStream" {
+                continue;
+            }
+            let sock = Path::new(&path);
+            let parent = sock.parent().unwrap().to_str().unwrap();
+            assert_eq!(
+                sock.parent().and_then(Path::parent),
+                Some(Path::new("/run")),
+                "{path}: only /run (root's) may be above the socket directory"
+            );
+            assert!(
+                !agent_rw.iter().any(|rw| Path::new(parent).starts_with(rw)),
+                "{path}: below the agent's ReadWritePaths {agent_rw:?}"
+            );
+            make(parent);
+            let at = tmp.path().join(path.trim_start_matches('/'));
+            assert_eq!(
+                as_agent(&at),
+                [false, false],
+                "the agent can create a directory or file at {path}"
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 3, "one ListenStream per helper class");
+    // The check can fail: in its own directory the agent can do both.
+    let own = tmp.path().join("run/felhom/privhelper-usb.sock");
+    assert_eq!(as_agent(&own), [true, true], "the agent's own directory");
 }
