@@ -1045,6 +1045,22 @@ fn the_deb_under_a_booted_systemd() {
 
     // ---- upgrade, remove, purge --------------------------------------------------------
     step("upgrade keeps the operator's config and restarts the agent");
+    // As after an install from before the sockets moved: the smart socket bound at the
+    // old path in /run/felhom. The upgrade replaces the unit (here: the drop-in goes);
+    // a daemon-reload alone keeps the old binding, so postinst must move it.
+    m.write(
+        "/run/systemd/system/felhom-privhelper-smart.socket.d/old-path.conf",
+        b"[Socket]\nListenStream=\nListenStream=/run/felhom/privhelper-smart.sock\n",
+        0o644,
+    );
+    m.out("systemctl daemon-reload && systemctl restart felhom-privhelper-smart.socket");
+    m.check(
+        m.root().join("run/felhom/privhelper-smart.sock").exists()
+            && m.prop("felhom-privhelper-smart.socket", "Listen")
+                == "/run/felhom/privhelper-smart.sock (Stream)",
+        "the smart socket is not at the old path for the upgrade step",
+    );
+    m.out("rm -r /run/systemd/system/felhom-privhelper-smart.socket.d");
     let config_before = m.out("cat /etc/felhom/agent.json");
     let old_pid = m.prop("felhom-agent.service", "MainPID");
     let (code, out, err) = m.run(&format!(
@@ -1071,6 +1087,15 @@ fn the_deb_under_a_booted_systemd() {
     for s in SOCKETS {
         m.check(m.active(s), &format!("{s} not listening after upgrade"));
     }
+    m.check(
+        !m.root().join("run/felhom/privhelper-smart.sock").exists(),
+        "the old smart socket was left in /run/felhom",
+    );
+    let out = m.out("runuser -u felhom-agent -- felhom-agent privileged ping --class smart");
+    m.check(
+        out.contains("smart: ok"),
+        &format!("smart after the upgrade moved its socket: {out}"),
+    );
 
     step("remove stops everything and keeps the config");
     m.out("dpkg -r felhom-agent");
