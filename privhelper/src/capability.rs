@@ -62,7 +62,8 @@ fn last_cap() -> u8 {
 /// Drops to the class's set. Returns the set kept (class set ∩ what we had).
 ///
 /// Only real changes are made: under the shipped units the bounding set is already the
-/// class's (`CapabilityBoundingSet=`), so no `capset(2)` is needed — which matters
+/// class's (`CapabilityBoundingSet=`, and on systemd 257 the inheritable set too), so
+/// no `capset(2)` is needed — which matters
 /// because the smart and usb units' system call filters refuse `@privileged` (capset).
 /// A capability that cannot be dropped is an error only if we still hold it.
 pub fn drop_to_class(class: Class) -> Result<CapsHashSet, CapError> {
@@ -86,9 +87,13 @@ pub fn drop_to_class(class: Class) -> Result<CapsHashSet, CapError> {
     if !caps::read(None, CapSet::Ambient).map_err(err)?.is_empty() {
         caps::clear(None, CapSet::Ambient).map_err(err)?;
     }
+    // systemd 257 (Debian 13, PVE 9; not 252) starts root services with the inheritable set
+    // equal to the bounding set, i.e. the class's set. Inheritable capabilities within
+    // what we keep grant a child nothing we could not pass anyway (and root's exec
+    // takes the bounding set regardless), so only a wider set is cleared.
     if !caps::read(None, CapSet::Inheritable)
         .map_err(err)?
-        .is_empty()
+        .is_subset(&keep)
     {
         caps::clear(None, CapSet::Inheritable).map_err(err)?;
     }

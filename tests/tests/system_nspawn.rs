@@ -4,8 +4,9 @@
 //! host's network namespace), then:
 //!
 //! - install: user and group, sockets enabled and listening, the agent enabled but not
-//!   started; `/run/felhom`, `/var/log/felhom`, the sockets and the config with their
-//!   owners and modes;
+//!   started; `/run/felhom-privhelper`, `/run/felhom`, `/var/log/felhom`, the sockets
+//!   and the config with their owners and modes; the agent's user cannot create
+//!   anything beside the helper sockets;
 //! - the agent runs as `felhom-agent` under the shipped unit, unchanged (no drop-in),
 //!   with its hardening in effect (`systemctl show` and `/proc/<pid>/status`), logs to
 //!   journald, and its reports (with a SMART read through the helper) reach the hub;
@@ -15,7 +16,8 @@
 //! - another user cannot connect, a user in the agent's group connects and is refused;
 //! - a USB mount by the usb instance (a loop image bound into the container, marked
 //!   USB-attached through the helper's `sysfs_root` test seam) is in PID 1's mount
-//!   namespace and in /etc/fstab, and the unmount removes both;
+//!   namespace right after the call and still after the instance's idle exit, and in
+//!   /etc/fstab; the unmount removes both;
 //! - the secrets as systemd credentials (LoadCredential=) work under the hardened unit;
 //! - upgrade keeps the operator's config and its owner and restarts the agent; remove
 //!   stops everything; purge removes /etc/felhom, keeps state unless
@@ -25,13 +27,15 @@
 //! booting it (no systemd running, as in an image build or a chroot).
 //!
 //! Runs only when `.ci/run` says the environment is there: root, `FELHOM_DEB` (the
-//! package) and `FELHOM_NSPAWN_ROOTFS` (a debootstrapped bookworm with systemd; `.ci/run`
-//! creates and caches it). Otherwise it prints SKIP and passes.
+//! package) and `FELHOM_NSPAWN_ROOTFS` (a debootstrapped Debian with systemd; `.ci/run`
+//! creates and caches bookworm (systemd 252) and trixie (257) and runs this file once
+//! against each). Otherwise it prints SKIP and passes.
 //!
 //! Limits of nspawn (PRIVSEP-NOTES §5): no CAP_SYS_RAWIO in the bounding set, the device
 //! cgroup is not enforced, hybrid cgroups (IPAddressDeny= is not applied). None of these
-//! stops a shipped unit from starting, so no unit is changed for the test; what they
-//! leave unchecked is listed in the README ("What only a real Proxmox host can check").
+//! stops a shipped unit from starting. The one change for the test is a drop-in that
+//! adds `DeviceAllow=block-loop rw` to the usb unit (the stand-in disk is a loop device;
+//! the shipped unit allows USB disk kinds only). What they leave unchecked is listed in the README ("What only a real Proxmox host can check").
 //!
 //! Teardown always runs (Drop): the container is stopped, the loop device detached, the
 //! temporary files removed. On a failed check the container's journal and unit states
@@ -235,7 +239,7 @@ impl Machine {
         for cmd in [
             "systemctl list-units --all --no-pager --no-legend 'felhom*'",
             "systemctl --failed --no-pager --no-legend",
-            "ls -la /run/felhom /var/log/felhom /etc/felhom",
+            "ls -la /run/felhom /run/felhom-privhelper /var/log/felhom /etc/felhom",
             "journalctl -b --no-pager -n 150 -o short-monotonic",
         ] {
             let o = self.sh(cmd);
@@ -456,6 +460,12 @@ fn the_deb_under_a_booted_systemd() {
         tmp.path().join("nspawn.log"),
     );
     eprintln!("booted in {:?}", booting.elapsed());
+    let version = m.out("systemctl --version");
+    eprintln!(
+        "container: {} ({})",
+        version.lines().next().unwrap_or_default(),
+        m.out("cat /etc/debian_version").trim()
+    );
 
     // ---- install ---------------------------------------------------------------------
     step("dpkg -i");
@@ -493,13 +503,14 @@ fn the_deb_under_a_booted_systemd() {
         "the agent was started before it was configured",
     );
     assert_eq!(m.stat("/run/felhom"), "1770 root felhom-agent directory");
+    assert_eq!(m.stat("/run/felhom-privhelper"), "755 root root directory");
     assert_eq!(
         m.stat("/var/log/felhom"),
         "2750 root felhom-agent directory"
     );
     for class in ["pct", "usb", "smart"] {
         assert_eq!(
-            m.stat(&format!("/run/felhom/privhelper-{class}.sock")),
+            m.stat(&format!("/run/felhom-privhelper/privhelper-{class}.sock")),
             "660 root felhom-agent socket",
             "socket of {class}"
         );
@@ -511,6 +522,12 @@ fn the_deb_under_a_booted_systemd() {
     assert_eq!(
         m.stat("/etc/felhom/privhelper.json"),
         "644 root root regular file"
+    );
+    let (code, _, _) =
+        m.run("runuser -u felhom-agent -- mkdir /run/felhom-privhelper/privhelper-usb.sock.new");
+    m.check(
+        code != 0,
+        "the agent's user can create entries beside the helper sockets",
     );
 
     // ---- configure -------------------------------------------------------------------
@@ -601,6 +618,15 @@ fn the_deb_under_a_booted_systemd() {
     );
     let sysfs = "/var/lib/felhom-test/sys";
     mark_usb(&m, sysfs, &disk);
+    // The shipped usb unit allows block-sd and block-blkext only; the stand-in disk is a
+    // loop device. The test's own drop-in allows it (nspawn here enforces no device
+    // cgroup, but a host that does would refuse the open without it).
+    m.write(
+        "/etc/systemd/system/felhom-privhelper-usb.service.d/test-loop.conf",
+        b"[Service]\nDeviceAllow=block-loop rw\n",
+        0o644,
+    );
+    m.out("systemctl daemon-reload");
     m.write(
         "/etc/felhom/privhelper.json",
         json!({
@@ -864,57 +890,94 @@ fn the_deb_under_a_booted_systemd() {
     );
 
     // ---- USB mount into PID 1's namespace ----------------------------------------------
-    step("USB mount by the usb instance is visible in PID 1's mount namespace");
+    // The mount must be the host's: in PID 1's namespace right after the call, and still
+    // there after the instance that made it has exited. With a private mount namespace
+    // (systemd >= 254 makes one for PrivateNetwork= unless PrivateMounts=no) it is in
+    // neither place, while the audit log says ok and the fstab line is written.
+    step("USB mount by the usb instance is in PID 1's mount namespace and outlives it");
+    let usb = "felhom-privhelper-usb.service";
+    m.wait(20, "the usb instance to exit when idle", || !m.active(usb));
     let fstab_before = m.out("cat /etc/fstab");
+    let t0 = m.activated_at(usb);
     let out = m.out(&format!(
         "runuser -u felhom-agent -- felhom-agent privileged usb-mount {dev} backup"
     ));
     eprintln!("{out}");
+    m.check(
+        m.activated_at(usb) > t0,
+        "usb-mount did not activate the usb instance",
+    );
     let pid1 = m.leader;
-    let findmnt = Command::new("nsenter")
-        .arg("-t")
-        .arg(pid1.to_string())
-        // -p too: findmnt reads /proc/self/mountinfo, which needs the container's pids.
-        .args([
-            "-m",
-            "-p",
-            "--",
-            "findmnt",
-            "-n",
-            "-o",
-            "SOURCE,FSTYPE",
-            "/mnt/felhom/backup",
-        ])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
-    let seen = String::from_utf8_lossy(&findmnt.stdout).trim().to_string();
-    if !(findmnt.status.success() && seen == format!("{dev} ext4")) {
-        m.fail(&format!(
-            "findmnt /mnt/felhom/backup in PID 1's namespace: {seen:?} ({}; {}); usb-mount said: {out}; all mounts:\n{}",
-            findmnt.status,
-            String::from_utf8_lossy(&findmnt.stderr).trim(),
-            m.out("findmnt -l -o TARGET,SOURCE,FSTYPE")
-        ));
-    }
-    // The same from the host: PID 1's mountinfo has it, from the loop device.
     let majmin = format!("{}:{}", disk.rdev.0, disk.rdev.1);
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid1}/mountinfo")).unwrap();
-    m.check(
-        mountinfo.lines().any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            f.get(2) == Some(&majmin.as_str()) && f.get(4) == Some(&"/mnt/felhom/backup")
-        }),
-        &format!("/proc/{pid1}/mountinfo lacks {majmin} on /mnt/felhom/backup"),
-    );
+    // From the host: PID 1's mountinfo has the loop device on the mount point.
+    let in_pid1 = || {
+        std::fs::read_to_string(format!("/proc/{pid1}/mountinfo"))
+            .unwrap()
+            .lines()
+            .any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(2) == Some(&majmin.as_str()) && f.get(4) == Some(&"/mnt/felhom/backup")
+            })
+    };
+    // From inside: findmnt in PID 1's mount namespace.
+    let findmnt = || {
+        let o = Command::new("nsenter")
+            .arg("-t")
+            .arg(pid1.to_string())
+            // -p too: findmnt reads /proc/self/mountinfo, which needs the container's pids.
+            .args([
+                "-m",
+                "-p",
+                "--",
+                "findmnt",
+                "-n",
+                "-o",
+                "SOURCE,FSTYPE",
+                "/mnt/felhom/backup",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
+    };
+    for when in ["after usb-mount", "after the usb instance's idle exit"] {
+        if when != "after usb-mount" {
+            m.wait(20, "the usb instance to exit when idle", || !m.active(usb));
+            m.check(
+                m.prop(usb, "Result") == "success",
+                "the usb instance did not exit cleanly",
+            );
+        }
+        let (ok, seen) = findmnt();
+        if !(ok && seen == format!("{dev} ext4") && in_pid1()) {
+            m.fail(&format!(
+                "{when}: /mnt/felhom/backup is not mounted in PID 1's namespace (findmnt: {seen:?}, \
+                 /proc/{pid1}/mountinfo has {majmin} there: {}); usb-mount said: {out}; all mounts:\n{}",
+                in_pid1(),
+                m.out("findmnt -l -o TARGET,SOURCE,FSTYPE")
+            ));
+        }
+    }
+    // The managed line (its exact options are the helper's business, see privhelper_usb).
     let fstab = m.out("cat /etc/fstab");
-    let line = format!(
-        "UUID={uuid} /mnt/felhom/backup ext4 defaults,nofail,noatime,x-felhom.name=backup 0 2"
-    );
+    let lines: Vec<Vec<&str>> = fstab
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.get(1) == Some(&"/mnt/felhom/backup"))
+        .collect();
     m.check(
-        fstab.contains(&line),
-        &format!("fstab lacks {line}:\n{fstab}"),
+        lines.len() == 1
+            && lines[0].len() == 6
+            && lines[0].join(" ").contains(uuid.as_str())
+            && lines[0][2] == "ext4"
+            && lines[0][3].split(',').any(|o| o == "nofail")
+            && lines[0][3].split(',').any(|o| o == "x-felhom.name=backup"),
+        &format!("fstab lacks one managed line for UUID {uuid} on /mnt/felhom/backup:\n{fstab}"),
     );
     m.out("runuser -u felhom-agent -- felhom-agent privileged usb-unmount backup");
     let (code, _, _) = m.run("findmnt /mnt/felhom/backup");
@@ -982,6 +1045,22 @@ fn the_deb_under_a_booted_systemd() {
 
     // ---- upgrade, remove, purge --------------------------------------------------------
     step("upgrade keeps the operator's config and restarts the agent");
+    // As after an install from before the sockets moved: the smart socket bound at the
+    // old path in /run/felhom. The upgrade replaces the unit (here: the drop-in goes);
+    // a daemon-reload alone keeps the old binding, so postinst must move it.
+    m.write(
+        "/run/systemd/system/felhom-privhelper-smart.socket.d/old-path.conf",
+        b"[Socket]\nListenStream=\nListenStream=/run/felhom/privhelper-smart.sock\n",
+        0o644,
+    );
+    m.out("systemctl daemon-reload && systemctl restart felhom-privhelper-smart.socket");
+    m.check(
+        m.root().join("run/felhom/privhelper-smart.sock").exists()
+            && m.prop("felhom-privhelper-smart.socket", "Listen")
+                == "/run/felhom/privhelper-smart.sock (Stream)",
+        "the smart socket is not at the old path for the upgrade step",
+    );
+    m.out("rm -r /run/systemd/system/felhom-privhelper-smart.socket.d");
     let config_before = m.out("cat /etc/felhom/agent.json");
     let old_pid = m.prop("felhom-agent.service", "MainPID");
     let (code, out, err) = m.run(&format!(
@@ -1008,6 +1087,15 @@ fn the_deb_under_a_booted_systemd() {
     for s in SOCKETS {
         m.check(m.active(s), &format!("{s} not listening after upgrade"));
     }
+    m.check(
+        !m.root().join("run/felhom/privhelper-smart.sock").exists(),
+        "the old smart socket was left in /run/felhom",
+    );
+    let out = m.out("runuser -u felhom-agent -- felhom-agent privileged ping --class smart");
+    m.check(
+        out.contains("smart: ok"),
+        &format!("smart after the upgrade moved its socket: {out}"),
+    );
 
     step("remove stops everything and keeps the config");
     m.out("dpkg -r felhom-agent");
@@ -1016,7 +1104,9 @@ fn the_deb_under_a_booted_systemd() {
         m.check(!m.active(s), &format!("{s} still listening"));
     }
     m.check(
-        !m.root().join("run/felhom/privhelper-smart.sock").exists(),
+        !m.root()
+            .join("run/felhom-privhelper/privhelper-smart.sock")
+            .exists(),
         "socket file left behind",
     );
     m.check(
@@ -1080,14 +1170,14 @@ fn the_deb_installs_where_systemd_is_not_running() {
          test ! -d /run/systemd/system
          dpkg -i /felhom-deb/{deb_name}
          id felhom-agent
-         stat -c '%a %U %G' /run/felhom /var/log/felhom /etc/felhom/agent.json
+         stat -c '%a %U %G' /run/felhom-privhelper /run/felhom /var/log/felhom /etc/felhom/agent.json
          for u in sockets.target.wants/felhom-privhelper-pct.socket \
                   sockets.target.wants/felhom-privhelper-usb.socket \
                   sockets.target.wants/felhom-privhelper-smart.socket \
                   multi-user.target.wants/felhom-agent.service; do
            test -L /etc/systemd/system/$u || {{ echo \"not enabled: $u\"; exit 1; }}
          done
-         test -z \"$(ls /run/felhom)\"
+         test -z \"$(ls -A /run/felhom)$(ls -A /run/felhom-privhelper)\"
          dpkg --purge felhom-agent
          test ! -e /etc/felhom
          echo chroot-ok"
@@ -1117,7 +1207,8 @@ fn the_deb_installs_where_systemd_is_not_running() {
         "install without systemd running failed:\n{text}"
     );
     assert!(
-        text.contains("1770 root felhom-agent")
+        text.contains("755 root root")
+            && text.contains("1770 root felhom-agent")
             && text.contains("2750 root felhom-agent")
             && text.contains("640 root felhom-agent"),
         "{text}"

@@ -28,7 +28,7 @@
 //! | `hub.url`, `hub.token` / `hub.token_file` / credential `hub-token` | needed when enabled |
 //! | `hub.ca_file` / `hub.tls.pin_sha256` | at most one; system roots when neither |
 //! | `hub.test_min_poll_interval_seconds` | unset (test bed only) |
-//! | `privhelper.socket_dir`, `.audit_log`, `.timeout_seconds` | `/run/felhom`, `/var/log/felhom/privhelper-audit.jsonl`, 30 |
+//! | `privhelper.socket_dir`, `.audit_log`, `.timeout_seconds` | `/run/felhom-privhelper`, `/var/log/felhom/privhelper-audit.jsonl`, 30 |
 //! | `sensors.hwmon_root` | `/sys/class/hwmon` |
 //! | `smart.interval_seconds`, `smart.devices` (env: comma list) | 1800, discover |
 //! | `cloudflared.metrics_url`, `.timeout_seconds` | `http://127.0.0.1:20241`, 2 |
@@ -276,7 +276,7 @@ pub struct ControlConfig {
 impl Default for PrivhelperConfig {
     fn default() -> Self {
         PrivhelperConfig {
-            socket_dir: PathBuf::from("/run/felhom"),
+            socket_dir: PathBuf::from("/run/felhom-privhelper"),
             audit_log: PathBuf::from("/var/log/felhom/privhelper-audit.jsonl"),
             timeout: Duration::from_secs(30),
         }

@@ -49,7 +49,10 @@ fn the_documented_shape_loads_with_defaults() {
     assert_eq!(format_fingerprint(&pin), PIN);
     assert!(matches!(c.hub.mode, HubMode::Disabled));
     assert_eq!(c.privhelper.timeout, Duration::from_secs(30));
-    assert_eq!(c.privhelper.socket_dir, PathBuf::from("/run/felhom"));
+    assert_eq!(
+        c.privhelper.socket_dir,
+        PathBuf::from("/run/felhom-privhelper")
+    );
     assert_eq!(c.smart.interval_seconds, 1800);
     assert_eq!(c.smart.devices, None);
     assert_eq!(c.cloudflared.metrics_url, "http://127.0.0.1:20241");

@@ -413,15 +413,15 @@ mod tests {
         let c = Client::new(&PrivhelperConfig::default());
         assert_eq!(
             c.socket_path(Class::Pct),
-            Path::new("/run/felhom/privhelper-pct.sock")
+            Path::new("/run/felhom-privhelper/privhelper-pct.sock")
         );
         assert_eq!(
             c.socket_path(Class::Usb),
-            Path::new("/run/felhom/privhelper-usb.sock")
+            Path::new("/run/felhom-privhelper/privhelper-usb.sock")
         );
         assert_eq!(
             c.socket_path(Class::Smart),
-            Path::new("/run/felhom/privhelper-smart.sock")
+            Path::new("/run/felhom-privhelper/privhelper-smart.sock")
         );
     }
 }
