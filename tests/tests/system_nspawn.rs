@@ -396,6 +396,14 @@ fn mark_usb(m: &Machine, sysfs: &str, disk: &LoopDisk) {
         .join(format!("{sysfs}/class/block/{}", disk.kname).trim_start_matches('/'));
     std::fs::create_dir_all(link.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink(&real, &link).unwrap();
+    // The udev `usb-` by-id link the usb helper keys the fstab line on (no udev runs in
+    // the container, so the test plants the link udev would make).
+    let by_id = disk.by_id();
+    m.out(&format!(
+        "mkdir -p /dev/disk/by-id && ln -sfn ../../{} {}",
+        disk.kname,
+        by_id.display()
+    ));
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -962,22 +970,26 @@ fn the_deb_under_a_booted_systemd() {
             ));
         }
     }
-    // The managed line (its exact options are the helper's business, see privhelper_usb).
+    // The mount cannot grant root on either systemd: nosuid,nodev,noexec in PID 1's
+    // namespace (the shell runs there).
+    let opts = m.out("findmnt -n -o OPTIONS /mnt/felhom/backup");
+    m.check(
+        ["nosuid", "nodev", "noexec"]
+            .iter()
+            .all(|o| opts.trim().split(',').any(|x| x == *o)),
+        &format!("/mnt/felhom/backup is mounted without nosuid,nodev,noexec: {opts}"),
+    );
+    // Exactly one managed line, the one the helper writes (keyed on the by-id link, with
+    // the UUID's device required, fsck pass 0).
     let fstab = m.out("cat /etc/fstab");
-    let lines: Vec<Vec<&str>> = fstab
+    let want = disk.managed_line(Path::new("/mnt/felhom/backup"), "ext4", "backup", None);
+    let lines: Vec<&str> = fstab
         .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.get(1) == Some(&"/mnt/felhom/backup"))
+        .filter(|l| l.split_whitespace().nth(1) == Some("/mnt/felhom/backup"))
         .collect();
     m.check(
-        lines.len() == 1
-            && lines[0].len() == 6
-            && lines[0].join(" ").contains(uuid.as_str())
-            && lines[0][2] == "ext4"
-            && lines[0][3].split(',').any(|o| o == "nofail")
-            && lines[0][3].split(',').any(|o| o == "x-felhom.name=backup"),
-        &format!("fstab lacks one managed line for UUID {uuid} on /mnt/felhom/backup:\n{fstab}"),
+        lines == [want.as_str()] && want.contains(uuid.as_str()),
+        &format!("fstab lacks the one managed line {want:?} for UUID {uuid}:\n{fstab}"),
     );
     m.out("runuser -u felhom-agent -- felhom-agent privileged usb-unmount backup");
     let (code, _, _) = m.run("findmnt /mnt/felhom/backup");
