@@ -251,7 +251,8 @@ impl Layout {
             mkdir(d, 0o755)?;
         }
         mkdir(&self.state, 0o700)?;
-        // Helper sockets and the agent's control socket, like /run/felhom.
+        // Helper sockets and the agent's control socket in one directory (on a host the
+        // helpers' are in root-only /run/felhom-privhelper, the agent's in /run/felhom).
         mkdir(&self.sockets, 0o755)?;
         if let Some(parent) = self.mount_root.parent() {
             mkdir(parent, 0o755)?;
