@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn error_form_per_version() {
@@ -362,7 +362,13 @@ async fn control_api_refuses_pve_tokens() {
 async fn the_published_schema_refuses_what_pve_refuses() {
     let sim = spawn(&["--guests", "6"]);
     let before = get(&sim, "/nodes/pve1/lxc/101/config").await;
-    let cases: [(&str, &str, Vec<(&str, &str)>, serde_json::Value); 3] = [
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        Value,
+    );
+    let cases: [Case; 3] = [
         (
             "PUT",
             "/nodes/pve1/lxc/101/config",
