@@ -118,18 +118,19 @@ pub fn dispatch(
     let ni = || ApiError::not_implemented(method, rel);
 
     // PVE's published schema: the template's `{param}`s join the parameters (a query or
-    // body parameter of the same name is refused), and all of them are checked after the
-    // endpoint's permission, before the handler's own, more specific checks.
+    // body parameter of the same name with another value is refused, as pve-manager's
+    // rest_handler does), and all of them are checked after the endpoint's permission,
+    // before the handler's own, more specific checks.
     let api = apischema::global()
         .map_err(|e| ApiError::die(format!("pvesim cannot check parameters: {e}")))?;
     let matched = api.find(method, &s);
     let mut all = params.clone();
     if let Some(m) = &matched {
         for (k, v) in &m.uri {
-            if params.contains_key(k) {
+            if params.get(k).is_some_and(|given| given != v) {
                 return Err(ApiError::param(
                     k,
-                    "duplicate parameter (already defined in URI)",
+                    "duplicate parameter (already defined in URI) with conflicting values!",
                 ));
             }
             all.insert(k.clone(), v.clone());
