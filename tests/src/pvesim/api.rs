@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use super::acl::TokenPrivs;
+use super::apischema;
 use super::error::ApiError;
 use super::guest::{self, Guest, Kind, Snapshot};
 use super::schema::{self, Fmt, Params, Prop, Ty, opt, req};
@@ -116,10 +117,40 @@ pub fn dispatch(
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let ni = || ApiError::not_implemented(method, rel);
 
+    // PVE's published schema: the template's `{param}`s join the parameters (a query or
+    // body parameter of the same name with another value is refused, as pve-manager's
+    // rest_handler does), and all of them are checked after the endpoint's permission,
+    // before the handler's own, more specific checks.
+    let api = apischema::global()
+        .map_err(|e| ApiError::die(format!("pvesim cannot check parameters: {e}")))?;
+    let matched = api.find(method, &s);
+    let mut all = params.clone();
+    if let Some(m) = &matched {
+        for (k, v) in &m.uri {
+            if params.get(k).is_some_and(|given| given != v) {
+                return Err(ApiError::param(
+                    k,
+                    "duplicate parameter (already defined in URI) with conflicting values!",
+                ));
+            }
+            all.insert(k.clone(), v.clone());
+        }
+    }
+    let check_schema = || match &matched {
+        Some(m) => api.validate(m, &all),
+        None => Ok(()),
+    };
+
     // Path parameters become parameters (PVE validates them with the rest).
     match s.as_slice() {
-        ["version"] if method == "GET" => return get_version(st, &params),
-        ["nodes"] if method == "GET" => return get_nodes(st, caller, &params),
+        ["version"] if method == "GET" => {
+            check_schema()?;
+            return get_version(st, &params);
+        }
+        ["nodes"] if method == "GET" => {
+            check_schema()?;
+            return get_nodes(st, caller, &params);
+        }
         ["nodes", node, ..] => {
             params.insert("node".to_owned(), (*node).to_owned());
             if s.len() >= 4 && (s[2] == "lxc" || s[2] == "qemu") {
@@ -185,6 +216,7 @@ pub fn dispatch(
         }
         _ => {}
     }
+    check_schema()?;
     match route {
         Route::NodeVersion => get_version(st, &params),
         Route::NodeStatus => get_node_status(st, &params),

@@ -15,6 +15,7 @@
 
 pub mod acl;
 pub mod api;
+pub mod apischema;
 pub mod control;
 pub mod error;
 pub mod guest;
@@ -39,6 +40,16 @@ use control::{ControlState, FaultKind};
 use error::ApiError;
 use state::{Settings, SimState};
 use version::PveVersion;
+
+/// Why a simulator could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Acl(#[from] acl::AclError),
+    /// PVE's API schema, which every request is checked against, could not be loaded.
+    #[error(transparent)]
+    Schema(&'static apischema::SchemaError),
+}
 
 /// Start options of a simulator.
 #[derive(Debug, Clone)]
@@ -106,14 +117,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sim {
-    /// Builds the node: seeds guests, registers the full token (`secret`) and `extra`.
+    /// Builds the node: loads PVE's API schema (fetching it on first use, see
+    /// [`apischema`]), seeds guests, registers the full token (`secret`) and `extra`.
     pub fn new(
         opts: &Options,
         secret: String,
         admin_token: String,
         extra: Vec<Token>,
         fingerprint: String,
-    ) -> Result<Sim, acl::AclError> {
+    ) -> Result<Sim, SimError> {
+        apischema::global().map_err(SimError::Schema)?;
         let mut tokens = TokenTable::default();
         tokens.insert(Token::new(opts.token_id.clone(), secret, TokenPrivs::Full))?;
         for t in extra {

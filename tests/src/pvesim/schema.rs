@@ -82,6 +82,8 @@ pub enum Fmt {
     IfaceName,
     IpList,
     StorageContentList,
+    StorageContent,
+    Ip,
     UpidLike,
 }
 
@@ -349,7 +351,7 @@ pub fn parse_volume_id(s: &str) -> Option<(&str, &str)> {
 }
 
 /// Returns the `$@` text of a failed format check (ending in `\n` like PVE's `die`).
-fn check_format(fmt: Fmt, v: &str, path: &str) -> Result<(), String> {
+pub(crate) fn check_format(fmt: Fmt, v: &str, path: &str) -> Result<(), String> {
     let ok = |c: bool, msg: &str| if c { Ok(()) } else { Err(format!("{msg}\n")) };
     match fmt {
         Fmt::None => Ok(()),
@@ -447,6 +449,16 @@ fn check_format(fmt: Fmt, v: &str, path: &str) -> Result<(), String> {
             }
             Ok(())
         }
+        Fmt::StorageContent => {
+            const C: &[&str] = &[
+                "images", "rootdir", "vztmpl", "iso", "backup", "snippets", "import",
+            ];
+            ok(C.contains(&v), &format!("invalid content type '{v}'"))
+        }
+        Fmt::Ip => ok(
+            is_ipv4(v) || is_ipv6(v),
+            "value does not look like a valid IP address",
+        ),
         Fmt::UpidLike => Ok(()),
     }
 }
