@@ -155,7 +155,9 @@ fn serve(f: Flags) -> Result<(), MainError> {
         cfg.audit_keep,
         cfg.agent_gid,
     )?;
-    let audit = audit.for_class(class.as_str());
+    let audit = audit
+        .for_class(class.as_str())
+        .with_ack(Some(cfg.audit_ack.clone()));
     for w in cfg.warnings.iter().chain(audit_warnings.iter()) {
         server::log(class, &format!("warning: {w}"));
     }
