@@ -139,6 +139,9 @@ pub struct AuditLog {
     keep: u32,
     /// The agent's acknowledged-cursor file (see [`read_ack`]); none: nothing is acked.
     ack: Option<PathBuf>,
+    /// The cursor as read by [`AuditLog::with_ack`], i.e. while the instance still had
+    /// its capabilities (see there).
+    ack_at_start: u64,
     /// [`LOCK_WAIT`], shorter in unit tests.
     lock_wait: Duration,
     euid: u32,
@@ -422,6 +425,7 @@ impl AuditLog {
                 max_bytes,
                 keep,
                 ack: None,
+                ack_at_start: 0,
                 lock_wait: LOCK_WAIT,
                 euid,
                 cache: Mutex::new(Cache::default()),
@@ -436,8 +440,13 @@ impl AuditLog {
         self
     }
 
-    /// Where rotation reads the agent's acknowledged cursor (see the module docs).
+    /// Where rotation reads the agent's acknowledged cursor (see the module docs). Read
+    /// once here too, and to be called before the instance drops its capabilities: the
+    /// agent's state directory is 0700, and the smart and usb instances keep no
+    /// `CAP_DAC_*`, so at rotation time they may not be able to read it. Rotation uses the
+    /// larger of the two readings (a stale one only keeps more).
     pub fn with_ack(mut self, ack: Option<PathBuf>) -> Self {
+        self.ack_at_start = ack.as_deref().map_or(0, read_ack);
         self.ack = ack;
         self
     }
@@ -923,7 +932,11 @@ impl AuditLog {
         std::fs::rename(&self.log, &first).map_err(io_err(&self.log))?;
         let mut total = n + 1;
         if total > self.keep {
-            let ack = self.ack.as_deref().map_or(0, read_ack);
+            let ack = self
+                .ack
+                .as_deref()
+                .map_or(0, read_ack)
+                .max(self.ack_at_start);
             while total > self.keep {
                 let oldest = rotated_path(&self.log, total);
                 if !droppable(&oldest, ack).map_err(io_err(&oldest))? {

@@ -155,6 +155,7 @@ fn serve(f: Flags) -> Result<(), MainError> {
         cfg.audit_keep,
         cfg.agent_gid,
     )?;
+    // Before the capabilities are dropped (see `AuditLog::with_ack`).
     let audit = audit
         .for_class(class.as_str())
         .with_ack(Some(cfg.audit_ack.clone()));
