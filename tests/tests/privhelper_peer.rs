@@ -134,7 +134,7 @@ fn only_root_and_the_agent_uid_are_served() {
 }
 
 /// The trickling half of the next test, run as another user: opens `FELHOM_TRICKLE_N`
-/// connections, says so, then sends one byte on each every 100 ms (a frame header
+/// connections, says so, then sends one byte on each every 20 ms (a frame header
 /// announcing a large frame, then its payload, never finished) until its stdin closes.
 #[test]
 fn trickle_child() {
@@ -142,8 +142,14 @@ fn trickle_child() {
         return;
     };
     let n: usize = std::env::var("FELHOM_TRICKLE_N").unwrap().parse().unwrap();
+    // Non-blocking: a connection nobody reads (still in the backlog) fills its buffer
+    // after a few hundred one-byte writes, and must not stall the trickle on the others.
     let mut conns: Vec<std::os::unix::net::UnixStream> = (0..n)
-        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .map(|_| {
+            let c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            c.set_nonblocking(true).unwrap();
+            c
+        })
         .collect();
     // Straight to stdout (not `println!`, which the test harness may hold back).
     let mut out = std::io::stdout();
@@ -163,7 +169,8 @@ fn trickle_child() {
             let _ = std::io::Write::write(c, &frame[at..at + 1]);
         }
         at = (at + 1) % frame.len();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Well inside the old 200 ms per-read drain timeout, even on a loaded machine.
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     drop(conns);
 }
@@ -211,7 +218,7 @@ fn start_trickle(
 }
 
 /// Slow peers cannot pin the helper's threads: 40 connections trickling one byte every
-/// 100 ms, from a uid that is refused and then from the agent's own uid, while a call
+/// 20 ms, from a uid that is refused and then from the agent's own uid, while a call
 /// from another served uid is answered. Refused connections are closed at once, a uid
 /// gets 8 connections (the rest are closed at once and counted in the refusal record),
 /// and a frame must arrive whole within its deadline, however its bytes are spaced.
