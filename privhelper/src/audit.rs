@@ -11,12 +11,20 @@
 //!   (a temp file in the same directory is written and renamed over it), and only once
 //!   the records it names are on disk: after a crash the head can lag the log, never
 //!   lead it;
-//! - `<log>.lock` serializes writers (flock) across the instances;
-//! - past `audit_max_bytes` the file is renamed to `<log>.1` (older ones shift up to
-//!   `<log>.<audit_keep>`) and the new file's first `prev` is the old file's last hash.
+//! - `<log>.lock` serializes writers (flock) across the instances. It is mode 0600 (root
+//!   only): a reader could otherwise open it and hold a lock on it, and `flock` works on a
+//!   read-only descriptor. The wait for it is bounded ([`LOCK_WAIT`]); past that the
+//!   append fails (the server answers `audit` and runs nothing);
+//! - past `audit_max_bytes` the file is renamed to `<log>.1` (older ones shift up one) and
+//!   the new file's first `prev` is the old file's last hash. The oldest files beyond
+//!   `audit_keep` are dropped only while they hold nothing the hub may still need: every
+//!   record is either acknowledged (its `seq` is at or below the agent's cursor, read from
+//!   `audit_ack` at rotation time) or a `refused` record. So refusals can never push an
+//!   unreported intent or outcome out of the log.
 //!
-//! Must never: drop a record silently. A torn last line found at open is cut off and
-//! described (length, SHA-256, text) in a `torn` record; a log shorter than its head is
+//! Must never: drop a record silently. A torn last line found at open is overwritten in
+//! place by a `torn` record describing it (length, SHA-256, text) before anything is cut,
+//! so a crash in between leaves the description; a log shorter than its head is
 //! described in a `cut` record that keeps failing `audit verify`.
 
 use std::ffi::OsString;
@@ -25,12 +33,21 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const FILE_MODE: u32 = 0o640;
+/// The writers' lock file: nobody but root may open it (see the module docs).
+const LOCK_MODE: u32 = 0o600;
+/// Longest wait for the writers' lock. Writers hold it for one append (a write, an
+/// fdatasync, a head exchange), so this is only reached when something holds it that
+/// should not: the append fails closed instead of stalling every instance.
+pub const LOCK_WAIT: Duration = Duration::from_secs(15);
+/// Largest acknowledged-cursor file read (it holds `{"seq":N}`).
+const MAX_ACK_BYTES: u64 = 4096;
 /// Longest tail we scan for the last record (records are far smaller).
 const MAX_SCAN: u64 = 16 * 1024 * 1024;
 
@@ -120,6 +137,13 @@ pub struct AuditLog {
     writer: Option<String>,
     max_bytes: u64,
     keep: u32,
+    /// The agent's acknowledged-cursor file (see [`read_ack`]); none: nothing is acked.
+    ack: Option<PathBuf>,
+    /// The cursor as read by [`AuditLog::with_ack`], i.e. while the instance still had
+    /// its capabilities (see there).
+    ack_at_start: u64,
+    /// [`LOCK_WAIT`], shorter in unit tests.
+    lock_wait: Duration,
     euid: u32,
     cache: Mutex<Cache>,
 }
@@ -140,6 +164,93 @@ fn open_nofollow(path: &Path, write: bool) -> std::io::Result<File> {
         o.append(true).create(true);
     }
     o.open(path)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: stop (as a crash would) after the `torn` record is written and before
+    /// the rest of the torn line is cut off.
+    static CRASH_BEFORE_TORN_CUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Opens (creating it 0600 if missing) the writers' lock file, never through a symlink.
+fn open_lock(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(LOCK_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Takes an exclusive `flock` on `file`, waiting at most until `deadline`. Polled with
+/// `LOCK_NB` (std has no timed flock); the first retries come within 100 µs, so a lock
+/// held for one append costs little more than a blocking wait.
+fn lock_until(file: &File, deadline: Instant) -> std::io::Result<()> {
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the writers' lock was not free in time (held by something that is not a writer?)",
+            ));
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// The agent's acknowledged cursor (`{"seq":N}`: the last record the hub accepted), or 0
+/// when it cannot be read. Read as root from a file the agent writes, so: no symlink
+/// followed, no FIFO waited on, a regular file only, a few KiB at most; its content is
+/// only ever compared with numbers, never echoed.
+fn read_ack(path: &Path) -> u64 {
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return 0;
+    };
+    if !f.metadata().is_ok_and(|md| md.is_file()) {
+        return 0;
+    }
+    let mut s = String::new();
+    if f.take(MAX_ACK_BYTES).read_to_string(&mut s).is_err() {
+        return 0;
+    }
+    serde_json::from_str::<Value>(&s)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// Whether a rotated file may be dropped: every record in it is acknowledged (`seq` at or
+/// below `ack`) or a refusal. A line that cannot be read as a record keeps the file.
+fn droppable(path: &Path, ack: u64) -> std::io::Result<bool> {
+    use std::io::BufRead;
+    let f = open_nofollow(path, false)?;
+    for line in std::io::BufReader::new(f).split(b'\n') {
+        let line = line?;
+        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+            return Ok(false);
+        };
+        let seq = v.get("seq").and_then(Value::as_u64);
+        let kind = v.get("kind").and_then(Value::as_str);
+        match (seq, kind) {
+            (Some(seq), _) if seq <= ack => {}
+            (Some(_), Some("refused")) => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -313,6 +424,9 @@ impl AuditLog {
                 writer: None,
                 max_bytes,
                 keep,
+                ack: None,
+                ack_at_start: 0,
+                lock_wait: LOCK_WAIT,
                 euid,
                 cache: Mutex::new(Cache::default()),
             },
@@ -323,6 +437,17 @@ impl AuditLog {
     /// Names the instance's class in the `torn`/`cut` records it writes.
     pub fn for_class(mut self, class: &str) -> Self {
         self.writer = Some(class.to_string());
+        self
+    }
+
+    /// Where rotation reads the agent's acknowledged cursor (see the module docs). Read
+    /// once here too, and to be called before the instance drops its capabilities: the
+    /// agent's state directory is 0700, and the smart and usb instances keep no
+    /// `CAP_DAC_*`, so at rotation time they may not be able to read it. Rotation uses the
+    /// larger of the two readings (a stale one only keeps more).
+    pub fn with_ack(mut self, ack: Option<PathBuf>) -> Self {
+        self.ack_at_start = ack.as_deref().map_or(0, read_ack);
+        self.ack = ack;
         self
     }
 
@@ -398,21 +523,40 @@ impl AuditLog {
 
     /// Takes the writers' lock on the kept lock file, opening it if needed. A lock on a
     /// file that is no longer under the lock's name excludes nobody, so the name is
-    /// checked once the lock is held, and a replaced lock file is opened anew.
+    /// checked once the lock is held, and a replaced lock file is opened anew. A lock
+    /// file others could open (left by an older version, mode 0640) is replaced by a
+    /// private one while its lock is held, so two writers never hold different files.
+    /// Each wait is bounded by [`LOCK_WAIT`] (`TimedOut`).
     fn take_lock<'a>(&self, slot: &'a mut Option<(File, (u64, u64))>) -> std::io::Result<&'a File> {
         let path = lock_path(&self.log);
-        for _ in 0..3 {
+        let deadline = Instant::now() + self.lock_wait;
+        for _ in 0..4 {
             let (file, id) = match slot.take() {
                 Some(kept) => kept,
                 None => {
-                    let f = open_nofollow(&path, true)?;
+                    let f = open_lock(&path)?;
                     let md = f.metadata()?;
                     (f, (md.dev(), md.ino()))
                 }
             };
-            file.lock()?;
+            lock_until(&file, deadline)?;
             match std::fs::symlink_metadata(&path) {
-                Ok(md) if (md.dev(), md.ino()) == id => return Ok(&slot.insert((file, id)).0),
+                Ok(md) if (md.dev(), md.ino()) == id => {
+                    if md.mode() & 0o7777 == LOCK_MODE && (md.uid() == 0 || md.uid() == self.euid) {
+                        return Ok(&slot.insert((file, id)).0);
+                    }
+                    let fresh = suffixed(&path, ".new");
+                    let _ = std::fs::remove_file(&fresh);
+                    let made = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(LOCK_MODE)
+                        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+                        .open(&fresh)
+                        .and_then(|_| std::fs::rename(&fresh, &path));
+                    let _ = file.unlock();
+                    made?;
+                }
                 // Replaced or removed: let go of it and open what the name holds now.
                 _ => {
                     let _ = file.unlock();
@@ -528,16 +672,6 @@ impl AuditLog {
                 None
             }
         };
-        if let Some((offset, bytes)) = &scan.torn {
-            f.set_len(*offset).map_err(io_err(&self.log))?;
-            f.sync_all().map_err(io_err(&self.log))?;
-            let text: String = String::from_utf8_lossy(bytes).chars().take(1024).collect();
-            pending.push(
-                self.own("torn")
-                    .with("reason", "the last line had no newline when the log was opened (a write was interrupted); it was cut off and is described here")
-                    .with("torn", json!({"offset": offset, "bytes": bytes.len(), "sha256": sha256_hex(bytes), "text": text})),
-            );
-        }
         let mut tip = match &scan.last_line {
             Some(line) => {
                 let seq = serde_json::from_slice::<Value>(line)
@@ -577,7 +711,65 @@ impl AuditLog {
             // Keep seq monotonic for readers that already saw the removed records.
             tip.seq = *hseq;
         }
+        if let Some((offset, bytes)) = &scan.torn {
+            self.replace_torn_tail(f, *offset, bytes, &mut tip)?;
+        }
         Ok(tip)
+    }
+
+    /// Overwrites a torn last line (no newline: a write was interrupted) with a `torn`
+    /// record describing it, then cuts off what is left of it. The record is written and
+    /// synced first, so a crash before the cut leaves the description in the log (and a
+    /// shorter torn fragment, which the next open describes in turn); cut first, a crash
+    /// would lose the fragment without a trace.
+    fn replace_torn_tail(
+        &self,
+        f: &File,
+        offset: u64,
+        bytes: &[u8],
+        tip: &mut Tip,
+    ) -> Result<(), AuditError> {
+        use std::os::unix::fs::FileExt;
+        let text: String = String::from_utf8_lossy(bytes).chars().take(1024).collect();
+        let record = self
+            .own("torn")
+            .with("reason", "the last line had no newline when the log was opened (a write was interrupted); this record was written over it and describes it")
+            .with("torn", json!({"offset": offset, "bytes": bytes.len(), "sha256": sha256_hex(bytes), "text": text}));
+        let mut buf = Vec::with_capacity(2048);
+        let mut next = tip.clone();
+        self.render_record(&mut buf, &mut next, &record)?;
+        // `f` appends; a positioned write needs a descriptor without O_APPEND, on the
+        // very same file.
+        let w = OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&self.log)
+            .map_err(io_err(&self.log))?;
+        let (a, b) = (
+            f.metadata().map_err(io_err(&self.log))?,
+            w.metadata().map_err(io_err(&self.log))?,
+        );
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(AuditError::Unsafe {
+                path: self.log.clone(),
+                reason: "the log was replaced while its torn tail was being repaired".into(),
+            });
+        }
+        w.write_all_at(&buf, offset).map_err(io_err(&self.log))?;
+        w.sync_data().map_err(io_err(&self.log))?;
+        #[cfg(test)]
+        if CRASH_BEFORE_TORN_CUT.with(|c| c.get()) {
+            return Err(io_err(&self.log)(std::io::Error::other(
+                "simulated crash between the torn record and the cut",
+            )));
+        }
+        let end = offset + buf.len() as u64;
+        if a.len().max(b.len()) > end {
+            w.set_len(end).map_err(io_err(&self.log))?;
+            w.sync_data().map_err(io_err(&self.log))?;
+        }
+        *tip = next;
+        Ok(())
     }
 
     /// Renders one record after `tip` into `buf` (with its `\n`) and advances `tip`.
@@ -723,16 +915,37 @@ impl AuditLog {
         f.sync_data().map_err(io_err(tmp))
     }
 
+    /// Shifts every rotated file up one and the active file to `.1`, then drops the
+    /// oldest files beyond `keep` while [`droppable`] (from the oldest end only, so the
+    /// numbering stays contiguous).
     fn rotate(&self) -> Result<(), AuditError> {
-        for n in (1..self.keep).rev() {
-            let from = rotated_path(&self.log, n);
-            if from.exists() {
-                let to = rotated_path(&self.log, n + 1);
-                std::fs::rename(&from, &to).map_err(io_err(&from))?;
-            }
+        let mut n = 0;
+        while std::fs::symlink_metadata(rotated_path(&self.log, n + 1)).is_ok() {
+            n += 1;
+        }
+        for k in (1..=n).rev() {
+            let from = rotated_path(&self.log, k);
+            let to = rotated_path(&self.log, k + 1);
+            std::fs::rename(&from, &to).map_err(io_err(&from))?;
         }
         let first = rotated_path(&self.log, 1);
         std::fs::rename(&self.log, &first).map_err(io_err(&self.log))?;
+        let mut total = n + 1;
+        if total > self.keep {
+            let ack = self
+                .ack
+                .as_deref()
+                .map_or(0, read_ack)
+                .max(self.ack_at_start);
+            while total > self.keep {
+                let oldest = rotated_path(&self.log, total);
+                if !droppable(&oldest, ack).map_err(io_err(&oldest))? {
+                    break;
+                }
+                std::fs::remove_file(&oldest).map_err(io_err(&oldest))?;
+                total -= 1;
+            }
+        }
         let dir = self.log.parent().unwrap_or(Path::new("/"));
         fsync_dir(dir).map_err(io_err(dir))?;
         Ok(())
@@ -759,6 +972,32 @@ pub struct VerifyFailure {
     pub reason: String,
 }
 
+/// The `N` of every `<log>.N` in the log's directory, sorted.
+fn rotated_numbers(log: &Path) -> std::io::Result<Vec<u32>> {
+    let dir = log.parent().unwrap_or(Path::new("/"));
+    let Some(name) = log.file_name().map(|n| n.as_encoded_bytes().to_vec()) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry_name = entry?.file_name();
+        let b = entry_name.as_encoded_bytes();
+        if b.len() > name.len() + 1 && b.starts_with(&name) && b[name.len()] == b'.' {
+            let digits = &b[name.len() + 1..];
+            if digits.iter().all(u8::is_ascii_digit)
+                && digits[0] != b'0'
+                && let Some(n) = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse().ok())
+            {
+                out.push(n);
+            }
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Checks every present file (oldest rotated first), the chain across them, and the head.
 pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
     // Read a consistent log + head while helpers may be writing: the writers' lock,
@@ -781,31 +1020,51 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
         seq,
         reason,
     };
-    let mut files = Vec::new();
-    let mut n = 1;
-    while rotated_path(log, n).exists() {
-        n += 1;
-    }
-    for k in (1..n).rev() {
-        files.push(rotated_path(log, k));
-    }
-    if rotated_path(log, n + 1).exists() {
-        return Err(fail(
-            &rotated_path(log, n),
+    let rotated = rotated_numbers(log).map_err(|e| {
+        fail(
+            log.parent().unwrap_or(Path::new("/")),
             0,
             None,
-            "rotated file missing (a later one exists)".into(),
+            format!("cannot list the log's directory: {e}"),
+        )
+    })?;
+    // Rotation shifts names up one by one from the top: the numbers in use are 1..=N.
+    if let Some(k) = (1..=rotated.len() as u32).find(|k| rotated.binary_search(k).is_err()) {
+        let last = rotated.last().copied().unwrap_or(k);
+        return Err(fail(
+            &rotated_path(log, k),
+            0,
+            None,
+            format!(
+                "rotated file missing while {} exists: a file was removed",
+                rotated_path(log, last).display()
+            ),
         ));
     }
-    if log.exists() {
+    let mut files: Vec<PathBuf> = rotated
+        .iter()
+        .rev()
+        .map(|&k| rotated_path(log, k))
+        .collect();
+    if std::fs::symlink_metadata(log).is_ok() {
         files.push(log.to_path_buf());
+    } else {
+        for other in [head_path(log), lock_path(log)] {
+            if std::fs::symlink_metadata(&other).is_ok() {
+                return Err(fail(
+                    log,
+                    0,
+                    None,
+                    format!(
+                        "the log is missing but {} exists: the log was removed",
+                        other.display()
+                    ),
+                ));
+            }
+        }
     }
-    let mut notes = Vec::new();
-    let mut prev: Option<(u64, String)> = None;
-    let mut records = 0u64;
-    let mut first_seq = None;
+    let mut w = Walk::default();
     let mut where_last = (log.to_path_buf(), 0usize);
-    let mut seen: Vec<(u64, String)> = Vec::new();
     for file in &files {
         let bytes =
             std::fs::read(file).map_err(|e| fail(file, 0, None, format!("cannot read: {e}")))?;
@@ -813,15 +1072,8 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
             let line_no = bytes.iter().filter(|&&b| b == b'\n').count() + 1;
             // Check everything before the torn line first, so an earlier fault is named first.
             let cut = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            check_lines(
-                file,
-                &bytes[..cut],
-                &mut prev,
-                &mut records,
-                &mut first_seq,
-                &mut notes,
-                &mut seen,
-            )?;
+            check_lines(file, &bytes[..cut], &mut w)?;
+            let prev = &w.prev;
             return Err(fail(
                 file,
                 line_no,
@@ -833,15 +1085,7 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
                 ),
             ));
         }
-        check_lines(
-            file,
-            &bytes,
-            &mut prev,
-            &mut records,
-            &mut first_seq,
-            &mut notes,
-            &mut seen,
-        )?;
+        check_lines(file, &bytes, &mut w)?;
         where_last = (file.clone(), bytes.iter().filter(|&&b| b == b'\n').count());
     }
     let head = read_head(log).map_err(|e| {
@@ -852,6 +1096,14 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
             format!("head file unreadable: {e}"),
         )
     })?;
+    let Walk {
+        prev,
+        records,
+        first_seq,
+        mut notes,
+        seen,
+        open,
+    } = w;
     match (&prev, head) {
         (None, None) => {}
         (Some(_), None) => {
@@ -902,6 +1154,19 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
             }
         }
     }
+    // Checked last, so a broken chain is named first. An intent whose outcome never came:
+    // the helper stopped while the operation ran (crash, power loss, kill), or the outcome
+    // was removed; an operation still running at this moment shows the same.
+    if let Some((seq, (file, line, op))) = open.into_iter().next() {
+        return Err(fail(
+            &file,
+            line,
+            Some(seq),
+            format!(
+                "intent for {op} has no outcome: the helper stopped while it ran (or the outcome was removed; an operation still running shows the same, so verify again once it finished)"
+            ),
+        ));
+    }
     Ok(VerifyReport {
         records,
         first_seq,
@@ -911,15 +1176,28 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
     })
 }
 
-fn check_lines(
-    file: &Path,
-    bytes: &[u8],
-    prev: &mut Option<(u64, String)>,
-    records: &mut u64,
-    first_seq: &mut Option<u64>,
-    notes: &mut Vec<String>,
-    seen: &mut Vec<(u64, String)>,
-) -> Result<(), VerifyFailure> {
+/// What [`verify`] carries from line to line and file to file.
+#[derive(Debug, Default)]
+struct Walk {
+    /// `seq` and hash of the last record checked.
+    prev: Option<(u64, String)>,
+    records: u64,
+    first_seq: Option<u64>,
+    notes: Vec<String>,
+    seen: Vec<(u64, String)>,
+    /// Intents not (yet) followed by their outcome: seq → (file, line, op).
+    open: std::collections::BTreeMap<u64, (PathBuf, usize, String)>,
+}
+
+fn check_lines(file: &Path, bytes: &[u8], w: &mut Walk) -> Result<(), VerifyFailure> {
+    let Walk {
+        prev,
+        records,
+        first_seq,
+        notes,
+        seen,
+        open,
+    } = w;
     let fail = |line: usize, seq: Option<u64>, reason: String| VerifyFailure {
         file: file.to_path_buf(),
         line,
@@ -1015,6 +1293,18 @@ fn check_lines(
                 }
             }
         }
+        match v.get("kind").and_then(Value::as_str) {
+            Some("intent") => {
+                let op = v.get("op").and_then(Value::as_str).unwrap_or("?");
+                open.insert(seq, (file.to_path_buf(), line_no, op.to_string()));
+            }
+            Some("outcome") => {
+                if let Some(i) = v.get("intent_seq").and_then(Value::as_u64) {
+                    open.remove(&i);
+                }
+            }
+            _ => {}
+        }
         let hash = sha256_hex(line);
         seen.push((seq, hash.clone()));
         *prev = Some((seq, hash));
@@ -1053,7 +1343,7 @@ mod tests {
         let log = d.join("a.jsonl");
         let a = open(&log, 4096);
         for i in 0..60 {
-            a.append(&Entry::new("intent").with("i", i)).unwrap();
+            a.append(&Entry::new("refused").with("i", i)).unwrap();
         }
         let r = verify(&log).unwrap();
         assert_eq!(r.last_seq, Some(60));
@@ -1078,7 +1368,10 @@ mod tests {
         let (a, b) = (open(&log, 2048), open(&log, 2048));
         for i in 0..40u64 {
             let w = if i % 3 == 0 { &b } else { &a };
-            assert_eq!(w.append(&Entry::new("intent").with("i", i)).unwrap(), i + 1);
+            assert_eq!(
+                w.append(&Entry::new("refused").with("i", i)).unwrap(),
+                i + 1
+            );
         }
         assert!(rotated_path(&log, 1).exists(), "the writers rotated");
         let r = verify(&log).unwrap();
@@ -1092,18 +1385,18 @@ mod tests {
             .unwrap()
             .write_all(b"{\"seq\":41")
             .unwrap();
-        assert_eq!(a.append(&Entry::new("intent")).unwrap(), 42);
+        assert_eq!(a.append(&Entry::new("refused")).unwrap(), 42);
         let text = std::fs::read_to_string(&log).unwrap();
         let kinds: Vec<String> = text
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].to_string())
             .collect();
-        assert_eq!(kinds[kinds.len() - 2..], ["\"torn\"", "\"intent\""]);
+        assert_eq!(kinds[kinds.len() - 2..], ["\"torn\"", "\"refused\""]);
 
         // A lock file replaced under the name: both writers move to the new one.
         let lock = lock_path(&log);
         std::fs::remove_file(&lock).unwrap();
-        b.append(&Entry::new("intent")).unwrap();
+        b.append(&Entry::new("refused")).unwrap();
         assert!(
             lock.exists(),
             "the writer went on with a lock nobody else can find"
@@ -1115,7 +1408,7 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             let a = &a;
             scope.spawn(move || {
-                a.append(&Entry::new("intent")).unwrap();
+                a.append(&Entry::new("refused")).unwrap();
                 tx.send(()).unwrap();
             });
             assert!(
@@ -1130,11 +1423,209 @@ mod tests {
         // A head removed and a temp file replaced: the kept inodes are not written to.
         std::fs::remove_file(head_path(&log)).unwrap();
         std::fs::remove_file(suffixed(&log, ".head.tmp")).unwrap();
-        a.append(&Entry::new("intent")).unwrap();
-        b.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        b.append(&Entry::new("refused")).unwrap();
         let r = verify(&log).unwrap();
         assert_eq!(r.last_seq, Some(46));
         assert_eq!(read_head(&log).unwrap().unwrap().0, 46);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn kinds_and_seqs(log: &Path) -> Vec<(String, u64)> {
+        let mut files: Vec<PathBuf> = rotated_numbers(log)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|k| rotated_path(log, k))
+            .collect();
+        files.push(log.to_path_buf());
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        let v: Value = serde_json::from_str(l).unwrap();
+                        (
+                            v["kind"].as_str().unwrap().to_string(),
+                            v["seq"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Refusals alone never push an intent or outcome the hub has not acknowledged out of
+    /// the log: files beyond `keep` stay until the agent's cursor passes them; files of
+    /// refusals only, or of acknowledged records, are dropped as before.
+    #[test]
+    fn rotation_keeps_what_the_hub_has_not_acknowledged() {
+        let d = tmp();
+        let log = d.join("a.jsonl");
+        let ack = d.join("audit-cursor.json");
+        let a = open(&log, 4096).with_ack(Some(ack.clone()));
+        // Refusals only: dropped down to `keep` (3) rotated files.
+        for _ in 0..100 {
+            a.append(&Entry::new("refused").with("reason", "x".repeat(200)))
+                .unwrap();
+        }
+        assert_eq!(rotated_numbers(&log).unwrap(), [1, 2, 3]);
+        let first = a
+            .append(&Entry::new("intent").with("op", "smart_read"))
+            .unwrap();
+        a.append(&Entry::new("outcome").with("intent_seq", first))
+            .unwrap();
+        // A flood of refusals after it: the files holding the intent and all after it stay.
+        for _ in 0..200 {
+            a.append(&Entry::new("refused").with("reason", "x".repeat(200)))
+                .unwrap();
+        }
+        let kept = kinds_and_seqs(&log);
+        assert!(kept.contains(&("intent".into(), first)), "{kept:?}");
+        assert!(kept.contains(&("outcome".into(), first + 1)));
+        assert!(rotated_numbers(&log).unwrap().len() > 3);
+        verify(&log).unwrap();
+        // A symlink, a FIFO or garbage as the cursor acknowledges nothing.
+        std::os::unix::fs::symlink("/etc/passwd", &ack).unwrap();
+        a.append(&Entry::new("refused").with("reason", "x".repeat(4000)))
+            .unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        assert!(kinds_and_seqs(&log).contains(&("intent".into(), first)));
+        std::fs::remove_file(&ack).unwrap();
+        nix::unistd::mkfifo(&ack, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        a.append(&Entry::new("refused").with("reason", "x".repeat(4000)))
+            .unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        assert!(kinds_and_seqs(&log).contains(&("intent".into(), first)));
+        std::fs::remove_file(&ack).unwrap();
+        // The hub accepted them: the next rotation drops the old files down to `keep`.
+        std::fs::write(&ack, format!("{{\"seq\": {}}}", first + 1)).unwrap();
+        a.append(&Entry::new("refused").with("reason", "x".repeat(4000)))
+            .unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        assert_eq!(rotated_numbers(&log).unwrap(), [1, 2, 3]);
+        assert!(!kinds_and_seqs(&log).iter().any(|(k, _)| k == "intent"));
+        verify(&log).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn verify_reports_an_open_intent_a_missing_rotated_file_and_a_missing_log() {
+        let d = tmp();
+        let log = d.join("a.jsonl");
+        let a = open(&log, 1 << 20);
+        let i = a
+            .append(&Entry::new("intent").with("op", "usb_mount"))
+            .unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        let e = verify(&log).unwrap_err();
+        assert_eq!(e.seq, Some(i));
+        assert!(e.reason.contains("usb_mount has no outcome"), "{e}");
+        a.append(&Entry::new("outcome").with("intent_seq", i))
+            .unwrap();
+        verify(&log).unwrap();
+
+        // Rotated files .1 … .3; removing .1 and .2 leaves a hole below .3.
+        let b = open(&log, 4096).with_ack(Some(d.join("ack")));
+        std::fs::write(d.join("ack"), "{\"seq\": 1000000}").unwrap();
+        while rotated_numbers(&log).unwrap().len() < 3 {
+            b.append(&Entry::new("refused").with("r", "x".repeat(300)))
+                .unwrap();
+        }
+        verify(&log).unwrap();
+        std::fs::remove_file(rotated_path(&log, 1)).unwrap();
+        std::fs::remove_file(rotated_path(&log, 2)).unwrap();
+        let e = verify(&log).unwrap_err();
+        assert!(e.reason.contains("rotated file missing"), "{e}");
+        assert_eq!(e.file, rotated_path(&log, 1));
+
+        // No log beside its head and lock.
+        let log2 = d.join("b.jsonl");
+        open(&log2, 1 << 20).append(&Entry::new("refused")).unwrap();
+        std::fs::remove_file(&log2).unwrap();
+        let e = verify(&log2).unwrap_err();
+        assert!(e.reason.contains("the log is missing"), "{e}");
+        std::fs::remove_file(head_path(&log2)).unwrap();
+        assert!(
+            verify(&log2)
+                .unwrap_err()
+                .reason
+                .contains("the log is missing")
+        );
+        std::fs::remove_file(lock_path(&log2)).unwrap();
+        verify(&log2).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Nobody but the writers can hold the lock: it is 0600 (an old 0640 one is replaced
+    /// by a private one), and a lock held by something else is waited for a bounded time,
+    /// then the append fails (nothing written).
+    #[test]
+    fn the_lock_is_private_and_its_wait_bounded() {
+        let d = tmp();
+        let log = d.join("a.jsonl");
+        let mut a = open(&log, 1 << 20);
+        a.lock_wait = Duration::from_millis(300);
+        a.append(&Entry::new("refused")).unwrap();
+        let lock = lock_path(&log);
+        assert_eq!(std::fs::metadata(&lock).unwrap().mode() & 0o7777, LOCK_MODE);
+        // An older version's group-readable lock file, held by a reader: replaced once
+        // free, never used as it is.
+        std::fs::remove_file(&lock).unwrap();
+        std::fs::write(&lock, b"").unwrap();
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let old = std::fs::metadata(&lock).unwrap().ino();
+        let reader = File::open(&lock).unwrap();
+        reader.lock().unwrap();
+        let e = a.append(&Entry::new("refused")).unwrap_err();
+        assert!(e.to_string().contains("not free in time"), "{e}");
+        assert_eq!(kinds_and_seqs(&log).len(), 1, "nothing written");
+        reader.unlock().unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        let md = std::fs::metadata(&lock).unwrap();
+        assert_eq!(md.mode() & 0o7777, LOCK_MODE);
+        assert_ne!(md.ino(), old);
+        // The reader's kept descriptor locks a file no writer uses any more.
+        reader.lock().unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        assert_eq!(kinds_and_seqs(&log).len(), 3);
+        verify(&log).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The `torn` record goes over the torn line before the rest of it is cut off: a
+    /// crash between the two leaves the description (and a shorter fragment, which the
+    /// next writer describes in turn).
+    #[test]
+    fn a_crash_while_repairing_a_torn_tail_leaves_its_description() {
+        let d = tmp();
+        let log = d.join("a.jsonl");
+        let a = open(&log, 1 << 20);
+        a.append(&Entry::new("refused")).unwrap();
+        // A fragment longer than the record that describes it.
+        let fragment = format!("{{\"seq\":2,\"prev\":\"{}", "ab".repeat(2000));
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(fragment.as_bytes()).unwrap();
+        drop(f);
+        let b = open(&log, 1 << 20);
+        CRASH_BEFORE_TORN_CUT.with(|c| c.set(true));
+        assert!(b.append(&Entry::new("refused")).is_err());
+        CRASH_BEFORE_TORN_CUT.with(|c| c.set(false));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let torn: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(torn["kind"], "torn");
+        assert_eq!(torn["seq"], 2);
+        assert_eq!(torn["torn"]["bytes"], fragment.len());
+        assert_eq!(torn["torn"]["sha256"], sha256_hex(fragment.as_bytes()));
+        assert!(verify(&log).unwrap_err().reason.contains("torn"));
+        // The next writer describes the rest and goes on.
+        let c = open(&log, 1 << 20);
+        assert_eq!(c.append(&Entry::new("refused")).unwrap(), 4);
+        let kinds: Vec<String> = kinds_and_seqs(&log).into_iter().map(|k| k.0).collect();
+        assert_eq!(kinds, ["refused", "torn", "torn", "refused"]);
+        verify(&log).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -1143,7 +1634,7 @@ mod tests {
         let d = tmp();
         let log = d.join("a.jsonl");
         let a = open(&log, 1 << 20);
-        a.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         f.write_all(b"{\"seq\":2,\"prev\":\"ab").unwrap();
         drop(f);
@@ -1168,7 +1659,7 @@ mod tests {
         let log = d.join("a.jsonl");
         let a = open(&log, 1 << 20);
         for _ in 0..3 {
-            a.append(&Entry::new("intent")).unwrap();
+            a.append(&Entry::new("refused")).unwrap();
         }
         let text = std::fs::read_to_string(&log).unwrap();
         let keep: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
@@ -1176,7 +1667,7 @@ mod tests {
         let e = verify(&log).unwrap_err();
         assert!(e.reason.contains("truncated"), "{e}");
         let b = open(&log, 1 << 20);
-        assert_eq!(b.append(&Entry::new("intent")).unwrap(), 5);
+        assert_eq!(b.append(&Entry::new("refused")).unwrap(), 5);
         assert!(verify(&log).unwrap_err().reason.contains("cut"));
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -1186,8 +1677,8 @@ mod tests {
         let d = tmp();
         let log = d.join("a.jsonl");
         let a = open(&log, 1 << 20);
-        a.append(&Entry::new("intent")).unwrap();
-        a.append(&Entry::new("outcome")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         let head = std::fs::read(head_path(&log)).unwrap();
         assert_eq!(head.len(), HEAD_LEN);
         assert_eq!(read_head(&log).unwrap().unwrap().0, 2);
@@ -1200,7 +1691,7 @@ mod tests {
         assert!(e.reason.contains("damaged"), "{e}");
         // The writer goes on from the log and rewrites the head.
         assert_eq!(
-            open(&log, 1 << 20).append(&Entry::new("intent")).unwrap(),
+            open(&log, 1 << 20).append(&Entry::new("refused")).unwrap(),
             3
         );
         verify(&log).unwrap();
@@ -1215,7 +1706,7 @@ mod tests {
         let tmp_p = suffixed(&log, ".head.tmp");
         let mut inodes = Vec::new();
         for n in 1..=4u64 {
-            a.append(&Entry::new("intent")).unwrap();
+            a.append(&Entry::new("refused")).unwrap();
             assert_eq!(read_head(&log).unwrap().unwrap().0, n);
             inodes.push(std::fs::metadata(head_path(&log)).unwrap().ino());
         }
@@ -1229,7 +1720,7 @@ mod tests {
         // A reader that opened the head before an append still reads a whole, valid
         // block: the append wrote into the other file.
         let mut held = File::open(head_path(&log)).unwrap();
-        a.append(&Entry::new("outcome")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         let mut text = String::new();
         held.read_to_string(&mut text).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
@@ -1248,10 +1739,10 @@ mod tests {
         let d = tmp();
         let log = d.join("a.jsonl");
         let a = open(&log, 1 << 20);
-        a.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         let head_after_1 = std::fs::read(head_path(&log)).unwrap();
-        a.append(&Entry::new("outcome")).unwrap();
-        a.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         // A crash lost the last head replacements: the head names seq 1 of 3.
         std::fs::write(head_path(&log), &head_after_1).unwrap();
         let r = verify(&log).unwrap();
@@ -1262,7 +1753,7 @@ mod tests {
             r.notes
         );
         // The next append puts it right again.
-        a.append(&Entry::new("outcome")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         assert_eq!(read_head(&log).unwrap().unwrap().0, 4);
         assert!(verify(&log).unwrap().notes.is_empty());
 
@@ -1272,13 +1763,13 @@ mod tests {
         std::fs::write(&victim, b"untouched").unwrap();
         std::fs::remove_file(&tmp_p).unwrap();
         std::os::unix::fs::symlink(&victim, &tmp_p).unwrap();
-        a.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
         assert_eq!(read_head(&log).unwrap().unwrap().0, 5);
         assert!(!std::fs::symlink_metadata(&tmp_p).unwrap().is_symlink());
         // A temp file of the wrong size is made anew.
         std::fs::write(&tmp_p, b"short").unwrap();
-        a.append(&Entry::new("outcome")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         assert_eq!(read_head(&log).unwrap().unwrap().0, 6);
         assert_eq!(std::fs::metadata(&tmp_p).unwrap().len(), HEAD_LEN as u64);
         verify(&log).unwrap();
@@ -1290,7 +1781,7 @@ mod tests {
                 .reason
                 .contains("head file missing")
         );
-        a.append(&Entry::new("intent")).unwrap();
+        a.append(&Entry::new("refused")).unwrap();
         assert_eq!(read_head(&log).unwrap().unwrap().0, 7);
         verify(&log).unwrap();
         std::fs::remove_dir_all(&d).unwrap();

@@ -55,6 +55,7 @@ struct RawConfig {
     audit_log: Option<PathBuf>,
     audit_max_bytes: Option<u64>,
     audit_keep: Option<u32>,
+    audit_ack: Option<PathBuf>,
     mount_root: Option<PathBuf>,
     fstab: Option<PathBuf>,
     sysfs_root: Option<PathBuf>,
@@ -79,6 +80,9 @@ pub struct Config {
     pub audit_log: PathBuf,
     pub audit_max_bytes: u64,
     pub audit_keep: u32,
+    /// The agent's audit cursor (last `seq` the hub accepted); rotation keeps every
+    /// unacknowledged intent and outcome (see `audit`).
+    pub audit_ack: PathBuf,
     pub mount_root: PathBuf,
     pub fstab: PathBuf,
     pub sysfs_root: PathBuf,
@@ -292,6 +296,11 @@ impl Config {
             "/var/log/felhom/privhelper-audit.jsonl",
             "audit_log",
         )?;
+        let audit_ack = path(
+            raw.audit_ack,
+            "/var/lib/felhom-agent/audit-cursor.json",
+            "audit_ack",
+        )?;
         let mount_root = path(raw.mount_root, "/mnt/felhom", "mount_root")?;
         let fstab = path(raw.fstab, "/etc/fstab", "fstab")?;
         let sysfs_root = path(raw.sysfs_root, "/sys", "sysfs_root")?;
@@ -326,6 +335,7 @@ impl Config {
             audit_log,
             audit_max_bytes,
             audit_keep,
+            audit_ack,
             mount_root,
             fstab,
             sysfs_root,

@@ -155,7 +155,10 @@ fn serve(f: Flags) -> Result<(), MainError> {
         cfg.audit_keep,
         cfg.agent_gid,
     )?;
-    let audit = audit.for_class(class.as_str());
+    // Before the capabilities are dropped (see `AuditLog::with_ack`).
+    let audit = audit
+        .for_class(class.as_str())
+        .with_ack(Some(cfg.audit_ack.clone()));
     for w in cfg.warnings.iter().chain(audit_warnings.iter()) {
         server::log(class, &format!("warning: {w}"));
     }

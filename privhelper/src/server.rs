@@ -1,10 +1,14 @@
 //! The accept loop and one connection's state machine.
 //!
-//! Per connection: check the peer (`SO_PEERCRED`: root or the agent's uid), then the first
-//! frame must be `Hello` with our protocol version; after that `Ping` and the operations
-//! of this instance's class. Anything refused (peer, version, handshake, framing, class,
-//! validation) is answered with a typed error, audited, and ends that connection only:
-//! the helper keeps serving. Operations run one at a time per instance; each has an
+//! Per connection: check the peer (`SO_PEERCRED`: root or the agent's uid; at most
+//! [`MAX_OPEN_PER_UID`] open connections per uid other than root), then the first frame
+//! must be `Hello` with our protocol version; after that `Ping` and the operations of
+//! this instance's class. Anything refused (limit, peer, version, handshake, framing,
+//! class, validation) is answered with a typed error where a frame can still be sent,
+//! audited (coalesced per uid, see [`PeerBook`]), and ends that connection at once: the
+//! helper keeps serving. Every frame is read, and every reply written, against an
+//! absolute deadline ([`FRAME_DEADLINE`]), so a peer trickling bytes holds a thread for
+//! that long at most. Operations run one at a time per instance; each has an
 //! intent record on disk before it runs and an outcome record written before its reply
 //! (and synced while the reply is on its way, see [`Server::reply_and_record`]).
 //!
@@ -25,11 +29,12 @@ use serde_json::{Value, json};
 use crate::audit::{AuditLog, Entry};
 use crate::config::{Config, Tools};
 use crate::ops::{self, OpError, System, Verdict};
-use crate::peer::Peer;
+use crate::peer::{MAX_OPEN_PER_UID, Peer, PeerBook, Refusals, Refused};
 
-/// How long a connected client may take to send a frame (or stay idle between frames;
-/// the agent's client sends its request right after the handshake and closes).
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connected client may take to send a whole frame, counted from when we
+/// start waiting for it (idle time before it included: the agent's client sends its
+/// request right after the handshake and closes), and to take a whole reply.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 
@@ -40,6 +45,7 @@ pub struct Server {
     pub audit: AuditLog,
     pub sys: Box<dyn System + Send + Sync>,
     op_lock: Mutex<()>,
+    peers: PeerBook,
 }
 
 impl std::fmt::Debug for Server {
@@ -69,6 +75,7 @@ impl Server {
             audit,
             sys,
             op_lock: Mutex::new(()),
+            peers: PeerBook::default(),
         }
     }
 
@@ -131,9 +138,11 @@ impl Server {
                     }
                 };
                 if !ready {
+                    self.record_refusals(false);
                     if pool.active.load(Ordering::SeqCst) == 0
                         && pool.idle_for() >= self.cfg.idle_exit
                     {
+                        self.record_refusals(true);
                         log(self.class, "idle, exiting (the socket starts us again)");
                         pool.exiting.store(true, Ordering::SeqCst);
                         let _ = exit.send(Ok(()));
@@ -175,8 +184,9 @@ impl Server {
         })
     }
 
-    /// Audits a refusal and answers it; the caller then ends the connection.
-    fn refuse(&self, conn: &mut Conn, peer: &Peer, r: Refusal<'_>) {
+    /// Audits a refusal (coalesced per uid, see [`PeerBook`]) and answers it when `conn`
+    /// is given; the caller then ends the connection.
+    fn refuse(&self, conn: Option<&mut Conn>, peer: &Peer, r: Refusal<'_>) {
         let Refusal {
             category,
             kind,
@@ -184,24 +194,73 @@ impl Server {
             op,
             args,
         } = r;
+        let now = Instant::now();
+        let due = self.peers.refused(
+            Refused {
+                peer: peer.clone(),
+                category,
+                error: kind.as_str(),
+                reason: message.clone(),
+                op: op.map(str::to_string),
+                args,
+            },
+            now,
+        );
+        // On disk before the refusal is answered (when it is not counted into the next).
+        for r in due.into_iter().chain(self.peers.due(now, false)) {
+            self.record_refused(&r);
+        }
+        if let Some(conn) = conn {
+            let _ = conn.send(&Response::Error { kind, message });
+        }
+    }
+
+    /// Writes one `refused` record standing for `r.count` refusals of one uid: the last
+    /// one in full, all of them counted by category.
+    fn record_refused(&self, r: &Refusals) {
+        let last = &r.last;
         let e = self
-            .base("refused", peer)
+            .base("refused", &last.peer)
             .with("result", "denied")
-            .with("category", category)
-            .with("error", kind.as_str())
-            .with("reason", message.clone())
-            .with("op", op.map(Value::from).unwrap_or(Value::Null))
-            .with("args", args);
-        // On disk before the refusal is answered.
+            .with("category", last.category)
+            .with("error", last.error)
+            .with("reason", last.reason.clone())
+            .with(
+                "op",
+                last.op.clone().map(Value::from).unwrap_or(Value::Null),
+            )
+            .with("args", last.args.clone())
+            .with("count", r.count)
+            .with(
+                "categories",
+                r.categories
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
+                    .collect::<serde_json::Map<_, _>>(),
+            );
         let _ = self.audit(&e);
         log(
             self.class,
             &format!(
-                "refused ({category}) pid {} uid {}: {message}",
-                peer.pid, peer.uid
+                "refused ({}) pid {} uid {}: {}{}",
+                last.category,
+                last.peer.pid,
+                last.peer.uid,
+                last.reason,
+                if r.count > 1 {
+                    format!(" (and {} more refusals of this uid)", r.count - 1)
+                } else {
+                    String::new()
+                }
             ),
         );
-        let _ = conn.send(&Response::Error { kind, message });
+    }
+
+    /// Writes the counted refusals whose window has passed (`all`: every one).
+    fn record_refusals(&self, all: bool) {
+        for r in self.peers.due(Instant::now(), all) {
+            self.record_refused(&r);
+        }
     }
 
     fn connection(&self, stream: UnixStream) {
@@ -212,14 +271,36 @@ impl Server {
                 return;
             }
         };
+        let Some(_admitted) = self.peers.admit(peer.uid) else {
+            self.refuse(
+                None,
+                &peer,
+                Refusal {
+                    category: "limit",
+                    kind: ErrorKind::PeerRefused,
+                    message: format!(
+                        "uid {} already has {MAX_OPEN_PER_UID} connections open",
+                        peer.uid
+                    ),
+                    op: None,
+                    args: Value::Null,
+                },
+            );
+            // Closed at once, unanswered: answering could block on this very peer.
+            return;
+        };
         if !peer.allowed(self.cfg.agent_uid) {
             let msg = format!(
                 "uid {} is not served (only root and the agent's uid {})",
                 peer.uid, self.cfg.agent_uid
             );
-            let mut conn = Conn::new(stream);
+            let bytes = encode_response(&Response::Error {
+                kind: ErrorKind::PeerRefused,
+                message: msg.clone(),
+            })
+            .unwrap_or_default();
             self.refuse(
-                &mut conn,
+                None,
                 &peer,
                 Refusal {
                     category: "peer",
@@ -229,25 +310,25 @@ impl Server {
                     args: Value::Null,
                 },
             );
-            // Let the client's first frame arrive before closing, so it can read the
-            // refusal instead of getting EPIPE on its write. Bounded in time and size.
-            let stream = conn.stream();
+            // The answer goes out only if the socket takes it at once, and the connection
+            // is closed at once: nothing this peer does can hold the thread. What it
+            // already sent is read off first (without waiting), so its side sees the
+            // answer and an orderly end rather than a reset.
+            send_without_blocking(&stream, &bytes);
             let _ = stream.shutdown(std::net::Shutdown::Write);
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = stream.take(64 * 1024).read_to_end(&mut Vec::new());
+            drain_without_blocking(&stream);
             return;
         }
-        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
         let mut conn = Conn::new(stream);
         let mut greeted = false;
         loop {
+            conn.reader.get_mut().deadline = Some(Instant::now() + FRAME_DEADLINE);
             let req = match read_frame(&mut conn.reader) {
                 Ok(None) => return,
                 Ok(Some(Ok(req))) => req,
                 Ok(Some(Err(FrameError::Invalid(msg)))) => {
                     self.refuse(
-                        &mut conn,
+                        Some(&mut conn),
                         &peer,
                         Refusal {
                             category: "validation",
@@ -261,7 +342,7 @@ impl Server {
                 }
                 Ok(Some(Err(e))) => {
                     self.refuse(
-                        &mut conn,
+                        Some(&mut conn),
                         &peer,
                         Refusal {
                             category: "framing",
@@ -275,7 +356,7 @@ impl Server {
                 }
                 Err(e) => {
                     self.refuse(
-                        &mut conn,
+                        Some(&mut conn),
                         &peer,
                         Refusal {
                             category: "framing",
@@ -304,7 +385,7 @@ impl Server {
                         "protocol version mismatch: client speaks {version}, this helper speaks {PROTOCOL_VERSION}"
                     );
                     self.refuse(
-                        &mut conn,
+                        Some(&mut conn),
                         &peer,
                         Refusal {
                             category: "version",
@@ -319,7 +400,7 @@ impl Server {
                 _ if !greeted => {
                     let op = req.operation().map(|o| o.as_str());
                     self.refuse(
-                        &mut conn,
+                        Some(&mut conn),
                         &peer,
                         Refusal {
                             category: "handshake",
@@ -345,7 +426,7 @@ impl Server {
                             self.class
                         );
                         self.refuse(
-                            &mut conn,
+                            Some(&mut conn),
                             &peer,
                             Refusal {
                                 category: "class",
@@ -392,7 +473,7 @@ impl Server {
                 }
             },
         };
-        stream.write_all(&bytes[sent..])
+        write_until(stream, &bytes[sent..], Instant::now() + FRAME_DEADLINE)
     }
 
     /// Runs one operation between its intent record (on disk first) and its outcome
@@ -588,6 +669,65 @@ fn read_frame(stream: &mut impl Read) -> std::io::Result<Option<Result<Request, 
     Ok(Some(decode_request(&payload)))
 }
 
+/// Writes all of `bytes` by `deadline` (each `write` waits only for what is left of it).
+fn write_until(stream: &mut UnixStream, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not take the reply in time",
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(&bytes[done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads and discards what the peer has already sent (at most 64 KiB), without waiting.
+fn drain_without_blocking(stream: &UnixStream) {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match recv(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The connection's socket as the frame reader sees it: every `read` waits only for what
+/// is left until `deadline` (set per frame), so the frame as a whole is bounded, however
+/// the peer spaces its bytes.
+struct Timed {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "frame deadline passed",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
 /// Sends as much of `bytes` as the socket takes without waiting; returns how much.
 fn send_without_blocking(stream: &UnixStream, bytes: &[u8]) -> usize {
     use nix::sys::socket::{MsgFlags, send as sock_send};
@@ -620,20 +760,23 @@ fn send_without_blocking(stream: &UnixStream, bytes: &[u8]) -> usize {
 /// back-pressure expects), every later reply or refusal sends it first, and it is sent
 /// when the connection ends.
 struct Conn {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<Timed>,
     held: Vec<u8>,
 }
 
 impl Conn {
     fn new(stream: UnixStream) -> Self {
         Conn {
-            reader: BufReader::new(stream),
+            reader: BufReader::new(Timed {
+                stream,
+                deadline: None,
+            }),
             held: Vec::new(),
         }
     }
 
     fn stream(&mut self) -> &mut UnixStream {
-        self.reader.get_mut()
+        &mut self.reader.get_mut().stream
     }
 
     /// `bytes` preceded by the held answer, if any (which is no longer held).
@@ -648,7 +791,7 @@ impl Conn {
 
     fn send(&mut self, resp: &Response) -> std::io::Result<()> {
         let bytes = self.after_held(encode_response(resp).map_err(std::io::Error::other)?);
-        self.stream().write_all(&bytes)
+        write_until(self.stream(), &bytes, Instant::now() + FRAME_DEADLINE)
     }
 
     /// Sends `resp`, or holds it when nothing is held yet and a whole next frame is
@@ -675,7 +818,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         if !self.held.is_empty() {
             let held = std::mem::take(&mut self.held);
-            let _ = self.reader.get_mut().write_all(&held);
+            let _ = write_until(self.stream(), &held, Instant::now() + FRAME_DEADLINE);
         }
     }
 }

@@ -89,6 +89,9 @@ pub struct Bed {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub audit_log: PathBuf,
+    /// The agent's acknowledged audit cursor the helper reads at rotation (`audit_ack`;
+    /// absent until a test writes it: nothing acknowledged).
+    pub audit_ack: PathBuf,
     pub fstab: PathBuf,
     pub mount_root: PathBuf,
     pub sysfs_root: PathBuf,
@@ -181,10 +184,12 @@ impl Bed {
         )
         .expect("settings");
         let audit_log = log_dir.join("privhelper-audit.jsonl");
+        let audit_ack = dir.join("audit-cursor.json");
         let mut cfg = json!({
             "agent_uid": opts.agent_uid,
             "agent_gid": opts.agent_gid,
             "audit_log": audit_log,
+            "audit_ack": audit_ack,
             "mount_root": mount_root,
             "fstab": fstab,
             "sysfs_root": sysfs_root,
@@ -202,6 +207,7 @@ impl Bed {
             dir,
             config,
             audit_log,
+            audit_ack,
             fstab,
             mount_root,
             sysfs_root,
@@ -317,6 +323,34 @@ impl Bed {
     /// Every audit record (active file only).
     pub fn audit_records(&self) -> Vec<Value> {
         read_jsonl(&self.audit_log)
+    }
+
+    /// Every audit record in every file, oldest rotated file first.
+    pub fn all_audit_records(&self) -> Vec<Value> {
+        let mut n = 1;
+        let rotated = |n: u32| {
+            let mut p = self.audit_log.as_os_str().to_owned();
+            p.push(format!(".{n}"));
+            PathBuf::from(p)
+        };
+        while rotated(n).exists() {
+            n += 1;
+        }
+        let mut out = Vec::new();
+        for k in (1..n).rev() {
+            out.extend(read_jsonl(&rotated(k)));
+        }
+        out.extend(read_jsonl(&self.audit_log));
+        out
+    }
+
+    /// How many refusals the `refused` records stand for (each carries a `count`).
+    pub fn refusals_on_record(records: &[Value]) -> u64 {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "refused")
+            .map(|r| r["count"].as_u64().unwrap_or(1))
+            .sum()
     }
 
     pub fn smart_calls(&self) -> Vec<Value> {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use felhom_protocol::{Class, DiskDevice, MountName, PctCreateSpec, Request, Response};
 use felhom_testbed::privhelper::{
-    Bed, BedOptions, Client, FakeBins, is_root, privhelper_bin, read_jsonl,
+    Bed, BedOptions, Client, FakeBins, ThrowawayUser, is_root, privhelper_bin, read_jsonl,
 };
 use sha2::Digest;
 
@@ -207,7 +207,9 @@ fn a_torn_tail_found_at_open_is_recorded_and_rotation_keeps_the_chain() {
     let (ok, text) = verify(&bed.audit_log);
     assert!(ok, "{text}");
 
-    // Enough records to rotate several times (4096-byte files, keep 4).
+    // Enough records to rotate several times (4096-byte files, keep 4); the hub has
+    // accepted everything, so the oldest files may go.
+    std::fs::write(&bed.audit_ack, r#"{"seq": 1000000}"#).unwrap();
     for _ in 0..40 {
         assert!(matches!(smart(&mut c, "sda"), Response::Smart(_)));
     }
@@ -354,10 +356,13 @@ fn fifty_concurrent_clients_across_instances_leave_a_valid_chain() {
     for t in threads {
         t.join().unwrap();
     }
+    // The refusals are coalesced per uid and second; each instance writes the ones it
+    // counted at the latest when it goes idle.
     let recs = bed.audit_records();
-    assert_eq!(recs.len(), 150, "50 intents, 50 outcomes, 50 refusals");
+    assert_eq!(recs.iter().filter(|r| r["kind"] == "intent").count(), 50);
+    assert_eq!(recs.iter().filter(|r| r["kind"] == "outcome").count(), 50);
     let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=150).collect::<Vec<_>>());
+    assert_eq!(seqs, (1..=recs.len() as u64).collect::<Vec<_>>());
     for class in Class::ALL {
         let n = recs
             .iter()
@@ -365,6 +370,212 @@ fn fifty_concurrent_clients_across_instances_leave_a_valid_chain() {
             .count();
         assert_eq!(n, (0..50).filter(|i| Class::ALL[i % 3] == class).count());
     }
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+}
+
+/// A flood of refusals costs O(1) records per second (one per uid and second, carrying
+/// the count and the categories), so it can no longer rotate the intent and outcome of a
+/// real call out of the log; every refusal is still counted on record.
+#[test]
+fn a_refusal_flood_is_coalesced_and_cannot_rotate_a_call_away() {
+    need_root!();
+    let bed = Bed::new(
+        fakes(),
+        BedOptions {
+            audit_max_bytes: Some(4096),
+            ..Default::default()
+        },
+    );
+    let _s = bed.activate(Class::Smart);
+    let sock = bed.socket(Class::Smart);
+    let mut c = Client::hello(&sock).unwrap();
+    assert!(matches!(smart(&mut c, "sda"), Response::Smart(_)));
+    drop(c);
+    let started = std::time::Instant::now();
+    const FLOOD: u64 = 1000;
+    for i in 0..FLOOD {
+        let mut c = Client::connect(&sock).unwrap();
+        // Alternate two kinds of refusal: zero length (framing) and no Hello (handshake).
+        if i % 2 == 0 {
+            c.send_raw(&[0, 0, 0, 0]).unwrap();
+        } else {
+            c.send_raw(&felhom_protocol::encode_request(&Request::Ping).unwrap())
+                .unwrap();
+        }
+        assert!(matches!(
+            c.read_response().unwrap(),
+            Some(Response::Error { .. })
+        ));
+    }
+    // The last ones are written once their second has passed (the helper does not wait
+    // for the next refusal to do it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let recs = loop {
+        let recs = bed.all_audit_records();
+        if Bed::refusals_on_record(&recs) == FLOOD {
+            break recs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {FLOOD} refusals on record",
+            Bed::refusals_on_record(&recs)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let elapsed = started.elapsed().as_secs();
+    let refused: Vec<_> = recs.iter().filter(|r| r["kind"] == "refused").collect();
+    // At most one record per started second, plus the first one.
+    assert!(
+        refused.len() as u64 <= elapsed + 2,
+        "{} refused records in {elapsed} s",
+        refused.len()
+    );
+    let total = |cat: &str| -> u64 {
+        refused
+            .iter()
+            .map(|r| r["categories"][cat].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(total("framing"), FLOOD / 2);
+    assert_eq!(total("handshake"), FLOOD / 2);
+    for r in &refused {
+        assert_eq!(r["peer"]["uid"], 0);
+        assert_eq!(r["result"], "denied");
+    }
+    // The call before the flood is still on record, intent and outcome.
+    assert_eq!(recs[0]["kind"], "intent", "{:?}", recs[0]);
+    assert_eq!(recs[0]["seq"], 1);
+    assert_eq!(recs[1]["kind"], "outcome");
+    let (ok, text) = verify(&bed.audit_log);
+    assert!(ok, "{text}");
+}
+
+/// The reader half of the next test, run as a member of the agent's group: opens every
+/// file in the audit directory it can, and the directory, takes an exclusive flock on
+/// each, reports them, and holds them until its stdin closes.
+#[test]
+fn lock_holder_child() {
+    let Some(dir) = std::env::var_os("FELHOM_LOCK_HOLDER") else {
+        return;
+    };
+    let mut held = Vec::new();
+    let mut names = Vec::new();
+    let mut refused = Vec::new();
+    let mut paths = vec![std::path::PathBuf::from(&dir)];
+    for e in std::fs::read_dir(&dir).unwrap() {
+        paths.push(e.unwrap().path());
+    }
+    for p in paths {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        match std::fs::File::open(&p) {
+            Ok(f) => {
+                f.lock().unwrap();
+                held.push(f);
+                names.push(name);
+            }
+            Err(_) => refused.push(name),
+        }
+    }
+    // Straight to stdout (not `println!`, which the test harness may hold back): the
+    // parent reads this while we run.
+    let mut out = std::io::stdout();
+    std::io::Write::write_all(
+        &mut out,
+        format!(
+            "HELD {}\nCANNOT-OPEN {}\n",
+            names.join(" "),
+            refused.join(" ")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    std::io::Write::flush(&mut out).unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    drop(held);
+}
+
+/// Readers (the agent's group can read the log) cannot stall the writers: whatever they
+/// can open and flock, a helper call still completes.
+#[test]
+fn a_reader_holding_locks_on_all_it_can_open_does_not_stop_a_call() {
+    need_root!();
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: setpriv (util-linux) is missing");
+        return;
+    }
+    let agent = ThrowawayUser::create("ag", None);
+    let reader = ThrowawayUser::create("rd", Some(&agent.name));
+    let bed = Bed::new(
+        fakes(),
+        BedOptions {
+            agent_uid: agent.uid,
+            agent_gid: agent.gid,
+            ..Default::default()
+        },
+    );
+    let _s = bed.activate(Class::Smart);
+    let sock = bed.socket(Class::Smart);
+    let mut c = Client::hello(&sock).unwrap();
+    assert!(matches!(smart(&mut c, "sda"), Response::Smart(_)));
+    drop(c);
+    let log_dir = bed.audit_log.parent().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = reader
+        .command(&exe, &[agent.gid])
+        .args([
+            "--exact",
+            "lock_holder_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FELHOM_LOCK_HOLDER", log_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = |prefix: &str| -> String {
+        loop {
+            let mut l = String::new();
+            assert!(
+                std::io::BufRead::read_line(&mut out, &mut l).unwrap() > 0,
+                "the lock holder ended before reporting"
+            );
+            // (The harness's "test … ... " may precede it on the same line.)
+            if let Some((_, rest)) = l.split_once(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    };
+    let held = line("HELD ");
+    let cannot = line("CANNOT-OPEN ");
+    // Keep reading its output, so its harness can report without a broken pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let log_name = bed
+        .audit_log
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(
+        held.split(' ').any(|n| n == log_name),
+        "the reader can read the log (held: {held})"
+    );
+    assert!(
+        cannot.split(' ').any(|n| n == format!("{log_name}.lock")),
+        "the writers' lock is not the reader's to take (held: {held}; cannot open: {cannot})"
+    );
+    // With every lock the reader could take held, a call completes.
+    let mut c = Client::hello(&sock).unwrap();
+    assert!(matches!(smart(&mut c, "sdb"), Response::Smart(_)));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the reader still holds its locks"
+    );
+    drop(child.stdin.take());
+    child.wait().unwrap();
     let (ok, text) = verify(&bed.audit_log);
     assert!(ok, "{text}");
 }
