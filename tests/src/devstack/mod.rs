@@ -11,7 +11,9 @@
 //! received, reconcile actions planned, applying and applied (and the guests skipped),
 //! the requests that reached the node, helper activations and idle exits, audit records.
 //!
-//! It ends after `--cycles N` reports accepted by the hub, on Ctrl-C or SIGTERM, or when
+//! It ends after `--cycles N` reports accepted by the hub (and not before one that shows
+//! the desired state applied, so the last report shows the guests as the agent left
+//! them, however slow the machine), on Ctrl-C or SIGTERM, or when
 //! a component fails (exit 1, naming it and its log). Every child is stopped in order
 //! (agent, helpers, simulators: SIGTERM, then SIGKILL after a grace) and reaped; the
 //! devstack is a child subreaper and sweeps anything orphaned ([`procs`]). At the end it
@@ -54,7 +56,8 @@ use watch::{Event, SimApi};
 /// Command-line options.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Stop after this many reports accepted by the hub; run until Ctrl-C when `None`.
+    /// Stop after this many reports accepted by the hub, the last of them showing the
+    /// desired state applied; run until Ctrl-C when `None`.
     pub cycles: Option<u64>,
     /// Guests of the simulated node (at least 12: the desired state names 101–112).
     pub guests: u32,
@@ -116,6 +119,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevstackErr
 /// How long `felhom-agent run` gets to stop after SIGTERM: longer than its own drain
 /// grace for running actions (30 s), so a normal stop is never cut short.
 const AGENT_GRACE: Duration = Duration::from_secs(35);
+
+/// How many accepted reports beyond `--cycles` the desired state may take to be applied
+/// before the run counts as failed.
+const APPLY_GRACE_REPORTS: u64 = 20;
 
 const BINS: [Bin; 6] = [
     build::AGENT,
@@ -557,6 +564,8 @@ struct Stack {
     activations: BTreeMap<&'static str, u32>,
     interrupt: Arc<Interrupt>,
     accepted: u64,
+    /// An accepted report has shown the desired state applied.
+    state_applied: bool,
     applied: u64,
     failed_actions: u64,
     leftovers: Vec<String>,
@@ -585,6 +594,7 @@ impl Stack {
             activations: BTreeMap::new(),
             interrupt: Arc::new(Interrupt::default()),
             accepted: 0,
+            state_applied: false,
             applied: 0,
             failed_actions: 0,
             leftovers: Vec::new(),
@@ -1006,10 +1016,14 @@ impl Stack {
         match ev {
             Event::Line { who, text } => self.printer.line(who, &text),
             Event::Report {
-                accepted, lines, ..
+                accepted,
+                applied,
+                lines,
+                ..
             } => {
                 if accepted {
                     self.accepted += 1;
+                    self.state_applied |= applied;
                 }
                 self.printer.block("hub", &lines);
             }
@@ -1086,8 +1100,22 @@ impl Stack {
                     self.on_event(ev);
                     if self.accepted > before {
                         last_progress = Instant::now();
-                        if self.opts.cycles.is_some_and(|n| self.accepted >= n) {
-                            break Ok(End::Cycles(self.accepted));
+                        if let Some(n) = self.opts.cycles
+                            && self.accepted >= n
+                        {
+                            // a report's reconcile section predates its guests, so
+                            // this report lists them as the agent left them
+                            if self.state_applied {
+                                break Ok(End::Cycles(self.accepted));
+                            }
+                            if self.accepted >= n + APPLY_GRACE_REPORTS {
+                                break Err(DevstackError::Component(format!(
+                                    "the desired state was not applied in {} accepted reports; see {}:\n{}",
+                                    self.accepted,
+                                    self.layout.log("agent.log").display(),
+                                    tail(&self.layout.log("agent.log"), 10)
+                                )));
+                            }
                         }
                     }
                 }

@@ -26,10 +26,12 @@ use super::narrate;
 pub enum Event {
     /// A line of narrative.
     Line { who: &'static str, text: String },
-    /// A report the hub received (`accepted` counts towards `--cycles`).
+    /// A report the hub received (`accepted` counts towards `--cycles`; `applied`: its
+    /// reconcile section says the desired generation is applied).
     Report {
         seq: u64,
         accepted: bool,
+        applied: bool,
         lines: Vec<String>,
     },
     /// An action of the agent's journal finished (applied or failed).
@@ -85,9 +87,12 @@ pub async fn hub_reports(hub: SimApi, keep: PathBuf, tx: UnboundedSender<Event>)
                     let _ = writeln!(f, "{r}");
                 }
                 let outcome = r["outcome"].as_str().unwrap_or("?");
+                let reconcile = &r["report"]["reconcile"];
                 let _ = tx.send(Event::Report {
                     seq,
                     accepted: outcome == "accepted",
+                    applied: reconcile["applied_generation"].is_u64()
+                        && reconcile["applied_generation"] == reconcile["desired_generation"],
                     lines: narrate::report_lines(seq, outcome, &r["report"]),
                 });
             }
