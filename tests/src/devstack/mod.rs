@@ -557,6 +557,8 @@ struct Stack {
     events: Option<UnboundedReceiver<Event>>,
     events_tx: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
+    /// Each watcher's finished polling rounds.
+    rounds: Vec<watch::Rounds>,
     loop_disk: Option<LoopDisk>,
     usb_mounted: bool,
     /// Every process started: (name, pid).
@@ -588,6 +590,7 @@ impl Stack {
             events: None,
             events_tx: None,
             watchers: Vec::new(),
+            rounds: Vec::new(),
             loop_disk: None,
             usb_mounted: false,
             started: Vec::new(),
@@ -603,6 +606,28 @@ impl Stack {
 
     fn bin(&self, b: Bin) -> PathBuf {
         self.bins.join(b.name)
+    }
+
+    /// A new watcher's round counter.
+    fn rounds(&mut self) -> watch::Rounds {
+        let r = watch::Rounds::default();
+        self.rounds.push(r.clone());
+        r
+    }
+
+    /// Waits until every watcher has gone through a whole polling round begun after now,
+    /// so what happened before now has been told (an event, not a guessed time; the
+    /// bound is only for a watcher that hangs).
+    async fn catch_up(&mut self) {
+        let want: Vec<u64> = self.rounds.iter().map(|r| r.count() + 2).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.rounds.iter().zip(&want).any(|(r, w)| r.count() < *w) {
+            if Instant::now() >= deadline {
+                self.say("devstack", "a watcher did not catch up in 30 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn say(&mut self, who: &str, text: &str) {
@@ -854,16 +879,24 @@ impl Stack {
         );
 
         // watchers that do not need the agent daemon
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::hub_reports(
             hub_api,
             l.reports.clone(),
             tx.clone(),
+            rounds,
         )));
-        self.watchers
-            .push(tokio::spawn(watch::pve_requests(pve_api, tx.clone())));
+        let rounds = self.rounds();
+        self.watchers.push(tokio::spawn(watch::pve_requests(
+            pve_api,
+            tx.clone(),
+            rounds,
+        )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::audit_log(
             l.audit_log.clone(),
             tx.clone(),
+            rounds,
         )));
 
         if let Some(e) = self.interrupt.end() {
@@ -974,17 +1007,23 @@ impl Stack {
                 scene::DISKS.len()
             ),
         );
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::queue(
             l.control_socket.clone(),
             tx.clone(),
+            rounds,
         )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::journal(
             l.control_socket.clone(),
             tx.clone(),
+            rounds,
         )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::agent_log(
             l.log("agent.log"),
             tx.clone(),
+            rounds,
         )));
 
         self.main_loop().await
@@ -1200,7 +1239,7 @@ impl Stack {
     /// actions may be waiting on a node that is gone.
     async fn shutdown(&mut self, failed: bool) -> bool {
         // let the watchers catch up while the agent still answers on its control socket
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.catch_up().await;
         self.pump(Duration::ZERO);
         self.say("devstack", "stopping: agent, helpers, simulators");
         let grace = if failed {
@@ -1219,7 +1258,7 @@ impl Stack {
             }
         }
         // the last audit records and reports, then no more watching
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        self.catch_up().await;
         for w in self.watchers.drain(..) {
             w.abort();
             let _ = w.await;
