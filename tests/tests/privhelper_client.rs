@@ -242,28 +242,33 @@ fn version_mismatch_is_clear_on_both_sides() {
 fn timeouts_protocol_faults_and_misrouted_sockets_are_typed() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let c = Client::new(&PrivhelperConfig {
-        socket_dir: dir.path().to_path_buf(),
-        audit_log: dir.path().join("audit.jsonl"),
-        timeout: Duration::from_millis(300),
-    });
+    let client = |timeout: Duration| {
+        Client::new(&PrivhelperConfig {
+            socket_dir: dir.path().to_path_buf(),
+            audit_log: dir.path().join("audit.jsonl"),
+            timeout,
+        })
+    };
+    // Each connection is answered with `answer` and then held open until the test ends,
+    // so the client sees the answer, or (with none) a silent peer, never an early EOF.
     let serve = |class: Class, answer: Vec<u8>| {
         let l =
             std::os::unix::net::UnixListener::bind(dir.path().join(class.socket_name())).unwrap();
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for s in l.incoming() {
                 let Ok(mut s) = s else { break };
                 let mut b = [0u8; 6];
                 let _ = s.read(&mut b);
                 let _ = s.write_all(&answer);
-                std::thread::sleep(Duration::from_secs(2));
+                held.push(s);
             }
         });
     };
-    // Never answers.
+    // Never answers: a short timeout, as that is what is tested.
     serve(Class::Smart, Vec::new());
     let e = rt()
-        .block_on(c.smart_read(&DiskDevice::new("sda").unwrap()))
+        .block_on(client(Duration::from_millis(300)).smart_read(&DiskDevice::new("sda").unwrap()))
         .unwrap_err();
     assert!(
         matches!(
@@ -276,6 +281,9 @@ fn timeouts_protocol_faults_and_misrouted_sockets_are_typed() {
         "{e}"
     );
     assert!(e.is_unreachable());
+    // The peers below answer: a timeout far beyond a loaded machine's delays, so what
+    // they answer is what is judged.
+    let c = client(Duration::from_secs(30));
     // Answers garbage.
     serve(Class::Pct, vec![0, 0, 0, 3, 0xff, 0xff, 0xff]);
     let e = rt().block_on(c.ping(Class::Pct)).unwrap_err();

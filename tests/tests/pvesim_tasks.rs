@@ -5,7 +5,7 @@
 #[path = "pvesim_common/mod.rs"]
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -774,17 +774,26 @@ async fn tasks_finish_without_any_client() {
         let v: Value = r.json().await.unwrap();
         upid_of(&v["data"])
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let list = api(&sim, "GET", "/nodes/pve1/tasks", &[("vmid", "102")])
-        .await
-        .json();
-    let t = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["upid"] == json!(upid))
-        .expect("in the list");
-    assert_eq!(t["status"], "OK");
+    // The (archive) list is read until the task is in it, ended (generously: its 0.3 s
+    // may stretch on a loaded machine); nobody polls the task itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let t = loop {
+        let list = api(&sim, "GET", "/nodes/pve1/tasks", &[("vmid", "102")])
+            .await
+            .json();
+        let found = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["upid"] == json!(upid))
+            .cloned();
+        if let Some(t) = found {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "never in the list: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(t["status"], "OK", "{t}");
     assert!(t["endtime"].as_u64().unwrap() >= t["starttime"].as_u64().unwrap());
 }
 

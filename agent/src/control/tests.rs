@@ -88,11 +88,13 @@ async fn cli_requests_reach_the_daemon_over_a_real_socket() {
     .unwrap();
     assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o660);
 
-    // wait for the first cycle
-    for _ in 0..200 {
-        if engine.status().cycles > 0 {
-            break;
-        }
+    // wait for the first cycle (the status below is the one it leaves)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while engine.status().cycles == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no engine cycle in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let status = request(&sock, &Request::Status).await.unwrap();

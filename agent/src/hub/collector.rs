@@ -227,6 +227,10 @@ impl HostCollector {
     /// Builds one report (`sent_at` is set again by the loop just before sending).
     pub async fn collect_report(&mut self) -> HostReport {
         let mut report = HostReport::new(&self.node);
+        // The engine's state before anything is read: a report that says the desired
+        // state is applied then lists the guests as they were after that, never from
+        // before (the reads below take a while, the engine goes on meanwhile).
+        report.reconcile = self.reconcile.as_ref().and_then(|rx| rx.borrow().clone());
         let pve = self.pve.clone();
         let concurrency = self.guest_concurrency;
         let cloudflared = self.cloudflared.clone();
@@ -354,7 +358,6 @@ impl HostCollector {
             err(Component::Audit, None, kind, e.to_string())
         }));
         self.pending_audit = commit;
-        report.reconcile = self.reconcile.as_ref().and_then(|rx| rx.borrow().clone());
         self.log.observe(&report.errors);
         report
     }

@@ -11,7 +11,9 @@
 //! received, reconcile actions planned, applying and applied (and the guests skipped),
 //! the requests that reached the node, helper activations and idle exits, audit records.
 //!
-//! It ends after `--cycles N` reports accepted by the hub, on Ctrl-C or SIGTERM, or when
+//! It ends after `--cycles N` reports accepted by the hub (and not before one that shows
+//! the desired state applied, so the last report shows the guests as the agent left
+//! them, however slow the machine), on Ctrl-C or SIGTERM, or when
 //! a component fails (exit 1, naming it and its log). Every child is stopped in order
 //! (agent, helpers, simulators: SIGTERM, then SIGKILL after a grace) and reaped; the
 //! devstack is a child subreaper and sweeps anything orphaned ([`procs`]). At the end it
@@ -55,7 +57,8 @@ use watch::{Event, SimApi};
 /// Command-line options.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Stop after this many reports accepted by the hub; run until Ctrl-C when `None`.
+    /// Stop after this many reports accepted by the hub, the last of them showing the
+    /// desired state applied; run until Ctrl-C when `None`.
     pub cycles: Option<u64>,
     /// Guests of the simulated node (at least 12: the desired state names 101–112).
     pub guests: u32,
@@ -117,6 +120,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevstackErr
 /// How long `felhom-agent run` gets to stop after SIGTERM: longer than its own drain
 /// grace for running actions (30 s), so a normal stop is never cut short.
 const AGENT_GRACE: Duration = Duration::from_secs(35);
+
+/// How many accepted reports beyond `--cycles` the desired state may take to be applied
+/// before the run counts as failed.
+const APPLY_GRACE_REPORTS: u64 = 20;
 
 const BINS: [Bin; 6] = [
     build::AGENT,
@@ -569,6 +576,8 @@ struct Stack {
     events: Option<UnboundedReceiver<Event>>,
     events_tx: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
+    /// Each watcher's finished polling rounds.
+    rounds: Vec<watch::Rounds>,
     loop_disk: Option<LoopDisk>,
     usb_mounted: bool,
     /// Every process started: (name, pid).
@@ -576,6 +585,8 @@ struct Stack {
     activations: BTreeMap<&'static str, u32>,
     interrupt: Arc<Interrupt>,
     accepted: u64,
+    /// An accepted report has shown the desired state applied.
+    state_applied: bool,
     applied: u64,
     failed_actions: u64,
     leftovers: Vec<String>,
@@ -598,12 +609,14 @@ impl Stack {
             events: None,
             events_tx: None,
             watchers: Vec::new(),
+            rounds: Vec::new(),
             loop_disk: None,
             usb_mounted: false,
             started: Vec::new(),
             activations: BTreeMap::new(),
             interrupt: Arc::new(Interrupt::default()),
             accepted: 0,
+            state_applied: false,
             applied: 0,
             failed_actions: 0,
             leftovers: Vec::new(),
@@ -612,6 +625,28 @@ impl Stack {
 
     fn bin(&self, b: Bin) -> PathBuf {
         self.bins.join(b.name)
+    }
+
+    /// A new watcher's round counter.
+    fn rounds(&mut self) -> watch::Rounds {
+        let r = watch::Rounds::default();
+        self.rounds.push(r.clone());
+        r
+    }
+
+    /// Waits until every watcher has gone through a whole polling round begun after now,
+    /// so what happened before now has been told (an event, not a guessed time; the
+    /// bound is only for a watcher that hangs).
+    async fn catch_up(&mut self) {
+        let want: Vec<u64> = self.rounds.iter().map(|r| r.count() + 2).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.rounds.iter().zip(&want).any(|(r, w)| r.count() < *w) {
+            if Instant::now() >= deadline {
+                self.say("devstack", "a watcher did not catch up in 30 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn say(&mut self, who: &str, text: &str) {
@@ -863,16 +898,24 @@ impl Stack {
         );
 
         // watchers that do not need the agent daemon
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::hub_reports(
             hub_api,
             l.reports.clone(),
             tx.clone(),
+            rounds,
         )));
-        self.watchers
-            .push(tokio::spawn(watch::pve_requests(pve_api, tx.clone())));
+        let rounds = self.rounds();
+        self.watchers.push(tokio::spawn(watch::pve_requests(
+            pve_api,
+            tx.clone(),
+            rounds,
+        )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::audit_log(
             l.audit_log.clone(),
             tx.clone(),
+            rounds,
         )));
 
         if let Some(e) = self.interrupt.end() {
@@ -983,17 +1026,23 @@ impl Stack {
                 scene::DISKS.len()
             ),
         );
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::queue(
             l.control_socket.clone(),
             tx.clone(),
+            rounds,
         )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::journal(
             l.control_socket.clone(),
             tx.clone(),
+            rounds,
         )));
+        let rounds = self.rounds();
         self.watchers.push(tokio::spawn(watch::agent_log(
             l.log("agent.log"),
             tx.clone(),
+            rounds,
         )));
 
         self.main_loop().await
@@ -1025,10 +1074,14 @@ impl Stack {
         match ev {
             Event::Line { who, text } => self.printer.line(who, &text),
             Event::Report {
-                accepted, lines, ..
+                accepted,
+                applied,
+                lines,
+                ..
             } => {
                 if accepted {
                     self.accepted += 1;
+                    self.state_applied |= applied;
                 }
                 self.printer.block("hub", &lines);
             }
@@ -1105,8 +1158,22 @@ impl Stack {
                     self.on_event(ev);
                     if self.accepted > before {
                         last_progress = Instant::now();
-                        if self.opts.cycles.is_some_and(|n| self.accepted >= n) {
-                            break Ok(End::Cycles(self.accepted));
+                        if let Some(n) = self.opts.cycles
+                            && self.accepted >= n
+                        {
+                            // a report's reconcile section predates its guests, so
+                            // this report lists them as the agent left them
+                            if self.state_applied {
+                                break Ok(End::Cycles(self.accepted));
+                            }
+                            if self.accepted >= n + APPLY_GRACE_REPORTS {
+                                break Err(DevstackError::Component(format!(
+                                    "the desired state was not applied in {} accepted reports; see {}:\n{}",
+                                    self.accepted,
+                                    self.layout.log("agent.log").display(),
+                                    tail(&self.layout.log("agent.log"), 10)
+                                )));
+                            }
                         }
                     }
                 }
@@ -1191,7 +1258,7 @@ impl Stack {
     /// actions may be waiting on a node that is gone.
     async fn shutdown(&mut self, failed: bool) -> bool {
         // let the watchers catch up while the agent still answers on its control socket
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.catch_up().await;
         self.pump(Duration::ZERO);
         self.say("devstack", "stopping: agent, helpers, simulators");
         let grace = if failed {
@@ -1210,7 +1277,7 @@ impl Stack {
             }
         }
         // the last audit records and reports, then no more watching
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        self.catch_up().await;
         for w in self.watchers.drain(..) {
             w.abort();
             let _ = w.await;

@@ -13,6 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,10 +28,12 @@ use super::narrate;
 pub enum Event {
     /// A line of narrative.
     Line { who: &'static str, text: String },
-    /// A report the hub received (`accepted` counts towards `--cycles`).
+    /// A report the hub received (`accepted` counts towards `--cycles`; `applied`: its
+    /// reconcile section says the desired generation is applied).
     Report {
         seq: u64,
         accepted: bool,
+        applied: bool,
         lines: Vec<String>,
     },
     /// An action of the agent's journal finished (applied or failed).
@@ -38,6 +42,22 @@ pub enum Event {
 
 fn line(who: &'static str, text: String) -> Event {
     Event::Line { who, text }
+}
+
+/// How many polling rounds a watcher has finished. The devstack waits on these before it
+/// stops: two more rounds than now means one began after now, so whatever happened
+/// before now has been told, however slowly the machine runs.
+#[derive(Debug, Clone, Default)]
+pub struct Rounds(Arc<AtomicU64>);
+
+impl Rounds {
+    fn done(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// A `/_sim/` client for one simulator.
@@ -66,7 +86,7 @@ impl SimApi {
 }
 
 /// Polls the hub's received reports; appends each to `keep` (one JSON line each).
-pub async fn hub_reports(hub: SimApi, keep: PathBuf, tx: UnboundedSender<Event>) {
+pub async fn hub_reports(hub: SimApi, keep: PathBuf, tx: UnboundedSender<Event>, rounds: Rounds) {
     let mut since = 0u64;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -85,19 +105,23 @@ pub async fn hub_reports(hub: SimApi, keep: PathBuf, tx: UnboundedSender<Event>)
                     let _ = writeln!(f, "{r}");
                 }
                 let outcome = r["outcome"].as_str().unwrap_or("?");
+                let reconcile = &r["report"]["reconcile"];
                 let _ = tx.send(Event::Report {
                     seq,
                     accepted: outcome == "accepted",
+                    applied: reconcile["applied_generation"].is_u64()
+                        && reconcile["applied_generation"] == reconcile["desired_generation"],
                     lines: narrate::report_lines(seq, outcome, &r["report"]),
                 });
             }
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Polls the simulated node's request log for what changes guests (everything but GET).
-pub async fn pve_requests(pve: SimApi, tx: UnboundedSender<Event>) {
+pub async fn pve_requests(pve: SimApi, tx: UnboundedSender<Event>, rounds: Rounds) {
     let mut since = 0u64;
     let mut told: HashSet<u64> = HashSet::new();
     loop {
@@ -147,6 +171,7 @@ pub async fn pve_requests(pve: SimApi, tx: UnboundedSender<Event>) {
                 None => last,
             };
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -179,7 +204,7 @@ pub fn read_new_lines(path: &Path, offset: &mut u64) -> Vec<String> {
 }
 
 /// Follows the helper's audit log.
-pub async fn audit_log(path: PathBuf, tx: UnboundedSender<Event>) {
+pub async fn audit_log(path: PathBuf, tx: UnboundedSender<Event>, rounds: Rounds) {
     let mut offset = 0u64;
     loop {
         let mut records = Vec::new();
@@ -194,13 +219,14 @@ pub async fn audit_log(path: PathBuf, tx: UnboundedSender<Event>) {
         for text in narrate::audit_lines(&records) {
             let _ = tx.send(line("audit", text));
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
 
 /// Follows the reconcile engine's queue through the agent's control socket (`status`):
 /// tells each action once, when it is first seen waiting in its guest's lane.
-pub async fn queue(socket: PathBuf, tx: UnboundedSender<Event>) {
+pub async fn queue(socket: PathBuf, tx: UnboundedSender<Event>, rounds: Rounds) {
     let mut told: HashSet<(u64, String)> = HashSet::new();
     loop {
         if let Some(body) = control(&socket, json!({"cmd": "status"})).await {
@@ -227,12 +253,13 @@ pub async fn queue(socket: PathBuf, tx: UnboundedSender<Event>) {
                 ));
             }
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Follows the agent's log for warnings, errors and the reconcile engine's milestones.
-pub async fn agent_log(path: PathBuf, tx: UnboundedSender<Event>) {
+pub async fn agent_log(path: PathBuf, tx: UnboundedSender<Event>, rounds: Rounds) {
     let mut offset = 0u64;
     loop {
         for l in read_new_lines(&path, &mut offset) {
@@ -240,6 +267,7 @@ pub async fn agent_log(path: PathBuf, tx: UnboundedSender<Event>) {
                 let _ = tx.send(line("agent", text));
             }
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -283,7 +311,7 @@ async fn control(socket: &Path, request: Value) -> Option<Value> {
 
 /// Follows the agent's journal through its control socket: an action is told when its
 /// intent is recorded and again when it finished.
-pub async fn journal(socket: PathBuf, tx: UnboundedSender<Event>) {
+pub async fn journal(socket: PathBuf, tx: UnboundedSender<Event>, rounds: Rounds) {
     // entry id → whether its outcome was told
     let mut told: HashMap<i64, bool> = HashMap::new();
     loop {
@@ -306,6 +334,7 @@ pub async fn journal(socket: PathBuf, tx: UnboundedSender<Event>) {
                 }
             }
         }
+        rounds.done();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -115,6 +115,34 @@ pub async fn run_task(sim: &PveSim, method: &str, path: &str, form: &[(&str, &st
         .expect("task finishes")
 }
 
+/// Waits until the simulator holds a request for `path` (below `/api2/json`): received,
+/// logged, not answered yet. Returns its sequence number in the request log.
+pub async fn wait_held(sim: &PveSim, path: &str) -> u64 {
+    let full = format!("/api2/json{path}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = sim.requests(0).await.expect("request log");
+        if let Some(r) = log.iter().find(|r| r.path == full && r.status.is_none()) {
+            return r.seq;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the simulator never held {full}: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether the simulator has answered the request it logged as `seq`.
+pub async fn answered(sim: &PveSim, seq: u64) -> bool {
+    let log = sim.requests(seq - 1).await.expect("request log");
+    let r = log
+        .iter()
+        .find(|r| r.seq == seq)
+        .expect("the request is logged");
+    r.status.is_some()
+}
+
 pub fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -321,12 +321,16 @@ async fn shutdown_finishes_running_cancels_the_rest() {
     while q.stats().running < 2 {
         tokio::task::yield_now().await;
     }
-    let g2 = gate.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        g2.notify_one();
-    });
-    let report = q.shutdown(Duration::from_millis(500)).await;
+    // `quick` is released once the shutdown has closed the queue (and so cancelled
+    // `queued`), not after a guessed time: released earlier, `queued` would run. The
+    // grace is what `stuck` makes the test wait, and what `quick` has to finish in.
+    let release = async {
+        while !q.stats().closed {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+    };
+    let (report, ()) = tokio::join!(q.shutdown(Duration::from_secs(3)), release);
     assert_eq!(
         report,
         ShutdownReport {
