@@ -207,7 +207,7 @@ async fn blocked_means_no_mutation_also_right_after_a_restart() {
     assert_eq!(section["blocked"], true, "{section:#}");
     assert_eq!(section["safe_mode"], false);
     assert_eq!(section["applied_generation"], Value::Null);
-    let status = home.wait_status(&mut daemon, Duration::from_secs(10), |v| {
+    let status = home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
         v["reconcile"]["cycles"].as_u64() >= Some(2)
     });
     assert_eq!(status["reconcile"]["gate"], "blocked", "{status:#}");
@@ -218,32 +218,41 @@ async fn blocked_means_no_mutation_also_right_after_a_restart() {
     // 2. Restart with the hub gone: the kept envelope still says blocked.
     drop(hub);
     let mut daemon = home.start_daemon(&home.log_path("daemon-2.log"));
-    let status = home.wait_status(&mut daemon, Duration::from_secs(10), |v| {
+    let status = home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
         v["reconcile"]["cycles"].as_u64() >= Some(1)
     });
     assert_eq!(status["reconcile"]["gate"], "blocked", "{status:#}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        daemon
-            .log_text()
-            .contains("reconcile gate at start gate=Blocked"),
-        "{}",
-        daemon.log_text()
-    );
+    // The log line is written before the first cycle; wait for it rather than a time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon
+        .log_text()
+        .contains("reconcile gate at start gate=Blocked")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 'reconcile gate at start gate=Blocked' in the log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(mutations(&log_since(&sim, since).await), vec![]);
     assert_eq!(daemon.term(Duration::from_secs(20)), Some(0));
 
     // 3. No envelope ever (none kept), hub unreachable: awaiting it, still no mutation.
     std::fs::remove_file(home.state_dir.join("hub-envelope.json")).expect("kept envelope");
     let mut daemon = home.start_daemon(&home.log_path("daemon-3.log"));
-    let status = home.wait_status(&mut daemon, Duration::from_secs(10), |v| {
+    let status = home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
         v["reconcile"]["cycles"].as_u64() >= Some(1)
     });
     assert_eq!(
         status["reconcile"]["gate"], "awaiting_envelope",
         "{status:#}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two more whole cycles with the gate closed, not a guessed time.
+    let seen = status["reconcile"]["cycles"].as_u64().expect("cycles");
+    home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
+        v["reconcile"]["cycles"].as_u64() >= Some(seen + 2)
+    });
     assert_eq!(mutations(&log_since(&sim, since).await), vec![]);
 
     // 4. A new hub that does not block, taken on SIGHUP: now it converges, once.
@@ -312,7 +321,10 @@ async fn ha_managed_locked_and_template_guests_are_never_touched() {
     // a few more cycles (a resync, a plan through the daemon) change nothing more
     let plan = home.cli_json(&["plan"]);
     assert_eq!(planned(&plan), vec![]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = status["reconcile"]["cycles"].as_u64().expect("cycles");
+    home.wait_status(&mut daemon, Duration::from_secs(30), |v| {
+        v["reconcile"]["cycles"].as_u64() >= Some(seen + 2)
+    });
     let skipped: Vec<(u64, String)> = status["reconcile"]["skipped"]
         .as_array()
         .expect("skipped")
