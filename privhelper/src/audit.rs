@@ -960,6 +960,20 @@ pub struct VerifyReport {
     pub last_seq: Option<u64>,
     pub files: Vec<PathBuf>,
     pub notes: Vec<String>,
+    /// Intents whose outcome never came, oldest first. The chain is whole, so no record
+    /// was removed: the helper stopped while the operation ran (crash, power loss, kill),
+    /// or it is still running. Reported, not a failure: a crash is a fact to show, and
+    /// failing would leave verify failing forever after one.
+    pub open_intents: Vec<OpenIntent>,
+}
+
+/// An intent without an outcome (see [`VerifyReport::open_intents`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenIntent {
+    pub seq: u64,
+    pub op: String,
+    pub file: PathBuf,
+    pub line: usize,
 }
 
 /// The first bad record.
@@ -1154,25 +1168,25 @@ pub fn verify(log: &Path) -> Result<VerifyReport, VerifyFailure> {
             }
         }
     }
-    // Checked last, so a broken chain is named first. An intent whose outcome never came:
-    // the helper stopped while the operation ran (crash, power loss, kill), or the outcome
-    // was removed; an operation still running at this moment shows the same.
-    if let Some((seq, (file, line, op))) = open.into_iter().next() {
-        return Err(fail(
-            &file,
+    // An intent whose outcome never came. The chain above is whole and the head matches,
+    // so the outcome was not removed: the helper stopped while the operation ran (crash,
+    // power loss, kill), or it is still running at this moment.
+    let open_intents = open
+        .into_iter()
+        .map(|(seq, (file, line, op))| OpenIntent {
+            seq,
+            op,
+            file,
             line,
-            Some(seq),
-            format!(
-                "intent for {op} has no outcome: the helper stopped while it ran (or the outcome was removed; an operation still running shows the same, so verify again once it finished)"
-            ),
-        ));
-    }
+        })
+        .collect();
     Ok(VerifyReport {
         records,
         first_seq,
         last_seq: prev.map(|p| p.0),
         files,
         notes,
+        open_intents,
     })
 }
 
@@ -1520,12 +1534,19 @@ mod tests {
             .append(&Entry::new("intent").with("op", "usb_mount"))
             .unwrap();
         a.append(&Entry::new("refused")).unwrap();
-        let e = verify(&log).unwrap_err();
-        assert_eq!(e.seq, Some(i));
-        assert!(e.reason.contains("usb_mount has no outcome"), "{e}");
+        let r = verify(&log).unwrap();
+        assert_eq!(
+            r.open_intents,
+            [OpenIntent {
+                seq: i,
+                op: "usb_mount".into(),
+                file: log.clone(),
+                line: 1
+            }]
+        );
         a.append(&Entry::new("outcome").with("intent_seq", i))
             .unwrap();
-        verify(&log).unwrap();
+        assert_eq!(verify(&log).unwrap().open_intents, []);
 
         // Rotated files .1 … .3; removing .1 and .2 leaves a hole below .3.
         let b = open(&log, 4096).with_ack(Some(d.join("ack")));

@@ -204,6 +204,15 @@ fn verify(f: Flags) -> Result<(), MainError> {
     for n in &r.notes {
         println!("note: {n}");
     }
+    for o in &r.open_intents {
+        println!(
+            "warning: {}:{}: seq {}: intent for {} has no outcome: the helper stopped while it ran (crash, power loss, kill), or it is still running",
+            o.file.display(),
+            o.line,
+            o.seq,
+            o.op
+        );
+    }
     println!(
         "audit log OK: {} records{} in {} file(s), head matches",
         r.records,
