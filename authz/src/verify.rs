@@ -62,9 +62,7 @@ pub fn verify_envelope(
             continue;
         };
         // The hinted key first, then every other key that has not counted yet.
-        let hinted = keys
-            .iter()
-            .position(|k| k.names.contains(&entry.keyid));
+        let hinted = keys.iter().position(|k| k.names.contains(&entry.keyid));
         let order = hinted
             .into_iter()
             .chain((0..keys.len()).filter(|i| Some(*i) != hinted));
