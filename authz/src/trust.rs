@@ -16,6 +16,9 @@ use crate::envelope::decode_base64;
 
 /// A signers file above this size is refused.
 pub const MAX_SIGNERS_FILE_BYTES: usize = 64 * 1024;
+/// At most this many keys: every signature may be tried against every key, so this
+/// bounds the work one envelope can cause.
+pub const MAX_KEYS: usize = 64;
 /// `max_validity_seconds` when the file does not say.
 pub const DEFAULT_MAX_VALIDITY_SECONDS: u64 = 86_400;
 /// `clock_skew_seconds` when the file does not say.
@@ -50,6 +53,8 @@ pub enum TrustError {
     TooLarge(usize),
     #[error("signers file is not valid: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0} keys are listed, at most {MAX_KEYS} are accepted")]
+    TooManyKeys(usize),
     #[error("key name {0:?} is invalid: 1..=64 characters of A-Z a-z 0-9 . _ @ + -")]
     InvalidName(String),
     #[error("key name {0:?} is listed twice")]
@@ -141,6 +146,9 @@ impl Trust {
             return Err(TrustError::TooLarge(bytes.len()));
         }
         let raw: RawTrust = serde_json::from_slice(bytes)?;
+        if raw.keys.len() > MAX_KEYS {
+            return Err(TrustError::TooManyKeys(raw.keys.len()));
+        }
         let mut keys: Vec<TrustedKey> = Vec::new();
         let mut seen_names: Vec<&str> = Vec::new();
         for k in &raw.keys {
@@ -440,6 +448,12 @@ mod tests {
             let err = Trust::from_json(json.as_bytes()).unwrap_err();
             assert!(ok(&err), "{json}: {err}");
         }
+        let many: Vec<(String, &str)> = (0..=MAX_KEYS).map(|i| (format!("k{i}"), K1)).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        assert!(matches!(
+            Trust::from_json(file(&many, 1, 1).as_bytes()).unwrap_err(),
+            TrustError::TooManyKeys(65)
+        ));
         assert!(matches!(
             Trust::from_json(&vec![b' '; MAX_SIGNERS_FILE_BYTES + 1]).unwrap_err(),
             TrustError::TooLarge(_)

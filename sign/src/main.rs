@@ -392,12 +392,13 @@ fn run(cli: Cli) -> Result<(), SignError> {
             let raw = read_input(&file)?;
             let env = Envelope::parse(&raw).map_err(SignError::Envelope)?;
             let body = env.body().map_err(SignError::Envelope)?;
-            println!("payloadType: {}", env.payload_type);
+            // Escaped: an envelope from elsewhere must not drive the terminal.
+            println!("payloadType: {}", env.payload_type.escape_debug());
             println!("payload_sha256: {}", hex::encode(payload_sha256(&body)));
             println!("payload:");
             match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-                Err(_) => println!("{}", String::from_utf8_lossy(&body)),
+                Err(_) => println!("{}", String::from_utf8_lossy(&body).escape_debug()),
             }
             println!("signatures:");
             for s in &env.signatures {
