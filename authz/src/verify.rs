@@ -19,19 +19,40 @@ use crate::refusal::{Reason, Refusal};
 use crate::trust::{Grant, Trust};
 
 /// An envelope whose signatures met the reversible threshold, with the body not yet parsed.
+/// Only [`verify_envelope`] makes one, so the payload parsers, which take a `Verified`,
+/// cannot be handed unverified bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    pub payload_type: PayloadType,
+    pub(crate) payload_type: PayloadType,
     /// The decoded payload bytes, exactly as signed.
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     /// SHA-256 of `body`.
-    pub payload_sha256: [u8; 32],
+    pub(crate) payload_sha256: [u8; 32],
     /// One name per distinct trusted key whose signature verified (the name the `keyid`
     /// hint named when it named one of that key's names, else its first name).
-    pub signers: Vec<String>,
+    pub(crate) signers: Vec<String>,
 }
 
 impl Verified {
+    pub fn payload_type(&self) -> PayloadType {
+        self.payload_type
+    }
+
+    /// The decoded payload bytes, exactly as signed.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// SHA-256 of the body.
+    pub fn payload_sha256(&self) -> [u8; 32] {
+        self.payload_sha256
+    }
+
+    /// One name per distinct trusted key whose signature verified.
+    pub fn signers(&self) -> &[String] {
+        &self.signers
+    }
+
     /// How many distinct trusted keys signed.
     pub fn distinct_signers(&self) -> u32 {
         self.signers.len() as u32

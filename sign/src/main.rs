@@ -236,15 +236,13 @@ fn signers_line(name: &str, key: &SigningKey) -> String {
 
 /// A trust that holds only this key, with the widest limits a host accepts: used to
 /// verify every envelope before it is printed.
-fn self_trust(name: &str, key: &SigningKey) -> Trust {
+fn self_trust(name: &str, key: &SigningKey) -> Result<Trust, SignError> {
     let doc = format!(
         r#"{{"keys":[{}],"threshold":{{"reversible":1,"irreversible":1}},"max_validity_seconds":{},"clock_skew_seconds":0}}"#,
         signers_line(name, key),
         felhom_authz::trust::MAX_MAX_VALIDITY_SECONDS
     );
-    // A key this tool holds always makes a valid one-key trust; an error here is a bug
-    // that must not sign anything.
-    Trust::from_json(doc.as_bytes()).unwrap_or_else(|e| panic!("self trust: {e}"))
+    Trust::from_json(doc.as_bytes()).map_err(|e| usage(format!("this key cannot be trusted: {e}")))
 }
 
 fn sign_entry(key: &SigningKey, keyid: String, ty: &str, body: &[u8]) -> SignatureEntry {
@@ -358,7 +356,7 @@ fn run(cli: Cli) -> Result<(), SignError> {
             };
             verify_op(
                 json.as_bytes(),
-                &self_trust(&keyid_or(&keyid), &signing),
+                &self_trust(&keyid_or(&keyid), &signing)?,
                 &ctx,
             )
             .map_err(SignError::SelfCheck)?;
@@ -413,7 +411,7 @@ fn run(cli: Cli) -> Result<(), SignError> {
                     _ => PayloadType::Op,
                 };
                 let v = verify_envelope(&raw, ty, &trust).map_err(SignError::Envelope)?;
-                println!("verified by: {}", v.signers.join(", "));
+                println!("verified by: {}", v.signers().join(", "));
             }
             Ok(())
         }
@@ -470,7 +468,7 @@ fn run(cli: Cli) -> Result<(), SignError> {
             };
             verify_desired(
                 json.as_bytes(),
-                &self_trust(&keyid_or(&keyid), &signing),
+                &self_trust(&keyid_or(&keyid), &signing)?,
                 &ctx,
             )
             .map_err(SignError::SelfCheck)?;
