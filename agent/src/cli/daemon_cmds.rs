@@ -78,6 +78,16 @@ pub fn status(cli: &Cli) -> Result<(), CliError> {
             })
         }
     };
+    // Identity and trust as the daemon loads them (it re-reads the signers file on
+    // SIGHUP), read here so they show whether or not a daemon runs.
+    let mut v = v;
+    let (id, ops) = super::ops_cmd::identity_and_ops(&config);
+    if let (Some(obj), Some(id)) = (v.as_object_mut(), id.as_object()) {
+        for (k, val) in id {
+            obj.insert(k.clone(), val.clone());
+        }
+        obj.insert("ops".into(), ops);
+    }
     print(cli, &v, render_status);
     Ok(())
 }
@@ -88,6 +98,7 @@ fn render_status(v: &Value) -> String {
         "daemon: {}\n",
         v["daemon"].as_str().unwrap_or("?")
     ));
+    out.push_str(&super::ops_cmd::render_identity_and_ops(v, &v["ops"]));
     if let Some(r) = v.get("reconcile") {
         out.push_str(&format!("gate: {}  blocked: {}\n", r["gate"], r["blocked"]));
         out.push_str(&format!(

@@ -42,6 +42,11 @@ pub struct HostReport {
     pub schema_version: u32,
     /// The agent's version (`felhom-agent --version`).
     pub agent_version: String,
+    /// This host's identity for signed operations: 32 lower-case hex characters (128
+    /// random bits), created once in `state_dir/agent-id` or set in the config. Node names
+    /// repeat across clusters; this does not.
+    #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
+    pub agent_id: String,
     /// The Proxmox node name this agent runs on (config `node`).
     pub node: String,
     /// When the agent sent this report (RFC 3339, UTC).
@@ -69,12 +74,13 @@ pub struct HostReport {
 }
 
 impl HostReport {
-    /// An empty report for `node`: no host, no guests, cloudflared `unknown`. The collector
-    /// fills it in.
-    pub fn new(node: &str) -> HostReport {
+    /// An empty report for the agent `agent_id` on `node`: no host, no guests, cloudflared
+    /// `unknown`. The collector fills it in.
+    pub fn new(agent_id: &crate::ops::AgentId, node: &str) -> HostReport {
         HostReport {
             schema_version: SCHEMA_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_id: agent_id.to_string(),
             node: node.to_owned(),
             sent_at: Timestamp::now(),
             errors: Vec::new(),

@@ -20,6 +20,7 @@ use super::envelope::{ControlEnvelope, EnvelopeStore, SavedEnvelope, poll_floor}
 use super::heartbeat::{Command, Heartbeat, SHUTDOWN_GRACE, Stats};
 use super::report::ReconcileReport;
 use crate::config::{Config, HubMode};
+use crate::ops::AgentId;
 
 /// Request deadline when the test bed lowered the poll floor (so a hanging hub costs a
 /// test seconds, not half a minute).
@@ -61,6 +62,8 @@ pub struct HubService {
     envelopes: watch::Receiver<Option<SavedEnvelope>>,
     stats: watch::Receiver<Stats>,
     reconcile: watch::Receiver<Option<ReconcileReport>>,
+    /// Fixed for the daemon's lifetime (a reload never changes the identity).
+    agent_id: AgentId,
     task: JoinHandle<()>,
 }
 
@@ -69,6 +72,7 @@ impl HubService {
     /// the hub client cannot be built (e.g. an unreadable `hub.ca_file`).
     pub fn start(
         cfg: &Config,
+        agent_id: AgentId,
         reconcile: watch::Receiver<Option<ReconcileReport>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<HubService, HubServiceError> {
@@ -83,7 +87,8 @@ impl HubService {
                 "hub.test_min_poll_interval_seconds is set: the poll-interval floor is lowered for the test bed; not for production"
             );
         }
-        let collector = HostCollector::for_daemon(cfg).with_reconcile(reconcile.clone());
+        let collector =
+            HostCollector::for_daemon(cfg, agent_id.clone()).with_reconcile(reconcile.clone());
         let heartbeat = Heartbeat::new(
             collector,
             reporter,
@@ -99,6 +104,7 @@ impl HubService {
             envelopes,
             stats,
             reconcile,
+            agent_id,
             task,
         })
     }
@@ -116,7 +122,8 @@ impl HubService {
     /// Applies a reloaded configuration between cycles. On error the running one stays.
     pub async fn reload(&self, cfg: &Config) -> Result<(), HubServiceError> {
         let reporter = reporter_for(cfg)?;
-        let collector = HostCollector::for_daemon(cfg).with_reconcile(self.reconcile.clone());
+        let collector = HostCollector::for_daemon(cfg, self.agent_id.clone())
+            .with_reconcile(self.reconcile.clone());
         self.commands
             .send(Command::Reload {
                 collector,
@@ -150,11 +157,14 @@ impl HubService {
 /// `selftest --hub`: collect once, send one report, return the hub's envelope. The audit
 /// list is sent empty so the daemon's cursor (and its "each record once" rule) is not
 /// touched.
-pub async fn selftest_exchange(cfg: &Config) -> Result<ControlEnvelope, HubServiceError> {
+pub async fn selftest_exchange(
+    cfg: &Config,
+    agent_id: AgentId,
+) -> Result<ControlEnvelope, HubServiceError> {
     let Some(client) = reporter_for(cfg)? else {
         return Err(HubServiceError::Disabled);
     };
-    let mut collector = HostCollector::for_daemon(cfg);
+    let mut collector = HostCollector::for_daemon(cfg, agent_id);
     let mut report = collector.collect_report().await;
     report.audit.clear();
     report.sent_at = super::report::Timestamp::now();
