@@ -280,9 +280,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (body, want) in [
             (
-                format!(
-                    r#"{{"keys":[{{"name":"a","ed25519":"AAAA"}}],"threshold":{{"reversible":1,"irreversible":1}}}}"#
-                ),
+                r#"{"keys":[{"name":"a","ed25519":"AAAA"}],"threshold":{"reversible":1,"irreversible":1}}"#
+                    .to_string(),
                 "32",
             ),
             (
