@@ -427,6 +427,19 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
         Duration::from_secs(30),
     )
     .await;
+    // `status` asks the daemon: its id, and the trust as it loaded it at the SIGHUP.
+    let (code, out, err) = agent_command(&home, &["status", "--json"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["daemon"], "running", "{v}");
+    assert_eq!(v["agent_id"], id, "{v}");
+    assert_eq!(v["agent_id_source"], "file", "{v}");
+    assert_eq!(v["ops"]["state"], "untrusted_file", "{v}");
+    assert!(
+        v["ops"]["reason"].as_str().unwrap().contains("mode 0664"),
+        "{v}"
+    );
+
     // Mode fixed: the next reason is the owner. This daemon runs as root (uid 0, the
     // file's owner, who could rewrite it); run by another user, the file is not root's.
     std::fs::set_permissions(&signers, std::fs::Permissions::from_mode(0o644)).unwrap();

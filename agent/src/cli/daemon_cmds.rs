@@ -78,15 +78,17 @@ pub fn status(cli: &Cli) -> Result<(), CliError> {
             })
         }
     };
-    // Identity and trust as the daemon loads them (it re-reads the signers file on
-    // SIGHUP), read here so they show whether or not a daemon runs.
+    // A running daemon tells its own identity and trust (as loaded at start or the last
+    // SIGHUP); without one, both are read here as the daemon would load them.
     let mut v = v;
-    let (id, ops) = super::ops_cmd::identity_and_ops(&config);
-    if let (Some(obj), Some(id)) = (v.as_object_mut(), id.as_object()) {
-        for (k, val) in id {
-            obj.insert(k.clone(), val.clone());
+    if v.get("ops").is_none() {
+        let (id, ops) = super::ops_cmd::identity_and_ops(&config);
+        if let (Some(obj), Some(id)) = (v.as_object_mut(), id.as_object()) {
+            for (k, val) in id {
+                obj.insert(k.clone(), val.clone());
+            }
+            obj.insert("ops".into(), ops);
         }
-        obj.insert("ops".into(), ops);
     }
     print(cli, &v, render_status);
     Ok(())

@@ -42,13 +42,13 @@ use tokio::sync::watch;
 use super::mutations::DaemonMutations;
 use super::{Cli, CliError};
 use crate::config::{Config, HubMode};
-use crate::control::{ControlError, DaemonOptions, DaemonParts, StateLock};
+use crate::control::{ControlError, DaemonOptions, DaemonParts, SignedOpsView, StateLock};
 use crate::hub::client::HubClientError;
 use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
-use crate::ops::AgentId;
 use crate::ops::identity;
 use crate::ops::trust::{TrustState, agent_uid, load_trust};
+use crate::ops::{AgentId, IdentitySource};
 use crate::reconcile::engine::{EngineReload, provider_for};
 use crate::reconcile::status::ReconcileReport;
 use crate::reconcile::{EngineHandle, Gate};
@@ -66,6 +66,11 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
     let (agent_id, source) = identity::load_or_create(cfg.agent_id.as_ref(), &cfg.state_dir)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     tracing::info!(agent_id = %agent_id, source = source.as_str(), "agent identity");
+    // `status` says `file` for an id this start created: that is where it lives now.
+    let source = match source {
+        IdentitySource::Created => IdentitySource::File,
+        other => other,
+    };
     let trust = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
         .map_err(|e| CliError::Usage(e.to_string()))?;
     log_trust(&trust);
@@ -74,7 +79,7 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Problem(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(daemon(cli.config.clone(), cfg, agent_id, trust))
+    runtime.block_on(daemon(cli.config.clone(), cfg, (agent_id, source), trust))
 }
 
 /// Logs the signed-operations state: at start, and after each SIGHUP.
@@ -90,19 +95,21 @@ fn log_trust(state: &TrustState) {
 /// The signers file again (SIGHUP). A malformed file turns operations off: the running
 /// trust is never kept once the file says something else.
 fn reload_trust(cfg: &Config, running: &watch::Sender<TrustState>) {
-    let state = match load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir)) {
-        Ok(state) => {
-            log_trust(&state);
-            state
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "signed operations: disabled until the signers file is fixed");
-            TrustState::Disabled {
-                path: cfg.authz.signers_file.clone(),
-            }
-        }
+    let loaded = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir));
+    let state = match &loaded {
+        Ok(state) => state.clone(),
+        Err(_) => TrustState::Disabled {
+            path: cfg.authz.signers_file.clone(),
+        },
     };
+    // In force before it is logged: whoever reads the log line sees it in `status`.
     running.send_replace(state);
+    match loaded {
+        Ok(state) => log_trust(&state),
+        Err(e) => {
+            tracing::error!(error = %e, "signed operations: disabled until the signers file is fixed")
+        }
+    }
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, CliError> {
@@ -128,7 +135,7 @@ fn init_logging() {
 async fn daemon(
     config_path: Option<PathBuf>,
     cfg: Config,
-    agent_id: AgentId,
+    (agent_id, agent_id_source): (AgentId, IdentitySource),
     trust: TrustState,
 ) -> Result<(), CliError> {
     let sig = |kind: SignalKind, name: &str| {
@@ -162,6 +169,8 @@ async fn daemon(
     tracing::info!(gate = ?initial, "reconcile gate at start");
     let (gate_tx, gate_rx) = watch::channel(initial);
     let (envelope_tx, envelope_rx) = watch::channel(kept);
+    // The current trust: `status` shows it; the operations channel (a later change) reads it.
+    let (trust_tx, trust_rx) = watch::channel(trust);
 
     let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
     let parts = DaemonParts::start(
@@ -172,6 +181,11 @@ async fn daemon(
         DaemonOptions {
             envelope: Some(envelope_rx),
             mutations: Some(mutations.clone()),
+            signed_ops: Some(SignedOpsView {
+                agent_id: agent_id.clone(),
+                agent_id_source,
+                trust: trust_rx,
+            }),
         },
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -182,8 +196,6 @@ async fn daemon(
         shutdown_rx.clone(),
     ));
 
-    // The current trust; the operations channel (a later change) reads it.
-    let (trust_tx, _trust_rx) = watch::channel(trust);
     let hub = HubService::start(&cfg, agent_id.clone(), reconcile_rx, shutdown_rx.clone())
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let gate_task = tokio::spawn(follow_hub(
