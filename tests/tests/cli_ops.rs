@@ -427,7 +427,9 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
         Duration::from_secs(30),
     )
     .await;
-    // `status` asks the daemon: its id, and the trust as it loaded it at the SIGHUP.
+    // The mode is fixed but no SIGHUP sent yet: `status` asks the daemon, which shows its
+    // id and the trust it loaded at the last SIGHUP, not what the file says now.
+    std::fs::set_permissions(&signers, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (code, out, err) = agent_command(&home, &["status", "--json"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -440,9 +442,8 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
         "{v}"
     );
 
-    // Mode fixed: the next reason is the owner. This daemon runs as root (uid 0, the
+    // After the SIGHUP the next reason is the owner. This daemon runs as root (uid 0, the
     // file's owner, who could rewrite it); run by another user, the file is not root's.
-    std::fs::set_permissions(&signers, std::fs::Permissions::from_mode(0o644)).unwrap();
     agent.signal(Sig::Hup);
     let reason = if is_root() {
         "the agent runs as uid 0"
