@@ -406,6 +406,10 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
     );
     assert_eq!(reports[0]["report"]["agent_id"], id);
     assert_valid_report(&reports[0]["report"]);
+    assert_eq!(
+        reports[0]["report"]["ops"],
+        json!({"enabled": false, "signers": []})
+    );
     wait_log(
         &agent,
         "signed operations: disabled (no ",

@@ -158,6 +158,10 @@ fn full_report() -> HostReport {
         desired_only: vec![104],
         actual_only: vec![105],
     });
+    r.ops = OpsReport {
+        enabled: true,
+        signers: vec!["alice".into(), "bob".into()],
+    };
     r
 }
 
@@ -220,6 +224,16 @@ fn the_schema_rejects_what_the_agent_cannot_send() {
         (
             "upper-case agent_id",
             Box::new(|v| v["agent_id"] = json!("0123456789ABCDEF0123456789ABCDEF")),
+        ),
+        (
+            "unknown field in ops",
+            Box::new(|v| v["ops"]["held"] = json!(0)),
+        ),
+        (
+            "ops without enabled",
+            Box::new(|v| {
+                v["ops"].as_object_mut().unwrap().remove("enabled");
+            }),
         ),
         (
             "short agent_id",

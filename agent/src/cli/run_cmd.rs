@@ -196,8 +196,14 @@ async fn daemon(
         shutdown_rx.clone(),
     ));
 
-    let hub = HubService::start(&cfg, agent_id.clone(), reconcile_rx, shutdown_rx.clone())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let hub = HubService::start(
+        &cfg,
+        agent_id.clone(),
+        trust_tx.subscribe(),
+        reconcile_rx,
+        shutdown_rx.clone(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
     let gate_task = tokio::spawn(follow_hub(
         hub.envelopes(),
         hub_on_rx,
@@ -384,12 +390,14 @@ pub fn selftest_hub(cli: &Cli) -> Result<(), CliError> {
     // A report carries the agent_id; before the daemon's first start this creates it.
     let (agent_id, _) = identity::load_or_create(cfg.agent_id.as_ref(), &cfg.state_dir)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    let trust = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Problem(format!("cannot start the async runtime: {e}")))?;
     let envelope = runtime
-        .block_on(selftest_exchange(&cfg, agent_id))
+        .block_on(selftest_exchange(&cfg, agent_id, trust))
         .map_err(|e| match &e {
             HubServiceError::Disabled => CliError::Usage(e.to_string()),
             HubServiceError::Client(HubClientError::Setup(_) | HubClientError::Tls(_)) => {

@@ -38,8 +38,8 @@ use super::cloudflared::{CloudflaredError, CloudflaredProber};
 use super::heartbeat::Collect;
 use super::report::{
     BackupReport, BackupVerification, CollectError, Component, CpuInfo, DiskHealth, DiskReport,
-    ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport,
-    PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
+    ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, OpsReport,
+    PbsReport, PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
 };
 use super::smart::{SmartError, discover_disks, parse_smartctl};
 use crate::config::Config;
@@ -122,6 +122,7 @@ pub struct HostCollector {
     audit: Result<Arc<Mutex<AuditReader>>, AuditError>,
     pending_audit: Option<AuditCommit>,
     reconcile: Option<watch::Receiver<Option<ReconcileReport>>>,
+    trust: Option<watch::Receiver<crate::ops::TrustState>>,
     log: ChangeLog,
 }
 
@@ -167,6 +168,7 @@ impl HostCollector {
             audit,
             pending_audit: None,
             reconcile: None,
+            trust: None,
             log: ChangeLog::default(),
         }
     }
@@ -227,6 +229,12 @@ impl HostCollector {
         self
     }
 
+    /// The daemon's trust in operator keys (reloaded on SIGHUP), for the report's `ops`.
+    pub fn with_trust(mut self, rx: watch::Receiver<crate::ops::TrustState>) -> Self {
+        self.trust = Some(rx);
+        self
+    }
+
     /// Builds one report (`sent_at` is set again by the loop just before sending).
     pub async fn collect_report(&mut self) -> HostReport {
         let mut report = HostReport::new(&self.agent_id, &self.node);
@@ -234,6 +242,9 @@ impl HostCollector {
         // state is applied then lists the guests as they were after that, never from
         // before (the reads below take a while, the engine goes on meanwhile).
         report.reconcile = self.reconcile.as_ref().and_then(|rx| rx.borrow().clone());
+        if let Some(rx) = &self.trust {
+            report.ops = OpsReport::from_trust(&rx.borrow());
+        }
         let pve = self.pve.clone();
         let concurrency = self.guest_concurrency;
         let cloudflared = self.cloudflared.clone();

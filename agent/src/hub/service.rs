@@ -20,7 +20,7 @@ use super::envelope::{ControlEnvelope, EnvelopeStore, SavedEnvelope, poll_floor}
 use super::heartbeat::{Command, Heartbeat, SHUTDOWN_GRACE, Stats};
 use super::report::ReconcileReport;
 use crate::config::{Config, HubMode};
-use crate::ops::AgentId;
+use crate::ops::{AgentId, TrustState};
 
 /// Request deadline when the test bed lowered the poll floor (so a hanging hub costs a
 /// test seconds, not half a minute).
@@ -64,6 +64,8 @@ pub struct HubService {
     reconcile: watch::Receiver<Option<ReconcileReport>>,
     /// Fixed for the daemon's lifetime (a reload never changes the identity).
     agent_id: AgentId,
+    /// The daemon's trust (SIGHUP reloads it), for the report's `ops`.
+    trust: watch::Receiver<TrustState>,
     task: JoinHandle<()>,
 }
 
@@ -73,6 +75,7 @@ impl HubService {
     pub fn start(
         cfg: &Config,
         agent_id: AgentId,
+        trust: watch::Receiver<TrustState>,
         reconcile: watch::Receiver<Option<ReconcileReport>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<HubService, HubServiceError> {
@@ -87,8 +90,9 @@ impl HubService {
                 "hub.test_min_poll_interval_seconds is set: the poll-interval floor is lowered for the test bed; not for production"
             );
         }
-        let collector =
-            HostCollector::for_daemon(cfg, agent_id.clone()).with_reconcile(reconcile.clone());
+        let collector = HostCollector::for_daemon(cfg, agent_id.clone())
+            .with_reconcile(reconcile.clone())
+            .with_trust(trust.clone());
         let heartbeat = Heartbeat::new(
             collector,
             reporter,
@@ -105,6 +109,7 @@ impl HubService {
             stats,
             reconcile,
             agent_id,
+            trust,
             task,
         })
     }
@@ -123,7 +128,8 @@ impl HubService {
     pub async fn reload(&self, cfg: &Config) -> Result<(), HubServiceError> {
         let reporter = reporter_for(cfg)?;
         let collector = HostCollector::for_daemon(cfg, self.agent_id.clone())
-            .with_reconcile(self.reconcile.clone());
+            .with_reconcile(self.reconcile.clone())
+            .with_trust(self.trust.clone());
         self.commands
             .send(Command::Reload {
                 collector,
@@ -160,11 +166,13 @@ impl HubService {
 pub async fn selftest_exchange(
     cfg: &Config,
     agent_id: AgentId,
+    trust: TrustState,
 ) -> Result<ControlEnvelope, HubServiceError> {
     let Some(client) = reporter_for(cfg)? else {
         return Err(HubServiceError::Disabled);
     };
-    let mut collector = HostCollector::for_daemon(cfg, agent_id);
+    let mut collector =
+        HostCollector::for_daemon(cfg, agent_id).with_trust(watch::channel(trust).1);
     let mut report = collector.collect_report().await;
     report.audit.clear();
     report.sent_at = super::report::Timestamp::now();
