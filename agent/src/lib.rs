@@ -12,6 +12,7 @@
 //! - [`sensors`]: hwmon temperatures, read here because they need no privilege.
 //! - [`hub`]: the host report, its collector, the hub client and the heartbeat loop.
 //! - [`reconcile`]: per-guest queue, desired state, normalization, plan, engine, journal.
+//! - [`ops`]: signed operations: this host's `agent_id` and its trust in operator keys.
 //! - [`control`]: the local control socket the CLI uses while the daemon runs.
 //! - [`tls`]: certificate verification for Proxmox and the hub, and TLS failures explained.
 //! - [`timestamp`]: the RFC 3339 point in time every wire format shares.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod control;
 mod error_chain;
 pub mod hub;
+pub mod ops;
 pub mod privileged;
 pub mod proxmox;
 pub mod reconcile;

@@ -147,7 +147,10 @@ fn setup(pve: &PveSim, hub: &Hub, dir: &std::path::Path) -> (HostCollector, HubC
         .local_addr()
         .unwrap();
     cfg.cloudflared.metrics_url = format!("http://{dead}");
-    let collector = HostCollector::new(&cfg);
+    let collector = HostCollector::new(
+        &cfg,
+        felhom_agent::ops::AgentId::new("0123456789abcdef0123456789abcdef").unwrap(),
+    );
     let client = HubClient::new(&HubEndpoint {
         url: hub.url.clone(),
         token: Secret::new(hub.token.clone()),

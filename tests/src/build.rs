@@ -37,7 +37,7 @@ pub enum BuildError {
         no_build: bool,
     },
     #[error(
-        "package {0} is not one of this workspace's (felhom-agent, felhom-privhelper, felhom-testbed)"
+        "package {0} is not one of this workspace's (felhom-agent, felhom-privhelper, felhom-testbed, felhom-sign)"
     )]
     UnknownPackage(String),
 }
@@ -68,6 +68,11 @@ pub const HUBSIM: Bin = Bin {
 pub const FAKE_SMARTCTL: Bin = Bin {
     package: "felhom-testbed",
     name: "felhom-fake-smartctl",
+};
+/// The operators' signing tool (not in the host package; the test bed signs with it).
+pub const SIGN: Bin = Bin {
+    package: "felhom-sign",
+    name: "felhom-sign",
 };
 pub const FAKE_PCT: Bin = Bin {
     package: "felhom-testbed",
@@ -103,7 +108,18 @@ fn sources_of(package: &str) -> Result<&'static [&'static str], BuildError> {
         "protocol/Cargo.toml",
     ];
     Ok(match package {
-        "felhom-agent" => &["agent/src", "agent/Cargo.toml"],
+        "felhom-agent" => &[
+            "agent/src",
+            "agent/Cargo.toml",
+            "authz/src",
+            "authz/Cargo.toml",
+        ],
+        "felhom-sign" => &[
+            "sign/src",
+            "sign/Cargo.toml",
+            "authz/src",
+            "authz/Cargo.toml",
+        ],
         "felhom-privhelper" => &["privhelper/src", "privhelper/Cargo.toml"],
         "felhom-testbed" => &["tests/src", "tests/Cargo.toml"],
         "common" => &COMMON,

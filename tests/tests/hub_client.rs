@@ -39,7 +39,10 @@ async fn a_report_is_answered_by_the_envelope() {
     hub.set_envelope(json!({"poll_interval_seconds": 120, "blocked": true, "desired_generation": 4, "extra": {"a": 1}}))
         .await;
     let c = client(&hub, &hub.token, Duration::from_secs(5));
-    let env = c.post_report(&HostReport::new("pve1")).await.unwrap();
+    let env = c
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
+        .await
+        .unwrap();
     assert_eq!(env.poll_interval_seconds, Some(120));
     assert!(env.blocked);
     assert_eq!(env.desired_generation, 4);
@@ -55,7 +58,7 @@ async fn errors_are_typed_and_never_show_the_token() {
     // wrong token: 401 with the hub's message; neither token appears anywhere
     let wrong = "wrong-token-SECRET-abcdef";
     let e = client(&hub, wrong, Duration::from_secs(5))
-        .post_report(&HostReport::new("pve1"))
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
         .await
         .unwrap_err();
     match &e {
@@ -83,7 +86,10 @@ async fn errors_are_typed_and_never_show_the_token() {
     ];
     for (fault, want) in cases {
         hub.add_fault(fault).await;
-        let e = c.post_report(&HostReport::new("pve1")).await.unwrap_err();
+        let e = c
+            .post_report(&HostReport::new(&test_agent_id(), "pve1"))
+            .await
+            .unwrap_err();
         match (&e, want) {
             (HubClientError::Http(h), "http 500") => assert_eq!(h.status, 500),
             (HubClientError::Http(h), "http 503") => assert_eq!(h.status, 503),
@@ -97,7 +103,9 @@ async fn errors_are_typed_and_never_show_the_token() {
         assert!(!all_renderings(&e).contains(&hub.token), "token in {e:?}");
     }
     // and after all that, it works
-    c.post_report(&HostReport::new("pve1")).await.unwrap();
+    c.post_report(&HostReport::new(&test_agent_id(), "pve1"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -111,7 +119,10 @@ async fn a_hub_with_a_certificate_we_do_not_trust_is_refused() {
         timeout: Duration::from_secs(5),
     })
     .unwrap();
-    let e = c.post_report(&HostReport::new("pve1")).await.unwrap_err();
+    let e = c
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
+        .await
+        .unwrap_err();
     // Both simulators' CAs share a name: an issuer is found, its signature does not match.
     assert!(
         matches!(&e, HubClientError::Tls(f) if f.problem == TlsProblem::BadSignature),
@@ -140,7 +151,10 @@ async fn an_unreachable_hub_is_a_connect_error() {
         timeout: Duration::from_secs(2),
     })
     .unwrap();
-    let e = c.post_report(&HostReport::new("pve1")).await.unwrap_err();
+    let e = c
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
+        .await
+        .unwrap_err();
     match &e {
         HubClientError::Transport(t) => assert_eq!(t.kind, TransportKind::Connect),
         other => panic!("{other:?}"),
@@ -211,7 +225,7 @@ async fn a_hub_serving_its_self_signed_ca_certificate_is_explained_and_works_pin
 
     // Given as the CA file, it is refused, and the message says why and what to do.
     let e = hub_client(&url, &token, HubTls::CaFile(ca))
-        .post_report(&HostReport::new("pve1"))
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
         .await
         .unwrap_err();
     assert_eq!(tls_failure(&e), TlsProblem::CaUsedAsEndEntity, "{e:?}");
@@ -231,7 +245,7 @@ async fn a_hub_serving_its_self_signed_ca_certificate_is_explained_and_works_pin
         &token,
         HubTls::PinSha256(pin_bytes(&cert.pin_sha256())),
     )
-    .post_report(&HostReport::new("pve1"))
+    .post_report(&HostReport::new(&test_agent_id(), "pve1"))
     .await
     .unwrap();
     assert_eq!(env.poll_interval_seconds, Some(77));
@@ -239,7 +253,7 @@ async fn a_hub_serving_its_self_signed_ca_certificate_is_explained_and_works_pin
     // A wrong pin is refused, showing the pin the hub presented to compare.
     let wrong = [0x5au8; 32];
     let e = hub_client(&url, &token, HubTls::PinSha256(wrong))
-        .post_report(&HostReport::new("pve1"))
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
         .await
         .unwrap_err();
     let TlsProblem::PinMismatch { expected, seen } = tls_failure(&e) else {
@@ -268,7 +282,7 @@ async fn each_certificate_problem_of_the_hub_is_named_with_its_fix() {
                 .write_ca_pem(&dir, &format!("ca-{}.pem", fastrand::u32(..)))
                 .unwrap();
             let e = hub_client(&url, &token, HubTls::CaFile(ca))
-                .post_report(&HostReport::new("pve1"))
+                .post_report(&HostReport::new(&test_agent_id(), "pve1"))
                 .await
                 .unwrap_err();
             assert!(!all_renderings(&e).contains(&token));
@@ -312,7 +326,7 @@ async fn each_certificate_problem_of_the_hub_is_named_with_its_fix() {
     let (url, token) = hub_behind(pki.server_config().unwrap()).await;
     let ca = stranger.write_ca_pem(dir.path(), "stranger.pem").unwrap();
     let e = hub_client(&url, &token, HubTls::CaFile(ca))
-        .post_report(&HostReport::new("pve1"))
+        .post_report(&HostReport::new(&test_agent_id(), "pve1"))
         .await
         .unwrap_err();
     assert_eq!(tls_failure(&e), TlsProblem::UnknownIssuer);
@@ -345,7 +359,7 @@ async fn a_hub_refusing_the_handshake_is_a_tls_failure_not_unreachable() {
         "tok",
         HubTls::PinSha256([1; 32]),
     )
-    .post_report(&HostReport::new("pve1"))
+    .post_report(&HostReport::new(&test_agent_id(), "pve1"))
     .await
     .unwrap_err();
     assert!(

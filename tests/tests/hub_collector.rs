@@ -46,7 +46,10 @@ fn collector(sim: &PveSim, dir: &Path) -> HostCollector {
         .local_addr()
         .unwrap();
     cfg.cloudflared.metrics_url = format!("http://{dead}");
-    HostCollector::new(&cfg)
+    HostCollector::new(
+        &cfg,
+        felhom_agent::ops::AgentId::new("0123456789abcdef0123456789abcdef").unwrap(),
+    )
 }
 
 /// `GET /api2/json{path}` with the simulator's token; the `data` member.

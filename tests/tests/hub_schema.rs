@@ -6,7 +6,7 @@ mod hub_support;
 
 use felhom_agent::hub::report::*;
 use felhom_agent::hub::smart::parse_smartctl;
-use hub_support::assert_valid_report;
+use hub_support::{assert_valid_report, test_agent_id};
 use serde_json::{Value, json};
 
 fn full_report() -> HostReport {
@@ -19,7 +19,7 @@ fn full_report() -> HostReport {
             .unwrap() as i32;
         parse_smartctl(dev, &bytes, status, false, at).disk
     };
-    let mut r = HostReport::new("pve1");
+    let mut r = HostReport::new(&test_agent_id(), "pve1");
     r.errors.push(CollectError {
         component: Component::Smart,
         subject: Some("sdz".into()),
@@ -158,6 +158,10 @@ fn full_report() -> HostReport {
         desired_only: vec![104],
         actual_only: vec![105],
     });
+    r.ops = OpsReport {
+        enabled: true,
+        signers: vec!["alice".into(), "bob".into()],
+    };
     r
 }
 
@@ -166,7 +170,7 @@ fn a_fully_populated_report_validates() {
     let v = serde_json::to_value(full_report()).unwrap();
     assert_valid_report(&v);
     // and the minimal one (Proxmox down)
-    assert_valid_report(&serde_json::to_value(HostReport::new("pve1")).unwrap());
+    assert_valid_report(&serde_json::to_value(HostReport::new(&test_agent_id(), "pve1")).unwrap());
 }
 
 #[test]
@@ -210,6 +214,30 @@ fn the_schema_rejects_what_the_agent_cannot_send() {
         (
             "wrong type",
             Box::new(|v| v["host"]["uptime_seconds"] = json!("12345")),
+        ),
+        (
+            "no agent_id",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("agent_id");
+            }),
+        ),
+        (
+            "upper-case agent_id",
+            Box::new(|v| v["agent_id"] = json!("0123456789ABCDEF0123456789ABCDEF")),
+        ),
+        (
+            "unknown field in ops",
+            Box::new(|v| v["ops"]["held"] = json!(0)),
+        ),
+        (
+            "ops without enabled",
+            Box::new(|v| {
+                v["ops"].as_object_mut().unwrap().remove("enabled");
+            }),
+        ),
+        (
+            "short agent_id",
+            Box::new(|v| v["agent_id"] = json!("0123456789abcdef")),
         ),
     ];
     for (what, mutate) in mutations {

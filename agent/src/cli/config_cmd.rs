@@ -3,6 +3,10 @@
 //! made), and print every effective value with where it came from. Secrets show as
 //! `<redacted>`.
 //!
+//! Also shows this host's `agent_id` (and where it comes from) and whether signed
+//! operations are on (`ops: enabled (…)` or `ops: disabled: <exactly why>`); a corrupt
+//! `state_dir/agent-id` or a malformed signers file is a configuration error.
+//!
 //! Exit: 0 valid (warnings, e.g. `insecure` TLS or the test-only poll interval, are printed
 //! but do not fail the check); 2 invalid, with the offending field named.
 //!
@@ -19,7 +23,10 @@
 //!     {"field": "privhelper.timeout_seconds", "env": "FELHOM_AGENT_PRIVHELPER_TIMEOUT_SECONDS",
 //!      "value": "30", "source": {"kind": "default"}}
 //!   ],
-//!   "warnings": ["hub.test_min_poll_interval_seconds = 1 is for the test bed only, not for production"]
+//!   "warnings": ["hub.test_min_poll_interval_seconds = 1 is for the test bed only, not for production"],
+//!   "identity": {"agent_id": "3f0c…", "agent_id_source": "file"},
+//!   "ops": {"enabled": false, "state": "disabled", "signers_file": "/etc/felhom/signers.json",
+//!           "reason": "no /etc/felhom/signers.json"}
 //! }
 //! ```
 //! `source.kind` is one of `default`, `unset`, `file` (+`path`), `env` (+`var`),
@@ -40,26 +47,41 @@ struct Report<'a> {
     config_file: String,
     fields: &'a [FieldOrigin],
     warnings: &'a [String],
+    /// The effective id: `{"agent_id", "agent_id_source"}` (`null` before the first start).
+    identity: serde_json::Value,
+    /// The signed-operations state (`enabled`, `state`, `reason` or the signers).
+    ops: serde_json::Value,
 }
 
 pub fn check(cli: &Cli) -> Result<(), CliError> {
     let loaded = super::load_config_full(cli)?;
     // Building the client reads the CA file and validates the header; no network.
     Client::from_config(&loaded.config)?;
+    // A corrupt agent-id file or a malformed signers file fails the check (exit 2).
+    super::ops_cmd::check_identity_and_trust(&loaded.config)?;
+    let (identity, ops) = super::ops_cmd::identity_and_ops(&loaded.config);
     if cli.json {
         super::print_json(&Report {
             ok: true,
             config_file: loaded.provenance.config_file.display().to_string(),
             fields: &loaded.provenance.fields,
             warnings: &loaded.warnings,
+            identity,
+            ops,
         });
     } else {
-        print!("{}", render(&loaded));
+        print!(
+            "{}",
+            render(
+                &loaded,
+                &super::ops_cmd::render_identity_and_ops(&identity, &ops)
+            )
+        );
     }
     Ok(())
 }
 
-fn render(loaded: &LoadedConfig) -> String {
+fn render(loaded: &LoadedConfig, identity_and_ops: &str) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -78,6 +100,7 @@ fn render(loaded: &LoadedConfig) -> String {
         let value = f.value.as_deref().unwrap_or("(unset)");
         let _ = writeln!(out, "{:width$}  {value}    [{}]", f.field, f.source);
     }
+    out.push_str(identity_and_ops);
     for w in &loaded.warnings {
         let _ = writeln!(out, "warning: {w}");
     }

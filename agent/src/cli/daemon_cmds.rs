@@ -78,6 +78,18 @@ pub fn status(cli: &Cli) -> Result<(), CliError> {
             })
         }
     };
+    // A running daemon tells its own identity and trust (as loaded at start or the last
+    // SIGHUP); without one, both are read here as the daemon would load them.
+    let mut v = v;
+    if v.get("ops").is_none() {
+        let (id, ops) = super::ops_cmd::identity_and_ops(&config);
+        if let (Some(obj), Some(id)) = (v.as_object_mut(), id.as_object()) {
+            for (k, val) in id {
+                obj.insert(k.clone(), val.clone());
+            }
+            obj.insert("ops".into(), ops);
+        }
+    }
     print(cli, &v, render_status);
     Ok(())
 }
@@ -88,6 +100,7 @@ fn render_status(v: &Value) -> String {
         "daemon: {}\n",
         v["daemon"].as_str().unwrap_or("?")
     ));
+    out.push_str(&super::ops_cmd::render_identity_and_ops(v, &v["ops"]));
     if let Some(r) = v.get("reconcile") {
         out.push_str(&format!("gate: {}  blocked: {}\n", r["gate"], r["blocked"]));
         out.push_str(&format!(

@@ -18,6 +18,7 @@
 mod config_cmd;
 mod daemon_cmds;
 mod mutations;
+mod ops_cmd;
 mod privileged_cmd;
 mod run_cmd;
 mod selftest;
@@ -149,6 +150,17 @@ pub enum Command {
     Privileged(PrivilegedCmd),
     /// Temperatures from hwmon (no privilege needed).
     Sensors,
+    /// Signed operations.
+    #[command(subcommand)]
+    Ops(OpsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpsCmd {
+    /// Verify a signed envelope file against this host's trust, agent_id, node and the
+    /// current time, without running or recording it (exit 0 valid, 1 refused, 2
+    /// configuration error).
+    Verify { file: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +231,7 @@ pub fn main() -> ExitCode {
         Command::Journal(cmd) => daemon_cmds::journal(&cli, cmd),
         Command::Privileged(cmd) => privileged_cmd::run(&cli, cmd),
         Command::Sensors => sensors_cmd::run(&cli),
+        Command::Ops(OpsCmd::Verify { file }) => ops_cmd::verify(&cli, file),
     };
     match result {
         Ok(()) => Exit::Ok.into(),

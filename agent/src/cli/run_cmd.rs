@@ -17,6 +17,13 @@
 //! - `selftest --task` and `privileged create-keyctl` reach the daemon over the control
 //!   socket and run on its queue ([`super::mutations`]).
 //!
+//! - Signed operations (issue 12, not run yet): the `agent_id` is read, or created once,
+//!   before anything else starts (a corrupt `state_dir/agent-id` stops the start, exit 2);
+//!   the signers file is loaded and its state logged (`signed operations: …`). A malformed
+//!   file stops the start (exit 2); at SIGHUP it is re-read, and a malformed one then turns
+//!   signed operations off (logged as an error) rather than keep a trust the file no
+//!   longer states.
+//!
 //! Signals: SIGTERM/SIGINT stop it: reporting stops (the report in flight gets a short
 //! grace), queued actions are cancelled and running ones get [`DRAIN_GRACE`] to finish
 //! (an action cut off stays open in the journal and is resumed at the next start), then
@@ -35,10 +42,13 @@ use tokio::sync::watch;
 use super::mutations::DaemonMutations;
 use super::{Cli, CliError};
 use crate::config::{Config, HubMode};
-use crate::control::{ControlError, DaemonOptions, DaemonParts, StateLock};
+use crate::control::{ControlError, DaemonOptions, DaemonParts, SignedOpsView, StateLock};
 use crate::hub::client::HubClientError;
 use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
+use crate::ops::identity;
+use crate::ops::trust::{TrustState, agent_uid, load_trust};
+use crate::ops::{AgentId, IdentitySource};
 use crate::reconcile::engine::{EngineReload, provider_for};
 use crate::reconcile::status::ReconcileReport;
 use crate::reconcile::{EngineHandle, Gate};
@@ -53,12 +63,53 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
     // The daemon writes its state (envelope, audit cursor, journal) there.
     crate::config::ensure_state_dir_owner(&cfg.state_dir, "felhom-agent run")
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    let (agent_id, source) = identity::load_or_create(cfg.agent_id.as_ref(), &cfg.state_dir)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    tracing::info!(agent_id = %agent_id, source = source.as_str(), "agent identity");
+    // `status` says `file` for an id this start created: that is where it lives now.
+    let source = match source {
+        IdentitySource::Created => IdentitySource::File,
+        other => other,
+    };
+    let trust = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    log_trust(&trust);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| CliError::Problem(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(daemon(cli.config.clone(), cfg))
+    runtime.block_on(daemon(cli.config.clone(), cfg, (agent_id, source), trust))
+}
+
+/// Logs the signed-operations state: at start, and after each SIGHUP.
+fn log_trust(state: &TrustState) {
+    match state {
+        TrustState::Enabled { .. } | TrustState::Disabled { .. } => {
+            tracing::info!("signed operations: {}", state.describe())
+        }
+        TrustState::Untrusted { .. } => tracing::warn!("signed operations: {}", state.describe()),
+    }
+}
+
+/// The signers file again (SIGHUP). A malformed file turns operations off: the running
+/// trust is never kept once the file says something else.
+fn reload_trust(cfg: &Config, running: &watch::Sender<TrustState>) {
+    let loaded = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir));
+    let state = match &loaded {
+        Ok(state) => state.clone(),
+        Err(_) => TrustState::Disabled {
+            path: cfg.authz.signers_file.clone(),
+        },
+    };
+    // In force before it is logged: whoever reads the log line sees it in `status`.
+    running.send_replace(state);
+    match loaded {
+        Ok(state) => log_trust(&state),
+        Err(e) => {
+            tracing::error!(error = %e, "signed operations: disabled until the signers file is fixed")
+        }
+    }
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, CliError> {
@@ -81,7 +132,12 @@ fn init_logging() {
         .try_init();
 }
 
-async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliError> {
+async fn daemon(
+    config_path: Option<PathBuf>,
+    cfg: Config,
+    (agent_id, agent_id_source): (AgentId, IdentitySource),
+    trust: TrustState,
+) -> Result<(), CliError> {
     let sig = |kind: SignalKind, name: &str| {
         signal(kind).map_err(|e| CliError::Problem(format!("cannot handle {name}: {e}")))
     };
@@ -113,6 +169,8 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
     tracing::info!(gate = ?initial, "reconcile gate at start");
     let (gate_tx, gate_rx) = watch::channel(initial);
     let (envelope_tx, envelope_rx) = watch::channel(kept);
+    // The current trust: `status` shows it; the operations channel (a later change) reads it.
+    let (trust_tx, trust_rx) = watch::channel(trust);
 
     let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
     let parts = DaemonParts::start(
@@ -123,6 +181,11 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         DaemonOptions {
             envelope: Some(envelope_rx),
             mutations: Some(mutations.clone()),
+            signed_ops: Some(SignedOpsView {
+                agent_id: agent_id.clone(),
+                agent_id_source,
+                trust: trust_rx,
+            }),
         },
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -133,8 +196,14 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         shutdown_rx.clone(),
     ));
 
-    let hub = HubService::start(&cfg, reconcile_rx, shutdown_rx.clone())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let hub = HubService::start(
+        &cfg,
+        agent_id.clone(),
+        trust_tx.subscribe(),
+        reconcile_rx,
+        shutdown_rx.clone(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
     let gate_task = tokio::spawn(follow_hub(
         hub.envelopes(),
         hub_on_rx,
@@ -156,7 +225,7 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
         })
     });
     notify::ready();
-    tracing::info!(node = %cfg.node, version = env!("CARGO_PKG_VERSION"),
+    tracing::info!(node = %cfg.node, agent_id = %agent_id, version = env!("CARGO_PKG_VERSION"),
         socket = %cfg.control.socket.display(), "felhom-agent running");
 
     let mut running = cfg;
@@ -169,11 +238,17 @@ async fn daemon(config_path: Option<PathBuf>, cfg: Config) -> Result<(), CliErro
                 let daemon = Reloadable { hub: &hub, engine: &parts.engine, mutations: &mutations, hub_on: &hub_on_tx };
                 match reload(config_path.as_deref(), &daemon, &running).await {
                     Ok(new) => {
+                        if new.agent_id.is_some() && new.agent_id.as_ref() != Some(&agent_id) {
+                            tracing::warn!(running = %agent_id, "agent_id changed in the configuration: takes effect at the next restart");
+                        }
                         running = new;
                         tracing::info!("SIGHUP: configuration reloaded");
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the running configuration"),
                 }
+                // Re-read even when the rest of the configuration failed to reload: a key
+                // removed from the signers file must stop counting now.
+                reload_trust(&running, &trust_tx);
                 notify::ready();
             }
         }
@@ -312,12 +387,17 @@ async fn reload(
 /// `selftest --hub`: one collect + report; prints the envelope (JSON with `--json`).
 pub fn selftest_hub(cli: &Cli) -> Result<(), CliError> {
     let cfg = load(cli.config.as_deref())?;
+    // A report carries the agent_id; before the daemon's first start this creates it.
+    let (agent_id, _) = identity::load_or_create(cfg.agent_id.as_ref(), &cfg.state_dir)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let trust = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Problem(format!("cannot start the async runtime: {e}")))?;
     let envelope = runtime
-        .block_on(selftest_exchange(&cfg))
+        .block_on(selftest_exchange(&cfg, agent_id, trust))
         .map_err(|e| match &e {
             HubServiceError::Disabled => CliError::Usage(e.to_string()),
             HubServiceError::Client(HubClientError::Setup(_) | HubClientError::Tls(_)) => {

@@ -46,6 +46,7 @@ const fn secret(path: &'static str, env: &'static str) -> Field {
 /// Every field, in the order `config check` prints them.
 pub(crate) const FIELDS: &[Field] = &[
     field("node", "FELHOM_AGENT_NODE", Kind::Str),
+    field("agent_id", "FELHOM_AGENT_AGENT_ID", Kind::Str),
     field("state_dir", "FELHOM_AGENT_STATE_DIR", Kind::Path),
     field("proxmox.url", "FELHOM_AGENT_PROXMOX_URL", Kind::Str),
     field(
@@ -136,6 +137,11 @@ pub(crate) const FIELDS: &[Field] = &[
         Kind::U64,
     ),
     field("control.socket", "FELHOM_AGENT_CONTROL_SOCKET", Kind::Path),
+    field(
+        "authz.signers_file",
+        "FELHOM_AGENT_AUTHZ_SIGNERS_FILE",
+        Kind::Path,
+    ),
 ];
 
 /// Name of the systemd credential holding the Proxmox token secret.

@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
-    CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig, HubMode, HubTls,
-    PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig, SmartConfig,
-    TlsVerify,
+    AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig,
+    HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig,
+    SmartConfig, TlsVerify,
 };
 
 /// Biggest config file we read; a daemon's config is a few hundred bytes.
@@ -852,6 +852,16 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
             layer.positive_or("cloudflared.timeout_seconds", cd.timeout.as_secs())?,
         ),
     };
+    let agent_id = match layer.str("agent_id") {
+        None => None,
+        Some(s) => Some(
+            felhom_authz::AgentId::new(s)
+                .map_err(|reason| layer.invalid("agent_id", format!("{s:?}: {reason}")))?,
+        ),
+    };
+    let authz = AuthzConfig {
+        signers_file: layer.path_or("authz.signers_file", AuthzConfig::default().signers_file)?,
+    };
     let reconcile = ReconcileConfig {
         desired_file: layer.path("reconcile.desired_file")?,
         shutdown_timeout_seconds: layer.positive_or(
@@ -868,6 +878,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
 
     let config = Config {
         node: node.to_string(),
+        agent_id,
         state_dir,
         proxmox: ProxmoxConfig {
             url,
@@ -882,6 +893,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
         cloudflared,
         reconcile,
         control,
+        authz,
     };
 
     let mut warnings = Vec::new();
@@ -985,6 +997,7 @@ fn effective(c: &Config, path: &str) -> Option<String> {
     let p = |p: &Path| Some(p.display().to_string());
     match path {
         "node" => Some(c.node.clone()),
+        "agent_id" => c.agent_id.as_ref().map(|a| a.to_string()),
         "state_dir" => p(&c.state_dir),
         "proxmox.url" => Some(c.proxmox.url.clone()),
         "proxmox.token_id" => Some(c.proxmox.token_id.clone()),
@@ -1038,6 +1051,7 @@ fn effective(c: &Config, path: &str) -> Option<String> {
             Some(c.reconcile.shutdown_timeout_seconds.to_string())
         }
         "control.socket" => p(&c.control.socket),
+        "authz.signers_file" => p(&c.authz.signers_file),
         _ => None,
     }
 }

@@ -19,6 +19,7 @@
 //! | field | default |
 //! |---|---|
 //! | `node` | required |
+//! | `agent_id` | none: created once in `state_dir/agent-id` (32 lower-case hex) |
 //! | `state_dir` | `/var/lib/felhom-agent` |
 //! | `proxmox.url` | required (`https://…`) |
 //! | `proxmox.token_id` | required (`user@realm!name`) |
@@ -34,6 +35,7 @@
 //! | `cloudflared.metrics_url`, `.timeout_seconds` | `http://127.0.0.1:20241`, 2 |
 //! | `reconcile.desired_file`, `.shutdown_timeout_seconds` | none, 120 |
 //! | `control.socket` | `/run/felhom/agent.sock` |
+//! | `authz.signers_file` | `/etc/felhom/signers.json` (absent: signed operations off) |
 //!
 //! Unknown keys in the file are rejected with their full path; every path in the file must
 //! be absolute.
@@ -54,6 +56,8 @@ pub use state_dir::{StateDirError, ensure_state_dir_owner};
 
 /// Default config file path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/felhom/agent.json";
+/// Default `authz.signers_file`.
+pub const DEFAULT_SIGNERS_FILE: &str = "/etc/felhom/signers.json";
 /// Default `state_dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/felhom-agent";
 
@@ -119,6 +123,7 @@ impl Config {
     pub fn for_tests(node: &str, state_dir: PathBuf, proxmox: ProxmoxConfig) -> Config {
         Config {
             node: node.to_string(),
+            agent_id: None,
             state_dir,
             proxmox,
             hub: HubConfig {
@@ -131,6 +136,7 @@ impl Config {
             cloudflared: CloudflaredConfig::default(),
             reconcile: ReconcileConfig::default(),
             control: ControlConfig::default(),
+            authz: AuthzConfig::default(),
         }
     }
 }
@@ -159,6 +165,9 @@ fn process_env() -> Result<EnvMap, ConfigError> {
 pub struct Config {
     /// The Proxmox node this agent runs on (as PVE names it).
     pub node: String,
+    /// This host's identity for signed operations when set here; otherwise it is read
+    /// from (or created once in) `state_dir/agent-id` ([`crate::ops::identity`]).
+    pub agent_id: Option<felhom_authz::AgentId>,
     /// Where the agent keeps its state (journal, envelope, audit cursor). Owned by the
     /// agent's user.
     pub state_dir: PathBuf,
@@ -170,6 +179,7 @@ pub struct Config {
     pub cloudflared: CloudflaredConfig,
     pub reconcile: ReconcileConfig,
     pub control: ControlConfig,
+    pub authz: AuthzConfig,
 }
 
 /// The sections of [`Config`] that concern this host only (no Proxmox, no hub).
@@ -271,6 +281,20 @@ pub struct ReconcileConfig {
 pub struct ControlConfig {
     /// The daemon's local control socket.
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthzConfig {
+    /// The operator keys this host trusts (`signers.json`); absent: signed operations off.
+    pub signers_file: PathBuf,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        AuthzConfig {
+            signers_file: PathBuf::from(DEFAULT_SIGNERS_FILE),
+        }
+    }
 }
 
 impl Default for PrivhelperConfig {

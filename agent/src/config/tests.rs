@@ -532,3 +532,59 @@ fn the_hub_can_be_pinned_like_proxmox() {
         "{err}"
     );
 }
+
+#[test]
+fn agent_id_and_signers_file() {
+    let with = |extra: &str| {
+        let mut body = base_json(r#""insecure": true"#);
+        body.insert_str(1, extra);
+        body
+    };
+    let l = load(&with(""), &[]).unwrap();
+    assert_eq!(l.config.agent_id, None);
+    assert_eq!(
+        l.config.authz.signers_file,
+        PathBuf::from("/etc/felhom/signers.json")
+    );
+    assert_eq!(
+        l.provenance.get("authz.signers_file").unwrap().source,
+        Source::Default
+    );
+
+    let id = "00112233445566778899aabbccddeeff";
+    let l = load(
+        &with(&format!(
+            r#""agent_id": "{id}", "authz": {{"signers_file": "/srv/signers.json"}}, "#
+        )),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(l.config.agent_id.as_ref().unwrap().as_str(), id);
+    assert_eq!(
+        l.config.authz.signers_file,
+        PathBuf::from("/srv/signers.json")
+    );
+    assert_eq!(
+        l.provenance.get("agent_id").unwrap().value.as_deref(),
+        Some(id)
+    );
+
+    // The environment too, validated the same way.
+    let l = load(&with(""), &[("FELHOM_AGENT_AGENT_ID", id)]).unwrap();
+    assert_eq!(l.config.agent_id.unwrap().as_str(), id);
+
+    for bad in [
+        "00112233445566778899AABBCCDDEEFF",
+        "0011223344556677",
+        "00112233445566778899aabbccddeeff00",
+        "g0112233445566778899aabbccddeeff",
+    ] {
+        let e = load(&with(&format!(r#""agent_id": "{bad}", "#)), &[]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { field, .. } if field == "agent_id"),
+            "{bad}: {e}"
+        );
+    }
+    let e = load(&with(r#""authz": {"signers_file": "signers.json"}, "#), &[]).unwrap_err();
+    assert!(e.to_string().contains("authz.signers_file"), "{e}");
+}

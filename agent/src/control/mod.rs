@@ -368,6 +368,17 @@ pub struct DaemonHandler {
     pub envelope: Option<watch::Receiver<Option<SavedEnvelope>>>,
     /// Runs the mutating requests; `None` refuses them.
     pub mutations: Option<Arc<dyn Mutations>>,
+    /// The daemon's `agent_id` and the signers file as it last loaded it (start, SIGHUP),
+    /// for `status`; without them `status` reads both itself.
+    pub signed_ops: Option<SignedOpsView>,
+}
+
+/// What `status` shows of signed operations, as the running daemon holds it.
+#[derive(Debug, Clone)]
+pub struct SignedOpsView {
+    pub agent_id: crate::ops::AgentId,
+    pub agent_id_source: crate::ops::IdentitySource,
+    pub trust: watch::Receiver<crate::ops::TrustState>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -407,12 +418,18 @@ impl Handler for DaemonHandler {
                         }
                         None => read_envelope(&self.state_dir).unwrap_or(Value::Null),
                     };
-                    ok(serde_json::json!({
+                    let mut v = serde_json::json!({
                         "daemon": "running",
                         "pid": std::process::id(),
                         "reconcile": self.engine.status(),
                         "last_envelope": last_envelope,
-                    }))
+                    });
+                    if let Some(so) = &self.signed_ops {
+                        v["agent_id"] = so.agent_id.as_str().into();
+                        v["agent_id_source"] = so.agent_id_source.as_str().into();
+                        v["ops"] = so.trust.borrow().to_json();
+                    }
+                    ok(v)
                 }
                 req @ (Request::SelftestTask { .. } | Request::CreateKeyctl { .. }) => {
                     match &self.mutations {
@@ -493,6 +510,8 @@ pub struct DaemonOptions {
     pub envelope: Option<watch::Receiver<Option<SavedEnvelope>>>,
     /// Runs `selftest --task` and `privileged create-keyctl` on the daemon's queue.
     pub mutations: Option<Arc<dyn Mutations>>,
+    /// The daemon's identity and trust, for `status`.
+    pub signed_ops: Option<SignedOpsView>,
 }
 
 impl std::fmt::Debug for DaemonOptions {
@@ -500,6 +519,7 @@ impl std::fmt::Debug for DaemonOptions {
         f.debug_struct("DaemonOptions")
             .field("envelope", &self.envelope.is_some())
             .field("mutations", &self.mutations.is_some())
+            .field("signed_ops", &self.signed_ops.is_some())
             .finish()
     }
 }
@@ -527,6 +547,7 @@ impl DaemonParts {
                 state_dir: config.state_dir.clone(),
                 envelope: options.envelope,
                 mutations: options.mutations,
+                signed_ops: options.signed_ops,
             }),
         )?;
         Ok(DaemonParts {

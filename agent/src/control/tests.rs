@@ -83,6 +83,7 @@ async fn cli_requests_reach_the_daemon_over_a_real_socket() {
             state_dir: dir.path().to_path_buf(),
             envelope: None,
             mutations: None,
+            signed_ops: None,
         }),
     )
     .unwrap();

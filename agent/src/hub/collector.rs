@@ -38,8 +38,8 @@ use super::cloudflared::{CloudflaredError, CloudflaredProber};
 use super::heartbeat::Collect;
 use super::report::{
     BackupReport, BackupVerification, CollectError, Component, CpuInfo, DiskHealth, DiskReport,
-    ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, PbsReport,
-    PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
+    ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, OpsReport,
+    PbsReport, PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
 };
 use super::smart::{SmartError, discover_disks, parse_smartctl};
 use crate::config::Config;
@@ -112,6 +112,7 @@ impl SensorSource for HwmonSensors {
 
 /// The collector the daemon uses.
 pub struct HostCollector {
+    agent_id: crate::ops::AgentId,
     node: String,
     pve: Result<proxmox::Client, String>,
     guest_concurrency: usize,
@@ -121,12 +122,14 @@ pub struct HostCollector {
     audit: Result<Arc<Mutex<AuditReader>>, AuditError>,
     pending_audit: Option<AuditCommit>,
     reconcile: Option<watch::Receiver<Option<ReconcileReport>>>,
+    trust: Option<watch::Receiver<crate::ops::TrustState>>,
     log: ChangeLog,
 }
 
 impl std::fmt::Debug for HostCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostCollector")
+            .field("agent_id", &self.agent_id)
             .field("node", &self.node)
             .field("guest_concurrency", &self.guest_concurrency)
             .finish_non_exhaustive()
@@ -147,7 +150,7 @@ struct SmartSchedule {
 impl HostCollector {
     /// Builds the collector from the configuration. Nothing is read yet; a part that
     /// cannot be set up (e.g. a bad Proxmox URL) reports its error every cycle.
-    pub fn new(cfg: &Config) -> Self {
+    pub fn new(cfg: &Config, agent_id: crate::ops::AgentId) -> Self {
         let pve = proxmox::Client::from_config(cfg).map_err(|e| e.to_string());
         let cloudflared =
             CloudflaredProber::new(&cfg.cloudflared.metrics_url, cfg.cloudflared.timeout)
@@ -155,6 +158,7 @@ impl HostCollector {
         let audit = AuditReader::open(&cfg.privhelper.audit_log, &cfg.state_dir)
             .map(|r| Arc::new(Mutex::new(r)));
         HostCollector {
+            agent_id,
             node: cfg.node.clone(),
             pve,
             guest_concurrency: DEFAULT_GUEST_CONCURRENCY,
@@ -164,14 +168,15 @@ impl HostCollector {
             audit,
             pending_audit: None,
             reconcile: None,
+            trust: None,
             log: ChangeLog::default(),
         }
     }
 
     /// The collector with every source the daemon has: Proxmox, SMART through the helper
     /// (disks from `/sys/block` unless `smart.devices` names them) and hwmon.
-    pub fn for_daemon(cfg: &Config) -> Self {
-        HostCollector::new(cfg)
+    pub fn for_daemon(cfg: &Config, agent_id: crate::ops::AgentId) -> Self {
+        HostCollector::new(cfg, agent_id)
             .with_smart(
                 cfg,
                 Arc::new(crate::privileged::Client::new(&cfg.privhelper)),
@@ -224,13 +229,22 @@ impl HostCollector {
         self
     }
 
+    /// The daemon's trust in operator keys (reloaded on SIGHUP), for the report's `ops`.
+    pub fn with_trust(mut self, rx: watch::Receiver<crate::ops::TrustState>) -> Self {
+        self.trust = Some(rx);
+        self
+    }
+
     /// Builds one report (`sent_at` is set again by the loop just before sending).
     pub async fn collect_report(&mut self) -> HostReport {
-        let mut report = HostReport::new(&self.node);
+        let mut report = HostReport::new(&self.agent_id, &self.node);
         // The engine's state before anything is read: a report that says the desired
         // state is applied then lists the guests as they were after that, never from
         // before (the reads below take a while, the engine goes on meanwhile).
         report.reconcile = self.reconcile.as_ref().and_then(|rx| rx.borrow().clone());
+        if let Some(rx) = &self.trust {
+            report.ops = OpsReport::from_trust(&rx.borrow());
+        }
         let pve = self.pve.clone();
         let concurrency = self.guest_concurrency;
         let cloudflared = self.cloudflared.clone();

@@ -42,6 +42,11 @@ pub struct HostReport {
     pub schema_version: u32,
     /// The agent's version (`felhom-agent --version`).
     pub agent_version: String,
+    /// This host's identity for signed operations: 32 lower-case hex characters (128
+    /// random bits), created once in `state_dir/agent-id` or set in the config. Node names
+    /// repeat across clusters; this does not.
+    #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
+    pub agent_id: String,
     /// The Proxmox node name this agent runs on (config `node`).
     pub node: String,
     /// When the agent sent this report (RFC 3339, UTC).
@@ -66,15 +71,50 @@ pub struct HostReport {
     pub audit: Vec<AuditRecord>,
     /// The reconcile engine's state; `null` when the engine is not running.
     pub reconcile: Option<ReconcileReport>,
+    /// Signed operations on this host.
+    pub ops: OpsReport,
+}
+
+/// Signed operations on this host: whether they are on, and which operator keys it trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpsReport {
+    /// True when the signers file is present, safely owned and valid; false when it is
+    /// absent or not safely owned (`felhom-agent status` on the host says why).
+    pub enabled: bool,
+    /// The names of the trusted keys, as in `signers.json`; empty when off.
+    pub signers: Vec<String>,
+}
+
+impl OpsReport {
+    /// Off, no signers.
+    pub fn disabled() -> OpsReport {
+        OpsReport {
+            enabled: false,
+            signers: Vec::new(),
+        }
+    }
+
+    /// What `state` allows.
+    pub fn from_trust(state: &crate::ops::TrustState) -> OpsReport {
+        match state.trust() {
+            Some(t) => OpsReport {
+                enabled: true,
+                signers: t.names().into_iter().map(str::to_owned).collect(),
+            },
+            None => OpsReport::disabled(),
+        }
+    }
 }
 
 impl HostReport {
-    /// An empty report for `node`: no host, no guests, cloudflared `unknown`. The collector
-    /// fills it in.
-    pub fn new(node: &str) -> HostReport {
+    /// An empty report for the agent `agent_id` on `node`: no host, no guests, cloudflared
+    /// `unknown`. The collector fills it in.
+    pub fn new(agent_id: &crate::ops::AgentId, node: &str) -> HostReport {
         HostReport {
             schema_version: SCHEMA_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_id: agent_id.to_string(),
             node: node.to_owned(),
             sent_at: Timestamp::now(),
             errors: Vec::new(),
@@ -91,6 +131,7 @@ impl HostReport {
             restore_tests: Vec::new(),
             audit: Vec::new(),
             reconcile: None,
+            ops: OpsReport::disabled(),
         }
     }
 }
@@ -487,6 +528,37 @@ pub fn envelope_schema() -> serde_json::Value {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn the_ops_section_follows_the_trust() {
+        use crate::ops::TrustState;
+        let path = PathBuf::from("/etc/felhom/signers.json");
+        assert_eq!(
+            OpsReport::from_trust(&TrustState::Disabled { path: path.clone() }),
+            OpsReport::disabled()
+        );
+        assert_eq!(
+            OpsReport::from_trust(&TrustState::Untrusted {
+                path: path.clone(),
+                reason: felhom_authz::FileCheckError::NotRootOwned(1000),
+            }),
+            OpsReport::disabled()
+        );
+        // RFC 8032 test 1 and 2 public keys; the first under two names.
+        let trust = felhom_authz::Trust::from_json(
+            br#"{"keys": [{"name": "alice", "ed25519": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="},
+                          {"name": "alice2", "ed25519": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="},
+                          {"name": "bob", "ed25519": "PUAXw+hDiVqStwqnTRt+vJyYLM8uxJaMwM1V8Sr0Zgw="}],
+                 "threshold": {"reversible": 1, "irreversible": 2}}"#,
+        )
+        .unwrap();
+        let ops = OpsReport::from_trust(&TrustState::Enabled {
+            path,
+            trust: std::sync::Arc::new(trust),
+        });
+        assert!(ops.enabled);
+        assert_eq!(ops.signers, ["alice", "alice2", "bob"]);
+    }
 
     /// The published schema files must equal what the types generate. Regenerate with
     /// `FELHOM_UPDATE_SCHEMA=1 cargo test -p felhom-agent --lib published_schemas`.

@@ -20,6 +20,7 @@ use super::envelope::{ControlEnvelope, EnvelopeStore, SavedEnvelope, poll_floor}
 use super::heartbeat::{Command, Heartbeat, SHUTDOWN_GRACE, Stats};
 use super::report::ReconcileReport;
 use crate::config::{Config, HubMode};
+use crate::ops::{AgentId, TrustState};
 
 /// Request deadline when the test bed lowered the poll floor (so a hanging hub costs a
 /// test seconds, not half a minute).
@@ -61,6 +62,10 @@ pub struct HubService {
     envelopes: watch::Receiver<Option<SavedEnvelope>>,
     stats: watch::Receiver<Stats>,
     reconcile: watch::Receiver<Option<ReconcileReport>>,
+    /// Fixed for the daemon's lifetime (a reload never changes the identity).
+    agent_id: AgentId,
+    /// The daemon's trust (SIGHUP reloads it), for the report's `ops`.
+    trust: watch::Receiver<TrustState>,
     task: JoinHandle<()>,
 }
 
@@ -69,6 +74,8 @@ impl HubService {
     /// the hub client cannot be built (e.g. an unreadable `hub.ca_file`).
     pub fn start(
         cfg: &Config,
+        agent_id: AgentId,
+        trust: watch::Receiver<TrustState>,
         reconcile: watch::Receiver<Option<ReconcileReport>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<HubService, HubServiceError> {
@@ -83,7 +90,9 @@ impl HubService {
                 "hub.test_min_poll_interval_seconds is set: the poll-interval floor is lowered for the test bed; not for production"
             );
         }
-        let collector = HostCollector::for_daemon(cfg).with_reconcile(reconcile.clone());
+        let collector = HostCollector::for_daemon(cfg, agent_id.clone())
+            .with_reconcile(reconcile.clone())
+            .with_trust(trust.clone());
         let heartbeat = Heartbeat::new(
             collector,
             reporter,
@@ -99,6 +108,8 @@ impl HubService {
             envelopes,
             stats,
             reconcile,
+            agent_id,
+            trust,
             task,
         })
     }
@@ -116,7 +127,9 @@ impl HubService {
     /// Applies a reloaded configuration between cycles. On error the running one stays.
     pub async fn reload(&self, cfg: &Config) -> Result<(), HubServiceError> {
         let reporter = reporter_for(cfg)?;
-        let collector = HostCollector::for_daemon(cfg).with_reconcile(self.reconcile.clone());
+        let collector = HostCollector::for_daemon(cfg, self.agent_id.clone())
+            .with_reconcile(self.reconcile.clone())
+            .with_trust(self.trust.clone());
         self.commands
             .send(Command::Reload {
                 collector,
@@ -150,11 +163,16 @@ impl HubService {
 /// `selftest --hub`: collect once, send one report, return the hub's envelope. The audit
 /// list is sent empty so the daemon's cursor (and its "each record once" rule) is not
 /// touched.
-pub async fn selftest_exchange(cfg: &Config) -> Result<ControlEnvelope, HubServiceError> {
+pub async fn selftest_exchange(
+    cfg: &Config,
+    agent_id: AgentId,
+    trust: TrustState,
+) -> Result<ControlEnvelope, HubServiceError> {
     let Some(client) = reporter_for(cfg)? else {
         return Err(HubServiceError::Disabled);
     };
-    let mut collector = HostCollector::for_daemon(cfg);
+    let mut collector =
+        HostCollector::for_daemon(cfg, agent_id).with_trust(watch::channel(trust).1);
     let mut report = collector.collect_report().await;
     report.audit.clear();
     report.sent_at = super::report::Timestamp::now();

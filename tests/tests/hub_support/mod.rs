@@ -30,6 +30,13 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// The `agent_id` the tests' hand-made reports carry.
+pub const TEST_AGENT_ID: &str = "0123456789abcdef0123456789abcdef";
+
+pub fn test_agent_id() -> felhom_agent::ops::AgentId {
+    felhom_agent::ops::AgentId::new(TEST_AGENT_ID).unwrap()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -100,7 +100,10 @@ struct CountingCollector {
 impl Collect for CountingCollector {
     fn collect(&mut self) -> impl Future<Output = HostReport> + Send {
         self.n += 1;
-        let r = HostReport::new(&format!("r{}", self.n));
+        let r = HostReport::new(
+            &crate::ops::AgentId::new("0123456789abcdef0123456789abcdef").unwrap(),
+            &format!("r{}", self.n),
+        );
         async move { r }
     }
 
