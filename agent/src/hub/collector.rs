@@ -123,6 +123,7 @@ pub struct HostCollector {
     pending_audit: Option<AuditCommit>,
     reconcile: Option<watch::Receiver<Option<ReconcileReport>>>,
     trust: Option<watch::Receiver<crate::ops::TrustState>>,
+    ops: Option<Arc<dyn crate::ops::OpsFeed>>,
     log: ChangeLog,
 }
 
@@ -169,6 +170,7 @@ impl HostCollector {
             pending_audit: None,
             reconcile: None,
             trust: None,
+            ops: None,
             log: ChangeLog::default(),
         }
     }
@@ -235,6 +237,13 @@ impl HostCollector {
         self
     }
 
+    /// The signed-operations service: its held operations and the results the hub has not
+    /// accepted yet go into each report's `ops`.
+    pub fn with_ops_feed(mut self, feed: Arc<dyn crate::ops::OpsFeed>) -> Self {
+        self.ops = Some(feed);
+        self
+    }
+
     /// Builds one report (`sent_at` is set again by the loop just before sending).
     pub async fn collect_report(&mut self) -> HostReport {
         let mut report = HostReport::new(&self.agent_id, &self.node);
@@ -244,6 +253,11 @@ impl HostCollector {
         report.reconcile = self.reconcile.as_ref().and_then(|rx| rx.borrow().clone());
         if let Some(rx) = &self.trust {
             report.ops = OpsReport::from_trust(&rx.borrow());
+        }
+        if let Some(feed) = &self.ops {
+            let (held, pending) = feed.snapshot();
+            report.ops.held = held;
+            report.ops.pending_results = pending;
         }
         let pve = self.pve.clone();
         let concurrency = self.guest_concurrency;
@@ -392,8 +406,14 @@ impl Collect for HostCollector {
         self.collect_report()
     }
 
-    fn accepted(&mut self, _report: &HostReport) {
+    fn accepted(&mut self, report: &HostReport) {
         self.report_accepted();
+        if let Some(feed) = &self.ops {
+            let seqs: Vec<u64> = report.ops.pending_results.iter().map(|r| r.seq).collect();
+            if !seqs.is_empty() {
+                feed.delivered(&seqs);
+            }
+        }
     }
 }
 

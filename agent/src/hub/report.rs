@@ -76,7 +76,7 @@ pub struct HostReport {
 }
 
 /// Signed operations on this host: whether they are on, and which operator keys it trusts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpsReport {
     /// True when the signers file is present, safely owned and valid; false when it is
@@ -84,6 +84,12 @@ pub struct OpsReport {
     pub enabled: bool,
     /// The names of the trusted keys, as in `signers.json`; empty when off.
     pub signers: Vec<String>,
+    /// Accepted operations without their final decision yet, in the order received.
+    pub held: Vec<crate::ops::wire::HeldOp>,
+    /// Decisions the hub has not accepted yet (by `POST /ops/result` or in an accepted
+    /// report), oldest first, at most 100; once a report carrying them is accepted they
+    /// are not sent again (the cursor moves past their `seq`).
+    pub pending_results: Vec<crate::ops::wire::OpResult>,
 }
 
 impl OpsReport {
@@ -92,6 +98,8 @@ impl OpsReport {
         OpsReport {
             enabled: false,
             signers: Vec::new(),
+            held: Vec::new(),
+            pending_results: Vec::new(),
         }
     }
 
@@ -101,6 +109,8 @@ impl OpsReport {
             Some(t) => OpsReport {
                 enabled: true,
                 signers: t.names().into_iter().map(str::to_owned).collect(),
+                held: Vec::new(),
+                pending_results: Vec::new(),
             },
             None => OpsReport::disabled(),
         }
