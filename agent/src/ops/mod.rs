@@ -9,7 +9,9 @@
 //! Must never: run anything that did not verify against the host's current trust, or
 //! replace an existing identity.
 
+pub mod exec;
 pub mod identity;
+pub mod service;
 pub mod trust;
 pub mod wire;
 

@@ -373,6 +373,21 @@ impl Client {
         self.task_call(Method::POST, path, Vec::new(), permit).await
     }
 
+    /// `POST .../status/reboot` (`vzreboot` / `qmreboot`): a clean reboot of a running
+    /// guest; `timeout` bounds the shutdown part.
+    pub async fn reboot(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        timeout: Option<Duration>,
+    ) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/status/reboot", self.guest_path(kind, permit.vmid()));
+        let form = timeout
+            .map(|t| vec![("timeout".to_string(), t.as_secs().to_string())])
+            .unwrap_or_default();
+        self.task_call(Method::POST, path, form, permit).await
+    }
+
     /// `POST .../status/shutdown` with `timeout` (seconds); `force_stop` stops the guest
     /// when the timeout passes.
     pub async fn shutdown(

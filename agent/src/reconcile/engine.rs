@@ -394,6 +394,14 @@ impl EngineHandle {
         &self.shared.journal
     }
 
+    /// Whether the active desired state names `vmid` (its power or config is the desired
+    /// state's to decide: a signed operation that would change it is refused).
+    pub fn manages(&self, vmid: Vmid) -> bool {
+        lock(&self.shared.desired)
+            .as_ref()
+            .is_some_and(|d| d.guests.iter().any(|g| g.vmid == vmid))
+    }
+
     /// Asks for a cycle now.
     pub fn kick(&self) {
         self.shared.kick.notify_one();

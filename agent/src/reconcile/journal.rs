@@ -41,6 +41,9 @@ use sha2::{Digest, Sha256};
 
 use super::plan::Action;
 
+mod ops;
+pub use ops::{OpRecord, ResultRow};
+
 /// File name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "journal.db";
 
@@ -358,6 +361,8 @@ impl Journal {
              CREATE INDEX IF NOT EXISTS entries_open ON entries(id) WHERE outcome IS NULL;",
         )
         .map_err(|e| self.sql_err(e))?;
+        c.db.execute_batch(ops::SCHEMA)
+            .map_err(|e| self.sql_err(e))?;
         let version: Option<String> =
             c.db.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0))
                 .optional()
@@ -412,6 +417,9 @@ impl Journal {
                 open += 1;
             }
         }
+        drop(stmt);
+        drop(c);
+        self.check_ops()?;
         Ok((n, open))
     }
 

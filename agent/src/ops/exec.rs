@@ -1,0 +1,647 @@
+//! Runs one accepted signed operation in its lane, and resumes one found `running` after a
+//! crash.
+//!
+//! Owns: [`OpSpec`] (what the verified payload asks for, kept in the operation's record so
+//! a resume needs no re-parse), the preconditions checked in the lane (the guest exists and
+//! is of the signed type, `expect.config_digest` matches, a snapshot name is free, a new
+//! container's vmid is free), and per kind the order of requests and journal commits:
+//! each UPID is committed as soon as Proxmox answers, and a resume never sends a request
+//! again that may have reached Proxmox:
+//! - a recorded UPID is waited on;
+//! - without one, the node's task list is searched for our token's task of the kind's type
+//!   for that guest, started at or after the intent's second and not already known to the
+//!   journal (reconcile's or a signed operation's), and adopted;
+//! - only when none exists and the guest is not already in the asked-for state is the
+//!   request sent.
+//!
+//! Helper operations (`create_container`, `usb_mount`, `usb_unmount`) are idempotent at
+//! the helper or checked against the node (a container that exists is not created again).
+//!
+//! Must never: send a request before the caller committed the intent, or report a
+//! guess: a lost wait leaves the operation `running` ([`Unfinished`]) to be resumed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use felhom_authz::{Action, BackupCompress, BackupMode, GuestOp, GuestType, HostOp, OpPayload};
+use felhom_protocol::{BlockDevicePath, MountName, PctCreateSpec, Vmid};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::privileged;
+use crate::proxmox::{
+    Client, GuestKind, GuestPermit, ProxmoxError, SnapshotName, Upid, VzdumpCompress, VzdumpMode,
+    VzdumpOptions, VzdumpOutcome,
+};
+use crate::reconcile::journal::{Journal, JournalError};
+use crate::reconcile::pve::Pve;
+
+/// The guest a guest operation acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRef {
+    pub kind: GuestKind,
+    pub vmid: Vmid,
+    /// `expect.config_digest`.
+    pub expect_digest: Option<String>,
+}
+
+/// What a verified operation asks for, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum OpSpec {
+    Start {
+        guest: GuestRef,
+    },
+    Stop {
+        guest: GuestRef,
+        timeout_seconds: Option<u32>,
+    },
+    Reboot {
+        guest: GuestRef,
+    },
+    Snapshot {
+        guest: GuestRef,
+        name: String,
+        description: Option<String>,
+    },
+    Backup {
+        guest: GuestRef,
+        storage: String,
+        mode: VzdumpMode,
+        compress: Option<VzdumpCompress>,
+        notes: Option<String>,
+    },
+    CreateContainer {
+        guest: GuestRef,
+        spec: Box<PctCreateSpec>,
+    },
+    UsbMount {
+        device: BlockDevicePath,
+        name: MountName,
+    },
+    UsbUnmount {
+        name: MountName,
+    },
+}
+
+impl OpSpec {
+    pub fn from_payload(p: &OpPayload) -> OpSpec {
+        match &p.action {
+            Action::Guest { target, expect, op } => {
+                let guest = GuestRef {
+                    kind: match target.guest_type {
+                        GuestType::Lxc => GuestKind::Lxc,
+                        GuestType::Qemu => GuestKind::Qemu,
+                    },
+                    vmid: target.vmid,
+                    expect_digest: expect.as_ref().map(|e| e.config_digest.as_str().to_string()),
+                };
+                match op {
+                    GuestOp::Start => OpSpec::Start { guest },
+                    GuestOp::Stop(s) => OpSpec::Stop {
+                        guest,
+                        timeout_seconds: s.timeout_seconds.map(|t| t.get()),
+                    },
+                    GuestOp::Reboot => OpSpec::Reboot { guest },
+                    GuestOp::Snapshot(s) => OpSpec::Snapshot {
+                        guest,
+                        name: s.name.as_str().to_string(),
+                        description: s.description.as_ref().map(|d| d.as_str().to_string()),
+                    },
+                    GuestOp::Backup(b) => OpSpec::Backup {
+                        guest,
+                        storage: b.storage.as_str().to_string(),
+                        mode: match b.mode {
+                            BackupMode::Snapshot => VzdumpMode::Snapshot,
+                            BackupMode::Suspend => VzdumpMode::Suspend,
+                            BackupMode::Stop => VzdumpMode::Stop,
+                        },
+                        compress: b.compress.map(|c| match c {
+                            BackupCompress::None => VzdumpCompress::None,
+                            BackupCompress::Gzip => VzdumpCompress::Gzip,
+                            BackupCompress::Lzo => VzdumpCompress::Lzo,
+                            BackupCompress::Zstd => VzdumpCompress::Zstd,
+                        }),
+                        notes: b.notes.as_ref().map(|n| n.as_str().to_string()),
+                    },
+                    GuestOp::CreateContainer(spec) => OpSpec::CreateContainer {
+                        guest,
+                        spec: spec.clone(),
+                    },
+                }
+            }
+            Action::Host(HostOp::UsbMount { device, name }) => OpSpec::UsbMount {
+                device: device.clone(),
+                name: name.clone(),
+            },
+            Action::Host(HostOp::UsbUnmount { name }) => OpSpec::UsbUnmount { name: name.clone() },
+        }
+    }
+
+    pub fn guest(&self) -> Option<&GuestRef> {
+        match self {
+            OpSpec::Start { guest }
+            | OpSpec::Stop { guest, .. }
+            | OpSpec::Reboot { guest }
+            | OpSpec::Snapshot { guest, .. }
+            | OpSpec::Backup { guest, .. }
+            | OpSpec::CreateContainer { guest, .. } => Some(guest),
+            OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => None,
+        }
+    }
+
+    /// Whether it changes a guest the desired state manages (then the desired state is the
+    /// authority: `conflicts_with_desired`). Snapshots and backups in `snapshot` or
+    /// `suspend` mode leave the guest as it is.
+    pub fn conflicts_with_desired(&self) -> bool {
+        match self {
+            OpSpec::Start { .. }
+            | OpSpec::Stop { .. }
+            | OpSpec::Reboot { .. }
+            | OpSpec::CreateContainer { .. } => true,
+            OpSpec::Backup { mode, .. } => *mode == VzdumpMode::Stop,
+            OpSpec::Snapshot { .. } | OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => false,
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Final {
+    Applied(Map<String, Value>),
+    Failed(String),
+    /// Refused in the lane (`precondition_failed`); nothing was sent.
+    Refused { reason: &'static str, message: String },
+}
+
+/// The operation could not reach an end now (Proxmox unreachable, a lost wait, the
+/// journal): it stays as it is and is tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfinished {
+    #[error("{what}: {source}")]
+    Proxmox {
+        what: &'static str,
+        #[source]
+        source: ProxmoxError,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("journal worker stopped: {0}")]
+    Blocking(String),
+}
+
+fn px(what: &'static str) -> impl FnOnce(ProxmoxError) -> Unfinished {
+    move |source| Unfinished::Proxmox { what, source }
+}
+
+/// What an operation runs with.
+#[derive(Clone)]
+pub struct ExecEnv {
+    pub pve: Client,
+    pub privileged: privileged::Client,
+    pub journal: Arc<Journal>,
+    /// Graceful-shutdown timeout of `stop` when the operation names none.
+    pub shutdown_timeout: Duration,
+    /// How long a task may run before we stop waiting (the operation then stays running).
+    pub task_timeout: Duration,
+}
+
+impl std::fmt::Debug for ExecEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecEnv")
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    journal: &Arc<Journal>,
+    f: impl FnOnce(&Journal) -> Result<T, JournalError> + Send + 'static,
+) -> Result<T, Unfinished> {
+    let j = journal.clone();
+    tokio::task::spawn_blocking(move || f(&j))
+        .await
+        .map_err(|e| Unfinished::Blocking(e.to_string()))?
+        .map_err(Unfinished::from)
+}
+
+/// The guest as the node lists it: kind and status, `None` when it does not exist.
+async fn find_guest(env: &ExecEnv, vmid: Vmid) -> Result<Option<(GuestKind, String)>, Unfinished> {
+    let list = env.pve.list().await.map_err(px("listing the node's guests"))?;
+    Ok(list
+        .into_iter()
+        .find(|g| g.vmid == vmid)
+        .map(|g| (g.kind, g.status)))
+}
+
+async fn status(env: &ExecEnv, g: &GuestRef) -> Result<String, Unfinished> {
+    Ok(env
+        .pve
+        .guest_status(g.kind, g.vmid)
+        .await
+        .map_err(px("reading the guest's status"))?
+        .status
+        .as_str()
+        .to_string())
+}
+
+fn refused(message: String) -> Final {
+    Final::Refused {
+        reason: "precondition_failed",
+        message,
+    }
+}
+
+/// The preconditions checked in the lane before the intent; `Some` refuses.
+pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unfinished> {
+    let Some(g) = spec.guest() else {
+        return Ok(None);
+    };
+    let found = find_guest(env, g.vmid).await?;
+    if let OpSpec::CreateContainer { .. } = spec {
+        return Ok(found.map(|(kind, _)| {
+            refused(format!("vmid {} already exists on this node ({kind})", g.vmid))
+        }));
+    }
+    let Some((kind, status)) = found else {
+        return Ok(Some(refused(format!(
+            "guest {} does not exist on this node",
+            g.vmid
+        ))));
+    };
+    if kind != g.kind {
+        return Ok(Some(refused(format!(
+            "guest {} is {kind}, the operation was signed for {}",
+            g.vmid, g.kind
+        ))));
+    }
+    if let Some(want) = &g.expect_digest {
+        let config = env
+            .pve
+            .guest_config(g.kind, g.vmid)
+            .await
+            .map_err(px("reading the guest's config"))?;
+        let have = config.raw().get("digest").and_then(Value::as_str).unwrap_or("");
+        if have != want {
+            return Ok(Some(refused(format!(
+                "guest {}'s config digest is {have}, the operation expects {want}",
+                g.vmid
+            ))));
+        }
+    }
+    match spec {
+        OpSpec::Reboot { .. } if status != "running" => Ok(Some(refused(format!(
+            "guest {} is {status}; only a running guest can be rebooted",
+            g.vmid
+        )))),
+        OpSpec::Snapshot { name, .. } => {
+            let snaps = env
+                .pve
+                .snapshots(g.kind, g.vmid)
+                .await
+                .map_err(px("listing the guest's snapshots"))?;
+            Ok(snaps.iter().any(|s| &s.name == name).then(|| {
+                refused(format!("guest {} already has a snapshot named {name}", g.vmid))
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Where an operation stands, from its record: the UPIDs so far and when its intent was
+/// committed (a resume searches the task list from that second).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub op_id: String,
+    pub intent_ms: i64,
+    pub upids: Vec<String>,
+    /// True when resuming after a crash or a lost wait.
+    pub resuming: bool,
+}
+
+/// Runs (or resumes) `spec`. The intent is committed. `permit` is the guest's lane permit
+/// (`None` for host operations).
+pub async fn execute(
+    env: &ExecEnv,
+    spec: &OpSpec,
+    permit: Option<&GuestPermit>,
+    progress: &Progress,
+) -> Result<Final, Unfinished> {
+    let mut upids: Vec<Upid> = Vec::new();
+    for u in &progress.upids {
+        match u.parse::<Upid>() {
+            Ok(u) => upids.push(u),
+            Err(e) => {
+                return Ok(Final::Failed(format!(
+                    "the journal holds an unreadable task id {u:?}: {e}"
+                )));
+            }
+        }
+    }
+    match (spec, permit) {
+        (OpSpec::UsbMount { device, name }, _) => Ok(match env.privileged.usb_mount(device, name).await {
+            Ok(m) => Final::Applied(obj(json!({
+                "name": m.name.as_str(),
+                "mount_point": m.mount_point,
+                "uuid": m.uuid.as_str(),
+                "fstype": m.fstype.as_str(),
+                "already_mounted": m.already_mounted,
+                "fstab_changed": m.fstab_changed,
+            }))),
+            Err(e) => Final::Failed(format!("usb helper: {e}")),
+        }),
+        (OpSpec::UsbUnmount { name }, _) => Ok(match env.privileged.usb_unmount(name).await {
+            Ok(u) => Final::Applied(obj(json!({
+                "name": u.name.as_str(),
+                "was_mounted": u.was_mounted,
+                "fstab_changed": u.fstab_changed,
+            }))),
+            Err(e) => Final::Failed(format!("usb helper: {e}")),
+        }),
+        (_, None) => Ok(Final::Failed(
+            "a guest operation ran outside its guest's lane".into(),
+        )),
+        (OpSpec::CreateContainer { guest, spec }, Some(_)) => {
+            if progress.resuming && find_guest(env, guest.vmid).await?.is_some() {
+                return Ok(Final::Applied(obj(json!({"vmid": guest.vmid.get(), "resumed": true}))));
+            }
+            Ok(match env.privileged.create_keyctl(spec).await {
+                Ok(c) => Final::Applied(obj(json!({"vmid": c.vmid.get()}))),
+                Err(e) => Final::Failed(format!("pct helper: {e}")),
+            })
+        }
+        (OpSpec::Start { guest }, Some(p)) => {
+            let ty = task_type("start", guest.kind);
+            if let Some(u) = recorded_or_adopted(env, progress, guest.vmid, ty, &upids).await? {
+                return wait_final(env, &u, env.task_timeout, Map::new()).await;
+            }
+            if status(env, guest).await? == "running" {
+                return Ok(Final::Applied(obj(json!({"changed": false}))));
+            }
+            match env.pve.start(p, guest.kind).await {
+                Ok(u) => {
+                    record_upid(env, &progress.op_id, &u).await?;
+                    wait_final(env, &u, env.task_timeout, Map::new()).await
+                }
+                Err(e) => Ok(Final::Failed(e.to_string())),
+            }
+        }
+        (OpSpec::Stop { guest, timeout_seconds }, Some(p)) => {
+            let timeout = timeout_seconds
+                .map(|t| Duration::from_secs(u64::from(t)))
+                .unwrap_or(env.shutdown_timeout);
+            stop(env, guest, p, progress, &upids, timeout).await
+        }
+        (OpSpec::Reboot { guest }, Some(p)) => {
+            let ty = task_type("reboot", guest.kind);
+            if let Some(u) = recorded_or_adopted(env, progress, guest.vmid, ty, &upids).await? {
+                return wait_final(env, &u, env.task_timeout, Map::new()).await;
+            }
+            match env.pve.reboot(p, guest.kind, None).await {
+                Ok(u) => {
+                    record_upid(env, &progress.op_id, &u).await?;
+                    wait_final(env, &u, env.task_timeout, Map::new()).await
+                }
+                Err(e) => Ok(Final::Failed(e.to_string())),
+            }
+        }
+        (OpSpec::Snapshot { guest, name, description }, Some(p)) => {
+            let done = obj(json!({"snapshot": name}));
+            let ty = task_type("snapshot", guest.kind);
+            if let Some(u) = recorded_or_adopted(env, progress, guest.vmid, ty, &upids).await? {
+                return wait_final(env, &u, env.task_timeout, done).await;
+            }
+            if progress.resuming {
+                let snaps = env
+                    .pve
+                    .snapshots(guest.kind, guest.vmid)
+                    .await
+                    .map_err(px("listing the guest's snapshots"))?;
+                if snaps.iter().any(|s| &s.name == name) {
+                    return Ok(Final::Applied(done));
+                }
+            }
+            let snap = match SnapshotName::new(name.clone()) {
+                Ok(s) => s,
+                Err(e) => return Ok(Final::Failed(e.to_string())),
+            };
+            match env
+                .pve
+                .snapshot_create(p, guest.kind, &snap, description.as_deref())
+                .await
+            {
+                Ok(u) => {
+                    record_upid(env, &progress.op_id, &u).await?;
+                    wait_final(env, &u, env.task_timeout, done).await
+                }
+                Err(e) => Ok(Final::Failed(e.to_string())),
+            }
+        }
+        (OpSpec::Backup { guest, storage, mode, compress, notes }, Some(p)) => {
+            let u = match recorded_or_adopted(env, progress, guest.vmid, "vzdump", &upids).await? {
+                Some(u) => u,
+                None => {
+                    let opts = VzdumpOptions {
+                        storage: Some(storage.clone()),
+                        mode: Some(*mode),
+                        compress: *compress,
+                        notes_template: notes.clone(),
+                        ..VzdumpOptions::default()
+                    };
+                    match env.pve.vzdump(p, &opts).await {
+                        Ok(VzdumpOutcome::Task(u)) => {
+                            record_upid(env, &progress.op_id, &u).await?;
+                            u
+                        }
+                        Ok(VzdumpOutcome::NothingToDo) => {
+                            return Ok(Final::Failed(format!(
+                                "vzdump had nothing to do: guest {} is not on this node",
+                                guest.vmid
+                            )));
+                        }
+                        Err(e) => return Ok(Final::Failed(e.to_string())),
+                    }
+                }
+            };
+            match wait_final(env, &u, env.task_timeout, Map::new()).await? {
+                Final::Applied(mut r) => {
+                    match backup_volid(env, storage, guest.vmid, &u).await {
+                        Ok(Some(volid)) => {
+                            r.insert("volid".into(), Value::String(volid));
+                        }
+                        Ok(None) => {
+                            r.insert("volid".into(), Value::Null);
+                            tracing::warn!(vmid = %guest.vmid, upid = %u, "backup finished but its archive is not listed on the storage");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    Ok(Final::Applied(r))
+                }
+                other => Ok(other),
+            }
+        }
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+pub fn task_type(what: &str, kind: GuestKind) -> &'static str {
+    match (what, kind) {
+        ("start", GuestKind::Lxc) => "vzstart",
+        ("start", GuestKind::Qemu) => "qmstart",
+        ("shutdown", GuestKind::Lxc) => "vzshutdown",
+        ("shutdown", GuestKind::Qemu) => "qmshutdown",
+        ("stop", GuestKind::Lxc) => "vzstop",
+        ("stop", GuestKind::Qemu) => "qmstop",
+        ("reboot", GuestKind::Lxc) => "vzreboot",
+        ("reboot", GuestKind::Qemu) => "qmreboot",
+        ("snapshot", GuestKind::Lxc) => "vzsnapshot",
+        ("snapshot", GuestKind::Qemu) => "qmsnapshot",
+        _ => "vzdump",
+    }
+}
+
+async fn record_upid(env: &ExecEnv, op_id: &str, upid: &Upid) -> Result<(), Unfinished> {
+    let (id, u) = (op_id.to_string(), upid.as_str().to_string());
+    blocking(&env.journal, move |j| {
+        j.op_update(&id, |r| r.upids.push(u), None).map(|_| ())
+    })
+    .await
+}
+
+/// The last recorded UPID of `ty`, or, when resuming without one, our task of `ty` for the
+/// guest that the request may have started before a crash kept its UPID from the journal.
+async fn recorded_or_adopted(
+    env: &ExecEnv,
+    progress: &Progress,
+    vmid: Vmid,
+    ty: &str,
+    upids: &[Upid],
+) -> Result<Option<Upid>, Unfinished> {
+    if let Some(u) = upids.iter().rev().find(|u| u.task_type() == ty) {
+        return Ok(Some(u.clone()));
+    }
+    if !progress.resuming {
+        return Ok(None);
+    }
+    let v = vmid.get();
+    let known = blocking(&env.journal, move |j| {
+        let mut k = j.upids_of(vmid)?;
+        k.extend(j.op_upids_of(v)?);
+        Ok(k)
+    })
+    .await?;
+    let since = progress.intent_ms.div_euclid(1000);
+    let found = env
+        .pve
+        .find_task(vmid, ty, since, &known)
+        .await
+        .map_err(px("searching the task list"))?;
+    if let Some(u) = &found {
+        tracing::info!(op_id = %progress.op_id, upid = %u, "adopting the task an interrupted operation started");
+        record_upid(env, &progress.op_id, u).await?;
+    }
+    Ok(found)
+}
+
+/// Waits for a task: its end is the operation's; losing sight of it leaves it running.
+async fn wait_final(
+    env: &ExecEnv,
+    upid: &Upid,
+    timeout: Duration,
+    done: Map<String, Value>,
+) -> Result<Final, Unfinished> {
+    match Pve::wait(&env.pve, upid, timeout).await {
+        Ok(d) => {
+            let mut done = done;
+            if let Some(w) = d.warnings {
+                done.insert("warnings".into(), json!(w));
+            }
+            Ok(Final::Applied(done))
+        }
+        Err(e @ ProxmoxError::TaskFailed { .. }) => Ok(Final::Failed(e.to_string())),
+        Err(source) => Err(Unfinished::Proxmox {
+            what: "waiting for the task",
+            source,
+        }),
+    }
+}
+
+/// Graceful shutdown (unless one is recorded or found), then a hard stop only if the guest
+/// is still running: reconcile's stop, for one signed operation.
+async fn stop(
+    env: &ExecEnv,
+    g: &GuestRef,
+    permit: &GuestPermit,
+    progress: &Progress,
+    upids: &[Upid],
+    timeout: Duration,
+) -> Result<Final, Unfinished> {
+    let hard = task_type("stop", g.kind);
+    let soft = task_type("shutdown", g.kind);
+    if let Some(u) = recorded_or_adopted(env, progress, g.vmid, hard, upids).await? {
+        return wait_final(env, &u, env.task_timeout, Map::new()).await;
+    }
+    let shutdown = match recorded_or_adopted(env, progress, g.vmid, soft, upids).await? {
+        Some(u) => Some(u),
+        None => {
+            if status(env, g).await? != "running" {
+                return Ok(Final::Applied(obj(json!({"changed": false}))));
+            }
+            match Pve::shutdown(&env.pve, permit, g.kind, timeout).await {
+                Ok(u) => {
+                    record_upid(env, &progress.op_id, &u).await?;
+                    Some(u)
+                }
+                Err(e) => {
+                    tracing::warn!(vmid = %g.vmid, error = %e, "shutdown refused");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(u) = &shutdown
+        && let Final::Failed(error) =
+            wait_final(env, u, timeout + Duration::from_secs(30), Map::new()).await?
+    {
+        tracing::warn!(vmid = %g.vmid, %error, "graceful shutdown did not succeed");
+    }
+    if status(env, g).await? != "running" {
+        return Ok(Final::Applied(obj(json!({"changed": true}))));
+    }
+    tracing::info!(vmid = %g.vmid, "still running after graceful shutdown: hard stop");
+    match env.pve.stop(permit, g.kind).await {
+        Ok(u) => {
+            record_upid(env, &progress.op_id, &u).await?;
+            wait_final(env, &u, env.task_timeout, obj(json!({"changed": true, "hard_stop": true})))
+                .await
+        }
+        Err(e) => Ok(Final::Failed(e.to_string())),
+    }
+}
+
+/// The archive a finished vzdump task wrote: the newest backup of the guest on `storage`
+/// created at or after the task started.
+async fn backup_volid(
+    env: &ExecEnv,
+    storage: &str,
+    vmid: Vmid,
+    upid: &Upid,
+) -> Result<Option<String>, Unfinished> {
+    let items = env
+        .pve
+        .backups(storage, Some(vmid))
+        .await
+        .map_err(px("listing the storage's backups"))?;
+    let since = i64::from(upid.starttime());
+    Ok(items
+        .into_iter()
+        .filter(|b| b.ctime.is_some_and(|t| t >= since))
+        .max_by_key(|b| b.ctime)
+        .map(|b| b.volid))
+}

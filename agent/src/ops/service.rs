@@ -1,0 +1,962 @@
+//! The signed-operations service: receives envelopes, decides, records, and runs what
+//! verified through the guests' lanes (and one host lane).
+//!
+//! Owns:
+//! - **Receipt** ([`OpsService::receive`]): verification against the host's current trust
+//!   (felhom-authz: signatures over PAE, distinct keys, then the payload), the replay store
+//!   (same `op_id` and payload again: its current decision again; another payload: `replayed`;
+//!   a `not_after` at or below the pruned floor: `expired`), and the decision: `refused`, or
+//!   accepted as `held` (record and `held` result in one transaction).
+//! - **Scheduling**: while the mutation gate is open and the journal is not in safe mode,
+//!   each held operation goes to its lane in the order accepted: the guest's lane of the
+//!   reconcile queue (so it never overlaps reconcile or another operation on that guest),
+//!   or the host lane (one at a time, in order). Blocked or in safe mode, operations wait
+//!   held.
+//! - **In the lane**: verified again against the current trust and clock; refused
+//!   `conflicts_with_desired` when it would change a guest the active desired state
+//!   manages; preconditions ([`super::exec::precheck`]); the window once more; then the
+//!   intent is committed (`running`) and the first request may go out. From there it
+//!   completes or resumes ([`super::exec`]), also after a kill -9.
+//! - **Re-verification** of every held operation when the trust changes (SIGHUP) and at
+//!   start; the expiry sweep of held operations; pruning of the replay store.
+//! - The decisions' outbox (read by [`super::channel`]) and what the report shows
+//!   ([`OpsFeed`]).
+//!
+//! Every state change of an operation is one transaction together with the result that
+//! reports it, under one lock, so two paths (the sweep and a lane) can never both decide.
+//!
+//! Must never: run an operation whose envelope does not verify against the current trust
+//! when it leaves its queue, run one twice, send a request before its intent is committed,
+//! or lose a decision.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use felhom_authz::{
+    Context, PayloadType, Reason, Refusal, Trust, parse_op, payload_sha256, verify_envelope,
+    verify_op,
+};
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::exec::{self, ExecEnv, Final, OpSpec, Progress};
+use super::wire::{DecisionState, HeldOp, OpResult, ResultKind};
+use super::{AgentId, OpsFeed, TrustState};
+use crate::proxmox::GuestPermit;
+use crate::reconcile::journal::{Journal, JournalError, OpRecord, now_ms};
+use crate::reconcile::{EngineHandle, Gate};
+use crate::timestamp::Timestamp;
+
+/// Pending results the report carries at most.
+pub const REPORT_RESULTS: usize = 100;
+/// How often held operations are checked for expiry.
+const SWEEP: Duration = Duration::from_secs(2);
+/// Accepted results kept for `ops show` after the hub has them.
+const KEEP_RESULTS: usize = 1000;
+
+/// Why an envelope could not even be recorded (the journal refused the write): it is not
+/// answered and the hub delivers it again.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("journal worker stopped: {0}")]
+    Blocking(String),
+}
+
+/// What [`OpsService::receive`] decided, for the log and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub op_id: Option<String>,
+    pub state: DecisionState,
+    pub reason: Option<String>,
+    pub seq: u64,
+}
+
+/// Everything the service runs on.
+pub struct OpsDeps {
+    pub journal: Arc<Journal>,
+    pub agent_id: AgentId,
+    pub node: String,
+    pub trust: watch::Receiver<TrustState>,
+    pub gate: watch::Receiver<Gate>,
+    pub engine: Arc<EngineHandle>,
+    pub env: ExecEnv,
+}
+
+impl std::fmt::Debug for OpsDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpsDeps")
+            .field("agent_id", &self.agent_id)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    journal: Arc<Journal>,
+    agent_id: AgentId,
+    node: String,
+    trust: watch::Receiver<TrustState>,
+    gate: watch::Receiver<Gate>,
+    engine: Arc<EngineHandle>,
+    env: Mutex<ExecEnv>,
+    /// Serializes receipts and every state change of a record.
+    decide: Mutex<()>,
+    /// Operations handed to a lane and not finished there yet.
+    submitted: Mutex<HashSet<String>>,
+    /// Unfinished operations and when to try again (attempts, when).
+    retry: Mutex<HashMap<String, (u32, Instant)>>,
+    host_tx: mpsc::UnboundedSender<String>,
+    kick: Notify,
+    /// Woken when a result is added (the sender posts it).
+    results: Arc<Notify>,
+    feed: Mutex<(Vec<HeldOp>, Vec<OpResult>)>,
+    changes: watch::Sender<u64>,
+}
+
+/// The running service.
+pub struct OpsService {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for OpsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpsService").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ts_ms(ms: Option<i64>) -> Option<Timestamp> {
+    ms.and_then(|m| Timestamp::from_unix(m.div_euclid(1000)))
+}
+
+/// The result reporting `rec`'s current decision (`held` while it is open).
+pub fn result_of(rec: &OpRecord, seq: u64) -> OpResult {
+    let state = match rec.state.as_str() {
+        "held" | "running" => DecisionState::Held,
+        s => DecisionState::parse(s).unwrap_or(DecisionState::Failed),
+    };
+    OpResult {
+        seq,
+        kind: ResultKind::Op,
+        op_id: Some(rec.op_id.clone()),
+        generation: None,
+        payload_sha256: Some(rec.payload_sha256.clone()),
+        delivery_id: rec.delivery_id.clone(),
+        state,
+        reason: if state == DecisionState::Refused {
+            rec.reason.clone()
+        } else {
+            None
+        },
+        message: rec.message.clone(),
+        signers: rec.signers.clone(),
+        upids: rec.upids.clone(),
+        result: rec.result.clone(),
+        started_at: ts_ms(rec.intent_ms),
+        finished_at: if state.is_final() {
+            ts_ms(rec.finished_ms)
+        } else {
+            None
+        },
+    }
+}
+
+fn body(r: &OpResult) -> String {
+    serde_json::to_string(r).unwrap_or_default()
+}
+
+/// The payload's SHA-256 when the envelope's payload decodes (for refusals).
+fn envelope_sha(raw: &[u8]) -> Option<String> {
+    if raw.len() > felhom_authz::MAX_ENVELOPE_BYTES {
+        return None;
+    }
+    let env = felhom_authz::Envelope::parse(raw).ok()?;
+    env.body().ok().map(|b| hex::encode(payload_sha256(&b)))
+}
+
+/// The `op_id` of a verified body, when it has a well-formed one.
+fn probe_op_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        op_id: String,
+    }
+    let p: Probe = serde_json::from_slice(body).ok()?;
+    felhom_authz::OpId::new(p.op_id).ok().map(|id| id.as_str().to_string())
+}
+
+impl OpsService {
+    /// Starts the scheduler, the host lane and the sweep. Held and running operations in
+    /// the journal are verified again (held) and resumed (running) once the gate is open.
+    pub fn start(deps: OpsDeps) -> Arc<OpsService> {
+        let (host_tx, host_rx) = mpsc::unbounded_channel();
+        let (changes, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            journal: deps.journal,
+            agent_id: deps.agent_id,
+            node: deps.node,
+            trust: deps.trust,
+            gate: deps.gate,
+            engine: deps.engine,
+            env: Mutex::new(deps.env),
+            decide: Mutex::new(()),
+            submitted: Mutex::new(HashSet::new()),
+            retry: Mutex::new(HashMap::new()),
+            host_tx,
+            kick: Notify::new(),
+            results: Arc::new(Notify::new()),
+            feed: Mutex::new((Vec::new(), Vec::new())),
+            changes,
+        });
+        let tasks = vec![
+            tokio::spawn(host_lane(inner.clone(), host_rx)),
+            tokio::spawn(scheduler(inner.clone())),
+        ];
+        Arc::new(OpsService {
+            inner,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Receives one envelope (blocking: call from a blocking thread).
+    pub fn receive(&self, raw: &[u8], delivery_id: Option<String>) -> Result<Receipt, OpsError> {
+        let r = self.inner.receive(raw, delivery_id);
+        self.inner.refresh();
+        self.inner.results.notify_one();
+        self.inner.kick.notify_one();
+        r
+    }
+
+    /// [`Self::receive`] off the async workers.
+    pub async fn receive_async(
+        self: &Arc<Self>,
+        raw: Vec<u8>,
+        delivery_id: Option<String>,
+    ) -> Result<Receipt, OpsError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.receive(&raw, delivery_id))
+            .await
+            .map_err(|e| OpsError::Blocking(e.to_string()))?
+    }
+
+    /// Answers a delivery while signed operations are off: `refused`, `ops_disabled`.
+    pub fn refuse_disabled(&self, raw: &[u8], delivery_id: Option<String>) -> Result<u64, OpsError> {
+        let seq = self.inner.refuse(
+            raw,
+            None,
+            delivery_id,
+            "ops_disabled",
+            "signed operations are off on this host (no signers file)".into(),
+        )?;
+        self.inner.refresh();
+        self.inner.results.notify_one();
+        Ok(seq)
+    }
+
+    /// Adds a result that changes no operation (a desired-state decision).
+    pub fn add_result(&self, make: impl Fn(u64) -> OpResult) -> Result<u64, OpsError> {
+        let seq = self.inner.journal.result_add(|seq| body(&make(seq)))?;
+        self.inner.refresh();
+        self.inner.results.notify_one();
+        Ok(seq)
+    }
+
+    /// Swaps the clients and the shutdown timeout (SIGHUP).
+    pub fn reload(&self, env: ExecEnv) {
+        *lock(&self.inner.env) = env;
+    }
+
+    /// Woken when a result is waiting to be sent.
+    pub fn results_notify(&self) -> Arc<Notify> {
+        self.inner.results.clone()
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.inner.journal
+    }
+
+    /// A counter that moves when held operations or pending results change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The newest `limit` operations, newest first.
+    pub fn list(&self, limit: usize) -> Result<Vec<OpRecord>, OpsError> {
+        Ok(self.inner.journal.ops_recent(limit)?)
+    }
+
+    /// One operation and the results sent about it, oldest first.
+    pub fn show(&self, op_id: &str) -> Result<Option<(OpRecord, Vec<Value>)>, OpsError> {
+        show(&self.inner.journal, op_id)
+    }
+
+    /// The hub accepted these results (by POST): not sent again, gone from the report.
+    pub async fn delivered_now(&self, seqs: &[u64]) {
+        let inner = self.inner.clone();
+        let seqs = seqs.to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = inner.journal.results_accepted(&seqs) {
+                tracing::warn!(error = %e, "could not record the results the hub accepted");
+            }
+            inner.refresh();
+        })
+        .await;
+    }
+
+    /// Stops the service's tasks (the lanes' operations are the queue's to drain).
+    pub fn stop(&self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// One operation and its results from a journal (the daemon's or a local one).
+pub fn show(journal: &Journal, op_id: &str) -> Result<Option<(OpRecord, Vec<Value>)>, OpsError> {
+    let Some(rec) = journal.op_get(op_id)? else {
+        return Ok(None);
+    };
+    let mut results: Vec<Value> = journal
+        .results_recent(KEEP_RESULTS)?
+        .into_iter()
+        .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .filter(|v| v["op_id"].as_str() == Some(op_id))
+        .collect();
+    results.reverse();
+    Ok(Some((rec, results)))
+}
+
+impl OpsFeed for OpsService {
+    fn snapshot(&self) -> (Vec<HeldOp>, Vec<OpResult>) {
+        lock(&self.inner.feed).clone()
+    }
+
+    fn delivered(&self, seqs: &[u64]) {
+        let inner = self.inner.clone();
+        let seqs = seqs.to_vec();
+        let work = move || {
+            if let Err(e) = inner.journal.results_accepted(&seqs) {
+                tracing::warn!(error = %e, "could not record the results the hub accepted");
+            }
+            inner.refresh();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(work);
+            }
+            Err(_) => work(),
+        }
+    }
+}
+
+impl Inner {
+    fn ctx(&self) -> Context {
+        Context {
+            agent_id: self.agent_id.clone(),
+            node: self.node.clone(),
+            now: unix_now(),
+            scratch_vmids: None,
+        }
+    }
+
+    fn trust(&self) -> Option<Arc<Trust>> {
+        match &*self.trust.borrow() {
+            TrustState::Enabled { trust, .. } => Some(trust.clone()),
+            _ => None,
+        }
+    }
+
+    fn skew(&self) -> u64 {
+        self.trust()
+            .map(|t| t.clock_skew_seconds())
+            .unwrap_or(felhom_authz::trust::DEFAULT_CLOCK_SKEW_SECONDS)
+    }
+
+    /// A refusal that records no operation.
+    fn refuse(
+        &self,
+        raw: &[u8],
+        op_id: Option<String>,
+        delivery_id: Option<String>,
+        reason: &str,
+        message: String,
+    ) -> Result<u64, OpsError> {
+        let sha = envelope_sha(raw);
+        tracing::warn!(op_id = op_id.as_deref().unwrap_or("-"), delivery_id = delivery_id.as_deref().unwrap_or("-"),
+            reason, %message, "signed operation refused");
+        let now = Timestamp::now();
+        Ok(self.journal.result_add(|seq| {
+            body(&OpResult {
+                seq,
+                kind: ResultKind::Op,
+                op_id: op_id.clone(),
+                generation: None,
+                payload_sha256: sha.clone(),
+                delivery_id: delivery_id.clone(),
+                state: DecisionState::Refused,
+                reason: Some(reason.to_string()),
+                message: Some(message.clone()),
+                signers: Vec::new(),
+                upids: Vec::new(),
+                result: Map::new(),
+                started_at: None,
+                finished_at: Some(now),
+            })
+        })?)
+    }
+
+    fn receive(&self, raw: &[u8], delivery_id: Option<String>) -> Result<Receipt, OpsError> {
+        let _d = lock(&self.decide);
+        let refused = |op_id: Option<String>, r: &Refusal| -> Result<Receipt, OpsError> {
+            let seq = self.refuse(
+                raw,
+                op_id.clone(),
+                delivery_id.clone(),
+                r.reason.as_str(),
+                r.message.clone(),
+            )?;
+            Ok(Receipt {
+                op_id,
+                state: DecisionState::Refused,
+                reason: Some(r.reason.as_str().to_string()),
+                seq,
+            })
+        };
+        let Some(trust) = self.trust() else {
+            let seq = self.refuse(
+                raw,
+                None,
+                delivery_id.clone(),
+                "ops_disabled",
+                "signed operations are off on this host".into(),
+            )?;
+            return Ok(Receipt {
+                op_id: None,
+                state: DecisionState::Refused,
+                reason: Some("ops_disabled".into()),
+                seq,
+            });
+        };
+        let verified = match verify_envelope(raw, PayloadType::Op, &trust) {
+            Ok(v) => v,
+            Err(r) => return refused(None, &r),
+        };
+        let sha = hex::encode(verified.payload_sha256());
+        let ctx = self.ctx();
+        let payload = match parse_op(&verified, &trust, &ctx) {
+            Ok(p) => p,
+            Err(r) => {
+                let op_id = probe_op_id(verified.body());
+                // A delivery again after its window: its decision again, not `expired`.
+                if matches!(r.reason, Reason::Expired | Reason::NotYetValid)
+                    && let Some(id) = &op_id
+                    && let Some(rec) = self.journal.op_get(id)?
+                    && rec.payload_sha256 == sha
+                {
+                    return self.answer_again(rec, delivery_id);
+                }
+                return refused(op_id, &r);
+            }
+        };
+        let op_id = payload.op_id.as_str().to_string();
+        if let Some(rec) = self.journal.op_get(&op_id)? {
+            if rec.payload_sha256 == sha {
+                return self.answer_again(rec, delivery_id);
+            }
+            let seq = self.refuse(
+                raw,
+                Some(op_id.clone()),
+                delivery_id,
+                "replayed",
+                "this op_id was already used for a different payload".into(),
+            )?;
+            return Ok(Receipt {
+                op_id: Some(op_id),
+                state: DecisionState::Refused,
+                reason: Some("replayed".into()),
+                seq,
+            });
+        }
+        let floor = self.journal.replay_floor()?;
+        if payload.not_after <= floor {
+            return refused(
+                Some(op_id),
+                &Refusal::new(
+                    Reason::Expired,
+                    format!(
+                        "valid until {}, at or before {floor}, the newest window the replay store has forgotten (was the clock set back?)",
+                        payload.not_after
+                    ),
+                ),
+            );
+        }
+        let spec = OpSpec::from_payload(&payload);
+        let rec = OpRecord {
+            op_id: op_id.clone(),
+            payload_sha256: sha,
+            not_after: payload.not_after,
+            kind: payload.kind.as_str().to_string(),
+            vmid: spec.guest().map(|g| g.vmid.get()),
+            envelope: String::from_utf8_lossy(raw).into_owned(),
+            delivery_id,
+            signers: payload.signers.clone(),
+            received_ms: now_ms(),
+            state: "held".into(),
+            reason: None,
+            message: None,
+            upids: Vec::new(),
+            result: Map::new(),
+            intent_ms: None,
+            finished_ms: None,
+            spec: serde_json::to_value(&spec).unwrap_or(Value::Null),
+        };
+        let seq = self.journal.op_accept(&rec, |seq| body(&result_of(&rec, seq)))?;
+        tracing::info!(op_id = %op_id, op = %rec.kind, vmid = ?rec.vmid, signers = ?rec.signers,
+            reason = %payload.reason, "signed operation accepted");
+        Ok(Receipt {
+            op_id: Some(op_id),
+            state: DecisionState::Held,
+            reason: None,
+            seq: seq.unwrap_or(0),
+        })
+    }
+
+    /// A known operation delivered again: its current decision, under this delivery id.
+    fn answer_again(&self, rec: OpRecord, delivery_id: Option<String>) -> Result<Receipt, OpsError> {
+        let (rec, seq) = self.journal.op_update(
+            &rec.op_id,
+            |r| {
+                if delivery_id.is_some() {
+                    r.delivery_id = delivery_id.clone();
+                }
+            },
+            Some(&mut |seq, r: &OpRecord| body(&result_of(r, seq))),
+        )?;
+        let res = result_of(&rec, 0);
+        tracing::info!(op_id = %rec.op_id, state = res.state.as_str(), "operation delivered again: answered with its current decision");
+        Ok(Receipt {
+            op_id: Some(rec.op_id),
+            state: res.state,
+            reason: res.reason,
+            seq: seq.unwrap_or(0),
+        })
+    }
+
+    /// Moves `op_id` from one of `from` to a final state (or `running`), with its result,
+    /// under the decision lock. `None` when it was not in one of `from` any more.
+    fn transition(
+        &self,
+        op_id: &str,
+        from: &[&str],
+        change: impl FnOnce(&mut OpRecord),
+        with_result: bool,
+    ) -> Result<Option<OpRecord>, OpsError> {
+        let _d = lock(&self.decide);
+        let Some(rec) = self.journal.op_get(op_id)? else {
+            return Ok(None);
+        };
+        if !from.contains(&rec.state.as_str()) {
+            return Ok(None);
+        }
+        let mut make = |seq, r: &OpRecord| body(&result_of(r, seq));
+        let (rec, _) = self.journal.op_update(
+            op_id,
+            change,
+            if with_result { Some(&mut make) } else { None },
+        )?;
+        Ok(Some(rec))
+    }
+
+    fn finalize(&self, op_id: &str, from: &[&str], f: Final) -> Result<(), OpsError> {
+        let finished = now_ms();
+        let (state, reason, message, result) = match f {
+            Final::Applied(r) => ("applied", None, None, r),
+            Final::Failed(m) => ("failed", None, Some(m), Map::new()),
+            Final::Refused { reason, message } => {
+                ("refused", Some(reason.to_string()), Some(message), Map::new())
+            }
+        };
+        let done = self.transition(
+            op_id,
+            from,
+            |r| {
+                r.state = state.into();
+                r.reason = reason;
+                r.message = message;
+                r.result = result;
+                r.finished_ms = Some(finished);
+            },
+            true,
+        )?;
+        if let Some(rec) = done {
+            tracing::info!(op_id, state, reason = rec.reason.as_deref().unwrap_or("-"),
+                message = rec.message.as_deref().unwrap_or(""), upids = ?rec.upids, "signed operation decided");
+        }
+        self.refresh();
+        self.results.notify_one();
+        Ok(())
+    }
+
+    fn refuse_held(&self, op_id: &str, reason: &'static str, message: String) {
+        if let Err(e) = self.finalize(op_id, &["held"], Final::Refused { reason, message }) {
+            tracing::error!(op_id, error = %e, "could not record a refusal");
+        }
+    }
+
+    /// Verifies a held operation's envelope again against the current trust and clock.
+    fn reverify(&self, rec: &OpRecord) -> Result<(), (&'static str, String)> {
+        let Some(trust) = self.trust() else {
+            return Err((
+                "ops_disabled",
+                "signed operations were turned off while it was held".into(),
+            ));
+        };
+        match verify_op(rec.envelope.as_bytes(), &trust, &self.ctx()) {
+            Ok(p) if hex::encode(p.payload_sha256) == rec.payload_sha256 => Ok(()),
+            Ok(_) => Err(("bad_payload", "the kept envelope changed".into())),
+            Err(r) => Err((r.reason.as_str(), r.message)),
+        }
+    }
+
+    /// Re-verifies every held operation (trust changed, start, sweep).
+    fn reverify_held(&self) {
+        let open = match self.journal.ops_open() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read held operations");
+                return;
+            }
+        };
+        for rec in open.iter().filter(|r| r.state == "held") {
+            if let Err((reason, message)) = self.reverify(rec) {
+                self.refuse_held(&rec.op_id, reason, message);
+            }
+        }
+    }
+
+    /// The report's view, refreshed after every change.
+    fn refresh(&self) {
+        let gate = *self.gate.borrow();
+        let safe = self.journal.safe_mode();
+        let held = match self.journal.ops_open() {
+            Ok(open) => open
+                .into_iter()
+                .map(|r| {
+                    let running = r.state == "running";
+                    HeldOp {
+                        op_id: r.op_id,
+                        op: r.kind,
+                        vmid: r.vmid,
+                        state: r.state,
+                        waiting_for: (!running).then(|| {
+                            if safe.is_some() {
+                                "safe_mode"
+                            } else if gate == Gate::Blocked {
+                                "blocked"
+                            } else if gate == Gate::AwaitingEnvelope {
+                                "hub_envelope"
+                            } else {
+                                "lane"
+                            }
+                            .to_string()
+                        }),
+                        received_at: ts_ms(Some(r.received_ms)).unwrap_or_else(Timestamp::now),
+                    }
+                })
+                .collect(),
+            Err(_) => lock(&self.feed).0.clone(),
+        };
+        let pending = match self.journal.results_pending(REPORT_RESULTS) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|r| serde_json::from_str::<OpResult>(&r.body).ok())
+                .collect(),
+            Err(_) => lock(&self.feed).1.clone(),
+        };
+        let mut f = lock(&self.feed);
+        if f.0 != held || f.1 != pending {
+            *f = (held, pending);
+            drop(f);
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn env(&self) -> ExecEnv {
+        lock(&self.env).clone()
+    }
+
+    fn retry_later(&self, op_id: &str) {
+        let mut r = lock(&self.retry);
+        let e = r.entry(op_id.to_string()).or_insert((0, Instant::now()));
+        e.0 += 1;
+        let delay = Duration::from_secs(5)
+            .saturating_mul(1 << e.0.saturating_sub(1).min(4))
+            .min(Duration::from_secs(60));
+        e.1 = Instant::now() + delay;
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    f: impl FnOnce(&Inner) -> T + Send + 'static,
+) -> Option<T> {
+    let i = inner.clone();
+    tokio::task::spawn_blocking(move || f(&i)).await.ok()
+}
+
+/// Hands every held (and unfinished running) operation to its lane, in acceptance order,
+/// while the gate is open and the journal is not in safe mode.
+async fn pump(inner: &Arc<Inner>) {
+    if *inner.gate.borrow() != Gate::Open || inner.journal.safe_mode().is_some() {
+        return;
+    }
+    let Some(Ok(open)) = blocking(inner, |i| i.journal.ops_open()).await else {
+        return;
+    };
+    let now = Instant::now();
+    for rec in open {
+        if lock(&inner.submitted).contains(&rec.op_id) {
+            continue;
+        }
+        if lock(&inner.retry)
+            .get(&rec.op_id)
+            .is_some_and(|(_, at)| *at > now)
+        {
+            continue;
+        }
+        let op_id = rec.op_id.clone();
+        lock(&inner.submitted).insert(op_id.clone());
+        let submitted = match rec.vmid.and_then(|v| felhom_protocol::Vmid::new(u64::from(v)).ok()) {
+            Some(vmid) => {
+                let i = inner.clone();
+                let id = op_id.clone();
+                inner
+                    .engine
+                    .queue()
+                    .submit(vmid, format!("signed-{}", rec.kind), move |permit| {
+                        Box::pin(async move { run_one(&i, &id, Some(permit)).await })
+                    })
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            None => inner.host_tx.send(op_id.clone()).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = submitted {
+            tracing::warn!(op_id = %op_id, error = %e, "signed operation not queued; tried again");
+            lock(&inner.submitted).remove(&op_id);
+            inner.retry_later(&op_id);
+        }
+    }
+}
+
+async fn host_lane(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<String>) {
+    while let Some(op_id) = rx.recv().await {
+        run_one(&inner, &op_id, None).await;
+    }
+}
+
+/// One operation in its lane: the checks, the intent, the requests, the decision.
+async fn run_one(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermit>) {
+    run_checked(inner, op_id, permit).await;
+    lock(&inner.submitted).remove(op_id);
+    inner.refresh();
+    inner.engine.kick();
+}
+
+async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermit>) {
+    let id = op_id.to_string();
+    let Some(Ok(Some(rec))) = blocking(inner, move |i| i.journal.op_get(&id)).await else {
+        return;
+    };
+    let spec: OpSpec = match serde_json::from_value(rec.spec.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("the record's operation cannot be read: {e}");
+            let id = op_id.to_string();
+            let _ = blocking(inner, move |i| {
+                i.finalize(&id, &["held", "running"], Final::Failed(msg))
+            })
+            .await;
+            return;
+        }
+    };
+    let env = inner.env();
+    let resuming = match rec.state.as_str() {
+        "held" => {
+            if *inner.gate.borrow() != Gate::Open || inner.journal.safe_mode().is_some() {
+                return; // stays held; pumped again when the gate opens
+            }
+            if let Err((reason, message)) = inner.reverify(&rec) {
+                let id = op_id.to_string();
+                let _ = blocking(inner, move |i| i.refuse_held(&id, reason, message)).await;
+                return;
+            }
+            if spec.conflicts_with_desired()
+                && let Some(g) = spec.guest()
+                && inner.engine.manages(g.vmid)
+            {
+                let msg = format!(
+                    "guest {} is managed by the active desired state, which is the authority there",
+                    g.vmid
+                );
+                let id = op_id.to_string();
+                let _ = blocking(inner, move |i| i.refuse_held(&id, "conflicts_with_desired", msg))
+                    .await;
+                return;
+            }
+            match exec::precheck(&env, &spec).await {
+                Ok(None) => {}
+                Ok(Some(f)) => {
+                    let id = op_id.to_string();
+                    let _ = blocking(inner, move |i| i.finalize(&id, &["held"], f)).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(op_id, error = %e, "signed operation: preconditions not readable; tried again");
+                    inner.retry_later(op_id);
+                    return;
+                }
+            }
+            // The window, just before the first request.
+            if unix_now() >= rec.not_after.saturating_add(inner.skew()) {
+                let id = op_id.to_string();
+                let msg = format!("valid until {}; expired while it waited", rec.not_after);
+                let _ = blocking(inner, move |i| i.refuse_held(&id, "expired", msg)).await;
+                return;
+            }
+            let id = op_id.to_string();
+            let intent = now_ms();
+            let committed = blocking(inner, move |i| {
+                i.transition(
+                    &id,
+                    &["held"],
+                    |r| {
+                        r.state = "running".into();
+                        r.intent_ms = Some(intent);
+                    },
+                    false,
+                )
+            })
+            .await;
+            match committed {
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None)) => return, // decided meanwhile (expired, re-verified)
+                Some(Err(e)) => {
+                    tracing::error!(op_id, error = %e, "intent not committed; nothing sent");
+                    return;
+                }
+                None => return,
+            }
+            inner.refresh();
+            tracing::info!(op_id, op = %rec.kind, vmid = ?rec.vmid, "signed operation: intent recorded");
+            false
+        }
+        "running" => true,
+        _ => return,
+    };
+    let id = op_id.to_string();
+    let Some(Ok(Some(rec))) = blocking(inner, move |i| i.journal.op_get(&id)).await else {
+        return;
+    };
+    let progress = Progress {
+        op_id: op_id.to_string(),
+        intent_ms: rec.intent_ms.unwrap_or(rec.received_ms),
+        upids: rec.upids.clone(),
+        resuming,
+    };
+    if resuming {
+        tracing::info!(op_id, upids = ?rec.upids, "resuming an unfinished signed operation");
+    }
+    match exec::execute(&env, &spec, permit, &progress).await {
+        Ok(f) => {
+            lock(&inner.retry).remove(op_id);
+            let id = op_id.to_string();
+            if let Some(Err(e)) = blocking(inner, move |i| i.finalize(&id, &["running"], f)).await {
+                tracing::error!(op_id, error = %e, "could not record the operation's end; resumed later");
+                inner.retry_later(op_id);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(op_id, error = %e, "signed operation unfinished; resumed later");
+            inner.retry_later(op_id);
+        }
+    }
+}
+
+/// Pumps on every kick, gate or trust change and sweep tick; refuses held operations that
+/// expired; prunes the replay store hourly.
+async fn scheduler(inner: Arc<Inner>) {
+    let mut gate = inner.gate.clone();
+    let mut trust = inner.trust.clone();
+    let mut last_prune: Option<std::time::Instant> = None;
+    // At start: what was held is verified again against the trust of this start.
+    let _ = blocking(&inner, |i| {
+        i.reverify_held();
+        i.refresh();
+    })
+    .await;
+    inner.results.notify_one();
+    let mut tick = tokio::time::interval(SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.kick.notified() => {}
+            r = gate.changed() => {
+                if r.is_err() { return; }
+                let _ = blocking(&inner, |i| i.refresh()).await;
+            }
+            r = trust.changed() => {
+                if r.is_err() { return; }
+                tracing::info!("trust changed: verifying held operations again");
+                let _ = blocking(&inner, |i| { i.reverify_held(); i.refresh(); }).await;
+            }
+            _ = tick.tick() => {
+                let _ = blocking(&inner, sweep).await;
+                if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                    last_prune = Some(std::time::Instant::now());
+                    let _ = blocking(&inner, |i| {
+                        match i.journal.ops_prune(unix_now(), i.skew(), KEEP_RESULTS) {
+                            Ok(n) if n > 0 => tracing::info!(pruned = n, "replay store pruned"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "replay store pruning failed"),
+                        }
+                    }).await;
+                }
+            }
+        }
+        pump(&inner).await;
+    }
+}
+
+/// Held operations whose window ended are refused `expired`.
+fn sweep(inner: &Inner) {
+    let Ok(open) = inner.journal.ops_open() else {
+        return;
+    };
+    let now = unix_now();
+    let skew = inner.skew();
+    for rec in open.iter().filter(|r| r.state == "held") {
+        if now >= rec.not_after.saturating_add(skew) {
+            inner.refuse_held(
+                &rec.op_id,
+                "expired",
+                format!("valid until {}; expired while it was held", rec.not_after),
+            );
+        }
+    }
+}
