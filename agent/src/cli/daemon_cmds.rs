@@ -266,3 +266,92 @@ pub fn journal(cli: &Cli, cmd: &JournalCmd) -> Result<(), CliError> {
         }
     }
 }
+
+/// `ops list`: from the daemon, or from the journal when no daemon runs.
+pub fn ops_list(cli: &Cli, limit: u32) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let v = match ask_daemon(&config, &Request::OpsList { limit })? {
+        Some(v) => v,
+        None => {
+            let (_lock, j) = local_journal(&config, "ops list")?;
+            crate::ops::service::list_json(&j, limit.clamp(1, 10_000) as usize)
+                .map_err(|e| CliError::Problem(e.to_string()))?
+        }
+    };
+    print(cli, &v, render_ops_list);
+    Ok(())
+}
+
+fn render_ops_list(v: &Value) -> String {
+    let ops = v["ops"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if ops.is_empty() {
+        out.push_str("no signed operations\n");
+    }
+    for o in ops {
+        let target = match o["vmid"].as_u64() {
+            Some(n) => n.to_string(),
+            None => "host".into(),
+        };
+        let why = o["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .or_else(|| o["message"].as_str().map(|m| format!(" ({m})")))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{}  {:<16} {:<8} {}{}  signed by {}\n",
+            o["op_id"].as_str().unwrap_or("?"),
+            o["kind"].as_str().unwrap_or("?"),
+            target,
+            o["state"].as_str().unwrap_or("?"),
+            why,
+            o["signers"]
+                .as_array()
+                .map(|s| s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+        ));
+    }
+    out.push_str(&format!(
+        "results not yet accepted by the hub: {}\n",
+        v["pending_results"]
+    ));
+    out
+}
+
+/// `ops show OP_ID`: exit 1 when the replay store has no such operation.
+pub fn ops_show(cli: &Cli, op_id: &str) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let req = Request::OpsShow {
+        op_id: op_id.to_string(),
+    };
+    let v = match control_request(&config, &req) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            let (_lock, j) = local_journal(&config, "ops show")?;
+            match crate::ops::service::show_json(&j, op_id)
+                .map_err(|e| CliError::Problem(e.to_string()))?
+            {
+                Some(v) => v,
+                None => return Err(CliError::Problem(format!("no operation {op_id} in the replay store"))),
+            }
+        }
+        Err(ControlError::Remote { message, .. }) => {
+            return Err(CliError::Problem(format!("operation {op_id}: {message}")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print(cli, &v, pretty);
+    Ok(())
+}
+
+fn control_request(config: &Config, req: &Request) -> Result<Option<Value>, ControlError> {
+    let rt = runtime().map_err(|e| ControlError::Remote {
+        kind: crate::control::ErrorKind::Problem,
+        message: e.to_string(),
+    })?;
+    match rt.block_on(control::request(&config.control.socket, req)) {
+        Ok(v) => Ok(Some(v)),
+        Err(ControlError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -161,6 +161,14 @@ pub enum OpsCmd {
     /// current time, without running or recording it (exit 0 valid, 1 refused, 2
     /// configuration error).
     Verify { file: PathBuf },
+    /// The newest signed operations this host received, with their decisions.
+    List {
+        /// How many (newest first).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One signed operation: its record, envelope and every result sent about it.
+    Show { op_id: String },
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +240,8 @@ pub fn main() -> ExitCode {
         Command::Privileged(cmd) => privileged_cmd::run(&cli, cmd),
         Command::Sensors => sensors_cmd::run(&cli),
         Command::Ops(OpsCmd::Verify { file }) => ops_cmd::verify(&cli, file),
+        Command::Ops(OpsCmd::List { limit }) => daemon_cmds::ops_list(&cli, *limit),
+        Command::Ops(OpsCmd::Show { op_id }) => daemon_cmds::ops_show(&cli, op_id),
     };
     match result {
         Ok(()) => Exit::Ok.into(),

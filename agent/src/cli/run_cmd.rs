@@ -48,6 +48,8 @@ use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
 use crate::ops::identity;
 use crate::ops::trust::{TrustState, agent_uid, load_trust};
+use crate::ops::exec::ExecEnv;
+use crate::ops::service::{OpsDeps, OpsService};
 use crate::ops::{AgentId, IdentitySource};
 use crate::reconcile::engine::{EngineReload, provider_for};
 use crate::reconcile::status::ReconcileReport;
@@ -173,10 +175,11 @@ async fn daemon(
     let (trust_tx, trust_rx) = watch::channel(trust);
 
     let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
+    let ops_slot = Arc::new(std::sync::OnceLock::new());
     let parts = DaemonParts::start(
         lock,
         &cfg,
-        Arc::new(proxmox),
+        Arc::new(proxmox.clone()),
         gate_rx,
         DaemonOptions {
             envelope: Some(envelope_rx),
@@ -184,11 +187,23 @@ async fn daemon(
             signed_ops: Some(SignedOpsView {
                 agent_id: agent_id.clone(),
                 agent_id_source,
-                trust: trust_rx,
+                trust: trust_rx.clone(),
+                service: ops_slot.clone(),
             }),
         },
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    // Signed operations run on the engine's queue and journal, behind the same gate.
+    let ops = OpsService::start(OpsDeps {
+        journal: parts.engine.journal().clone(),
+        agent_id: agent_id.clone(),
+        node: cfg.node.clone(),
+        trust: trust_rx,
+        gate: gate_tx.subscribe(),
+        engine: parts.engine.clone(),
+        env: exec_env(&cfg, proxmox.clone(), parts.engine.journal().clone()),
+    });
+    let _ = ops_slot.set(ops.clone());
     let (reconcile_tx, reconcile_rx) = watch::channel(Some(parts.engine.status().report()));
     let publisher = tokio::spawn(publish_reconcile(
         parts.engine.clone(),
@@ -201,6 +216,7 @@ async fn daemon(
         agent_id.clone(),
         trust_tx.subscribe(),
         reconcile_rx,
+        Some(ops.clone() as Arc<dyn crate::ops::OpsFeed>),
         shutdown_rx.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -235,7 +251,7 @@ async fn daemon(
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 notify::reloading();
-                let daemon = Reloadable { hub: &hub, engine: &parts.engine, mutations: &mutations, hub_on: &hub_on_tx };
+                let daemon = Reloadable { hub: &hub, engine: &parts.engine, mutations: &mutations, hub_on: &hub_on_tx, ops: &ops };
                 match reload(config_path.as_deref(), &daemon, &running).await {
                     Ok(new) => {
                         if new.agent_id.is_some() && new.agent_id.as_ref() != Some(&agent_id) {
@@ -258,6 +274,7 @@ async fn daemon(
     // Reporting stops and the queue drains at the same time.
     tokio::join!(hub.join(), parts.shutdown(DRAIN_GRACE));
     let _ = publisher.await;
+    ops.stop();
     gate_task.abort();
     if let Some(w) = watchdog {
         w.abort();
@@ -337,12 +354,29 @@ async fn publish_reconcile(
     }
 }
 
+/// What signed operations run with: the daemon's clients and journal, the guest shutdown
+/// timeout.
+fn exec_env(
+    cfg: &Config,
+    proxmox: crate::proxmox::Client,
+    journal: Arc<crate::reconcile::journal::Journal>,
+) -> ExecEnv {
+    ExecEnv {
+        pve: proxmox,
+        privileged: crate::privileged::Client::new(&cfg.privhelper),
+        journal,
+        shutdown_timeout: Duration::from_secs(cfg.reconcile.shutdown_timeout_seconds),
+        task_timeout: Duration::from_secs(600),
+    }
+}
+
 /// What SIGHUP reaches.
 struct Reloadable<'a> {
     hub: &'a HubService,
     engine: &'a EngineHandle,
     mutations: &'a DaemonMutations,
     hub_on: &'a watch::Sender<bool>,
+    ops: &'a OpsService,
 }
 
 /// Loads the configuration again and applies what is safe to change at run time. Nothing
@@ -372,6 +406,8 @@ async fn reload(
         pve: Some(Arc::new(proxmox.clone())),
         shutdown_timeout: Some(Duration::from_secs(new.reconcile.shutdown_timeout_seconds)),
     });
+    d.ops
+        .reload(exec_env(&new, proxmox.clone(), d.engine.journal().clone()));
     d.mutations.reload(proxmox, &new);
     if new.state_dir != running.state_dir {
         tracing::warn!(running = %running.state_dir.display(), configured = %new.state_dir.display(),

@@ -144,6 +144,14 @@ pub enum Request {
     CreateKeyctl {
         spec: felhom_protocol::PctCreateSpec,
     },
+    /// `ops list`: the newest signed operations.
+    OpsList {
+        limit: u32,
+    },
+    /// `ops show OP_ID`: one operation and the results sent about it.
+    OpsShow {
+        op_id: String,
+    },
 }
 
 impl Request {
@@ -379,6 +387,8 @@ pub struct SignedOpsView {
     pub agent_id: crate::ops::AgentId,
     pub agent_id_source: crate::ops::IdentitySource,
     pub trust: watch::Receiver<crate::ops::TrustState>,
+    /// The signed-operations service, once the daemon started it.
+    pub service: Arc<std::sync::OnceLock<Arc<crate::ops::service::OpsService>>>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -428,6 +438,12 @@ impl Handler for DaemonHandler {
                         v["agent_id"] = so.agent_id.as_str().into();
                         v["agent_id_source"] = so.agent_id_source.as_str().into();
                         v["ops"] = so.trust.borrow().to_json();
+                        if let Some(svc) = so.service.get() {
+                            use crate::ops::OpsFeed;
+                            let (held, pending) = svc.snapshot();
+                            v["ops"]["held"] = serde_json::to_value(held).unwrap_or_default();
+                            v["ops"]["pending_results"] = pending.len().into();
+                        }
                     }
                     ok(v)
                 }
@@ -464,6 +480,27 @@ impl Handler for DaemonHandler {
                             "safe_mode": safe_mode,
                             "entries": entries,
                         })),
+                        Ok(Err(e)) => problem(e),
+                        Err(e) => problem(e),
+                    }
+                }
+                Request::OpsList { limit } => {
+                    let j = self.engine.journal().clone();
+                    let limit = limit.clamp(1, 10_000) as usize;
+                    match tokio::task::spawn_blocking(move || crate::ops::service::list_json(&j, limit)).await {
+                        Ok(Ok(v)) => ok(v),
+                        Ok(Err(e)) => problem(e),
+                        Err(e) => problem(e),
+                    }
+                }
+                Request::OpsShow { op_id } => {
+                    let j = self.engine.journal().clone();
+                    match tokio::task::spawn_blocking(move || crate::ops::service::show_json(&j, &op_id)).await {
+                        Ok(Ok(Some(v))) => ok(v),
+                        Ok(Ok(None)) => Reply::Error {
+                            kind: ErrorKind::Usage,
+                            message: "no such operation in the replay store".into(),
+                        },
                         Ok(Err(e)) => problem(e),
                         Err(e) => problem(e),
                     }

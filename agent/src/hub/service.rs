@@ -20,7 +20,9 @@ use super::envelope::{ControlEnvelope, EnvelopeStore, SavedEnvelope, poll_floor}
 use super::heartbeat::{Command, Heartbeat, SHUTDOWN_GRACE, Stats};
 use super::report::ReconcileReport;
 use crate::config::{Config, HubMode};
-use crate::ops::{AgentId, TrustState};
+use std::sync::Arc;
+
+use crate::ops::{AgentId, OpsFeed, TrustState};
 
 /// Request deadline when the test bed lowered the poll floor (so a hanging hub costs a
 /// test seconds, not half a minute).
@@ -66,6 +68,8 @@ pub struct HubService {
     agent_id: AgentId,
     /// The daemon's trust (SIGHUP reloads it), for the report's `ops`.
     trust: watch::Receiver<TrustState>,
+    /// Held operations and pending results, for the report's `ops`.
+    ops: Option<Arc<dyn OpsFeed>>,
     task: JoinHandle<()>,
 }
 
@@ -77,6 +81,7 @@ impl HubService {
         agent_id: AgentId,
         trust: watch::Receiver<TrustState>,
         reconcile: watch::Receiver<Option<ReconcileReport>>,
+        ops: Option<Arc<dyn OpsFeed>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<HubService, HubServiceError> {
         let reporter = reporter_for(cfg)?;
@@ -90,9 +95,12 @@ impl HubService {
                 "hub.test_min_poll_interval_seconds is set: the poll-interval floor is lowered for the test bed; not for production"
             );
         }
-        let collector = HostCollector::for_daemon(cfg, agent_id.clone())
+        let mut collector = HostCollector::for_daemon(cfg, agent_id.clone())
             .with_reconcile(reconcile.clone())
             .with_trust(trust.clone());
+        if let Some(feed) = &ops {
+            collector = collector.with_ops_feed(feed.clone());
+        }
         let heartbeat = Heartbeat::new(
             collector,
             reporter,
@@ -110,6 +118,7 @@ impl HubService {
             reconcile,
             agent_id,
             trust,
+            ops,
             task,
         })
     }
@@ -127,9 +136,12 @@ impl HubService {
     /// Applies a reloaded configuration between cycles. On error the running one stays.
     pub async fn reload(&self, cfg: &Config) -> Result<(), HubServiceError> {
         let reporter = reporter_for(cfg)?;
-        let collector = HostCollector::for_daemon(cfg, self.agent_id.clone())
+        let mut collector = HostCollector::for_daemon(cfg, self.agent_id.clone())
             .with_reconcile(self.reconcile.clone())
             .with_trust(self.trust.clone());
+        if let Some(feed) = &self.ops {
+            collector = collector.with_ops_feed(feed.clone());
+        }
         self.commands
             .send(Command::Reload {
                 collector,

@@ -326,6 +326,41 @@ impl OpsService {
     }
 }
 
+/// One record for `ops list` / `ops show`: everything but the envelope text, plus the
+/// operation's decision as the hub sees it.
+fn record_json(rec: &OpRecord) -> Value {
+    let mut v = serde_json::to_value(rec).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("envelope");
+        o.insert(
+            "received_at".into(),
+            serde_json::to_value(ts_ms(Some(rec.received_ms))).unwrap_or_default(),
+        );
+    }
+    v
+}
+
+/// `ops list`: the newest `limit` operations, newest first, and the replay floor.
+pub fn list_json(journal: &Journal, limit: usize) -> Result<Value, OpsError> {
+    let ops: Vec<Value> = journal.ops_recent(limit)?.iter().map(record_json).collect();
+    Ok(serde_json::json!({
+        "ops": ops,
+        "replay_floor": journal.replay_floor()?,
+        "pending_results": journal.results_pending(REPORT_RESULTS)?.len(),
+    }))
+}
+
+/// `ops show OP_ID`: the record (with its envelope) and its results, oldest first.
+pub fn show_json(journal: &Journal, op_id: &str) -> Result<Option<Value>, OpsError> {
+    Ok(show(journal, op_id)?.map(|(rec, results)| {
+        let mut v = record_json(&rec);
+        v["envelope"] = serde_json::from_str::<Value>(&rec.envelope)
+            .unwrap_or_else(|_| Value::String(rec.envelope.clone()));
+        v["results"] = Value::Array(results);
+        v
+    }))
+}
+
 /// One operation and its results from a journal (the daemon's or a local one).
 pub fn show(journal: &Journal, op_id: &str) -> Result<Option<(OpRecord, Vec<Value>)>, OpsError> {
     let Some(rec) = journal.op_get(op_id)? else {
