@@ -41,6 +41,8 @@ use sha2::{Digest, Sha256};
 
 use super::plan::Action;
 
+pub mod desired;
+
 /// File name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "journal.db";
 
@@ -358,6 +360,7 @@ impl Journal {
              CREATE INDEX IF NOT EXISTS entries_open ON entries(id) WHERE outcome IS NULL;",
         )
         .map_err(|e| self.sql_err(e))?;
+        desired::create_tables(&c.db).map_err(|e| self.sql_err(e))?;
         let version: Option<String> =
             c.db.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0))
                 .optional()
