@@ -393,3 +393,124 @@ fn a_kept_document_for_another_agent_stops_at_reverify() {
     assert_eq!(d.reason, Some("wrong_agent"));
     assert_eq!(b.hub.applied_generation(), None);
 }
+
+mod engine {
+    //! The engine follows the hub's document through `source_for` / `spawn_with_source`,
+    //! on the in-memory node.
+
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::config::{Config, DesiredSource, ProxmoxConfig, Secret, TlsVerify};
+    use crate::reconcile::engine::{Engine, EngineDeps, EngineSettings, Gate, source_for};
+    use crate::reconcile::fakenode::{FakeGuest, FakeNode};
+    use crate::reconcile::normalize::GuestKind;
+
+    fn config(state_dir: &std::path::Path, source: DesiredSource) -> Config {
+        let mut c = Config::for_tests(
+            NODE,
+            state_dir.to_path_buf(),
+            ProxmoxConfig {
+                url: "https://127.0.0.1:8006".into(),
+                token_id: "felhom@pve!agent".into(),
+                token_secret: Secret::new("unused"),
+                tls: TlsVerify::Insecure,
+            },
+        );
+        c.reconcile.desired_source = source;
+        c
+    }
+
+    async fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        // Generous: the engine polls its provider every 5 ms here.
+        for _ in 0..6000 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        f()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconcile_follows_the_signed_document_and_stops_when_it_no_longer_verifies() {
+        let alice = key(1);
+        let t = trust(&[("alice", &alice)]);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), DesiredSource::Hub);
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let source = source_for(&cfg, &journal);
+        let hub = source.hub.clone().expect("the hub source");
+        let node = Arc::new(FakeNode::new(
+            vec![(101, FakeGuest::new(GuestKind::Lxc, "stopped"))],
+            Duration::from_millis(1),
+        ));
+        let (_gate, gate_rx) = watch::channel(Gate::Open);
+        let h = Engine::spawn_with_source(
+            EngineDeps {
+                pve: node.clone(),
+                journal: journal.clone(),
+                provider: source.provider.clone(),
+                gate: gate_rx,
+                settings: EngineSettings {
+                    poll_interval: Duration::from_millis(5),
+                    resync_interval: Duration::from_millis(50),
+                    ..EngineSettings::default()
+                },
+            },
+            source.hub,
+        );
+        assert!(h.hub_desired().is_some_and(|x| Arc::ptr_eq(&x, &hub)));
+        assert_eq!(h.desired_source(), "hub");
+
+        let d = hub.offer(
+            &envelope(&payload(3, guests("running")), &alice),
+            Some(&t),
+            &ctx(),
+        );
+        assert_eq!(d.state, DecisionState::Applied);
+        h.kick();
+        assert!(
+            wait_until(|| node.guest_state(101).status == "running"
+                && h.status().applied_generation == Some(3))
+            .await,
+            "{:?}",
+            h.status()
+        );
+        assert_eq!(h.status().desired_error, None);
+
+        // alice's key removed: the engine has no usable desired state and says why; a
+        // guest stopped by hand is left alone.
+        let bob = key(2);
+        assert!(
+            hub.reverify(Some(&trust(&[("bob", &bob)])), &ctx())
+                .is_some()
+        );
+        assert!(
+            wait_until(|| h.status().desired_error.is_some()).await,
+            "{:?}",
+            h.status()
+        );
+        let e = h.status().desired_error.unwrap();
+        assert!(e.contains("no longer verifies: bad_signature"), "{e}");
+        node.with_guest(101, |g| g.status = "stopped".into());
+        let calls = node.calls().len();
+        let target = h.status().cycles + 5;
+        assert!(wait_until(|| h.status().cycles >= target).await);
+        assert_eq!(
+            node.calls().len(),
+            calls,
+            "nothing is sent without a verified document"
+        );
+        assert_eq!(node.guest_state(101).status, "stopped");
+
+        // Another source by reload: the hub's provider is no longer reachable.
+        let file_cfg = config(dir.path(), DesiredSource::File);
+        h.set_source(source_for(&file_cfg, &journal));
+        assert!(h.hub_desired().is_none());
+        assert_eq!(h.desired_source(), "empty");
+        h.shutdown(Duration::from_secs(1)).await;
+    }
+}
