@@ -164,6 +164,9 @@ impl Inner {
 #[derive(Debug)]
 pub struct HubDesired {
     journal: Arc<Journal>,
+    /// Held through a whole offer or re-verification (journal I/O included), so they
+    /// happen one at a time; `inner` is locked only briefly, so `poll` never waits on disk.
+    serial: Mutex<()>,
     inner: Mutex<Inner>,
 }
 
@@ -199,6 +202,7 @@ impl HubDesired {
         };
         HubDesired {
             journal,
+            serial: Mutex::new(()),
             inner: Mutex::new(Inner {
                 serving,
                 version: 1,
@@ -245,17 +249,17 @@ impl HubDesired {
             signers: signers.clone(),
             ..d.about(Some(generation), Some(sha.clone()))
         };
-        let mut inner = self.lock();
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let stored = match self.journal.desired_record(DesiredSourceKind::Hub) {
             Ok(r) => r,
             Err(e) => return decided(DesiredDecision::failed(format!("journal: {e}"))),
         };
         if let Some(rec) = &stored {
-            inner.kept = Some(rec.generation);
+            self.lock().kept = Some(rec.generation);
             if let Some(refusal) = rollback(rec, generation, &sha) {
                 return decided(DesiredDecision::refused(ROLLBACK, refusal));
             }
-            if rec.sha256 == sha && inner.in_force().is_some_and(|(_, s)| s == sha) {
+            if rec.sha256 == sha && self.lock().in_force().is_some_and(|(_, s)| s == sha) {
                 return decided(DesiredDecision {
                     unchanged: true,
                     ..DesiredDecision::applied(format!(
@@ -281,17 +285,20 @@ impl HubDesired {
         {
             Ok(Adoption::Adopted(_)) => {}
             Ok(Adoption::Refused(rec)) => {
-                inner.kept = Some(rec.generation);
+                self.lock().kept = Some(rec.generation);
                 let why = rollback(&rec, generation, &sha).unwrap_or_default();
                 return decided(DesiredDecision::refused(ROLLBACK, why));
             }
             Err(e) => return decided(DesiredDecision::failed(format!("journal: {e}"))),
         }
-        inner.kept = Some(generation);
-        inner.serve(Serving::State {
-            state: Arc::new(state),
-            sha: Some(sha.clone()),
-        });
+        {
+            let mut inner = self.lock();
+            inner.kept = Some(generation);
+            inner.serve(Serving::State {
+                state: Arc::new(state),
+                sha: Some(sha.clone()),
+            });
+        }
         tracing::info!(generation, signers = ?signers, "signed desired state adopted");
         decided(DesiredDecision::applied(format!(
             "generation {generation} adopted"
@@ -303,13 +310,13 @@ impl HubDesired {
     /// returned; if not, the engine stops getting it (its status shows why) and the refused
     /// (or failed) decision is returned for reporting.
     pub fn reverify(&self, trust: Option<&Trust>, ctx: &Context) -> Option<DesiredDecision> {
-        let mut inner = self.lock();
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let rec = match self.journal.desired_record(DesiredSourceKind::Hub) {
             Ok(Some(rec)) => rec,
             Ok(None) => {
-                inner.kept = None;
-                if !matches!(inner.serving, Serving::State { .. }) {
-                    inner.serve(Serving::State {
+                self.lock().kept = None;
+                if !matches!(self.lock().serving, Serving::State { .. }) {
+                    self.lock().serve(Serving::State {
                         state: Arc::new(DesiredState::default()),
                         sha: None,
                     });
@@ -318,16 +325,17 @@ impl HubDesired {
             }
             Err(e) => {
                 let d = DesiredDecision::failed(format!("journal: {e}"));
-                inner.serve(Serving::Error(Arc::new(DesiredError::Journal(e))));
+                self.lock()
+                    .serve(Serving::Error(Arc::new(DesiredError::Journal(e))));
                 return Some(d);
             }
         };
-        inner.kept = Some(rec.generation);
+        self.lock().kept = Some(rec.generation);
         let (generation, sha) = (rec.generation, rec.sha256.clone());
         let about = |d: DesiredDecision| d.about(Some(generation), Some(sha.clone()));
         let envelope = rec.envelope.unwrap_or_default();
         let Some(trust) = trust else {
-            inner.stop(format!(
+            self.lock().stop(format!(
                 "generation {generation} is not in force: {OPS_DISABLED}: {OPS_OFF}"
             ));
             return Some(about(DesiredDecision::refused(OPS_DISABLED, OPS_OFF)));
@@ -336,7 +344,7 @@ impl HubDesired {
             Ok(p) => p,
             Err(r) => {
                 let code = r.reason.as_str();
-                inner.stop(format!(
+                self.lock().stop(format!(
                     "generation {generation} no longer verifies: {code}: {}",
                     r.message
                 ));
@@ -347,22 +355,23 @@ impl HubDesired {
         };
         if payload.generation != generation || hex::encode(payload.payload_sha256) != sha {
             let why = "the kept envelope does not match its journal record";
-            inner.stop(why.to_string());
+            self.lock().stop(why.to_string());
             return Some(about(DesiredDecision::failed(why)));
         }
-        if inner.in_force().is_some_and(|(_, s)| s == sha) {
+        if self.lock().in_force().is_some_and(|(_, s)| s == sha) {
             return None;
         }
         match parse_state(generation, payload.guests) {
             Ok(state) => {
-                inner.serve(Serving::State {
+                self.lock().serve(Serving::State {
                     state: Arc::new(state),
                     sha: Some(sha),
                 });
                 None
             }
             Err(e) => {
-                inner.stop(format!("generation {generation}: {BAD_PAYLOAD}: {e}"));
+                self.lock()
+                    .stop(format!("generation {generation}: {BAD_PAYLOAD}: {e}"));
                 Some(about(DesiredDecision {
                     signers: payload.signers,
                     ..DesiredDecision::refused(BAD_PAYLOAD, e)
