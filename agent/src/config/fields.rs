@@ -132,6 +132,11 @@ pub(crate) const FIELDS: &[Field] = &[
         Kind::Path,
     ),
     field(
+        "reconcile.desired_source",
+        "FELHOM_AGENT_RECONCILE_DESIRED_SOURCE",
+        Kind::Str,
+    ),
+    field(
         "reconcile.shutdown_timeout_seconds",
         "FELHOM_AGENT_RECONCILE_SHUTDOWN_TIMEOUT_SECONDS",
         Kind::U64,

@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
-    AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, HostConfig, HubConfig,
-    HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret, SensorsConfig,
-    SmartConfig, TlsVerify,
+    AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, DesiredSource, HostConfig,
+    HubConfig, HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret,
+    SensorsConfig, SmartConfig, TlsVerify,
 };
 
 /// Biggest config file we read; a daemon's config is a few hundred bytes.
@@ -746,6 +746,39 @@ fn build_hub(layer: &Layer, env: &EnvMap) -> Result<(HubConfig, Option<Source>),
     ))
 }
 
+/// `reconcile.desired_source`: `file` (default) or `hub`. The hub source needs the hub
+/// enabled and excludes `reconcile.desired_file`: two sources at once would leave it open
+/// which one reconcile follows.
+fn build_desired_source(
+    layer: &Layer,
+    hub: &HubConfig,
+    has_file: bool,
+) -> Result<DesiredSource, ConfigError> {
+    const FIELD: &str = "reconcile.desired_source";
+    match layer.str(FIELD) {
+        None | Some("file") => Ok(DesiredSource::File),
+        Some("hub") => {
+            if matches!(hub.mode, HubMode::Disabled) {
+                return Err(layer.invalid(
+                    FIELD,
+                    "\"hub\" needs the hub enabled (set hub.url, or hub.mode to \"enabled\")",
+                ));
+            }
+            if has_file {
+                return Err(ConfigError::Conflict {
+                    first: FIELD.to_string(),
+                    second: "reconcile.desired_file".to_string(),
+                    hint: "the desired state comes from the hub; remove reconcile.desired_file (or set reconcile.desired_source to \"file\")".to_string(),
+                });
+            }
+            Ok(DesiredSource::Hub)
+        }
+        Some(other) => {
+            Err(layer.invalid(FIELD, format!("{other:?} is not one of \"file\", \"hub\"")))
+        }
+    }
+}
+
 /// The host-local sections: what `privileged …` and `sensors` need.
 fn build_host(layer: &Layer) -> Result<HostConfig, ConfigError> {
     let state_dir = layer.path_or("state_dir", PathBuf::from(super::DEFAULT_STATE_DIR))?;
@@ -862,8 +895,11 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
     let authz = AuthzConfig {
         signers_file: layer.path_or("authz.signers_file", AuthzConfig::default().signers_file)?,
     };
+    let desired_file = layer.path("reconcile.desired_file")?;
+    let desired_source = build_desired_source(layer, &hub, desired_file.is_some())?;
     let reconcile = ReconcileConfig {
-        desired_file: layer.path("reconcile.desired_file")?,
+        desired_source,
+        desired_file,
         shutdown_timeout_seconds: layer.positive_or(
             "reconcile.shutdown_timeout_seconds",
             ReconcileConfig::default().shutdown_timeout_seconds,
@@ -1046,6 +1082,7 @@ fn effective(c: &Config, path: &str) -> Option<String> {
         "smart.devices" => c.smart.devices.as_ref().map(|d| d.join(",")),
         "cloudflared.metrics_url" => Some(c.cloudflared.metrics_url.clone()),
         "cloudflared.timeout_seconds" => Some(c.cloudflared.timeout.as_secs().to_string()),
+        "reconcile.desired_source" => Some(c.reconcile.desired_source.as_str().to_string()),
         "reconcile.desired_file" => c.reconcile.desired_file.as_deref().and_then(p),
         "reconcile.shutdown_timeout_seconds" => {
             Some(c.reconcile.shutdown_timeout_seconds.to_string())

@@ -33,6 +33,7 @@
 //! | `sensors.hwmon_root` | `/sys/class/hwmon` |
 //! | `smart.interval_seconds`, `smart.devices` (env: comma list) | 1800, discover |
 //! | `cloudflared.metrics_url`, `.timeout_seconds` | `http://127.0.0.1:20241`, 2 |
+//! | `reconcile.desired_source` | `file`: `reconcile.desired_file`, or no desired state when unset; `hub`: the hub's signed document (needs the hub enabled and no `desired_file`) |
 //! | `reconcile.desired_file`, `.shutdown_timeout_seconds` | none, 120 |
 //! | `control.socket` | `/run/felhom/agent.sock` |
 //! | `authz.signers_file` | `/etc/felhom/signers.json` (absent: signed operations off) |
@@ -272,9 +273,31 @@ pub struct CloudflaredConfig {
 
 #[derive(Debug, Clone)]
 pub struct ReconcileConfig {
-    /// File provider of the desired state; `None` = empty provider (no actions).
+    /// Where the desired state comes from.
+    pub desired_source: DesiredSource,
+    /// File provider of the desired state (source `file` only); `None` = empty provider
+    /// (no actions).
     pub desired_file: Option<PathBuf>,
     pub shutdown_timeout_seconds: u64,
+}
+
+/// `reconcile.desired_source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DesiredSource {
+    /// `reconcile.desired_file` on this host (or nothing when it is unset).
+    #[default]
+    File,
+    /// The signed desired-state document the hub serves (`GET /api/agent/v1/desired`).
+    Hub,
+}
+
+impl DesiredSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredSource::File => "file",
+            DesiredSource::Hub => "hub",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +359,7 @@ impl Default for CloudflaredConfig {
 impl Default for ReconcileConfig {
     fn default() -> Self {
         ReconcileConfig {
+            desired_source: DesiredSource::File,
             desired_file: None,
             shutdown_timeout_seconds: 120,
         }

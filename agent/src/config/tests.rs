@@ -588,3 +588,70 @@ fn agent_id_and_signers_file() {
     let e = load(&with(r#""authz": {"signers_file": "signers.json"}, "#), &[]).unwrap_err();
     assert!(e.to_string().contains("authz.signers_file"), "{e}");
 }
+
+#[test]
+fn desired_source_defaults_to_file_and_hub_needs_the_hub_and_no_file() {
+    // Default: the file source, with or without a file.
+    let l = load(&hub_json(""), &[]).unwrap();
+    assert_eq!(l.config.reconcile.desired_source, DesiredSource::File);
+    assert_eq!(
+        l.provenance
+            .get("reconcile.desired_source")
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("file")
+    );
+    // The hub source with the hub enabled.
+    let l = load(
+        &hub_json(""),
+        &[("FELHOM_AGENT_RECONCILE_DESIRED_SOURCE", "hub")],
+    )
+    .unwrap();
+    assert_eq!(l.config.reconcile.desired_source, DesiredSource::Hub);
+    assert_eq!(l.config.reconcile.desired_file, None);
+
+    // The hub source with a desired file: a conflict that says which to remove.
+    let e = load(
+        &hub_json(""),
+        &[
+            ("FELHOM_AGENT_RECONCILE_DESIRED_SOURCE", "hub"),
+            (
+                "FELHOM_AGENT_RECONCILE_DESIRED_FILE",
+                "/etc/felhom/desired.json",
+            ),
+        ],
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Conflict { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("reconcile.desired_source") && msg.contains("remove reconcile.desired_file"),
+        "{msg}"
+    );
+
+    // The hub source without the hub.
+    let body = base_json(r#""insecure": true"#).replacen(
+        r#""node": "pve1","#,
+        r#""node": "pve1", "reconcile": {"desired_source": "hub"},"#,
+        1,
+    );
+    let e = load(&body, &[]).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Invalid { field, .. } if field == "reconcile.desired_source"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("needs the hub enabled"), "{e}");
+
+    // Anything else names the field and the choices.
+    let e = load(
+        &hub_json(""),
+        &[("FELHOM_AGENT_RECONCILE_DESIRED_SOURCE", "both")],
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("reconcile.desired_source") && msg.contains("\"file\", \"hub\""),
+        "{msg}"
+    );
+}

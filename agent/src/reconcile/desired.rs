@@ -3,7 +3,15 @@
 //! Owns: [`DesiredState`] (validated and normalized at the boundary: vmids checked, keys
 //! known, values normalized, vmids unique, size capped), the [`DesiredProvider`] trait, the
 //! live default [`EmptyProvider`] (no guests, so no actions) and [`FileProvider`]
-//! (`reconcile.desired_file`, re-read when its metadata or content changes).
+//! (`reconcile.desired_file`, re-read when its metadata or content changes). The hub's
+//! signed document is served by [`crate::ops::desired::HubDesired`], through the same trait
+//! and the same parser.
+//!
+//! Anti-rollback (file source): with the journal, the file provider records the generation
+//! it adopted (source `file` in the journal database, with the SHA-256 of the normalized
+//! state). A file whose generation is below it, or equal to it with other content, is an
+//! error (`rollback: …`) and the engine mutates nothing until the file is fixed. Only
+//! generations of the same source are compared.
 //!
 //! File format (config keys named as Proxmox names them; `power` and `config` optional):
 //! `{"generation": 3, "guests": [{"vmid": 101, "power": "stopped", "config": {"memory": 2048,
@@ -22,6 +30,8 @@ use felhom_protocol::Vmid;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::journal::desired::{Adoption, DesiredSourceKind};
+use super::journal::{Journal, JournalError};
 use super::normalize::{Field, Norm, NormalizeError};
 
 /// Largest desired-state file read (a hard cap against a runaway or hostile file).
@@ -47,6 +57,17 @@ pub enum DesiredError {
     },
     #[error("desired state: guest {0} appears more than once")]
     Duplicate(Vmid),
+    #[error("rollback: generation {generation} is below the applied {applied}")]
+    Rollback { generation: u64, applied: u64 },
+    #[error(
+        "rollback: generation {generation} is the applied one with different content (raise the generation to change it)"
+    )]
+    SameGenerationChanged { generation: u64 },
+    #[error("desired state: recording the adopted generation: {0}")]
+    Journal(#[source] JournalError),
+    /// The hub's document is not in force (refused when verified again, say).
+    #[error("desired state from the hub: {0}")]
+    Hub(String),
 }
 
 /// Desired power state.
@@ -92,6 +113,14 @@ struct RawGuest {
 }
 
 impl DesiredState {
+    /// Hex SHA-256 of the normalized state (generation included): equal for two files
+    /// that differ only in layout, key order or guest order.
+    pub fn sha256_hex(&self) -> String {
+        use sha2::{Digest, Sha256};
+        // serde_json of these types is deterministic (structs, sorted Vec, BTreeMap).
+        hex::encode(Sha256::digest(serde_json::to_vec(self).unwrap_or_default()))
+    }
+
     /// Parses and validates the file format.
     pub fn from_json(bytes: &[u8]) -> Result<DesiredState, DesiredError> {
         let raw: RawState = serde_json::from_slice(bytes)?;
@@ -179,13 +208,63 @@ const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
 pub struct FileProvider {
     path: PathBuf,
     last: Mutex<Option<Seen>>,
+    /// Where the adopted generation is kept (anti-rollback); `None`: not checked (planning
+    /// from the command line, tests).
+    journal: Option<Arc<Journal>>,
 }
 
 impl FileProvider {
+    /// A provider without anti-rollback (nothing recorded): for read-only planning.
     pub fn new(path: impl Into<PathBuf>) -> FileProvider {
         FileProvider {
             path: path.into(),
             last: Mutex::new(None),
+            journal: None,
+        }
+    }
+
+    /// The daemon's provider: each new state is checked against, and recorded as, the
+    /// generation the file source adopted (see the module docs).
+    pub fn with_journal(path: impl Into<PathBuf>, journal: Arc<Journal>) -> FileProvider {
+        FileProvider {
+            journal: Some(journal),
+            ..FileProvider::new(path)
+        }
+    }
+
+    /// Refuses a rollback against the journal's record and records a new generation.
+    fn adopt(&self, state: DesiredState) -> Result<DesiredState, DesiredError> {
+        let Some(journal) = &self.journal else {
+            return Ok(state);
+        };
+        let sha = state.sha256_hex();
+        let refused = |applied: u64| {
+            if state.generation < applied {
+                DesiredError::Rollback {
+                    generation: state.generation,
+                    applied,
+                }
+            } else {
+                DesiredError::SameGenerationChanged {
+                    generation: state.generation,
+                }
+            }
+        };
+        // Read first: the same document again (every start) writes nothing.
+        match journal
+            .desired_record(DesiredSourceKind::File)
+            .map_err(DesiredError::Journal)?
+        {
+            Some(r) if r.generation == state.generation && r.sha256 == sha => return Ok(state),
+            Some(r) if r.generation >= state.generation => return Err(refused(r.generation)),
+            _ => {}
+        }
+        match journal
+            .adopt_desired(DesiredSourceKind::File, state.generation, &sha, None)
+            .map_err(DesiredError::Journal)?
+        {
+            Adoption::Adopted(_) => Ok(state),
+            Adoption::Refused(r) => Err(refused(r.generation)),
         }
     }
 
@@ -257,6 +336,7 @@ impl DesiredProvider for FileProvider {
         }
         Some(
             read.and_then(|bytes| DesiredState::from_json(&bytes))
+                .and_then(|state| self.adopt(state))
                 .map(Arc::new)
                 .map_err(Arc::new),
         )
@@ -349,6 +429,69 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(p.poll().unwrap().is_err());
         assert!(p.poll().is_none(), "the same error is reported once");
+    }
+
+    #[test]
+    fn file_provider_refuses_a_rollback_against_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let path = dir.path().join("desired.json");
+        let g5 = br#"{"generation": 5, "guests": [{"vmid": 101, "power": "running"}]}"#;
+        std::fs::write(&path, g5).unwrap();
+        let p = FileProvider::with_journal(&path, journal.clone());
+        assert_eq!(p.poll().unwrap().unwrap().generation, 5);
+        let rec = journal
+            .desired_record(DesiredSourceKind::File)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.generation, 5);
+
+        // A lower generation: refused, naming both numbers; the record stays.
+        std::fs::write(&path, br#"{"generation": 4, "guests": []}"#).unwrap();
+        let e = p.poll().unwrap().unwrap_err().to_string();
+        assert_eq!(e, "rollback: generation 4 is below the applied 5");
+        // The same generation with other content: refused too.
+        std::fs::write(
+            &path,
+            br#"{"generation": 5, "guests": [{"vmid": 101, "power": "stopped"}]}"#,
+        )
+        .unwrap();
+        let e = p.poll().unwrap().unwrap_err().to_string();
+        assert!(
+            e.starts_with("rollback: generation 5 is the applied one"),
+            "{e}"
+        );
+        assert_eq!(
+            journal
+                .desired_record(DesiredSourceKind::File)
+                .unwrap()
+                .unwrap(),
+            rec,
+            "a refused file changes nothing"
+        );
+        // The same document in another layout is the same document.
+        std::fs::write(
+            &path,
+            br#"{"guests": [{"power": "running", "vmid": 101}],
+                 "generation": 5}"#,
+        )
+        .unwrap();
+        assert_eq!(p.poll().unwrap().unwrap().generation, 5);
+        // A new provider on the same journal (a restart) keeps refusing the rollback.
+        std::fs::write(&path, br#"{"generation": 1, "guests": []}"#).unwrap();
+        let restarted = FileProvider::with_journal(&path, journal.clone());
+        let e = restarted.poll().unwrap().unwrap_err().to_string();
+        assert_eq!(e, "rollback: generation 1 is below the applied 5");
+        // A higher generation is adopted and recorded.
+        std::fs::write(&path, br#"{"generation": 6, "guests": []}"#).unwrap();
+        assert_eq!(restarted.poll().unwrap().unwrap().generation, 6);
+        let rec = journal.desired_record(DesiredSourceKind::File).unwrap();
+        assert_eq!(rec.map(|r| r.generation), Some(6));
+        // Another source's numbers are never compared: the hub's record is separate.
+        assert_eq!(
+            journal.desired_record(DesiredSourceKind::Hub).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -27,8 +27,12 @@
 //!   queued (queue full) or that was left open by a lost wait is picked up by the next
 //!   cycle, with the same backoff as a failing action.
 //! - Settings that are safe to change at run time (desired-state source, shutdown timeout,
-//!   the Proxmox client) are swapped by [`EngineHandle::reload`]; each queued operation
-//!   keeps the ones it started with.
+//!   the Proxmox client) are swapped by [`EngineHandle::reload`] (the source also by
+//!   [`EngineHandle::set_source`]); each queued operation keeps the ones it started with.
+//! - The desired state comes from `reconcile.desired_source` ([`source_for`]): the file
+//!   (anti-rollback through the journal) or the hub's signed document
+//!   ([`crate::ops::desired::HubDesired`]). Config changes made toward a signed desired
+//!   state are not gated by the reversibility gate; that gate is for operations.
 //!
 //! Must never: send a mutation while blocked or in safe mode (also right after a restart:
 //! the gate starts closed), or retry a failing action faster than its backoff.
@@ -49,7 +53,8 @@ use super::journal::{Entry, Journal, JournalError, Outcome, now_ms};
 use super::plan::{Action, ActualGuest, Plan, Problem, Skipped, plan};
 use super::pve::Pve;
 use super::queue::{LaneView, Queue, QueueConfig, QueueStats};
-use crate::config::Config;
+use crate::config::{Config, DesiredSource};
+use crate::ops::desired::HubDesired;
 use crate::proxmox::ProxmoxError;
 
 /// Whether the engine may mutate.
@@ -208,6 +213,8 @@ struct Shared {
     journal: Arc<Journal>,
     pve: Mutex<Arc<dyn Pve>>,
     provider: Mutex<Arc<dyn DesiredProvider>>,
+    /// The hub's provider when the source is the hub (the same object as `provider`).
+    hub: Mutex<Option<Arc<HubDesired>>>,
     settings: Mutex<EngineSettings>,
     desired: Mutex<Option<Arc<DesiredState>>>,
     observed: Mutex<Observed>,
@@ -300,7 +307,9 @@ pub struct Engine;
 
 impl Engine {
     /// Builds the engine from the configuration: journal in `state_dir`, provider from
-    /// `reconcile.desired_file` (empty provider when unset). The caller holds the
+    /// `reconcile.desired_source` ([`source_for`], on the same journal). With the hub
+    /// source, [`EngineHandle::hub_desired`] reaches the provider; its kept document is
+    /// handed to reconcile only after [`HubDesired::reverify`]. The caller holds the
     /// `state_dir` lock ([`crate::control::StateLock`]).
     pub fn spawn_from_config(
         config: &Config,
@@ -308,24 +317,34 @@ impl Engine {
         gate: watch::Receiver<Gate>,
     ) -> Result<EngineHandle, EngineError> {
         let journal = Arc::new(Journal::open(&config.state_dir)?);
-        let provider = provider_for(config);
-        Ok(Engine::spawn(EngineDeps {
-            pve,
-            journal,
-            provider,
-            gate,
-            settings: EngineSettings::from_config(config),
-        }))
+        let source = source_for(config, &journal);
+        Ok(Engine::spawn_with_source(
+            EngineDeps {
+                pve,
+                journal,
+                provider: source.provider.clone(),
+                gate,
+                settings: EngineSettings::from_config(config),
+            },
+            source.hub,
+        ))
     }
 
     /// Starts the engine loop and its queue on the current Tokio runtime.
     pub fn spawn(deps: EngineDeps) -> EngineHandle {
+        Engine::spawn_with_source(deps, None)
+    }
+
+    /// [`Engine::spawn`] with the hub's provider (`deps.provider` must be the same object)
+    /// reachable through [`EngineHandle::hub_desired`].
+    pub fn spawn_with_source(deps: EngineDeps, hub: Option<Arc<HubDesired>>) -> EngineHandle {
         let (changes, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             queue: Queue::start(deps.settings.queue),
             journal: deps.journal,
             pve: Mutex::new(deps.pve),
             provider: Mutex::new(deps.provider),
+            hub: Mutex::new(hub),
             settings: Mutex::new(deps.settings),
             desired: Mutex::new(None),
             observed: Mutex::new(Observed::default()),
@@ -346,12 +365,53 @@ impl Engine {
     }
 }
 
-/// The desired-state provider the configuration names (`reconcile.desired_file`, else
-/// the empty provider).
+/// The desired-state provider the configuration names, WITHOUT the journal: the file
+/// source without its anti-rollback record, and for the hub source the empty provider
+/// (the hub's provider lives on the journal). The daemon uses [`source_for`].
 pub fn provider_for(config: &Config) -> Arc<dyn DesiredProvider> {
-    match &config.reconcile.desired_file {
-        Some(path) => Arc::new(FileProvider::new(path)),
-        None => Arc::new(EmptyProvider::default()),
+    match (
+        config.reconcile.desired_source,
+        &config.reconcile.desired_file,
+    ) {
+        (DesiredSource::File, Some(path)) => Arc::new(FileProvider::new(path)),
+        _ => Arc::new(EmptyProvider::default()),
+    }
+}
+
+/// The desired-state source the configuration names, built on the daemon's journal.
+#[derive(Debug, Clone)]
+pub struct ConfiguredSource {
+    /// What the engine polls.
+    pub provider: Arc<dyn DesiredProvider>,
+    /// `reconcile.desired_source: "hub"`: the same object as `provider`, for offering it
+    /// the hub's documents and verifying it again on reload.
+    pub hub: Option<Arc<HubDesired>>,
+}
+
+/// `reconcile.desired_source`: `file` with `reconcile.desired_file` (its adopted
+/// generation kept in `journal`, so a rollback is refused), `file` without a file (the
+/// empty provider), or `hub` ([`HubDesired::open`] on `journal`: nothing kept is handed
+/// out before [`HubDesired::reverify`]).
+pub fn source_for(config: &Config, journal: &Arc<Journal>) -> ConfiguredSource {
+    match (
+        config.reconcile.desired_source,
+        &config.reconcile.desired_file,
+    ) {
+        (DesiredSource::Hub, _) => {
+            let hub = Arc::new(HubDesired::open(journal.clone()));
+            ConfiguredSource {
+                provider: hub.clone(),
+                hub: Some(hub),
+            }
+        }
+        (DesiredSource::File, Some(path)) => ConfiguredSource {
+            provider: Arc::new(FileProvider::with_journal(path, journal.clone())),
+            hub: None,
+        },
+        (DesiredSource::File, None) => ConfiguredSource {
+            provider: Arc::new(EmptyProvider::default()),
+            hub: None,
+        },
     }
 }
 
@@ -385,7 +445,27 @@ impl EngineHandle {
         s.kick.notify_one();
     }
 
-    /// The description of the desired-state source in use (`empty`, `file /path`).
+    /// Replaces the desired-state source (SIGHUP with another `reconcile.desired_source`
+    /// or `desired_file`; build it with [`source_for`] on [`EngineHandle::journal`]). The
+    /// new provider is read at once.
+    pub fn set_source(&self, source: ConfiguredSource) {
+        *lock(&self.shared.hub) = source.hub;
+        self.reload(EngineReload {
+            provider: Some(source.provider),
+            ..EngineReload::default()
+        });
+    }
+
+    /// The hub's desired-state provider while it is the source in use (after a reload to
+    /// another provider: `None`).
+    pub fn hub_desired(&self) -> Option<Arc<HubDesired>> {
+        let provider = self.shared.provider();
+        lock(&self.shared.hub)
+            .clone()
+            .filter(|h| std::ptr::addr_eq(Arc::as_ptr(h), Arc::as_ptr(&provider)))
+    }
+
+    /// The description of the desired-state source in use (`empty`, `file /path`, `hub`).
     pub fn desired_source(&self) -> String {
         self.shared.provider().describe()
     }

@@ -43,6 +43,7 @@ use super::plan::Action;
 
 mod ops;
 pub use ops::{OpRecord, ResultRow};
+pub mod desired;
 
 /// File name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "journal.db";
@@ -363,6 +364,7 @@ impl Journal {
         .map_err(|e| self.sql_err(e))?;
         c.db.execute_batch(ops::SCHEMA)
             .map_err(|e| self.sql_err(e))?;
+        desired::create_tables(&c.db).map_err(|e| self.sql_err(e))?;
         let version: Option<String> =
             c.db.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0))
                 .optional()
@@ -420,6 +422,9 @@ impl Journal {
         drop(stmt);
         drop(c);
         self.check_ops()?;
+        for source in [desired::DesiredSourceKind::File, desired::DesiredSourceKind::Hub] {
+            self.desired_record(source)?;
+        }
         Ok((n, open))
     }
 
