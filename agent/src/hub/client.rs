@@ -607,12 +607,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_desired_read_is_one_byte_over_the_envelope_limit() {
-        assert_eq!(MAX_DESIRED_READ_BYTES, 64 * 1024 + 1);
-        assert!(MAX_OPS_ANSWER_BYTES >= 16 * felhom_authz::MAX_ENVELOPE_BYTES);
-    }
-
     /// A throw-away self-signed CA certificate, generated per test.
     fn test_ca_pem() -> String {
         let key = rcgen::KeyPair::generate().unwrap();
