@@ -56,7 +56,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `message` kept from an error answer.
 const MAX_MESSAGE_CHARS: usize = 512;
 
-/// Why a report did not get an envelope back.
+/// Why a request to the hub did not get a usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum HubClientError {
     /// The client could not be built from its settings.
@@ -142,7 +142,8 @@ pub struct HubEndpoint {
     pub token: Secret,
     /// How the hub's certificate is verified.
     pub tls: HubTls,
-    /// Deadline of one report.
+    /// Deadline of one request (a report, a desired-state fetch, a result); the long
+    /// poll has its own, `wait` + [`LONG_POLL_GRACE`].
     pub timeout: Duration,
 }
 
