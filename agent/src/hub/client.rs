@@ -1,15 +1,28 @@
-//! The hub client: one `POST <hub.url>/api/agent/v1/report` with `Authorization: Bearer
-//! <token>`, answered by a [`ControlEnvelope`].
+//! The hub client: every request the agent makes to the hub, each with `Authorization:
+//! Bearer <token>` (`docs/hub-contract.md`).
+//!
+//! Owns: the HTTP exchanges and their answers' size caps and shapes:
+//! - `POST <hub.url>/api/agent/v1/report`, answered by a [`ControlEnvelope`] (read up to
+//!   [`MAX_ANSWER_BYTES`]);
+//! - the signed-operations channel ([`crate::ops::wire`]): the long poll
+//!   `GET …/api/agent/v1/ops?wait=N` ([`HubClient::fetch_ops`], its deadline `wait` +
+//!   [`LONG_POLL_GRACE`], its answer read up to [`MAX_OPS_ANSWER_BYTES`]; each delivery's
+//!   envelope stays the raw JSON text the hub sent), `GET …/api/agent/v1/desired`
+//!   ([`HubClient::fetch_desired`], the body's bytes, at most [`MAX_DESIRED_READ_BYTES`])
+//!   and `POST …/api/agent/v1/ops/result` ([`HubClient::post_result`]).
 //!
 //! TLS is rustls (ring provider, [`crate::tls`]) and verifies the hub against the system
 //! roots, only against `hub.ca_file`, or only the certificate pinned by
 //! `hub.tls.pin_sha256` (the same pin verifier as Proxmox's). A failed handshake is a
 //! [`HubClientError::Tls`] that says what is wrong and how to fix it. No proxy from the
-//! environment is used. Answers are read up to [`MAX_ANSWER_BYTES`].
+//! environment is used.
 //!
 //! Must never: put the token into an error, a log line or `Debug` output (errors are built
 //! from reqwest errors with the URL stripped, and any echo of the token in the hub's
-//! answer is redacted), or follow a redirect (a redirect could carry the token elsewhere).
+//! answer is redacted); follow a redirect (a redirect could carry the token elsewhere);
+//! parse, verify or trust an envelope (the hub is an untrusted relay: that is
+//! `felhom_authz`'s job, on the exact bytes this module hands over); or cut an answer short
+//! and parse the rest (an oversized long-poll answer is an error).
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,19 +34,29 @@ use super::envelope::{ControlEnvelope, EnvelopeError};
 use super::report::HostReport;
 use crate::config::{HubTls, Secret};
 use crate::error_chain::error_chain;
+use crate::ops::wire::{DESIRED_PATH, OPS_PATH, OpResult, OpsAnswer, RESULT_PATH};
 use crate::tls::{Failure, Peer, TlsFailure, Trust, Unreachable};
 
 /// Path of the report endpoint below the hub's base URL.
 pub const REPORT_PATH: &str = "/api/agent/v1/report";
 /// Largest answer body read from the hub.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
-/// Default deadline of one report (connect + send + answer).
+/// Largest long-poll answer read from the hub; a larger one is
+/// [`AnswerError::TooLarge`], never a truncated parse. Room for 60 envelopes of the
+/// largest size an agent accepts.
+pub const MAX_OPS_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// How much of a desired-state body is read: one byte more than an envelope may have, so
+/// the verification that follows can refuse an oversized one `too_large`.
+pub const MAX_DESIRED_READ_BYTES: usize = felhom_authz::MAX_ENVELOPE_BYTES + 1;
+/// How long a long poll may take beyond the `wait` the hub may hold it.
+pub const LONG_POLL_GRACE: Duration = Duration::from_secs(15);
+/// Default deadline of one request (connect + send + answer) other than the long poll.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `message` kept from an error answer.
 const MAX_MESSAGE_CHARS: usize = 512;
 
-/// Why a report did not get an envelope back.
+/// Why a request to the hub did not get a usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum HubClientError {
     /// The client could not be built from its settings.
@@ -54,6 +77,25 @@ pub enum HubClientError {
     /// have been stored, so the audit cursor does not move.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
+    /// The hub answered the long poll 2xx with a body that is not `{"ops": [...]}` or is
+    /// larger than [`MAX_OPS_ANSWER_BYTES`].
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
+}
+
+/// A 2xx answer of the signed-operations channel that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// The body is larger than the cap; it was not parsed.
+    #[error("the hub's answer to {request} is larger than {limit} bytes")]
+    TooLarge { request: String, limit: usize },
+    /// The body is not the expected JSON shape.
+    #[error("the hub's answer to {request} is not {expected}: {detail}")]
+    Malformed {
+        request: String,
+        expected: &'static str,
+        detail: String,
+    },
 }
 
 /// The request did not complete.
@@ -100,7 +142,8 @@ pub struct HubEndpoint {
     pub token: Secret,
     /// How the hub's certificate is verified.
     pub tls: HubTls,
-    /// Deadline of one report.
+    /// Deadline of one request (a report, a desired-state fetch, a result); the long
+    /// poll has its own, `wait` + [`LONG_POLL_GRACE`].
     pub timeout: Duration,
 }
 
@@ -115,10 +158,15 @@ impl fmt::Debug for HubEndpoint {
     }
 }
 
-/// Sends reports to one hub.
+/// Talks to one hub: reports, and the signed-operations channel.
 pub struct HubClient {
     http: reqwest::Client,
+    /// The hub's URL without a trailing `/`; every path is appended to it.
+    base_url: String,
     report_url: String,
+    ops_url: String,
+    desired_url: String,
+    result_url: String,
     auth: HeaderValue,
     token: Secret,
 }
@@ -126,7 +174,7 @@ pub struct HubClient {
 impl fmt::Debug for HubClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HubClient")
-            .field("report_url", &self.report_url)
+            .field("base_url", &self.base_url)
             .field("token", &self.token)
             .finish_non_exhaustive()
     }
@@ -176,10 +224,19 @@ impl HubClient {
         let base = url.as_str().trim_end_matches('/');
         Ok(HubClient {
             http,
+            base_url: base.to_owned(),
             report_url: format!("{base}{REPORT_PATH}"),
+            ops_url: format!("{base}{OPS_PATH}"),
+            desired_url: format!("{base}{DESIRED_PATH}"),
+            result_url: format!("{base}{RESULT_PATH}"),
             auth,
             token: endpoint.token.clone(),
         })
+    }
+
+    /// The hub's base URL without a trailing `/` (no secret in it), for logs.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
     }
 
     /// The full report URL (no secret in it).
@@ -199,30 +256,140 @@ impl HubClient {
 
     /// POSTs an already encoded report body.
     pub async fn post_body(&self, body: Vec<u8>) -> Result<ControlEnvelope, HubClientError> {
-        let response = self
+        let request = Request::post(&self.report_url);
+        let builder = self
             .http
             .post(&self.report_url)
-            .header(AUTHORIZATION, self.auth.clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+            .body(body);
+        let response = self.send(builder, &request).await?;
         let status = response.status();
-        let answer = read_capped(response, MAX_ANSWER_BYTES)
-            .await
-            .map_err(|e| self.transport(e))?;
+        let answer = self.read(response, MAX_ANSWER_BYTES, &request).await?;
         if !status.is_success() {
-            return Err(HttpError {
-                status: status.as_u16(),
-                message: self.error_message(status, &answer),
-            }
-            .into());
+            return Err(self.http_error(status, &answer));
         }
         Ok(ControlEnvelope::decode(&answer)?)
     }
 
-    fn transport(&self, e: reqwest::Error) -> HubClientError {
+    /// The long poll: `GET <hub.url>/api/agent/v1/ops?wait=<whole seconds of wait>`. The hub
+    /// may hold it up to `wait`, so its deadline is `wait` + [`LONG_POLL_GRACE`], whatever
+    /// the client's usual one. `Ok(None)` when the hub answers 404 (it has no such
+    /// channel). Each delivery's `envelope` is the exact JSON text the hub sent.
+    pub async fn fetch_ops(&self, wait: Duration) -> Result<Option<OpsAnswer>, HubClientError> {
+        let secs = wait.as_secs();
+        let url = format!("{}?wait={secs}", self.ops_url);
+        let request = Request::get(&url);
+        let builder = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(secs).saturating_add(LONG_POLL_GRACE));
+        let response = self.send(builder, &request).await?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let answer = self.read(response, MAX_ANSWER_BYTES, &request).await?;
+            return Err(self.http_error(status, &answer));
+        }
+        let answer = self
+            .read(response, MAX_OPS_ANSWER_BYTES + 1, &request)
+            .await?;
+        if answer.len() > MAX_OPS_ANSWER_BYTES {
+            return Err(AnswerError::TooLarge {
+                request: request.to_string(),
+                limit: MAX_OPS_ANSWER_BYTES,
+            }
+            .into());
+        }
+        serde_json::from_slice::<OpsAnswer>(&answer)
+            .map(Some)
+            .map_err(|e| {
+                AnswerError::Malformed {
+                    request: request.to_string(),
+                    expected: r#"{"ops": [{"delivery_id", "envelope"}, …]}"#,
+                    detail: self.redact(e.to_string()),
+                }
+                .into()
+            })
+    }
+
+    /// `GET <hub.url>/api/agent/v1/desired`: the body's bytes exactly as sent, at most
+    /// [`MAX_DESIRED_READ_BYTES`] of them (one more than an envelope may have, so the
+    /// verification can refuse it `too_large`); not parsed here. `Ok(None)` on 404 (the
+    /// hub holds no desired state).
+    pub async fn fetch_desired(&self) -> Result<Option<Vec<u8>>, HubClientError> {
+        let request = Request::get(&self.desired_url);
+        let builder = self.http.get(&self.desired_url);
+        let response = self.send(builder, &request).await?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let answer = self.read(response, MAX_ANSWER_BYTES, &request).await?;
+            return Err(self.http_error(status, &answer));
+        }
+        self.read(response, MAX_DESIRED_READ_BYTES, &request)
+            .await
+            .map(Some)
+    }
+
+    /// `POST <hub.url>/api/agent/v1/ops/result` with `result` as JSON; any 2xx means the
+    /// hub accepted it (it treats a repeated `seq` as the same result, so sending again
+    /// after an unclear exchange is safe).
+    pub async fn post_result(&self, result: &OpResult) -> Result<(), HubClientError> {
+        let body = serde_json::to_vec(result)
+            .map_err(|e| HubClientError::Setup(format!("encoding the result: {e}")))?;
+        let request = Request::post(&self.result_url);
+        let builder = self
+            .http
+            .post(&self.result_url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        let response = self.send(builder, &request).await?;
+        let status = response.status();
+        let answer = self.read(response, MAX_ANSWER_BYTES, &request).await?;
+        if !status.is_success() {
+            return Err(self.http_error(status, &answer));
+        }
+        Ok(())
+    }
+
+    /// Sends `builder` with the token; what went wrong names `request`.
+    async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+        request: &Request<'_>,
+    ) -> Result<reqwest::Response, HubClientError> {
+        builder
+            .header(AUTHORIZATION, self.auth.clone())
+            .send()
+            .await
+            .map_err(|e| self.transport(e, request))
+    }
+
+    /// Reads at most `cap` bytes of `response`'s body.
+    async fn read(
+        &self,
+        response: reqwest::Response,
+        cap: usize,
+        request: &Request<'_>,
+    ) -> Result<Vec<u8>, HubClientError> {
+        read_capped(response, cap)
+            .await
+            .map_err(|e| self.transport(e, request))
+    }
+
+    fn http_error(&self, status: reqwest::StatusCode, body: &[u8]) -> HubClientError {
+        HttpError {
+            status: status.as_u16(),
+            message: self.error_message(status, body),
+        }
+        .into()
+    }
+
+    fn transport(&self, e: reqwest::Error, request: &Request<'_>) -> HubClientError {
         let explained = crate::tls::explain(Peer::Hub, &e);
         let kind = match &explained {
             Some(Failure::Tls(failure)) => return HubClientError::Tls(failure.clone()),
@@ -238,8 +405,8 @@ impl HubClient {
             None => TransportKind::Other,
         };
         let mut message = error_chain(&e.without_url());
-        if !message.contains(&self.report_url) {
-            message = format!("{message} (POST {})", self.report_url);
+        if !message.contains(request.url) {
+            message = format!("{message} ({request})");
         }
         if let Some(Failure::Unreachable(u)) = &explained {
             message = format!("{u}: {message}");
@@ -285,6 +452,30 @@ impl HubClient {
         } else {
             s.replace(token, "<redacted>")
         }
+    }
+}
+
+/// A request as errors name it: method and URL (never a header).
+struct Request<'a> {
+    method: &'static str,
+    url: &'a str,
+}
+
+impl<'a> Request<'a> {
+    fn get(url: &'a str) -> Self {
+        Request { method: "GET", url }
+    }
+    fn post(url: &'a str) -> Self {
+        Request {
+            method: "POST",
+            url,
+        }
+    }
+}
+
+impl fmt::Display for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method, self.url)
     }
 }
 
@@ -375,9 +566,19 @@ mod tests {
         let mut e = e;
         e.tls = HubTls::CaFile(ca);
         let c = HubClient::new(&e).unwrap();
+        assert_eq!(c.base_url(), "https://hub.example/base");
         assert_eq!(
             c.report_url(),
             "https://hub.example/base/api/agent/v1/report"
+        );
+        assert_eq!(c.ops_url, "https://hub.example/base/api/agent/v1/ops");
+        assert_eq!(
+            c.desired_url,
+            "https://hub.example/base/api/agent/v1/desired"
+        );
+        assert_eq!(
+            c.result_url,
+            "https://hub.example/base/api/agent/v1/ops/result"
         );
         assert!(!format!("{c:?}").contains("tok-SECRET-123"));
     }

@@ -9,6 +9,7 @@
 //! Must never: run anything that did not verify against the host's current trust, or
 //! replace an existing identity.
 
+pub mod channel;
 pub mod desired;
 pub mod exec;
 pub mod identity;
