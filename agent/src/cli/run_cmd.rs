@@ -48,10 +48,11 @@ use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
 use crate::ops::identity;
 use crate::ops::trust::{TrustState, agent_uid, load_trust};
+use crate::ops::channel::{Channel, ChannelDeps};
 use crate::ops::exec::ExecEnv;
 use crate::ops::service::{OpsDeps, OpsService};
 use crate::ops::{AgentId, IdentitySource};
-use crate::reconcile::engine::{EngineReload, provider_for};
+use crate::reconcile::engine::{EngineReload, source_for};
 use crate::reconcile::status::ReconcileReport;
 use crate::reconcile::{EngineHandle, Gate};
 
@@ -220,6 +221,21 @@ async fn daemon(
         shutdown_rx.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    // The kept signed desired state, verified against this start's trust before the engine
+    // follows it.
+    reverify_desired(&parts.engine, &ops, &trust_tx.borrow(), &agent_id, &cfg.node).await;
+    let channel = Channel::start(
+        &cfg,
+        ChannelDeps {
+            ops: ops.clone(),
+            envelopes: hub.envelopes(),
+            trust: trust_tx.subscribe(),
+            desired: parts.engine.hub_desired(),
+            agent_id: agent_id.clone(),
+            node: cfg.node.clone(),
+            shutdown: shutdown_rx.clone(),
+        },
+    );
     let gate_task = tokio::spawn(follow_hub(
         hub.envelopes(),
         hub_on_rx,
@@ -265,6 +281,8 @@ async fn daemon(
                 // Re-read even when the rest of the configuration failed to reload: a key
                 // removed from the signers file must stop counting now.
                 reload_trust(&running, &trust_tx);
+                channel.reload(&running);
+                reverify_desired(&parts.engine, &ops, &trust_tx.borrow(), &agent_id, &running.node).await;
                 notify::ready();
             }
         }
@@ -275,6 +293,7 @@ async fn daemon(
     tokio::join!(hub.join(), parts.shutdown(DRAIN_GRACE));
     let _ = publisher.await;
     ops.stop();
+    channel.stop();
     gate_task.abort();
     if let Some(w) = watchdog {
         w.abort();
@@ -354,6 +373,39 @@ async fn publish_reconcile(
     }
 }
 
+/// Verifies the kept signed desired state (hub source) against the current trust: at start
+/// and after every SIGHUP. A document that no longer verifies stops being followed and the
+/// refusal goes to the hub.
+async fn reverify_desired(
+    engine: &EngineHandle,
+    ops: &Arc<OpsService>,
+    trust: &TrustState,
+    agent_id: &AgentId,
+    node: &str,
+) {
+    let Some(hub) = engine.hub_desired() else {
+        return;
+    };
+    let trust = trust.clone();
+    let ctx = felhom_authz::Context {
+        agent_id: agent_id.clone(),
+        node: node.to_string(),
+        now: crate::ops::service::unix_now(),
+        scratch_vmids: None,
+    };
+    let o = ops.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(decision) = hub.reverify(trust.trust(), &ctx)
+            && !decision.unchanged
+            && let Err(e) = o.add_result(|seq| decision.to_result(seq))
+        {
+            tracing::error!(error = %e, "could not record the desired state's refusal");
+        }
+    })
+    .await;
+    engine.kick();
+}
+
 /// What signed operations run with: the daemon's clients and journal, the guest shutdown
 /// timeout.
 fn exec_env(
@@ -399,10 +451,13 @@ async fn reload(
         let _ = d.hub.report_now().await;
     }
     d.hub_on.send_replace(hub_enabled(&new));
-    let provider =
-        (new.reconcile.desired_file != running.reconcile.desired_file).then(|| provider_for(&new));
+    if new.reconcile.desired_file != running.reconcile.desired_file
+        || new.reconcile.desired_source != running.reconcile.desired_source
+    {
+        d.engine.set_source(source_for(&new, d.engine.journal()));
+    }
     d.engine.reload(EngineReload {
-        provider,
+        provider: None,
         pve: Some(Arc::new(proxmox.clone())),
         shutdown_timeout: Some(Duration::from_secs(new.reconcile.shutdown_timeout_seconds)),
     });
