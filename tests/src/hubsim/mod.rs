@@ -16,6 +16,7 @@
 //! token, or busy-poll while a long poll waits.
 
 pub mod cloudflared;
+pub mod control;
 pub mod ops;
 pub mod server;
 
@@ -251,6 +252,7 @@ impl HubSim {
         if !Self::agent_authorized(&mut st, authorization) {
             return unauthorized();
         }
+        st.ops.polls += 1;
         if !st.ops.channel_enabled {
             return no_channel();
         }
@@ -266,7 +268,6 @@ impl HubSim {
                 }
             },
         };
-        st.ops.polls += 1;
         if st.ops.has_pending() || wait == 0 {
             return Reply::Respond {
                 status: 200,
@@ -897,7 +898,10 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|d| d["resulted"] == true && d["handed_out"].as_u64().unwrap() >= 1)
+                .all(|d| d["resulted"] == true
+                    && d["handed_out"].as_u64().unwrap() >= 1
+                    && d["enqueued_at"].is_string()
+                    && d["first_handed_out_at"].is_string())
         );
         // clearing forgets results too
         assert_eq!(adm(&s, "DELETE", "/_sim/ops", "").0, 200);
@@ -1057,7 +1061,8 @@ mod tests {
         assert_eq!(adm(&s, "PUT", "/_sim/ops/channel", r#"{"on":1}"#).0, 400);
         adm(&s, "PUT", "/_sim/ops/channel", r#"{"enabled":true}"#);
         assert_eq!(status(&poll(&s, "")), 200);
-        assert_eq!(adm(&s, "GET", "/_sim/state", "").1["ops"]["polls"], 1);
+        // the 404 and the 200 both count: a test can see whether an agent keeps polling
+        assert_eq!(adm(&s, "GET", "/_sim/state", "").1["ops"]["polls"], 2);
     }
 
     fn decoded_payload(env: &Value) -> Vec<u8> {

@@ -130,6 +130,9 @@ struct DeliveryRecord {
     source: String,
     /// How many long-poll answers carried it.
     handed_out: u64,
+    /// When it was made, and when an answer first carried it (RFC 3339, ms precision).
+    enqueued_at: String,
+    first_handed_out_at: Option<String>,
     /// Whether a result naming it was accepted.
     resulted: bool,
 }
@@ -216,7 +219,7 @@ pub struct OpsState {
     conflicts: Vec<Conflict>,
     /// Results in reports that were not valid results: the message.
     malformed_in_reports: Vec<String>,
-    /// Long-poll requests answered (any outcome but 401).
+    /// Long-poll requests with the agent token (whatever the answer, 404 included).
     pub polls: u64,
     /// Bumped whenever a delivery becomes pending; a waiting long poll watches it.
     pub generation: u64,
@@ -274,7 +277,11 @@ impl OpsState {
     /// as handed out.
     pub fn answer(&mut self) -> Vec<u8> {
         for &i in &self.pending {
-            self.deliveries[i].handed_out += 1;
+            let d = &mut self.deliveries[i];
+            d.handed_out += 1;
+            if d.first_handed_out_at.is_none() {
+                d.first_handed_out_at = Some(super::now_rfc3339());
+            }
         }
         let items: Vec<AnswerItem<'_>> = self
             .pending
@@ -299,6 +306,8 @@ impl OpsState {
             envelope,
             source: source.into(),
             handed_out: 0,
+            enqueued_at: super::now_rfc3339(),
+            first_handed_out_at: None,
             resulted: false,
         });
         self.pending.push_back(self.deliveries.len() - 1);
@@ -577,6 +586,8 @@ impl OpsState {
                     "envelope": &d.envelope,
                     "source": d.source,
                     "handed_out": d.handed_out,
+                    "enqueued_at": d.enqueued_at,
+                    "first_handed_out_at": d.first_handed_out_at,
                     "resulted": d.resulted,
                 })
             })

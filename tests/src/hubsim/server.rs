@@ -199,4 +199,112 @@ mod tests {
         assert_eq!(r.status(), 401);
         l.task.abort();
     }
+
+    /// The control client, the factory's envelopes and the agent's own wire types over the
+    /// real server: envelopes arrive byte exact, a result drops its delivery, a replay
+    /// comes again, the desired document is served as set, and the switch gives 404.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signed_envelopes_round_trip_through_the_control_client() {
+        use crate::hubsim::control::{ControlCallError, OpsControl};
+        use crate::hubsim::ops::{DESIRED_PATH, RESULT_PATH};
+        use crate::signing::Fixture;
+        use felhom_agent::ops::wire::{OpResult, OpsAnswer};
+
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Arc::new(HubSim::new("tok".into(), "adm".into(), json!({})));
+        let l = serve(sim, "127.0.0.1:0".parse().unwrap(), dir.path())
+            .await
+            .unwrap();
+        let client = build_client(&std::fs::read_to_string(&l.ca_file).unwrap()).unwrap();
+        let base = format!("https://{}", l.addr);
+        let ctl = OpsControl::new(client.clone(), &base, "adm");
+        let fx = Fixture::new("0123456789abcdef0123456789abcdef", "pve1", 101);
+        let env = fx.stop().sign(&[&fx.alice]).text();
+        let d1 = ctl.enqueue_text(&env).await.unwrap();
+        assert_eq!(ctl.summary().await.unwrap()["pending"], 1);
+
+        let get = |path: String| {
+            client
+                .get(format!("{base}{path}"))
+                .bearer_auth("tok")
+                .send()
+        };
+        let text = get(format!("{OPS_PATH}?wait=0"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let answer: OpsAnswer = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer.ops.len(), 1);
+        assert_eq!(answer.ops[0].envelope.get(), env);
+        assert_eq!(answer.ops[0].delivery_id().as_deref(), Some(d1.as_str()));
+
+        let result: OpResult = serde_json::from_value(json!({
+            "seq": 1, "kind": "op", "op_id": null, "generation": null,
+            "payload_sha256": fx.stop().sha256_hex(), "delivery_id": d1, "state": "refused",
+            "reason": "bad_signature", "message": "test", "signers": [], "upids": [],
+            "result": {}, "started_at": null, "finished_at": null
+        }))
+        .unwrap();
+        let r = client
+            .post(format!("{base}{RESULT_PATH}"))
+            .bearer_auth("tok")
+            .json(&result)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let list = ctl
+            .wait_results(Duration::from_secs(10), |l| l.len() == 1)
+            .await
+            .unwrap();
+        assert_eq!(list[0]["result"]["delivery_id"], d1.as_str());
+        let text = get(format!("{OPS_PATH}?wait=0"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(text, r#"{"ops":[]}"#);
+
+        let replay = ctl
+            .misbehave(json!({"action": "replay", "delivery_id": d1}))
+            .await
+            .unwrap();
+        let text = get(format!("{OPS_PATH}?wait=0"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let answer: OpsAnswer = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer.ops[0].envelope.get(), env);
+        assert_eq!(
+            answer.ops[0].delivery_id(),
+            replay["delivery_id"].as_str().map(String::from)
+        );
+        assert!(matches!(
+            ctl.misbehave(json!({"action": "replay", "delivery_id": "none"}))
+                .await,
+            Err(ControlCallError::Status { status: 404, .. })
+        ));
+
+        let desired = format!("{}\n", fx.desired(5).sign(&[&fx.bob]).text());
+        ctl.set_desired_text(&desired, 5).await.unwrap();
+        let r = get(DESIRED_PATH.to_string()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), desired);
+        ctl.clear_desired().await.unwrap();
+        assert_eq!(get(DESIRED_PATH.to_string()).await.unwrap().status(), 404);
+
+        ctl.set_channel(false).await.unwrap();
+        assert_eq!(
+            get(format!("{OPS_PATH}?wait=0")).await.unwrap().status(),
+            404
+        );
+        ctl.clear().await.unwrap();
+        assert_eq!(ctl.deliveries().await.unwrap()["deliveries"], json!([]));
+        l.task.abort();
+    }
 }
