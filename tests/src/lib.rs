@@ -16,6 +16,8 @@
 //! - [`build`]: the workspace's binaries next to the running executable, built when
 //!   missing or older than their sources.
 //! - [`devstack`]: the local stack behind `felhom-devstack`.
+//! - [`signing`]: throw-away operator keys, `signers.json`, and signed (and hostile)
+//!   operation and desired-state envelopes for the signed-operations tests.
 
 pub mod build;
 pub mod devstack;
@@ -25,4 +27,5 @@ pub mod hubsim;
 pub mod hwmon;
 pub mod privhelper;
 pub mod pvesim;
+pub mod signing;
 pub mod tls;
