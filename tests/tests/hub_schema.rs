@@ -161,6 +161,30 @@ fn full_report() -> HostReport {
     r.ops = OpsReport {
         enabled: true,
         signers: vec!["alice".into(), "bob".into()],
+        held: vec![felhom_agent::ops::wire::HeldOp {
+            op_id: "5f0c6a1e9b3d4c2f8a7e6d5c4b3a2918".into(),
+            op: "stop".into(),
+            vmid: Some(101),
+            state: "held".into(),
+            waiting_for: Some("blocked".into()),
+            received_at: at,
+        }],
+        pending_results: vec![felhom_agent::ops::wire::OpResult {
+            seq: 7,
+            kind: felhom_agent::ops::wire::ResultKind::Op,
+            op_id: Some("5f0c6a1e9b3d4c2f8a7e6d5c4b3a2918".into()),
+            generation: None,
+            payload_sha256: Some("ab".repeat(32)),
+            delivery_id: Some("d-1".into()),
+            state: felhom_agent::ops::wire::DecisionState::Applied,
+            reason: None,
+            message: None,
+            signers: vec!["alice".into()],
+            upids: vec!["UPID:pve1:0000A1B2:0001C3D4:6575A1B0:vzshutdown:101:felhom@pve!agent:".into()],
+            result: serde_json::Map::new(),
+            started_at: Some(at),
+            finished_at: Some(at),
+        }],
     };
     r
 }
