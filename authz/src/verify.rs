@@ -91,6 +91,8 @@ pub fn verify_envelope(
             if counted[i].is_some() {
                 continue;
             }
+            #[cfg(test)]
+            tried::record(i);
             if keys[i].key.verify_strict(&message, &sig).is_ok() {
                 let name = keys[i]
                     .names
@@ -151,4 +153,97 @@ pub fn verify_op(raw: &[u8], trust: &Trust, ctx: &Context) -> Result<OpPayload, 
 pub fn verify_desired(raw: &[u8], trust: &Trust, ctx: &Context) -> Result<DesiredPayload, Refusal> {
     let v = verify_envelope(raw, PayloadType::Desired, trust)?;
     parse_desired(&v, ctx)
+}
+
+/// Test-only record of which trusted keys (by index) were tried, in order, so a test can
+/// observe the hint-first order without timing.
+#[cfg(test)]
+mod tried {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static TRIED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn record(i: usize) {
+        TRIED.with(|t| t.borrow_mut().push(i));
+    }
+
+    /// The keys tried since the last call, and clears the record.
+    pub(super) fn take() -> Vec<usize> {
+        TRIED.with(|t| std::mem::take(&mut *t.borrow_mut()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::{Signer, SigningKey};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::envelope::{OP_PAYLOAD_TYPE, encode_base64};
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    /// alice = key(1) (index 0), bob = key(2) (index 1), carol = key(3) (index 2).
+    fn trust(reversible: u32) -> Trust {
+        let keys: Vec<Value> = [("alice", 1), ("bob", 2), ("carol", 3)]
+            .iter()
+            .map(|(n, k)| json!({"name": n, "ed25519": encode_base64(key(*k).verifying_key().as_bytes())}))
+            .collect();
+        let doc = json!({"keys": keys, "threshold": {"reversible": reversible, "irreversible": 3},
+                         "max_validity_seconds": 3600, "clock_skew_seconds": 60});
+        Trust::from_json(doc.to_string().as_bytes()).unwrap()
+    }
+
+    fn envelope(signers: &[(&str, u8)]) -> Vec<u8> {
+        let body = br#"{"any":"body"}"#;
+        let message = pae(OP_PAYLOAD_TYPE, body);
+        let sigs: Vec<Value> = signers
+            .iter()
+            .map(|(id, k)| json!({"keyid": id, "sig": encode_base64(&key(*k).sign(&message).to_bytes())}))
+            .collect();
+        json!({"payloadType": OP_PAYLOAD_TYPE, "payload": encode_base64(body), "signatures": sigs})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn verify(signers: &[(&str, u8)], reversible: u32) -> (Vec<String>, Vec<usize>) {
+        tried::take();
+        let v = verify_envelope(&envelope(signers), PayloadType::Op, &trust(reversible)).unwrap();
+        (v.signers().to_vec(), tried::take())
+    }
+
+    #[test]
+    fn the_hinted_key_is_tried_first_and_alone_when_it_verifies() {
+        // carol is the last key: a plain walk over the keys would try alice and bob first.
+        assert_eq!(verify(&[("carol", 3)], 1), (vec!["carol".into()], vec![2]));
+        assert_eq!(verify(&[("bob", 2)], 1), (vec!["bob".into()], vec![1]));
+        // Two signatures with correct hints: exactly two verifications.
+        assert_eq!(
+            verify(&[("carol", 3), ("bob", 2)], 2),
+            (vec!["bob".into(), "carol".into()], vec![2, 1])
+        );
+    }
+
+    #[test]
+    fn a_wrong_or_unknown_hint_falls_back_to_the_other_keys_in_order() {
+        // The hint names bob, carol signed: bob first, then the others in trust order.
+        assert_eq!(
+            verify(&[("bob", 3)], 1),
+            (vec!["carol".into()], vec![1, 0, 2])
+        );
+        // A hint that names no trusted key: every key in trust order.
+        assert_eq!(
+            verify(&[("zed", 3)], 1),
+            (vec!["carol".into()], vec![0, 1, 2])
+        );
+        // A key that already counted is not tried again for a later signature.
+        assert_eq!(
+            verify(&[("alice", 1), ("alice", 3)], 1),
+            (vec!["alice".into(), "carol".into()], vec![0, 1, 2])
+        );
+    }
 }

@@ -179,13 +179,20 @@ async fn lxc_lifecycle_backup_and_restore() {
     assert_eq!(upid.task_type(), "vzdump");
     client.wait_task(&upid, fast()).await.unwrap();
     let backups = client.backups(&storage, Some(v)).await.unwrap();
-    let archive = backups
+    let newest = backups
         .iter()
         .max_by_key(|b| b.ctime)
-        .expect("the new backup is listed")
-        .volid
-        .clone();
-    assert!(archive.contains(&format!("vzdump-lxc-{n}-")), "{archive}");
+        .expect("the new backup is listed");
+    // The task's own archive, named by its log and listed by the storage.
+    let item = client.vzdump_archive(&upid, &storage, v).await.unwrap();
+    assert_eq!(item.volid, newest.volid);
+    assert_eq!(item.vmid, Some(v));
+    let re = regex_lite::Regex::new(&format!(
+        r"^{storage}:backup/vzdump-lxc-{n}-\d{{4}}_\d\d_\d\d-\d\d_\d\d_\d\d\.tar\.zst$"
+    ))
+    .unwrap();
+    assert!(re.is_match(&item.volid), "{}", item.volid);
+    let archive = item.volid;
 
     let restore = RestoreOptions {
         archive,
@@ -224,6 +231,118 @@ async fn lxc_lifecycle_backup_and_restore() {
     );
     assert!(found.iter().all(|t| t.auth_id() == sim.start.token_id));
     assert!(found.iter().any(|t| t.outcome().is_some()));
+}
+
+#[tokio::test]
+async fn reboot_restarts_a_running_guest_and_is_refused_on_a_stopped_one() {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    let client = Client::new(&sim.pinned(), &sim.start.node).unwrap();
+    let q = Queue::start(QueueConfig::default());
+    for (kind, k, wtype) in [
+        ("lxc", GuestKind::Lxc, "vzreboot"),
+        ("qemu", GuestKind::Qemu, "qmreboot"),
+    ] {
+        let n = sim.plain_guest(kind, "running").await;
+        let v = vmid(n);
+        let before = client.guest_status(k, v).await.unwrap();
+        assert_eq!(before.status, RunState::Running);
+        let upid = task!(q, client, v, |c, p| c.reboot(
+            p,
+            k,
+            Some(Duration::from_secs(45))
+        ));
+        assert_eq!(
+            (upid.task_type(), upid.id()),
+            (wtype, n.to_string().as_str())
+        );
+        let done = client.wait_task(&upid, fast()).await.unwrap();
+        assert_eq!(done.exitstatus, "OK");
+        let after = client.guest_status(k, v).await.unwrap();
+        assert_eq!(after.status, RunState::Running);
+        assert_ne!(after.pid, before.pid, "{kind}: restarted");
+        // The timeout went on the wire in whole seconds; without one, nothing but the path.
+        let upid = task!(q, client, v, |c, p| c.reboot(p, k, None));
+        client.wait_task(&upid, fast()).await.unwrap();
+        let posts: Vec<_> = sim
+            .requests(0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| {
+                r.method == "POST" && r.path.ends_with(&format!("/{kind}/{n}/status/reboot"))
+            })
+            .map(|r| r.params)
+            .collect();
+        assert_eq!(posts.len(), 2, "{posts:?}");
+        assert_eq!(posts[0].get("timeout").map(String::as_str), Some("45"));
+        assert!(!posts[1].contains_key("timeout"), "{posts:?}");
+    }
+    // A stopped guest: PVE's refusal before any task, typed.
+    let n = sim.plain_guest("lxc", "stopped").await;
+    let v = vmid(n);
+    let c = client.clone();
+    let e = in_lane(&q, v, move |p| {
+        Box::pin(async move { c.reboot(p, GuestKind::Lxc, None).await })
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ProxmoxError::Api { status: 500, message, .. } if *message == format!("CT {n} not running")),
+        "{e:?}"
+    );
+}
+
+/// A vzdump to a Proxmox Backup Server storage: the log names the snapshot, not a file.
+#[tokio::test]
+async fn vzdump_archive_on_pbs_and_a_task_that_is_no_vzdump() {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    let client = Client::new(&sim.pinned(), &sim.start.node).unwrap();
+    let q = Queue::start(QueueConfig::default());
+    let n = sim.plain_guest("lxc", "running").await;
+    let v = vmid(n);
+    let opts = VzdumpOptions {
+        storage: Some("pbs-offsite".into()),
+        ..Default::default()
+    };
+    let c = client.clone();
+    let out = in_lane(&q, v, move |p| {
+        Box::pin(async move { c.vzdump(p, &opts).await })
+    })
+    .await
+    .unwrap();
+    let VzdumpOutcome::Task(upid) = out else {
+        panic!("vzdump of a local guest is a task")
+    };
+    client.wait_task(&upid, fast()).await.unwrap();
+    let item = client
+        .vzdump_archive(&upid, "pbs-offsite", v)
+        .await
+        .unwrap();
+    let re = regex_lite::Regex::new(&format!(
+        r"^pbs-offsite:backup/ct/{n}/\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+    ))
+    .unwrap();
+    assert!(re.is_match(&item.volid), "{}", item.volid);
+    // The same task asked about another storage: the archive is not there.
+    let e = client.vzdump_archive(&upid, "local", v).await.unwrap_err();
+    assert!(matches!(e, ProxmoxError::Decode { .. }), "{e:?}");
+    // Another guest's archive is not in this task's log.
+    let e = client
+        .vzdump_archive(&upid, "pbs-offsite", vmid(n + 1000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ProxmoxError::Decode { detail, .. } if detail.contains("names no archive")),
+        "{e:?}"
+    );
+    // Not a vzdump task: refused without a request.
+    let upid = task!(q, client, v, |c, p| c.reboot(p, GuestKind::Lxc, None));
+    let e = client
+        .vzdump_archive(&upid, "pbs-offsite", v)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ProxmoxError::InvalidRequest(_)), "{e:?}");
+    client.wait_task(&upid, fast()).await.unwrap();
 }
 
 #[tokio::test]

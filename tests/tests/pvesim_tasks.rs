@@ -1,4 +1,4 @@
-//! Tasks: lifecycle and UPID format, the task list with its filters, vzdump (locks, OK
+//! Tasks: lifecycle and UPID format, reboot, the task list with its filters, vzdump (locks, OK
 //! answers, VM.Backup inside the task, the archive in storage), restore, snapshots, HA
 //! and locked guests, and tasks finishing without any client.
 
@@ -96,6 +96,149 @@ async fn task_errors_come_only_once_stopped() {
     assert_eq!(st["type"], "qmstart");
     let st = run_task(&sim, "POST", "/nodes/pve1/qemu/106/status/start", &[]).await;
     assert_eq!(st["exitstatus"], "you can't start a vm if it's a template");
+}
+
+#[tokio::test]
+async fn reboot_restarts_a_running_guest_in_a_task_and_applies_pending_values() {
+    let sim = spawn(&["--guests", "6", "--task-seconds", "0.3"]);
+    let re = regex_lite::Regex::new(UPID_RE).unwrap();
+    // A value that stays pending on a running CT until it starts again.
+    api(
+        &sim,
+        "PUT",
+        "/nodes/pve1/lxc/101/config",
+        &[("ostype", "ubuntu")],
+    )
+    .await
+    .data();
+    let before = get(&sim, "/nodes/pve1/lxc/101/status/current").await;
+    assert_eq!(before["status"], "running");
+    let upid = upid_of(
+        &api(
+            &sim,
+            "POST",
+            "/nodes/pve1/lxc/101/status/reboot",
+            &[("timeout", "30")],
+        )
+        .await
+        .data(),
+    );
+    let c = re.captures(&upid).expect("PVE regex");
+    assert_eq!(
+        (&c[6], &c[7], &c[8]),
+        ("vzreboot", "101", "root@pam!felhom")
+    );
+    // Nothing changes until the task ends.
+    let during = get(&sim, "/nodes/pve1/lxc/101/status/current").await;
+    assert_eq!(
+        (during["status"].clone(), during["pid"].clone()),
+        (json!("running"), before["pid"].clone())
+    );
+    let done = sim.wait_task(&upid, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        (done["type"].clone(), done["exitstatus"].clone()),
+        (json!("vzreboot"), json!("OK"))
+    );
+    let after = get(&sim, "/nodes/pve1/lxc/101/status/current").await;
+    assert_eq!(after["status"], "running");
+    assert_ne!(after["pid"], before["pid"], "a new init process");
+    assert_eq!(
+        get(&sim, "/nodes/pve1/lxc/101/config?current=1").await["ostype"],
+        "ubuntu",
+        "the restart applied the pending value"
+    );
+    // QEMU: qmreboot, timeout optional.
+    let st = run_task(&sim, "POST", "/nodes/pve1/qemu/103/status/reboot", &[]).await;
+    assert_eq!(
+        (
+            st["type"].clone(),
+            st["id"].clone(),
+            st["exitstatus"].clone()
+        ),
+        (json!("qmreboot"), json!("103"), json!("OK"))
+    );
+    assert_eq!(
+        get(&sim, "/nodes/pve1/qemu/103/status/current").await["status"],
+        "running"
+    );
+    // A locked guest: the task forks and fails on the lock, as stop's does.
+    sim.set_guest(101, json!({"lock": "snapshot"}))
+        .await
+        .unwrap();
+    let st = run_task(&sim, "POST", "/nodes/pve1/lxc/101/status/reboot", &[]).await;
+    assert_eq!(
+        (st["type"].clone(), st["exitstatus"].clone()),
+        (json!("vzreboot"), json!("CT is locked (snapshot)"))
+    );
+}
+
+#[tokio::test]
+async fn reboot_of_a_guest_that_is_not_running_is_refused_before_any_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = write_acl(
+        &dir,
+        &json!({"tokens": [{"token_id": "felhom@pve!agent", "secret": "s", "acl": [
+            {"path": "/vms", "privs": ["VM.Audit"]}]}]}),
+    );
+    let sim = spawn(&["--guests", "6", "--task-seconds", "0.05", "--acl", &acl]);
+    let post = |path: &'static str, form: &'static [(&'static str, &'static str)]| {
+        let sim = &sim;
+        async move { api(sim, "POST", path, form).await }
+    };
+    let tasks = || async {
+        sim.state().await.unwrap()["tasks"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = tasks().await;
+    // Stopped CT, stopped VM: PVE's synchronous 500, as for shutdown.
+    let r = post("/nodes/pve1/lxc/102/status/reboot", &[]).await;
+    assert_eq!(
+        (r.status, r.reason.as_deref()),
+        (500, Some("CT 102 not running"))
+    );
+    let r = post("/nodes/pve1/qemu/106/status/reboot", &[]).await;
+    assert_eq!(
+        (r.status, r.reason.as_deref()),
+        (500, Some("VM 106 not running"))
+    );
+    let r = post("/nodes/pve1/qemu/999/status/reboot", &[]).await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("Configuration file 'nodes/pve1/qemu-server/999.conf' does not exist")
+    );
+    // The schema: only `timeout` (an integer ≥ 0); no `skiplock` on reboot.
+    let r = post("/nodes/pve1/lxc/101/status/reboot", &[("skiplock", "1")]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["errors"]["skiplock"],
+        "property is not defined in schema and the schema does not allow additional properties"
+    );
+    let r = post("/nodes/pve1/qemu/103/status/reboot", &[("timeout", "-1")]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["errors"]["timeout"],
+        "value must have a minimum value of 0"
+    );
+    // VM.PowerMgmt, checked before anything else.
+    let agent = token_header("felhom@pve!agent", "s");
+    let r = call(
+        &sim,
+        Some(&agent),
+        "POST",
+        "/nodes/pve1/lxc/101/status/reboot",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.reason.as_deref()),
+        (
+            403,
+            Some("Permission check failed (/vms/101, VM.PowerMgmt)")
+        )
+    );
+    assert_eq!(tasks().await, before, "no task was started");
 }
 
 #[tokio::test]

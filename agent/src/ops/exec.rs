@@ -465,15 +465,20 @@ pub async fn execute(
             };
             match wait_final(env, &u, env.task_timeout, Map::new()).await? {
                 Final::Applied(mut r) => {
-                    match backup_volid(env, storage, guest.vmid, &u).await {
-                        Ok(Some(volid)) => {
-                            r.insert("volid".into(), Value::String(volid));
+                    match env.pve.vzdump_archive(&u, storage, guest.vmid).await {
+                        Ok(item) => {
+                            r.insert("volid".into(), Value::String(item.volid));
                         }
-                        Ok(None) => {
+                        Err(e) if e.is_transient() => {
+                            return Err(Unfinished::Proxmox {
+                                what: "finding the backup's archive",
+                                source: e,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(vmid = %guest.vmid, upid = %u, error = %e, "backup finished but its archive could not be named");
                             r.insert("volid".into(), Value::Null);
-                            tracing::warn!(vmid = %guest.vmid, upid = %u, "backup finished but its archive is not listed on the storage");
                         }
-                        Err(e) => return Err(e),
                     }
                     Ok(Final::Applied(r))
                 }
@@ -623,25 +628,4 @@ async fn stop(
         }
         Err(e) => Ok(Final::Failed(e.to_string())),
     }
-}
-
-/// The archive a finished vzdump task wrote: the newest backup of the guest on `storage`
-/// created at or after the task started.
-async fn backup_volid(
-    env: &ExecEnv,
-    storage: &str,
-    vmid: Vmid,
-    upid: &Upid,
-) -> Result<Option<String>, Unfinished> {
-    let items = env
-        .pve
-        .backups(storage, Some(vmid))
-        .await
-        .map_err(px("listing the storage's backups"))?;
-    let since = i64::from(upid.starttime());
-    Ok(items
-        .into_iter()
-        .filter(|b| b.ctime.is_some_and(|t| t >= since))
-        .max_by_key(|b| b.ctime)
-        .map(|b| b.volid))
 }

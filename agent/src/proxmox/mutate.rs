@@ -5,12 +5,16 @@
 //! synchronous (`null`) while QEMU's `POST .../config` is a task ([`SetConfigOutcome`]), and
 //! vzdump may answer the plain string `OK` when it has nothing to do ([`VzdumpOutcome`]).
 //! Top-level booleans go on the wire as `1`/`0` (PVE rejects `true`).
+//!
+//! Also here, because it is vzdump's result: [`Client::vzdump_archive`], the archive a
+//! finished vzdump task wrote (a read; it needs no permit).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use felhom_protocol::Vmid;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,7 +22,7 @@ use serde_json::Value;
 use super::client::{Client, seg};
 use super::error::ProxmoxError;
 use super::permit::GuestPermit;
-use super::types::GuestKind;
+use super::types::{BackupItem, GuestKind};
 use super::upid::Upid;
 
 /// A snapshot name PVE accepts: `[a-zA-Z][a-zA-Z0-9_-]+`, at most 40 characters, not
@@ -325,6 +329,44 @@ fn check_text(what: &str, s: &str) -> Result<(), ProxmoxError> {
     Ok(())
 }
 
+/// Lines of a task log read per request, and the most read before giving up.
+const LOG_PAGE: u64 = 500;
+const LOG_MAX_LINES: u64 = 100_000;
+
+/// One item of `GET /nodes/{node}/tasks/{upid}/log`.
+#[derive(Debug, Deserialize)]
+struct TaskLogLine {
+    t: String,
+}
+
+/// The archive named by a vzdump log line if it is `vmid`'s: the file name of
+/// `creating vzdump archive '<dir>/<file>'` (`vzdump-<lxc|qemu>-<vmid>-…`), or the snapshot
+/// path of `creating Proxmox Backup Server archive '<ct|vm>/<vmid>/<time>'`.
+fn archive_in_log_line(line: &str, vmid: Vmid) -> Option<&str> {
+    const FILE: &str = "creating vzdump archive '";
+    const PBS: &str = "creating Proxmox Backup Server archive '";
+    let quoted = |marker: &str| {
+        let rest = &line[line.find(marker)? + marker.len()..];
+        rest.strip_suffix('\'')
+            .filter(|q| !q.is_empty() && !q.contains('\''))
+    };
+    let id = vmid.to_string();
+    if let Some(path) = quoted(FILE) {
+        let file = path.rsplit('/').next()?;
+        let ours = ["lxc", "qemu"]
+            .iter()
+            .any(|k| file.starts_with(&format!("vzdump-{k}-{id}-")));
+        return ours.then_some(file);
+    }
+    let snap = quoted(PBS)?;
+    let mut parts = snap.split('/');
+    let ours = matches!(parts.next(), Some("ct" | "vm"))
+        && parts.next() == Some(id.as_str())
+        && parts.next().is_some_and(|t| !t.is_empty())
+        && parts.next().is_none();
+    ours.then_some(snap)
+}
+
 fn expect_upid(endpoint: &str, v: Value) -> Result<Upid, ProxmoxError> {
     match v {
         Value::String(s) => s
@@ -373,8 +415,10 @@ impl Client {
         self.task_call(Method::POST, path, Vec::new(), permit).await
     }
 
-    /// `POST .../status/reboot` (`vzreboot` / `qmreboot`): a clean reboot of a running
-    /// guest; `timeout` bounds the shutdown part.
+    /// `POST .../status/reboot` (`vzreboot` / `qmreboot`): PVE shuts the guest down, waiting
+    /// up to `timeout` (whole seconds; PVE's default without it), and starts it again,
+    /// which applies pending config values. A guest that is not running is refused before
+    /// any task (500 `CT N not running` / `VM N not running`).
     pub async fn reboot(
         &self,
         permit: &GuestPermit,
@@ -553,6 +597,73 @@ impl Client {
         Ok(VzdumpOutcome::Task(upid))
     }
 
+    /// The archive that the finished vzdump task `upid` wrote for `vmid` on `storage`, as
+    /// `GET /nodes/{node}/storage/{storage}/content?content=backup&vmid=N` lists it (its
+    /// `volid`, e.g. `nas:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst`, size, notes).
+    ///
+    /// The task log names the archive (`INFO: creating vzdump archive '<dir>/<file>'`, or
+    /// `INFO: creating Proxmox Backup Server archive '<ct|vm>/<vmid>/<time>'` on PBS); its
+    /// volid is `<storage>:backup/<file>` (PBS: `<storage>:backup/<that path>`), and the
+    /// storage must list it. Reading the log, not picking the newest listed backup, names
+    /// exactly this task's archive even when another backup of the guest ran meanwhile.
+    /// Call it after [`Client::wait_task`] succeeded. A log without such a line for
+    /// `vmid`, or an archive the storage does not list, is [`ProxmoxError::Decode`].
+    pub async fn vzdump_archive(
+        &self,
+        upid: &Upid,
+        storage: &str,
+        vmid: Vmid,
+    ) -> Result<BackupItem, ProxmoxError> {
+        check_storage(storage)?;
+        if upid.task_type() != "vzdump" {
+            return Err(ProxmoxError::InvalidRequest(format!(
+                "{upid} is a {} task, not vzdump",
+                upid.task_type()
+            )));
+        }
+        let path = format!(
+            "/nodes/{}/tasks/{}/log",
+            seg(upid.node()),
+            seg(upid.as_str())
+        );
+        let endpoint = format!("GET {path}");
+        let mut start = 0u64;
+        let archive = 'pages: loop {
+            let page: Vec<TaskLogLine> = self
+                .get(
+                    &path,
+                    &[
+                        ("start", start.to_string()),
+                        ("limit", LOG_PAGE.to_string()),
+                    ],
+                )
+                .await?;
+            for line in &page {
+                if let Some(a) = archive_in_log_line(&line.t, vmid) {
+                    break 'pages a.to_string();
+                }
+            }
+            start += page.len() as u64;
+            if (page.len() as u64) < LOG_PAGE || start >= LOG_MAX_LINES {
+                return Err(ProxmoxError::Decode {
+                    endpoint,
+                    detail: format!(
+                        "the vzdump task's log ({start} lines read) names no archive of guest {vmid}"
+                    ),
+                });
+            }
+        };
+        let volid = format!("{storage}:backup/{archive}");
+        self.backups(storage, Some(vmid))
+            .await?
+            .into_iter()
+            .find(|b| b.volid == volid)
+            .ok_or_else(|| ProxmoxError::Decode {
+                endpoint: format!("GET {}/storage/{}/content", self.node_path(), storage),
+                detail: format!("the vzdump task wrote {volid}, which the storage does not list"),
+            })
+    }
+
     /// `POST /nodes/{node}/lxc` with `restore=1`: restore the permit's container from a
     /// vzdump archive (`vzrestore`).
     pub async fn lxc_restore(
@@ -597,6 +708,40 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_archive_is_read_from_vzdump_log_lines() {
+        let v = Vmid::new(101).unwrap();
+        let file = "INFO: creating vzdump archive '/mnt/pve/nas/dump/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst'";
+        assert_eq!(
+            archive_in_log_line(file, v),
+            Some("vzdump-lxc-101-2025_01_31-02_00_05.tar.zst")
+        );
+        let qemu = "INFO: creating vzdump archive '/var/lib/vz/dump/vzdump-qemu-101-2025_01_31-02_00_05.vma.zst'";
+        assert_eq!(
+            archive_in_log_line(qemu, v),
+            Some("vzdump-qemu-101-2025_01_31-02_00_05.vma.zst")
+        );
+        let pbs = "INFO: creating Proxmox Backup Server archive 'ct/101/2025-01-31T02:00:05Z'";
+        assert_eq!(
+            archive_in_log_line(pbs, v),
+            Some("ct/101/2025-01-31T02:00:05Z")
+        );
+        // Another guest's archive (a job of several guests), vmids that only share a
+        // prefix, and lines that name no archive.
+        for other in [
+            "INFO: creating vzdump archive '/mnt/pve/nas/dump/vzdump-lxc-102-2025_01_31-02_00_05.tar'",
+            "INFO: creating vzdump archive '/mnt/pve/nas/dump/vzdump-lxc-1011-2025_01_31-02_00_05.tar'",
+            "INFO: creating Proxmox Backup Server archive 'ct/1010/2025-01-31T02:00:05Z'",
+            "INFO: creating Proxmox Backup Server archive 'ct/101'",
+            "INFO: creating vzdump archive ''",
+            "INFO: creating vzdump archive '/x/vzdump-lxc-101-a.tar' and more",
+            "INFO: Starting Backup of VM 101 (lxc)",
+            "",
+        ] {
+            assert_eq!(archive_in_log_line(other, v), None, "{other}");
+        }
+    }
+
     use super::*;
 
     #[test]

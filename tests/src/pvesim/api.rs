@@ -253,6 +253,7 @@ enum Action {
     Start,
     Stop,
     Shutdown,
+    Reboot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +301,7 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
             "start" => Action::Start,
             "stop" => Action::Stop,
             "shutdown" => Action::Shutdown,
+            "reboot" => Action::Reboot,
             _ => return None,
         }),
         ("GET", ["nodes", _, k, _, "snapshot"]) if guest(k) => Route::SnapshotList,
@@ -1329,6 +1331,9 @@ fn guest_action(
     params: Params,
     ctx: &mut RequestCtx,
 ) -> Result<Answer, ApiError> {
+    if action == Action::Reboot {
+        return guest_reboot(st, caller, kind, params, ctx);
+    }
     let mut props = vec![NODE, VMID, opt("skiplock", Ty::Bool)];
     match (kind, action) {
         (_, Action::Stop) => {
@@ -1352,6 +1357,7 @@ fn guest_action(
             props.push(opt("machine", Ty::str()));
         }
         (Kind::Lxc, Action::Start) => props.push(opt("debug", Ty::Bool)),
+        (_, Action::Reboot) => unreachable!("handled by guest_reboot"),
     }
     validate(&props, &params)?;
     if flag(&params, "skiplock") {
@@ -1426,6 +1432,7 @@ fn guest_action(
         (Kind::Qemu, Action::Start) => ("qmstart", true),
         (Kind::Qemu, Action::Stop) => ("qmstop", false),
         (Kind::Qemu, Action::Shutdown) => ("qmshutdown", false),
+        (_, Action::Reboot) => unreachable!("handled by guest_reboot"),
     };
     let mut log = Vec::new();
     if action == Action::Stop && overrule {
@@ -1474,6 +1481,64 @@ fn guest_action(
             wtype,
             id: id.clone(),
             log,
+            finish,
+            cleanup: Box::new(|_| {}),
+        },
+    )
+}
+
+/// `POST .../status/reboot` (`vzreboot` / `qmreboot`): only `timeout` besides the path
+/// (no `skiplock`); a guest that is not running is refused before the fork with the same
+/// 500 as shutdown (`CT N not running` / `VM N not running`; an unknown VM is qemu-server's
+/// missing config). The task shuts the guest down
+/// and starts it again: a new pid and start time, and pending changes applied, as a start
+/// applies them. HA-managed guests are rebooted directly too (PVE's reboot handlers have no
+/// HA path).
+fn guest_reboot(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID, opt("timeout", Ty::int_min(0))], &params)?;
+    let vmid = vmid_of(&params);
+    let label = kind.label();
+    if kind == Kind::Qemu {
+        // qemu-server's check_running loads the config first.
+        load(st, kind, vmid)?;
+    }
+    let running = st
+        .guests
+        .get(&vmid)
+        .is_some_and(|g| g.kind == kind && g.running);
+    if !running {
+        return Err(ApiError::die(format!("{label} {vmid} not running")));
+    }
+    let wtype = match kind {
+        Kind::Lxc => "vzreboot",
+        Kind::Qemu => "qmreboot",
+    };
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let g = load_task(st, kind, vmid)?;
+        if g.lock() != Some("mounted") {
+            g.check_lock()?;
+        }
+        if !g.running {
+            return Err(format!("{label} {vmid} not running").into());
+        }
+        st.set_running(vmid, false);
+        st.set_running(vmid, true);
+        Ok(vec![])
+    });
+    spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log: Vec::new(),
             finish,
             cleanup: Box::new(|_| {}),
         },
