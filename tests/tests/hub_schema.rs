@@ -180,7 +180,9 @@ fn full_report() -> HostReport {
             reason: None,
             message: None,
             signers: vec!["alice".into()],
-            upids: vec!["UPID:pve1:0000A1B2:0001C3D4:6575A1B0:vzshutdown:101:felhom@pve!agent:".into()],
+            upids: vec![
+                "UPID:pve1:0000A1B2:0001C3D4:6575A1B0:vzshutdown:101:felhom@pve!agent:".into(),
+            ],
             result: serde_json::Map::new(),
             started_at: Some(at),
             finished_at: Some(at),

@@ -307,7 +307,11 @@ fn render_ops_list(v: &Value) -> String {
             why,
             o["signers"]
                 .as_array()
-                .map(|s| s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .map(|s| s
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
                 .unwrap_or_default(),
         ));
     }
@@ -332,7 +336,11 @@ pub fn ops_show(cli: &Cli, op_id: &str) -> Result<(), CliError> {
                 .map_err(|e| CliError::Problem(e.to_string()))?
             {
                 Some(v) => v,
-                None => return Err(CliError::Problem(format!("no operation {op_id} in the replay store"))),
+                None => {
+                    return Err(CliError::Problem(format!(
+                        "no operation {op_id} in the replay store"
+                    )));
+                }
             }
         }
         Err(ControlError::Remote { message, .. }) => {

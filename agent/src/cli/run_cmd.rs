@@ -46,11 +46,11 @@ use crate::control::{ControlError, DaemonOptions, DaemonParts, SignedOpsView, St
 use crate::hub::client::HubClientError;
 use crate::hub::envelope::{EnvelopeStore, SavedEnvelope};
 use crate::hub::service::{HubService, HubServiceError, notify, selftest_exchange};
-use crate::ops::identity;
-use crate::ops::trust::{TrustState, agent_uid, load_trust};
 use crate::ops::channel::{Channel, ChannelDeps};
 use crate::ops::exec::ExecEnv;
+use crate::ops::identity;
 use crate::ops::service::{OpsDeps, OpsService};
+use crate::ops::trust::{TrustState, agent_uid, load_trust};
 use crate::ops::{AgentId, IdentitySource};
 use crate::reconcile::engine::{EngineReload, source_for};
 use crate::reconcile::status::ReconcileReport;
@@ -223,7 +223,14 @@ async fn daemon(
     .map_err(|e| CliError::Usage(e.to_string()))?;
     // The kept signed desired state, verified against this start's trust before the engine
     // follows it.
-    reverify_desired(&parts.engine, &ops, &trust_tx.borrow(), &agent_id, &cfg.node).await;
+    reverify_desired(
+        &parts.engine,
+        &ops,
+        &trust_tx.borrow(),
+        &agent_id,
+        &cfg.node,
+    )
+    .await;
     let channel = Channel::start(
         &cfg,
         ChannelDeps {

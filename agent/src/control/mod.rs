@@ -487,7 +487,11 @@ impl Handler for DaemonHandler {
                 Request::OpsList { limit } => {
                     let j = self.engine.journal().clone();
                     let limit = limit.clamp(1, 10_000) as usize;
-                    match tokio::task::spawn_blocking(move || crate::ops::service::list_json(&j, limit)).await {
+                    match tokio::task::spawn_blocking(move || {
+                        crate::ops::service::list_json(&j, limit)
+                    })
+                    .await
+                    {
                         Ok(Ok(v)) => ok(v),
                         Ok(Err(e)) => problem(e),
                         Err(e) => problem(e),
@@ -495,7 +499,11 @@ impl Handler for DaemonHandler {
                 }
                 Request::OpsShow { op_id } => {
                     let j = self.engine.journal().clone();
-                    match tokio::task::spawn_blocking(move || crate::ops::service::show_json(&j, &op_id)).await {
+                    match tokio::task::spawn_blocking(move || {
+                        crate::ops::service::show_json(&j, &op_id)
+                    })
+                    .await
+                    {
                         Ok(Ok(Some(v))) => ok(v),
                         Ok(Ok(None)) => Reply::Error {
                             kind: ErrorKind::Usage,

@@ -110,7 +110,12 @@ impl Channel {
     }
 
     pub fn stop(&self) {
-        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }
@@ -129,21 +134,32 @@ async fn pause(
     }
 }
 
+/// Hands each delivery to the service; then waits (briefly) until their answers reached
+/// the hub, which drops a delivery only then.
 async fn deliver(ops: &Arc<OpsService>, answer: super::wire::OpsAnswer, enabled: bool) {
+    let mut last_seq = 0;
     for d in answer.ops {
         let delivery_id = d.delivery_id();
         let raw = d.envelope.get().as_bytes().to_vec();
         let r = if enabled {
-            ops.receive_async(raw, delivery_id.clone()).await.map(|_| ())
+            ops.receive_async(raw, delivery_id.clone())
+                .await
+                .map(|r| r.seq)
         } else {
             let o = ops.clone();
-            tokio::task::spawn_blocking(move || o.refuse_disabled(&raw, delivery_id).map(|_| ()))
+            tokio::task::spawn_blocking(move || o.refuse_disabled(&raw, delivery_id))
                 .await
                 .unwrap_or_else(|e| Err(super::service::OpsError::Blocking(e.to_string())))
         };
-        if let Err(e) = r {
-            tracing::error!(error = %e, "a delivery could not be recorded; the hub will deliver it again");
+        match r {
+            Ok(seq) => last_seq = last_seq.max(seq),
+            Err(e) => {
+                tracing::error!(error = %e, "a delivery could not be recorded; the hub will deliver it again")
+            }
         }
+    }
+    if last_seq > 0 {
+        ops.wait_sent(last_seq, Duration::from_secs(5)).await;
     }
 }
 
@@ -183,7 +199,9 @@ async fn poll_loop(
                     deliver(&ops, answer, true).await;
                 }
                 Ok(None) => {
-                    tracing::info!("the hub has no signed-operations channel (404): fetching only when its envelope says has_signed_ops");
+                    tracing::info!(
+                        "the hub has no signed-operations channel (404): fetching only when its envelope says has_signed_ops"
+                    );
                     channel = false;
                 }
                 Err(e) => {
@@ -320,10 +338,9 @@ async fn desired_loop(
                         scratch_vmids: None,
                     };
                     let d = desired.clone();
-                    let decision = tokio::task::spawn_blocking(move || {
-                        d.offer(&raw, trust_now.trust(), &ctx)
-                    })
-                    .await;
+                    let decision =
+                        tokio::task::spawn_blocking(move || d.offer(&raw, trust_now.trust(), &ctx))
+                            .await;
                     if let Ok(decision) = decision
                         && !decision.unchanged
                     {

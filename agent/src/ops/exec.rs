@@ -94,7 +94,9 @@ impl OpSpec {
                         GuestType::Qemu => GuestKind::Qemu,
                     },
                     vmid: target.vmid,
-                    expect_digest: expect.as_ref().map(|e| e.config_digest.as_str().to_string()),
+                    expect_digest: expect
+                        .as_ref()
+                        .map(|e| e.config_digest.as_str().to_string()),
                 };
                 match op {
                     GuestOp::Start => OpSpec::Start { guest },
@@ -171,7 +173,10 @@ pub enum Final {
     Applied(Map<String, Value>),
     Failed(String),
     /// Refused in the lane (`precondition_failed`); nothing was sent.
-    Refused { reason: &'static str, message: String },
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// The operation could not reach an end now (Proxmox unreachable, a lost wait, the
@@ -227,7 +232,11 @@ async fn blocking<T: Send + 'static>(
 
 /// The guest as the node lists it: kind and status, `None` when it does not exist.
 async fn find_guest(env: &ExecEnv, vmid: Vmid) -> Result<Option<(GuestKind, String)>, Unfinished> {
-    let list = env.pve.list().await.map_err(px("listing the node's guests"))?;
+    let list = env
+        .pve
+        .list()
+        .await
+        .map_err(px("listing the node's guests"))?;
     Ok(list
         .into_iter()
         .find(|g| g.vmid == vmid)
@@ -260,7 +269,10 @@ pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unf
     let found = find_guest(env, g.vmid).await?;
     if let OpSpec::CreateContainer { .. } = spec {
         return Ok(found.map(|(kind, _)| {
-            refused(format!("vmid {} already exists on this node ({kind})", g.vmid))
+            refused(format!(
+                "vmid {} already exists on this node ({kind})",
+                g.vmid
+            ))
         }));
     }
     let Some((kind, status)) = found else {
@@ -281,7 +293,11 @@ pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unf
             .guest_config(g.kind, g.vmid)
             .await
             .map_err(px("reading the guest's config"))?;
-        let have = config.raw().get("digest").and_then(Value::as_str).unwrap_or("");
+        let have = config
+            .raw()
+            .get("digest")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if have != want {
             return Ok(Some(refused(format!(
                 "guest {}'s config digest is {have}, the operation expects {want}",
@@ -301,7 +317,10 @@ pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unf
                 .await
                 .map_err(px("listing the guest's snapshots"))?;
             Ok(snaps.iter().any(|s| &s.name == name).then(|| {
-                refused(format!("guest {} already has a snapshot named {name}", g.vmid))
+                refused(format!(
+                    "guest {} already has a snapshot named {name}",
+                    g.vmid
+                ))
             }))
         }
         _ => Ok(None),
@@ -339,17 +358,19 @@ pub async fn execute(
         }
     }
     match (spec, permit) {
-        (OpSpec::UsbMount { device, name }, _) => Ok(match env.privileged.usb_mount(device, name).await {
-            Ok(m) => Final::Applied(obj(json!({
-                "name": m.name.as_str(),
-                "mount_point": m.mount_point,
-                "uuid": m.uuid.as_str(),
-                "fstype": m.fstype.as_str(),
-                "already_mounted": m.already_mounted,
-                "fstab_changed": m.fstab_changed,
-            }))),
-            Err(e) => Final::Failed(format!("usb helper: {e}")),
-        }),
+        (OpSpec::UsbMount { device, name }, _) => {
+            Ok(match env.privileged.usb_mount(device, name).await {
+                Ok(m) => Final::Applied(obj(json!({
+                    "name": m.name.as_str(),
+                    "mount_point": m.mount_point,
+                    "uuid": m.uuid.as_str(),
+                    "fstype": m.fstype.as_str(),
+                    "already_mounted": m.already_mounted,
+                    "fstab_changed": m.fstab_changed,
+                }))),
+                Err(e) => Final::Failed(format!("usb helper: {e}")),
+            })
+        }
         (OpSpec::UsbUnmount { name }, _) => Ok(match env.privileged.usb_unmount(name).await {
             Ok(u) => Final::Applied(obj(json!({
                 "name": u.name.as_str(),
@@ -363,7 +384,9 @@ pub async fn execute(
         )),
         (OpSpec::CreateContainer { guest, spec }, Some(_)) => {
             if progress.resuming && find_guest(env, guest.vmid).await?.is_some() {
-                return Ok(Final::Applied(obj(json!({"vmid": guest.vmid.get(), "resumed": true}))));
+                return Ok(Final::Applied(obj(
+                    json!({"vmid": guest.vmid.get(), "resumed": true}),
+                )));
             }
             Ok(match env.privileged.create_keyctl(spec).await {
                 Ok(c) => Final::Applied(obj(json!({"vmid": c.vmid.get()}))),
@@ -386,7 +409,13 @@ pub async fn execute(
                 Err(e) => Ok(Final::Failed(e.to_string())),
             }
         }
-        (OpSpec::Stop { guest, timeout_seconds }, Some(p)) => {
+        (
+            OpSpec::Stop {
+                guest,
+                timeout_seconds,
+            },
+            Some(p),
+        ) => {
             let timeout = timeout_seconds
                 .map(|t| Duration::from_secs(u64::from(t)))
                 .unwrap_or(env.shutdown_timeout);
@@ -405,7 +434,14 @@ pub async fn execute(
                 Err(e) => Ok(Final::Failed(e.to_string())),
             }
         }
-        (OpSpec::Snapshot { guest, name, description }, Some(p)) => {
+        (
+            OpSpec::Snapshot {
+                guest,
+                name,
+                description,
+            },
+            Some(p),
+        ) => {
             let done = obj(json!({"snapshot": name}));
             let ty = task_type("snapshot", guest.kind);
             if let Some(u) = recorded_or_adopted(env, progress, guest.vmid, ty, &upids).await? {
@@ -437,7 +473,16 @@ pub async fn execute(
                 Err(e) => Ok(Final::Failed(e.to_string())),
             }
         }
-        (OpSpec::Backup { guest, storage, mode, compress, notes }, Some(p)) => {
+        (
+            OpSpec::Backup {
+                guest,
+                storage,
+                mode,
+                compress,
+                notes,
+            },
+            Some(p),
+        ) => {
             let u = match recorded_or_adopted(env, progress, guest.vmid, "vzdump", &upids).await? {
                 Some(u) => u,
                 None => {
@@ -623,8 +668,13 @@ async fn stop(
     match env.pve.stop(permit, g.kind).await {
         Ok(u) => {
             record_upid(env, &progress.op_id, &u).await?;
-            wait_final(env, &u, env.task_timeout, obj(json!({"changed": true, "hard_stop": true})))
-                .await
+            wait_final(
+                env,
+                &u,
+                env.task_timeout,
+                obj(json!({"changed": true, "hard_stop": true})),
+            )
+            .await
         }
         Err(e) => Ok(Final::Failed(e.to_string())),
     }

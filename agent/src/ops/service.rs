@@ -116,6 +116,8 @@ struct Inner {
     results: Arc<Notify>,
     feed: Mutex<(Vec<HeldOp>, Vec<OpResult>)>,
     changes: watch::Sender<u64>,
+    /// The lowest `seq` the hub has not accepted yet (`u64::MAX` when none is pending).
+    unsent: watch::Sender<u64>,
 }
 
 /// The running service.
@@ -197,7 +199,9 @@ fn probe_op_id(body: &[u8]) -> Option<String> {
         op_id: String,
     }
     let p: Probe = serde_json::from_slice(body).ok()?;
-    felhom_authz::OpId::new(p.op_id).ok().map(|id| id.as_str().to_string())
+    felhom_authz::OpId::new(p.op_id)
+        .ok()
+        .map(|id| id.as_str().to_string())
 }
 
 impl OpsService {
@@ -222,6 +226,7 @@ impl OpsService {
             results: Arc::new(Notify::new()),
             feed: Mutex::new((Vec::new(), Vec::new())),
             changes,
+            unsent: watch::channel(0).0,
         });
         let tasks = vec![
             tokio::spawn(host_lane(inner.clone(), host_rx)),
@@ -255,7 +260,11 @@ impl OpsService {
     }
 
     /// Answers a delivery while signed operations are off: `refused`, `ops_disabled`.
-    pub fn refuse_disabled(&self, raw: &[u8], delivery_id: Option<String>) -> Result<u64, OpsError> {
+    pub fn refuse_disabled(
+        &self,
+        raw: &[u8],
+        delivery_id: Option<String>,
+    ) -> Result<u64, OpsError> {
         let seq = self.inner.refuse(
             raw,
             None,
@@ -288,6 +297,14 @@ impl OpsService {
 
     pub fn journal(&self) -> &Arc<Journal> {
         &self.inner.journal
+    }
+
+    /// Waits (at most `limit`) until the hub accepted every result up to `seq`: the long
+    /// poll asks again only then, so it is not handed the same deliveries before their
+    /// answers arrived.
+    pub async fn wait_sent(&self, seq: u64, limit: Duration) {
+        let mut rx = self.inner.unsent.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|lowest| *lowest > seq)).await;
     }
 
     /// A counter that moves when held operations or pending results change.
@@ -560,7 +577,9 @@ impl Inner {
             finished_ms: None,
             spec: serde_json::to_value(&spec).unwrap_or(Value::Null),
         };
-        let seq = self.journal.op_accept(&rec, |seq| body(&result_of(&rec, seq)))?;
+        let seq = self
+            .journal
+            .op_accept(&rec, |seq| body(&result_of(&rec, seq)))?;
         tracing::info!(op_id = %op_id, op = %rec.kind, vmid = ?rec.vmid, signers = ?rec.signers,
             reason = %payload.reason, "signed operation accepted");
         Ok(Receipt {
@@ -572,7 +591,11 @@ impl Inner {
     }
 
     /// A known operation delivered again: its current decision, under this delivery id.
-    fn answer_again(&self, rec: OpRecord, delivery_id: Option<String>) -> Result<Receipt, OpsError> {
+    fn answer_again(
+        &self,
+        rec: OpRecord,
+        delivery_id: Option<String>,
+    ) -> Result<Receipt, OpsError> {
         let (rec, seq) = self.journal.op_update(
             &rec.op_id,
             |r| {
@@ -622,9 +645,12 @@ impl Inner {
         let (state, reason, message, result) = match f {
             Final::Applied(r) => ("applied", None, None, r),
             Final::Failed(m) => ("failed", None, Some(m), Map::new()),
-            Final::Refused { reason, message } => {
-                ("refused", Some(reason.to_string()), Some(message), Map::new())
-            }
+            Final::Refused { reason, message } => (
+                "refused",
+                Some(reason.to_string()),
+                Some(message),
+                Map::new(),
+            ),
         };
         let done = self.transition(
             op_id,
@@ -723,6 +749,8 @@ impl Inner {
                 .collect(),
             Err(_) => lock(&self.feed).1.clone(),
         };
+        self.unsent
+            .send_replace(pending.first().map_or(u64::MAX, |r: &OpResult| r.seq));
         let mut f = lock(&self.feed);
         if f.0 != held || f.1 != pending {
             *f = (held, pending);
@@ -776,7 +804,10 @@ async fn pump(inner: &Arc<Inner>) {
         }
         let op_id = rec.op_id.clone();
         lock(&inner.submitted).insert(op_id.clone());
-        let submitted = match rec.vmid.and_then(|v| felhom_protocol::Vmid::new(u64::from(v)).ok()) {
+        let submitted = match rec
+            .vmid
+            .and_then(|v| felhom_protocol::Vmid::new(u64::from(v)).ok())
+        {
             Some(vmid) => {
                 let i = inner.clone();
                 let id = op_id.clone();
@@ -850,8 +881,10 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
                     g.vmid
                 );
                 let id = op_id.to_string();
-                let _ = blocking(inner, move |i| i.refuse_held(&id, "conflicts_with_desired", msg))
-                    .await;
+                let _ = blocking(inner, move |i| {
+                    i.refuse_held(&id, "conflicts_with_desired", msg)
+                })
+                .await;
                 return;
             }
             match exec::precheck(&env, &spec).await {

@@ -422,7 +422,10 @@ impl Journal {
         drop(stmt);
         drop(c);
         self.check_ops()?;
-        for source in [desired::DesiredSourceKind::File, desired::DesiredSourceKind::Hub] {
+        for source in [
+            desired::DesiredSourceKind::File,
+            desired::DesiredSourceKind::Hub,
+        ] {
             self.desired_record(source)?;
         }
         Ok((n, open))

@@ -149,7 +149,14 @@ fn put_op(tx: &rusqlite::Connection, rec: &OpRecord, received_seq: i64) -> rusql
          ON CONFLICT(op_id) DO UPDATE SET body = excluded.body, state = excluded.state,
              checksum = excluded.checksum",
     )?
-    .execute(params![rec.op_id, received_seq, body, rec.state, not_after, sum])
+    .execute(params![
+        rec.op_id,
+        received_seq,
+        body,
+        rec.state,
+        not_after,
+        sum
+    ])
     .map(|_| ())
 }
 
@@ -421,8 +428,10 @@ impl Journal {
         self.write(|tx| {
             for r in rows.iter().filter(|r| !r.accepted) {
                 let sum = result_checksum(r.seq as i64, &r.body, true);
-                tx.prepare_cached("UPDATE op_results SET accepted = 1, checksum = ?1 WHERE seq = ?2")?
-                    .execute(params![sum, r.seq as i64])?;
+                tx.prepare_cached(
+                    "UPDATE op_results SET accepted = 1, checksum = ?1 WHERE seq = ?2",
+                )?
+                .execute(params![sum, r.seq as i64])?;
             }
             Ok(())
         })
@@ -437,7 +446,12 @@ impl Journal {
     /// Prunes final records whose window plus `skew` ended before `now` (Unix seconds),
     /// raising the replay floor to the highest pruned `not_after`, and accepted results
     /// beyond the newest `keep_results`. Returns the records pruned.
-    pub fn ops_prune(&self, now: u64, skew: u64, keep_results: usize) -> Result<usize, JournalError> {
+    pub fn ops_prune(
+        &self,
+        now: u64,
+        skew: u64,
+        keep_results: usize,
+    ) -> Result<usize, JournalError> {
         let cutoff = now.saturating_sub(skew).min(i64::MAX as u64) as i64;
         self.write(|tx| {
             let highest: Option<i64> = tx
@@ -473,7 +487,6 @@ impl Journal {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,10 +518,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let a = "a".repeat(32);
-        let seq = j.op_accept(&rec(&a, 1000), |s| format!("held {s}")).unwrap();
+        let seq = j
+            .op_accept(&rec(&a, 1000), |s| format!("held {s}"))
+            .unwrap();
         assert_eq!(seq, Some(1));
         // the same op_id again is not accepted twice
-        assert_eq!(j.op_accept(&rec(&a, 1000), |s| format!("x {s}")).unwrap(), None);
+        assert_eq!(
+            j.op_accept(&rec(&a, 1000), |s| format!("x {s}")).unwrap(),
+            None
+        );
         let (r, seq) = j
             .op_update(
                 &a,
@@ -520,14 +538,20 @@ mod tests {
             )
             .unwrap();
         assert_eq!((r.state.as_str(), seq), ("applied", Some(2)));
-        let pending: Vec<String> = j.results_pending(10).unwrap().into_iter().map(|r| r.body).collect();
+        let pending: Vec<String> = j
+            .results_pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.body)
+            .collect();
         assert_eq!(pending, ["held 1", "applied 2"]);
         j.results_accepted(&[1]).unwrap();
         assert_eq!(j.results_pending(10).unwrap()[0].seq, 2);
         assert_eq!(j.op_upids_of(101).unwrap(), ["UPID:x"]);
 
         let b = "b".repeat(32);
-        j.op_accept(&rec(&b, 5000), |s| format!("held {s}")).unwrap();
+        j.op_accept(&rec(&b, 5000), |s| format!("held {s}"))
+            .unwrap();
         // a is final and its window ended: pruned; b is held: kept whatever its window
         assert_eq!(j.ops_prune(10_000, 120, 100).unwrap(), 1);
         assert_eq!(j.replay_floor().unwrap(), 1000);
@@ -548,7 +572,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let a = "a".repeat(32);
-        j.op_accept(&rec(&a, 1000), |s| format!("held {s}")).unwrap();
+        j.op_accept(&rec(&a, 1000), |s| format!("held {s}"))
+            .unwrap();
         {
             let c = j.lock();
             c.db.execute(
