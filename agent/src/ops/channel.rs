@@ -28,7 +28,7 @@ use super::service::{OpsService, unix_now};
 use super::wire::{LONG_POLL_WAIT_SECONDS, OpResult};
 use super::{AgentId, TrustState};
 use crate::config::Config;
-use crate::hub::client::HubClient;
+use crate::hub::client::{HubClient, HubClientError};
 use crate::hub::envelope::{DEFAULT_POLL_INTERVAL, SavedEnvelope};
 use crate::hub::heartbeat::backoff;
 use crate::hub::service::reporter_for;
@@ -250,6 +250,9 @@ async fn results_loop(
 ) {
     let notify = ops.results_notify();
     let mut failures = 0u32;
+    // Results the hub refused as malformed (a 4xx that retrying cannot fix): tried again
+    // only after a while, so one cannot hold up the others. They stay in the report.
+    let mut refused: std::collections::HashMap<u64, tokio::time::Instant> = Default::default();
     loop {
         if *shutdown.borrow() {
             return;
@@ -264,10 +267,24 @@ async fn results_loop(
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        refused.retain(|_, until| *until > now);
+        let pending: Vec<_> = pending
+            .into_iter()
+            .filter(|r| !refused.contains_key(&r.seq))
+            .collect();
         let c = client.borrow_and_update().clone();
         if pending.is_empty() || c.is_none() {
+            let next = refused.values().min().copied();
+            let retry = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut woken => {}
+                _ = retry => {}
                 _ = client.changed() => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
@@ -292,6 +309,13 @@ async fn results_loop(
                 Ok(()) => {
                     failures = 0;
                     ops.delivered_now(&[row.seq]).await;
+                }
+                Err(HubClientError::Http(h))
+                    if (400..500).contains(&h.status) && ![401, 403, 404, 408, 429].contains(&h.status) =>
+                {
+                    tracing::error!(seq = row.seq, status = h.status, message = %h.message,
+                        "the hub refused an operation result; it stays pending and is tried again in 5 minutes");
+                    refused.insert(row.seq, tokio::time::Instant::now() + Duration::from_secs(300));
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
