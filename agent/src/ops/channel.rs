@@ -311,11 +311,15 @@ async fn results_loop(
                     ops.delivered_now(&[row.seq]).await;
                 }
                 Err(HubClientError::Http(h))
-                    if (400..500).contains(&h.status) && ![401, 403, 404, 408, 429].contains(&h.status) =>
+                    if (400..500).contains(&h.status)
+                        && ![401, 403, 404, 408, 429].contains(&h.status) =>
                 {
                     tracing::error!(seq = row.seq, status = h.status, message = %h.message,
                         "the hub refused an operation result; it stays pending and is tried again in 5 minutes");
-                    refused.insert(row.seq, tokio::time::Instant::now() + Duration::from_secs(300));
+                    refused.insert(
+                        row.seq,
+                        tokio::time::Instant::now() + Duration::from_secs(300),
+                    );
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);

@@ -1028,3 +1028,80 @@ fn sweep(inner: &Inner) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(state: &str) -> OpRecord {
+        OpRecord {
+            op_id: "a".repeat(32),
+            payload_sha256: "b".repeat(64),
+            not_after: 10,
+            kind: "stop".into(),
+            vmid: Some(101),
+            envelope: "{}".into(),
+            delivery_id: Some("d-7".into()),
+            signers: vec!["alice".into()],
+            received_ms: 1_000,
+            state: state.into(),
+            reason: Some("precondition_failed".into()),
+            message: Some("why".into()),
+            upids: vec!["UPID:x".into()],
+            result: Map::new(),
+            intent_ms: Some(2_000),
+            finished_ms: Some(3_000),
+            spec: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_record_is_reported_held_until_final_and_a_reason_only_when_refused() {
+        let held = result_of(&rec("held"), 1);
+        assert_eq!(held.state, DecisionState::Held);
+        assert_eq!((held.reason, held.finished_at), (None, None));
+        // running is still `held` to the hub: the final decision follows
+        assert_eq!(result_of(&rec("running"), 2).state, DecisionState::Held);
+        let applied = result_of(&rec("applied"), 3);
+        assert_eq!(applied.state, DecisionState::Applied);
+        assert_eq!(applied.reason, None);
+        assert!(applied.finished_at.is_some() && applied.started_at.is_some());
+        let refused = result_of(&rec("refused"), 4);
+        assert_eq!(refused.reason.as_deref(), Some("precondition_failed"));
+        assert_eq!(refused.delivery_id.as_deref(), Some("d-7"));
+        assert_eq!(refused.seq, 4);
+    }
+
+    #[test]
+    fn only_a_well_formed_op_id_is_named_in_a_refusal() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            probe_op_id(format!(r#"{{"op_id":"{id}","x":1}}"#).as_bytes()).as_deref(),
+            Some(id)
+        );
+        for bad in [
+            r#"{"op_id":"0123456789ABCDEF0123456789ABCDEF"}"#,
+            r#"{"op_id":5}"#,
+            r#"{"op":"stop"}"#,
+            "not json",
+        ] {
+            assert_eq!(probe_op_id(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_payload_hash_when_the_payload_decodes() {
+        let body = br#"{"v":1}"#;
+        let env = format!(
+            r#"{{"payloadType":"application/vnd.felhom.op+json","payload":"{}","signatures":[]}}"#,
+            felhom_authz::encode_base64(body)
+        );
+        assert_eq!(
+            envelope_sha(env.as_bytes()),
+            Some(hex::encode(payload_sha256(body)))
+        );
+        assert_eq!(envelope_sha(b"garbage"), None);
+        let huge = vec![b' '; felhom_authz::MAX_ENVELOPE_BYTES + 1];
+        assert_eq!(envelope_sha(&huge), None);
+    }
+}

@@ -588,4 +588,57 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         assert!(j.safe_mode().is_some(), "the check at open finds it too");
     }
+
+    /// Fails the commit numbered `n` (counting from 1).
+    #[derive(Debug)]
+    struct FailNth(u64);
+
+    impl super::super::CommitGate for FailNth {
+        fn before_commit(&self, n: u64) -> std::io::Result<()> {
+            if n == self.0 {
+                Err(std::io::Error::other("injected: disk full"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_and_its_result_commit_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits_at_open = {
+            // count the commits an open makes (schema row on a fresh journal)
+            let probe = tempfile::tempdir().unwrap();
+            let j = Journal::open_with_gate(probe.path(), Box::new(FailNth(u64::MAX))).unwrap();
+            j.result_add(|s| s.to_string()).unwrap();
+            j.lock().commits - 1
+        };
+        let a = "a".repeat(32);
+        {
+            let j = Journal::open_with_gate(dir.path(), Box::new(FailNth(commits_at_open + 2)))
+                .unwrap();
+            // commit +1: accepted with its held result
+            j.op_accept(&rec(&a, 1000), |s| format!("held {s}"))
+                .unwrap();
+            // commit +2 fails: the decision and its result are both lost, the journal is in
+            // safe mode and refuses further writes
+            let e = j.op_update(
+                &a,
+                |r| r.state = "applied".into(),
+                Some(&mut |s, r: &OpRecord| format!("{} {s}", r.state)),
+            );
+            assert!(e.is_err());
+            assert!(j.safe_mode().is_some());
+            assert!(j.result_add(|s| s.to_string()).is_err());
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.op_get(&a).unwrap().unwrap().state, "held");
+        let bodies: Vec<String> = j
+            .results_pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.body)
+            .collect();
+        assert_eq!(bodies, ["held 1"], "no result without its state change");
+    }
 }
