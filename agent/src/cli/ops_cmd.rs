@@ -83,6 +83,24 @@ pub(crate) fn render_identity_and_ops(id: &Value, ops: &Value) -> String {
         _ => format!("disabled: {}", ops["reason"].as_str().unwrap_or("?")),
     };
     out.push_str(&format!("ops: {line}\n"));
+    if let Some(held) = ops["held"].as_array() {
+        for h in held {
+            out.push_str(&format!(
+                "  {} {} {}: {}{}\n",
+                h["op_id"].as_str().unwrap_or("?"),
+                h["op"].as_str().unwrap_or("?"),
+                h["vmid"].as_u64().map_or_else(|| "host".to_string(), |v| v.to_string()),
+                h["state"].as_str().unwrap_or("?"),
+                h["waiting_for"]
+                    .as_str()
+                    .map(|w| format!(" (waiting for {w})"))
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    if let Some(n) = ops["pending_results"].as_u64() {
+        out.push_str(&format!("  results not yet accepted by the hub: {n}\n"));
+    }
     out
 }
 
