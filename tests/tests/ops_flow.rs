@@ -65,3 +65,30 @@ async fn a_signed_stop_is_held_then_applied_and_the_hub_learns_both() {
     assert_eq!(v["ops"][0]["state"], "applied", "{v}");
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_on_the_restore_tests_scratch_range_is_refused_invalid_params() {
+    needs_root!();
+    let stack = Stack::new(json!({"restore_tests": {"scratch_vmids": "9900-9909"}}));
+    let agent = stack.start_agent();
+    let payload = stack.guest_op("start", "lxc", 9901);
+    let op_id = op_id_of(&payload);
+    stack.deliver(&stack.signed(&payload)).await;
+    let done = stack.final_result(&op_id, T).await;
+    assert_eq!(done["state"], "refused", "{done}\n{}", agent.log_text());
+    assert_eq!(done["reason"], "invalid_params", "{done}");
+    assert!(
+        done["message"].as_str().unwrap().contains("scratch range"),
+        "{done}"
+    );
+    assert!(stack.mutations().await.is_empty());
+    // the same check offline: `ops verify` uses the configured range too
+    let file = stack.dir.path().join("scratch-op.json");
+    std::fs::write(&file, stack.signed(&payload).text()).unwrap();
+    let (code, out, err) = stack.cli(&["ops", "verify", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("invalid_params") || err.contains("invalid_params"),
+        "{out}{err}"
+    );
+}

@@ -89,7 +89,9 @@ pub(crate) fn render_identity_and_ops(id: &Value, ops: &Value) -> String {
                 "  {} {} {}: {}{}\n",
                 h["op_id"].as_str().unwrap_or("?"),
                 h["op"].as_str().unwrap_or("?"),
-                h["vmid"].as_u64().map_or_else(|| "host".to_string(), |v| v.to_string()),
+                h["vmid"]
+                    .as_u64()
+                    .map_or_else(|| "host".to_string(), |v| v.to_string()),
                 h["state"].as_str().unwrap_or("?"),
                 h["waiting_for"]
                     .as_str()
@@ -161,7 +163,7 @@ pub fn verify(cli: &Cli, file: &Path) -> Result<(), CliError> {
         agent_id,
         node: cfg.node.clone(),
         now: now(),
-        scratch_vmids: None,
+        scratch_vmids: cfg.scratch_vmids.clone(),
     };
     // Only the payload type is looked at before verification, to pick the checks; the
     // body stays untouched until the signatures verified.

@@ -203,6 +203,7 @@ async fn daemon(
         gate: gate_tx.subscribe(),
         engine: parts.engine.clone(),
         env: exec_env(&cfg, proxmox.clone(), parts.engine.journal().clone()),
+        scratch_vmids: cfg.scratch_vmids.clone(),
     });
     let _ = ops_slot.set(ops.clone());
     let (reconcile_tx, reconcile_rx) = watch::channel(Some(parts.engine.status().report()));

@@ -147,6 +147,11 @@ pub(crate) const FIELDS: &[Field] = &[
         "FELHOM_AGENT_AUTHZ_SIGNERS_FILE",
         Kind::Path,
     ),
+    field(
+        "restore_tests.scratch_vmids",
+        "FELHOM_AGENT_RESTORE_TESTS_SCRATCH_VMIDS",
+        Kind::Str,
+    ),
 ];
 
 /// Name of the systemd credential holding the Proxmox token secret.

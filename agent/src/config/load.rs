@@ -746,6 +746,37 @@ fn build_hub(layer: &Layer, env: &EnvMap) -> Result<(HubConfig, Option<Source>),
     ))
 }
 
+/// `restore_tests.scratch_vmids`: `"A-B"`, two valid vmids, `A <= B`, at most 1000 guests.
+fn build_scratch_vmids(
+    layer: &Layer,
+) -> Result<Option<std::ops::RangeInclusive<u32>>, ConfigError> {
+    const FIELD: &str = "restore_tests.scratch_vmids";
+    let Some(text) = layer.str(FIELD) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        layer.invalid(
+            FIELD,
+            format!("{text:?}: {why} (expected \"A-B\", e.g. \"9900-9909\")"),
+        )
+    };
+    let (a, b) = text.split_once('-').ok_or_else(|| bad("no '-'"))?;
+    let vmid = |s: &str| {
+        s.trim()
+            .parse::<felhom_protocol::Vmid>()
+            .map(|v| v.get())
+            .map_err(|e| bad(&e.to_string()))
+    };
+    let (a, b) = (vmid(a)?, vmid(b)?);
+    if a > b {
+        return Err(bad("the first vmid is above the second"));
+    }
+    if b - a >= 1000 {
+        return Err(bad("more than 1000 vmids"));
+    }
+    Ok(Some(a..=b))
+}
+
 /// `reconcile.desired_source`: `file` (default) or `hub`. The hub source needs the hub
 /// enabled and excludes `reconcile.desired_file`: two sources at once would leave it open
 /// which one reconcile follows.
@@ -895,6 +926,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
     let authz = AuthzConfig {
         signers_file: layer.path_or("authz.signers_file", AuthzConfig::default().signers_file)?,
     };
+    let scratch_vmids = build_scratch_vmids(layer)?;
     let desired_file = layer.path("reconcile.desired_file")?;
     let desired_source = build_desired_source(layer, &hub, desired_file.is_some())?;
     let reconcile = ReconcileConfig {
@@ -930,6 +962,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
         reconcile,
         control,
         authz,
+        scratch_vmids,
     };
 
     let mut warnings = Vec::new();
@@ -1089,6 +1122,10 @@ fn effective(c: &Config, path: &str) -> Option<String> {
         }
         "control.socket" => p(&c.control.socket),
         "authz.signers_file" => p(&c.authz.signers_file),
+        "restore_tests.scratch_vmids" => c
+            .scratch_vmids
+            .as_ref()
+            .map(|r| format!("{}-{}", r.start(), r.end())),
         _ => None,
     }
 }

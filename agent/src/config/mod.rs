@@ -37,6 +37,7 @@
 //! | `reconcile.desired_file`, `.shutdown_timeout_seconds` | none, 120 |
 //! | `control.socket` | `/run/felhom/agent.sock` |
 //! | `authz.signers_file` | `/etc/felhom/signers.json` (absent: signed operations off) |
+//! | `restore_tests.scratch_vmids` | none; `"A-B"`: the restore tests' scratch guests (signed operations may not target them) |
 //!
 //! Unknown keys in the file are rejected with their full path; every path in the file must
 //! be absolute.
@@ -138,6 +139,7 @@ impl Config {
             reconcile: ReconcileConfig::default(),
             control: ControlConfig::default(),
             authz: AuthzConfig::default(),
+            scratch_vmids: None,
         }
     }
 }
@@ -181,6 +183,9 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub control: ControlConfig,
     pub authz: AuthzConfig,
+    /// The restore tests' scratch range (`restore_tests.scratch_vmids`): a signed guest
+    /// operation on one of these vmids is refused `invalid_params`.
+    pub scratch_vmids: Option<std::ops::RangeInclusive<u32>>,
 }
 
 /// The sections of [`Config`] that concern this host only (no Proxmox, no hub).

@@ -655,3 +655,19 @@ fn desired_source_defaults_to_file_and_hub_needs_the_hub_and_no_file() {
         "{msg}"
     );
 }
+
+#[test]
+fn scratch_vmids_are_a_bounded_range_of_valid_vmids() {
+    let var = "FELHOM_AGENT_RESTORE_TESTS_SCRATCH_VMIDS";
+    let ok = base_json(r#""insecure": true"#);
+    let l = load(&ok, &[(var, "9900-9909")]).unwrap();
+    assert_eq!(l.config.scratch_vmids, Some(9900..=9909));
+    for bad in ["9909-9900", "99", "100-2000", "9900-x", "50-60"] {
+        let e = load(&ok, &[(var, bad)]).unwrap_err();
+        assert!(
+            e.to_string().contains("restore_tests.scratch_vmids"),
+            "{bad}: {e}"
+        );
+    }
+    assert_eq!(load(&ok, &[]).unwrap().config.scratch_vmids, None);
+}

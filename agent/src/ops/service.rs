@@ -85,6 +85,8 @@ pub struct OpsDeps {
     pub gate: watch::Receiver<Gate>,
     pub engine: Arc<EngineHandle>,
     pub env: ExecEnv,
+    /// The restore tests' scratch vmids: guest operations on them are `invalid_params`.
+    pub scratch_vmids: Option<std::ops::RangeInclusive<u32>>,
 }
 
 impl std::fmt::Debug for OpsDeps {
@@ -104,6 +106,7 @@ struct Inner {
     gate: watch::Receiver<Gate>,
     engine: Arc<EngineHandle>,
     env: Mutex<ExecEnv>,
+    scratch_vmids: Option<std::ops::RangeInclusive<u32>>,
     /// Serializes receipts and every state change of a record.
     decide: Mutex<()>,
     /// Operations handed to a lane and not finished there yet.
@@ -218,6 +221,7 @@ impl OpsService {
             gate: deps.gate,
             engine: deps.engine,
             env: Mutex::new(deps.env),
+            scratch_vmids: deps.scratch_vmids,
             decide: Mutex::new(()),
             submitted: Mutex::new(HashSet::new()),
             retry: Mutex::new(HashMap::new()),
@@ -422,7 +426,7 @@ impl Inner {
             agent_id: self.agent_id.clone(),
             node: self.node.clone(),
             now: unix_now(),
-            scratch_vmids: None,
+            scratch_vmids: self.scratch_vmids.clone(),
         }
     }
 
