@@ -3,8 +3,9 @@
 //! would: it alters a byte of a payload, strips a signature below the threshold,
 //! duplicates a signature to fake a second signer, reorders its queue so the tampered
 //! copies arrive before the genuine ones, replays deliveries (before and after a kill -9),
-//! and rolls the desired state back (serving an older generation, and an older document
-//! under a newer generation number, and a newer one with an altered byte).
+//! and rolls the desired state back (serving an older generation, an older document under
+//! a newer generation number, another document of the applied generation, and newer ones
+//! with an altered byte or an untrusted signature).
 //!
 //! What must hold: nothing unsigned or altered runs (`felhom-pvesim`'s request log shows
 //! only the genuine operations' requests, each exactly once, and reconcile's toward the
@@ -261,6 +262,30 @@ async fn a_compromised_hub_can_neither_run_tampered_operations_nor_roll_the_desi
     assert_eq!(refused["reason"], "rollback", "{refused:#}");
     assert_eq!(refused["generation"], 1, "{refused:#}");
     assert_eq!(refused["payload_sha256"], desired(1).sha256_hex());
+
+    // ---- rollback 3: another document of generation 3 (signed by alice: a draft the hub
+    // kept), served as "generation 7": the same generation with another payload.
+    let other3 = Payload::desired(AGENT_ID, &node, 3, desired_guests(2, managed));
+    stack
+        .ops
+        .set_desired_text(&other3.sign(&[alice]).text(), 7)
+        .await
+        .expect("PUT /_sim/desired");
+    let sha3 = other3.sha256_hex();
+    let r3 = stack
+        .wait_result(T, move |r| {
+            r["kind"] == "desired" && r["payload_sha256"].as_str() == Some(sha3.as_str())
+        })
+        .await;
+    assert_eq!(
+        (
+            r3["state"].as_str(),
+            r3["reason"].as_str(),
+            r3["generation"].as_u64()
+        ),
+        (Some("refused"), Some("rollback"), Some(3)),
+        "{r3:#}"
+    );
 
     // ---- a newer generation with one byte altered under alice's signature, and one
     // signed by an untrusted key: neither is adopted.
