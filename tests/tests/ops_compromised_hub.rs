@@ -449,6 +449,18 @@ async fn a_compromised_hub_can_neither_run_tampered_operations_nor_roll_the_desi
             "{action}: {r:#}"
         );
         assert!(r["upids"].as_array().is_none_or(Vec::is_empty), "{r:#}");
+        // An altered payload verifies under no key: nothing of it is read, no op_id. A
+        // copy that lost a signature still verifies under alice: its refusal names the
+        // genuine operation's op_id and payload (the hub tells them apart by delivery).
+        if *action == "alter_byte" {
+            assert!(r["op_id"].is_null(), "{r:#}");
+        } else {
+            assert!(
+                r["op_id"].as_str() == Some(id_b.as_str())
+                    || r["op_id"].as_str() == Some(id_x.as_str()),
+                "{r:#}"
+            );
+        }
         let seq = r["seq"].as_u64().unwrap();
         assert!(
             seq < held_a.min(held_b),
