@@ -347,6 +347,9 @@ async fn desired_loop(
     node: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // The payload hash of the last document refused: a hub that keeps announcing a higher
+    // generation while serving it again gets that refusal once, not once per report.
+    let mut last_refused: Option<Option<String>> = None;
     loop {
         let wanted = envelopes
             .borrow_and_update()
@@ -371,7 +374,11 @@ async fn desired_loop(
                             .await;
                     if let Ok(decision) = decision
                         && !decision.unchanged
+                        && !(decision.state == super::wire::DecisionState::Refused
+                            && last_refused.as_ref() == Some(&decision.payload_sha256))
                     {
+                        last_refused = (decision.state == super::wire::DecisionState::Refused)
+                            .then(|| decision.payload_sha256.clone());
                         let o = ops.clone();
                         let _ = tokio::task::spawn_blocking(move || {
                             o.add_result(|seq| decision.to_result(seq))
