@@ -81,6 +81,8 @@ pub struct Guest {
     pub started_at: u64,
     pub pid: u32,
     pub digest: String,
+    /// Control flag: its start tasks fail (as a guest that does not boot).
+    pub start_fails: bool,
 }
 
 /// How a config value is typed in JSON.
@@ -272,6 +274,31 @@ pub fn is_disk_key(kind: Kind, key: &str) -> bool {
                 || key == "tpmstate0"
         }
     }
+}
+
+/// The storage-backed disks of a config: `(key, storage, volume name, size)`; bind and
+/// device mount points (host paths) and CD-ROMs are not volumes and are left out.
+pub fn config_disks(
+    kind: Kind,
+    conf: &BTreeMap<String, String>,
+) -> Vec<(String, String, String, u64)> {
+    let mut disks = conf
+        .iter()
+        .filter(|(k, v)| is_disk_key(kind, k) && !v.contains("media=cdrom"))
+        .filter_map(|(k, v)| {
+            let volid = volume_of(v)?;
+            let (sid, name) = schema::parse_volume_id(volid)?;
+            Some((
+                k.clone(),
+                sid.to_owned(),
+                name.to_owned(),
+                volume_size(v).unwrap_or(0),
+            ))
+        })
+        .collect::<Vec<_>>();
+    // The root disk first: PVE numbers a container's disks from its rootfs (stable sort).
+    disks.sort_by_key(|d| d.0 != "rootfs");
+    disks
 }
 
 /// Whether key is `<prefix><digits>`.

@@ -1,5 +1,7 @@
-//! Storages and the volumes the simulator tracks on them (backups and templates).
-//! Owns the storage list and content JSON; guest disks live in guest configs.
+//! Storages and the volumes the simulator tracks on them (backups and templates), and
+//! the space guest disks made by the simulator (restores) take there.
+//! Owns the storage list, content JSON and space accounting; guest disks are named in
+//! guest configs. Must never: let the reported `used` exceed `total`.
 
 use serde_json::{Map, Value, json};
 
@@ -16,8 +18,12 @@ pub struct Storage {
     pub active: bool,
     pub enabled: bool,
     pub total: u64,
+    /// Space taken by what the simulator does not track (seeded guests' disks, other
+    /// files); the reported `used` adds the volumes and allocated disks below.
     pub used: u64,
     pub volumes: Vec<Volume>,
+    /// Guest disks the simulator allocated here (restores): volume name → bytes.
+    pub allocated: std::collections::BTreeMap<String, u64>,
 }
 
 /// A volume listed by the content endpoint.
@@ -38,6 +44,10 @@ pub struct Volume {
     pub backup_conf: Option<BackupConf>,
     /// PBS storages only: the last verify job's result.
     pub verification: Option<Verification>,
+    /// Control flag: the archive's data is damaged, a restore from it fails.
+    pub corrupt: bool,
+    /// Control flag: a guest restored from this archive fails to start.
+    pub start_fails: bool,
 }
 
 /// A PBS backup's last verification, as PBS reports it and PVE passes it on.
@@ -76,8 +86,7 @@ impl Storage {
         m.insert("enabled".to_owned(), json!(u8::from(self.enabled)));
         m.insert("shared".to_owned(), json!(u8::from(self.shared)));
         if self.active {
-            let used = self.used + self.volumes.iter().map(|v| v.size).sum::<u64>();
-            let used = used.min(self.total);
+            let used = self.used_bytes();
             m.insert("total".to_owned(), json!(self.total));
             m.insert("used".to_owned(), json!(used));
             m.insert("avail".to_owned(), json!(self.total - used));
@@ -87,6 +96,34 @@ impl Storage {
             );
         }
         Value::Object(m)
+    }
+
+    /// Used bytes as reported: the untracked base, backups and allocated disks, capped
+    /// at `total`.
+    pub fn used_bytes(&self) -> u64 {
+        let tracked =
+            self.volumes.iter().map(|v| v.size).sum::<u64>() + self.allocated.values().sum::<u64>();
+        self.used.saturating_add(tracked).min(self.total)
+    }
+
+    /// Free bytes as reported.
+    pub fn avail(&self) -> u64 {
+        self.total - self.used_bytes()
+    }
+
+    /// Sets the untracked base so that `avail` becomes `avail` (control API).
+    pub fn set_avail(&mut self, avail: u64) {
+        let tracked =
+            self.volumes.iter().map(|v| v.size).sum::<u64>() + self.allocated.values().sum::<u64>();
+        self.used = self.total.saturating_sub(avail).saturating_sub(tracked);
+    }
+
+    /// Frees a guest disk: an allocated one is dropped, any other (a seeded guest's,
+    /// counted in the base) lowers the base by its size.
+    pub fn free_disk(&mut self, volname: &str, size: u64) {
+        if self.allocated.remove(volname).is_none() {
+            self.used = self.used.saturating_sub(size);
+        }
     }
 
     /// A Proxmox Backup Server datastore (backups are snapshots there, not files).
@@ -104,6 +141,14 @@ impl Storage {
 }
 
 impl Volume {
+    /// The control view: the content item plus the control flags.
+    pub fn control_json(&self) -> Value {
+        let mut v = self.content_json();
+        v["corrupt"] = json!(self.corrupt);
+        v["start_fails"] = json!(self.start_fails);
+        v
+    }
+
     /// The item of `GET /nodes/{node}/storage/{storage}/content`.
     pub fn content_json(&self) -> Value {
         let mut m = Map::new();
