@@ -584,3 +584,81 @@ async fn restore_time_follows_archive_size_and_a_killed_restore_is_undone() {
     );
     assert_eq!(avail(&sim, "local-lvm").await, before);
 }
+
+#[tokio::test]
+async fn a_token_restore_skips_raw_lxc_lines_with_a_warning_and_refuses_bind_mounts() {
+    let sim = spawn(&["--guests", "8", "--task-seconds", "0.05"]);
+    // CT 108 carries raw lxc.* lines; 104 gets a bind mount point.
+    sim.set_guest(104, json!({"config": {"mp0": "/srv/data,mp=/data"}}))
+        .await
+        .unwrap();
+    for vmid in ["108", "104"] {
+        let (_, st) = task(
+            &sim,
+            "POST",
+            "/nodes/pve1/vzdump",
+            &[("vmid", vmid), ("storage", "local"), ("compress", "zstd")],
+            "vzdump",
+            vmid,
+        )
+        .await;
+        assert_eq!(st["exitstatus"], "OK", "{st}");
+    }
+    let raw = backup_of(&sim, "local", 108).await;
+    let (upid, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "9907"),
+            ("ostemplate", &raw),
+            ("restore", "1"),
+            ("storage", "local-lvm"),
+        ],
+        "vzrestore",
+        "9907",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "WARNINGS: 1", "{st}");
+    let log = task_log(&sim, &upid).await;
+    let at = log
+        .iter()
+        .position(|l| l == "WARN: skipping custom lxc options, restore manually as root:")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(log[at + 2], "lxc.cgroup2.devices.allow: c 226:0 rwm");
+    assert_eq!(log.last().unwrap(), "TASK WARNINGS: 1");
+    assert!(
+        get(&sim, "/nodes/pve1/lxc/9907/config")
+            .await
+            .get("lxc")
+            .is_none()
+    );
+
+    let bind = backup_of(&sim, "local", 104).await;
+    let before = avail(&sim, "local-lvm").await;
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "9908"),
+            ("ostemplate", &bind),
+            ("restore", "1"),
+            ("storage", "local-lvm"),
+        ],
+        "vzrestore",
+        "9908",
+    )
+    .await;
+    assert_eq!(
+        st["exitstatus"],
+        "unable to restore CT 9908 - restoring 'mp0' to bind mount is only possible for root"
+    );
+    assert_eq!(
+        api(&sim, "GET", "/nodes/pve1/lxc/9908/config", &[])
+            .await
+            .status,
+        500
+    );
+    assert_eq!(avail(&sim, "local-lvm").await, before);
+}

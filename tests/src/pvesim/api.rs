@@ -2564,6 +2564,25 @@ fn lxc_create(
             lines.insert(0, format!("extracting archive '{ostemplate}'"));
             return fail(st, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
         }
+        // Bind and device mount points come back only for root@pam (never a token).
+        if restore
+            && let Some(bc) = &vol.backup_conf
+            && let Some((k, v)) = bc
+                .conf
+                .iter()
+                .find(|(k, v)| guest::is_indexed(k, "mp") && guest::volume_of(v).is_none())
+        {
+            let ty = if v.starts_with("/dev/") {
+                "device"
+            } else {
+                "bind"
+            };
+            return fail(
+                st,
+                format!("restoring '{k}' to {ty} mount is only possible for root"),
+            );
+        }
+        let mut warn_lines = Vec::new();
         let mut rng = st.rng.fork();
         let mut conf: BTreeMap<String, String>;
         let raw_lxc;
@@ -2579,8 +2598,19 @@ fn lxc_create(
                 );
             };
             conf = bc.conf;
-            // Raw lxc.* lines are restored only for root@pam.
+            // Raw lxc.* lines are restored only for root@pam: a token's restore skips
+            // them with a warning (the task ends `WARNINGS: 1`).
             raw_lxc = Vec::new();
+            if !bc.raw_lxc.is_empty() {
+                warn_lines.push(
+                    "WARN: skipping custom lxc options, restore manually as root:".to_owned(),
+                );
+                warn_lines.push("--------------------------------".to_owned());
+                for (k, v) in &bc.raw_lxc {
+                    warn_lines.push(format!("{k}: {v}"));
+                }
+                warn_lines.push("--------------------------------".to_owned());
+            }
             for (key, volid, size) in plan.iter().flat_map(|p| p.disks.iter()) {
                 if let Some(v) = conf.get(key).cloned() {
                     conf.insert(key.clone(), remap_disk(&v, volid, *size));
@@ -2670,7 +2700,13 @@ fn lxc_create(
         let mut lines = Vec::new();
         if restore {
             lines.push(format!("extracting archive '{ostemplate}'"));
-            lines.push("Total bytes read: 1073741824 (1.0GiB, 512MiB/s)".into());
+            lines.push(format!(
+                "Total bytes read: {} ({}MiB, 512MiB/s)",
+                vol.size,
+                vol.size >> 20
+            ));
+            lines.push("merging backed-up and given configuration..".into());
+            lines.extend(warn_lines);
         }
         if start_after {
             if st.guests.get(&vmid).is_some_and(|g| g.start_fails) {

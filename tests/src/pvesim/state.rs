@@ -215,9 +215,16 @@ impl SimState {
         if let Some(t) = self.tasks.get_mut(upid) {
             match result {
                 Ok(lines) => {
+                    // `$rpcenv->warn` lines: the task ends with WARNINGS, still a success.
+                    let warnings = lines.iter().filter(|l| l.starts_with("WARN: ")).count();
                     t.log.extend(lines);
-                    t.log.push("TASK OK".to_owned());
-                    t.exit = Some("OK".to_owned());
+                    if warnings > 0 {
+                        t.log.push(format!("TASK WARNINGS: {warnings}"));
+                        t.exit = Some(format!("WARNINGS: {warnings}"));
+                    } else {
+                        t.log.push("TASK OK".to_owned());
+                        t.exit = Some("OK".to_owned());
+                    }
                 }
                 Err(TaskErr { lines, msg }) => {
                     t.log.extend(lines);
