@@ -662,3 +662,72 @@ async fn a_token_restore_skips_raw_lxc_lines_with_a_warning_and_refuses_bind_mou
     );
     assert_eq!(avail(&sim, "local-lvm").await, before);
 }
+
+#[tokio::test]
+async fn guest_agent_ping_follows_config_power_state_and_the_control_flag() {
+    let sim = spawn(&["--guests", "6", "--task-seconds", "0.05"]);
+    let ping = |vmid: u32| {
+        let sim = &sim;
+        async move {
+            api(
+                sim,
+                "POST",
+                &format!("/nodes/pve1/qemu/{vmid}/agent/ping"),
+                &[],
+            )
+            .await
+        }
+    };
+    // VM 103 runs with `agent: 1`.
+    assert_eq!(ping(103).await.data(), json!({"result": {}}));
+    // A VM restored from an archive flagged `agent_fails` boots, but its agent is silent.
+    let vm = backup_of(&sim, "pbs-offsite", 103).await;
+    set_volume(&sim, &vm, json!({"agent_fails": true})).await;
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/qemu",
+        &[
+            ("vmid", "9909"),
+            ("archive", &vm),
+            ("storage", "local-lvm"),
+            ("unique", "1"),
+        ],
+        "qmrestore",
+        "9909",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+    let r = ping(9909).await;
+    assert_eq!(
+        (r.status, r.reason.as_deref()),
+        (500, Some("VM 9909 is not running"))
+    );
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/qemu/9909/status/start",
+        &[],
+        "qmstart",
+        "9909",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+    let r = ping(9909).await;
+    assert_eq!(r.reason.as_deref(), Some("QEMU guest agent is not running"));
+    let (status, _) = control(
+        &sim,
+        "PUT",
+        "/_sim/guests/9909",
+        json!({"agent_fails": false}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ping(9909).await.data(), json!({"result": {}}));
+    // Without the agent enabled in the config.
+    sim.set_guest(103, json!({"config": {"agent": "0"}}))
+        .await
+        .unwrap();
+    let r = ping(103).await;
+    assert_eq!(r.reason.as_deref(), Some("No QEMU guest agent configured"));
+}

@@ -202,6 +202,10 @@ pub fn dispatch(
         )?,
         Route::GuestAction(_) => caller.check(&vms, &["VM.PowerMgmt"])?,
         Route::GuestDestroy => caller.check(&vms, &["VM.Allocate"])?,
+        Route::QemuAgentPing if st.version.has_guest_agent_privs() => {
+            caller.check_any(&vms, &["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"])?
+        }
+        Route::QemuAgentPing => caller.check(&vms, &["VM.Monitor"])?,
         Route::SnapshotCreate | Route::SnapshotDelete | Route::SnapshotUpdateConfig => {
             caller.check(&vms, &["VM.Snapshot"])?
         }
@@ -241,6 +245,7 @@ pub fn dispatch(
         Route::LxcCreate => lxc_create(st, caller, params, ctx),
         Route::QemuCreate => qemu_create(st, caller, params, ctx),
         Route::GuestDestroy => guest_destroy(st, caller, kind, params, ctx),
+        Route::QemuAgentPing => qemu_agent_ping(st, &params),
         Route::StorageList => get_storage_list(st, caller, &params),
         Route::StorageContent => get_storage_content(st, caller, &params),
         Route::Vzdump => vzdump(st, caller, params, ctx),
@@ -280,6 +285,7 @@ enum Route {
     LxcCreate,
     QemuCreate,
     GuestDestroy,
+    QemuAgentPing,
     StorageList,
     StorageContent,
     Vzdump,
@@ -297,6 +303,7 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         ("GET", ["nodes", _, k]) if guest(k) => Route::GuestList,
         ("POST", ["nodes", _, "lxc"]) => Route::LxcCreate,
         ("POST", ["nodes", _, "qemu"]) => Route::QemuCreate,
+        ("POST", ["nodes", _, "qemu", _, "agent", "ping"]) => Route::QemuAgentPing,
         ("DELETE", ["nodes", _, k, _]) if guest(k) => Route::GuestDestroy,
         ("GET", ["nodes", _, k, _]) if guest(k) => Route::GuestIndex,
         ("GET", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestConfig,
@@ -2992,6 +2999,7 @@ fn qemu_create(
         }
         let mut g = state::new_guest(vmid, Kind::Qemu, conf);
         g.start_fails = vol.start_fails;
+        g.agent_fails = vol.agent_fails;
         g.ha = existed.as_ref().and_then(|o| o.ha.clone());
         st.guests.insert(vmid, g);
         if start_after {
@@ -3058,6 +3066,30 @@ fn random_uuid(rng: &mut fastrand::Rng) -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// `POST /nodes/{node}/qemu/{vmid}/agent/ping` (synchronous): qemu-server's
+/// `assert_agent_available` in its order (agent enabled in the config, VM running,
+/// agent answering), then `{"result":{}}`.
+fn qemu_agent_ping(st: &SimState, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    let vmid = vmid_of(params);
+    let g = load(st, Kind::Qemu, vmid)?;
+    let enabled = g.conf.get("agent").is_some_and(|a| {
+        let first = a.split(',').next().unwrap_or("");
+        let v = first.strip_prefix("enabled=").unwrap_or(first);
+        matches!(v, "1" | "on" | "yes" | "true")
+    });
+    if !enabled {
+        return Err(ApiError::die("No QEMU guest agent configured"));
+    }
+    if !g.running {
+        return Err(ApiError::die(format!("VM {vmid} is not running")));
+    }
+    if g.agent_fails {
+        return Err(ApiError::die("QEMU guest agent is not running"));
+    }
+    data(json!({"result": {}}))
 }
 
 // ---------------------------------------------------------------- destroy

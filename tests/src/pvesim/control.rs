@@ -296,6 +296,7 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
         "lock": g.lock(),
         "template": g.is_template(),
         "start_fails": g.start_fails,
+        "agent_fails": g.agent_fails,
         "config": g.config_json(false),
         "current_config": g.config_json(true),
         "pending": g.pending,
@@ -341,6 +342,8 @@ pub struct GuestPatch {
     pub template: Option<bool>,
     /// Its start tasks fail (a guest that does not boot).
     pub start_fails: Option<bool>,
+    /// Its QEMU guest agent never answers (VMs).
+    pub agent_fails: Option<bool>,
     pub config: Option<BTreeMap<String, Option<String>>>,
     /// Another cluster node: the guest moves there (as after a migration done
     /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
@@ -428,6 +431,9 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     if let Some(f) = p.start_fails {
         g.start_fails = f;
     }
+    if let Some(f) = p.agent_fails {
+        g.agent_fails = f;
+    }
     if let Some(t) = p.template {
         if t {
             g.conf.insert("template".into(), "1".into());
@@ -460,6 +466,7 @@ fn move_to_other_node(
         || p.ha_managed.is_some()
         || p.template.is_some()
         || p.start_fails.is_some()
+        || p.agent_fails.is_some()
         || p.config.is_some();
     if others {
         return Err("\"node\" cannot be combined with other changes".into());
@@ -507,6 +514,8 @@ pub struct VolumePatch {
     pub corrupt: Option<bool>,
     /// Guests restored from it fail to start.
     pub start_fails: Option<bool>,
+    /// VMs restored from it have a guest agent that never answers.
+    pub agent_fails: Option<bool>,
 }
 
 /// Sets a volume's flags; answers its control view.
@@ -522,6 +531,9 @@ pub fn patch_volume(st: &mut SimState, volid: &str, p: VolumePatch) -> Result<Va
     }
     if let Some(f) = p.start_fails {
         vol.start_fails = f;
+    }
+    if let Some(f) = p.agent_fails {
+        vol.agent_fails = f;
     }
     Ok(vol.control_json())
 }

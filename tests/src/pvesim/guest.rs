@@ -83,6 +83,8 @@ pub struct Guest {
     pub digest: String,
     /// Control flag: its start tasks fail (as a guest that does not boot).
     pub start_fails: bool,
+    /// Control flag (VMs): its QEMU guest agent never answers.
+    pub agent_fails: bool,
 }
 
 /// How a config value is typed in JSON.

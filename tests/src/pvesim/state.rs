@@ -304,6 +304,7 @@ impl SimState {
                     verification: None,
                     corrupt: false,
                     start_fails: false,
+                    agent_fails: false,
                 }],
             },
             Storage {
@@ -553,6 +554,7 @@ pub fn new_guest(vmid: u32, kind: Kind, conf: BTreeMap<String, String>) -> Guest
         pid: 0,
         digest: String::new(),
         start_fails: false,
+        agent_fails: false,
     };
     g.touch();
     g
@@ -662,6 +664,7 @@ pub fn backup_volume(
         verification: None,
         corrupt: false,
         start_fails: false,
+        agent_fails: false,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Volume {
     pub corrupt: bool,
     /// Control flag: a guest restored from this archive fails to start.
     pub start_fails: bool,
+    /// Control flag: the QEMU guest agent of a VM restored from this archive never answers.
+    pub agent_fails: bool,
 }
 
 /// A PBS backup's last verification, as PBS reports it and PVE passes it on.
@@ -146,6 +148,7 @@ impl Volume {
         let mut v = self.content_json();
         v["corrupt"] = json!(self.corrupt);
         v["start_fails"] = json!(self.start_fails);
+        v["agent_fails"] = json!(self.agent_fails);
         v
     }
 
