@@ -3590,3 +3590,39 @@ fn stop_task(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answ
     st.kill_task(&upid, "received interrupt");
     data(Value::Null)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restored_disks_keep_their_options_with_the_new_volume_and_size() {
+        assert_eq!(
+            remap_disk(
+                "local-lvm:vm-103-disk-0,iothread=1,size=32G",
+                "fast:vm-9901-disk-0",
+                32 << 30
+            ),
+            "fast:vm-9901-disk-0,iothread=1,size=32G"
+        );
+        assert_eq!(
+            remap_disk(
+                "local-lvm:vm-103-disk-1,efitype=4m,size=4M",
+                "local-lvm:vm-9901-disk-1",
+                4 << 20
+            ),
+            "local-lvm:vm-9901-disk-1,efitype=4m,size=4M"
+        );
+        assert_eq!(new_disk_name("lvmthin", 9900, 0), "vm-9900-disk-0");
+        assert_eq!(new_disk_name("dir", 9900, 1), "9900/vm-9900-disk-1.raw");
+    }
+
+    #[test]
+    fn extract_failures_carry_the_tools_exit_codes() {
+        assert_eq!(extract_failure(Kind::Lxc, false, true).1, 2);
+        assert_eq!(extract_failure(Kind::Lxc, false, false).1, 2);
+        assert_eq!(extract_failure(Kind::Qemu, false, true).1, 133);
+        assert_eq!(extract_failure(Kind::Qemu, true, false).1, 255);
+        assert!(extract_failure(Kind::Lxc, false, false).0[0].ends_with("No space left on device"));
+    }
+}

@@ -885,6 +885,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_disks_lists_volumes_root_first_without_bind_mounts_or_cdroms() {
+        let conf: BTreeMap<String, String> = [
+            ("mp0", "local-lvm:vm-101-disk-1,mp=/data,size=2G"),
+            ("mp1", "/srv/share,mp=/share"),
+            ("rootfs", "local-lvm:vm-101-disk-0,size=8G"),
+            ("memory", "512"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let d = config_disks(Kind::Lxc, &conf);
+        let keys: Vec<&str> = d.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(keys, ["rootfs", "mp0"]);
+        assert_eq!(d[0].1, "local-lvm");
+        assert_eq!((d[0].2.as_str(), d[0].3), ("vm-101-disk-0", 8 << 30));
+        let vm: BTreeMap<String, String> = [
+            ("ide2", "none,media=cdrom"),
+            ("scsi0", "local-lvm:vm-103-disk-0,iothread=1,size=32G"),
+            ("efidisk0", "local-lvm:vm-103-disk-1,efitype=4m,size=4M"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let keys: Vec<String> = config_disks(Kind::Qemu, &vm)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(keys, ["efidisk0", "scsi0"]);
+    }
+
+    #[test]
     fn description_round_trip() {
         assert_eq!(normalize_description("hello").as_deref(), Some("hello\n"));
         assert_eq!(normalize_description("a\n\nb").as_deref(), Some("a\n\nb\n"));

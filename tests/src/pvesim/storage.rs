@@ -214,6 +214,49 @@ pub fn parse_backup_name(volname: &str) -> Option<(&'static str, u32)> {
 mod tests {
     use super::*;
 
+    fn storage(total: u64, used: u64) -> Storage {
+        Storage {
+            id: "local-lvm".into(),
+            stype: "lvmthin",
+            content: vec!["rootdir", "images"],
+            path: None,
+            shared: false,
+            active: true,
+            enabled: true,
+            total,
+            used,
+            volumes: Vec::new(),
+            allocated: Default::default(),
+        }
+    }
+
+    #[test]
+    fn allocated_disks_count_as_used_and_free_back_exactly() {
+        let mut s = storage(100, 40);
+        s.allocated.insert("vm-9900-disk-0".into(), 25);
+        assert_eq!((s.used_bytes(), s.avail()), (65, 35));
+        assert_eq!(s.list_json()["avail"], 35);
+        // An allocated disk is dropped; any other disk lowers the base.
+        s.free_disk("vm-9900-disk-0", 25);
+        assert_eq!(s.avail(), 60);
+        s.free_disk("vm-101-disk-0", 10);
+        assert_eq!((s.used, s.avail()), (30, 70));
+        s.free_disk("vm-102-disk-0", 1000);
+        assert_eq!(s.used, 0);
+    }
+
+    #[test]
+    fn set_avail_keeps_tracked_space_and_used_never_exceeds_total() {
+        let mut s = storage(100, 40);
+        s.allocated.insert("vm-9900-disk-0".into(), 30);
+        s.set_avail(10);
+        assert_eq!((s.used, s.avail()), (60, 10));
+        s.set_avail(100);
+        assert_eq!((s.used, s.used_bytes(), s.avail()), (0, 30, 70));
+        s.used = 500;
+        assert_eq!((s.used_bytes(), s.avail()), (100, 0));
+    }
+
     #[test]
     fn backup_names() {
         assert_eq!(
