@@ -731,3 +731,198 @@ async fn guest_agent_ping_follows_config_power_state_and_the_control_flag() {
     let r = ping(103).await;
     assert_eq!(r.reason.as_deref(), Some("No QEMU guest agent configured"));
 }
+
+/// The privileges a token needs for a whole restore test (restore into the scratch vmid
+/// with overrides, start, agent ping, stop, destroy), and what each missing one answers.
+#[tokio::test]
+async fn a_restore_test_works_with_these_privileges_and_not_without_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = |vmid: &str, extra: &[&str]| {
+        let mut privs = vec![
+            "VM.Allocate",
+            "VM.Audit",
+            "VM.PowerMgmt",
+            "VM.Config.Network",
+            "VM.Config.Options",
+        ];
+        privs.extend_from_slice(extra);
+        json!({"path": format!("/vms/{vmid}"), "privs": privs})
+    };
+    let full = vec![
+        scratch("9900", &[]),
+        scratch("9901", &["VM.GuestAgent.Audit"]),
+        json!({"path": "/vms/101", "privs": ["VM.Backup"]}),
+        json!({"path": "/vms/103", "privs": ["VM.Backup"]}),
+        json!({"path": "/storage/local", "privs": ["Datastore.AllocateSpace"]}),
+        json!({"path": "/storage/pbs-offsite", "privs": ["Datastore.AllocateSpace"]}),
+        json!({"path": "/storage/local-lvm", "privs": ["Datastore.AllocateSpace"]}),
+    ];
+    let without = |path: &str, privilege: &str| -> Vec<Value> {
+        full.iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if e["path"] == path {
+                    let privs: Vec<Value> = e["privs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|p| *p != privilege)
+                        .cloned()
+                        .collect();
+                    e["privs"] = Value::Array(privs);
+                }
+                e
+            })
+            .collect()
+    };
+    let acl = write_acl(
+        &dir,
+        &json!({"tokens": [
+            {"token_id": "felhom@pve!agent", "secret": "s", "acl": full},
+            {"token_id": "felhom@pve!noalloc", "secret": "s", "acl": without("/vms/9900", "VM.Allocate")},
+            {"token_id": "felhom@pve!nobackup", "secret": "s", "acl": without("/vms/101", "VM.Backup")},
+            {"token_id": "felhom@pve!nospace", "secret": "s", "acl": without("/storage/local-lvm", "Datastore.AllocateSpace")},
+            {"token_id": "felhom@pve!nonet", "secret": "s", "acl": without("/vms/9900", "VM.Config.Network")},
+            {"token_id": "felhom@pve!noopts", "secret": "s", "acl": without("/vms/9900", "VM.Config.Options")},
+            {"token_id": "felhom@pve!nodumps", "secret": "s", "acl": without("/storage/local", "Datastore.AllocateSpace")},
+        ]}),
+    );
+    let sim = spawn(&["--guests", "6", "--task-seconds", "0.05", "--acl", &acl]);
+    let lxc = backup_of(&sim, "local", 101).await;
+    let vm = backup_of(&sim, "pbs-offsite", 103).await;
+    let as_token = |name: &'static str| token_header(&format!("felhom@pve!{name}"), "s");
+    let lxc_form = [
+        ("vmid", "9900"),
+        ("ostemplate", lxc.as_str()),
+        ("restore", "1"),
+        ("storage", "local-lvm"),
+        ("unique", "1"),
+        ("start", "0"),
+        ("onboot", "0"),
+        ("hostname", "web01-restoretest"),
+        ("description", "restore test"),
+        ("net0", "name=eth0,bridge=vmbr0,link_down=1"),
+    ];
+    for (name, reason) in [
+        ("noalloc", "Permission check failed"),
+        ("nobackup", "Permission check failed (/vms/101, VM.Backup)"),
+        (
+            "nospace",
+            "Permission check failed (/storage/local-lvm, Datastore.AllocateSpace)",
+        ),
+        (
+            "nonet",
+            "Permission check failed (/vms/9900, VM.Config.Network)",
+        ),
+        (
+            "noopts",
+            "Permission check failed (/vms/9900, VM.Config.Options)",
+        ),
+        (
+            "nodumps",
+            "Permission check failed (/storage/local, Datastore.AllocateSpace)",
+        ),
+    ] {
+        let r = call(
+            &sim,
+            Some(&as_token(name)),
+            "POST",
+            "/nodes/pve1/lxc",
+            &lxc_form,
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.reason.as_deref()),
+            (403, Some(reason)),
+            "{name}"
+        );
+    }
+    let agent = as_token("agent");
+    let run = |method: &'static str, path: String, form: Vec<(&'static str, String)>| {
+        let sim = &sim;
+        let agent = agent.clone();
+        async move {
+            let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = call(sim, Some(&agent), method, &path, &form).await;
+            let upid = upid_of(&r.data());
+            assert!(upid.ends_with(":felhom@pve!agent:"), "{upid}");
+            sim.wait_task(&upid, Duration::from_secs(30)).await.unwrap()
+        }
+    };
+    let owned = |f: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        f.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+    };
+    let st = run("POST", "/nodes/pve1/lxc".into(), owned(&lxc_form)).await;
+    assert_eq!(st["exitstatus"], "OK", "{st}");
+    let st = run(
+        "POST",
+        "/nodes/pve1/qemu".into(),
+        owned(&[
+            ("vmid", "9901"),
+            ("archive", &vm),
+            ("storage", "local-lvm"),
+            ("unique", "1"),
+            ("onboot", "0"),
+            ("name", "vm103-restoretest"),
+            ("net0", "virtio,bridge=vmbr0,link_down=1"),
+        ]),
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK", "{st}");
+    for (kind, vmid) in [("lxc", "9900"), ("qemu", "9901")] {
+        let st = run(
+            "POST",
+            format!("/nodes/pve1/{kind}/{vmid}/status/start"),
+            vec![],
+        )
+        .await;
+        assert_eq!(st["exitstatus"], "OK", "{st}");
+        let r = call(
+            &sim,
+            Some(&agent),
+            "GET",
+            &format!("/nodes/pve1/{kind}/{vmid}/status/current"),
+            &[],
+        )
+        .await;
+        assert_eq!(r.data()["status"], "running");
+    }
+    let r = call(
+        &sim,
+        Some(&agent),
+        "POST",
+        "/nodes/pve1/qemu/9901/agent/ping",
+        &[],
+    )
+    .await;
+    assert_eq!(r.data(), json!({"result": {}}));
+    for (kind, vmid) in [("lxc", "9900"), ("qemu", "9901")] {
+        let st = run(
+            "POST",
+            format!("/nodes/pve1/{kind}/{vmid}/status/stop"),
+            vec![],
+        )
+        .await;
+        assert_eq!(st["exitstatus"], "OK", "{st}");
+        let st = run(
+            "DELETE",
+            format!("/nodes/pve1/{kind}/{vmid}"),
+            owned(&[("purge", "1"), ("destroy-unreferenced-disks", "1")]),
+        )
+        .await;
+        assert_eq!(st["exitstatus"], "OK", "{st}");
+    }
+    // Nothing outside the scratch vmids: the same token cannot destroy a real guest.
+    let r = call(
+        &sim,
+        Some(&agent),
+        "DELETE",
+        "/nodes/pve1/lxc/102",
+        &[("purge", "1")],
+    )
+    .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("Permission check failed (/vms/102, VM.Allocate)")
+    );
+}
