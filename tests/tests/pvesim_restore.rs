@@ -926,3 +926,86 @@ async fn a_restore_test_works_with_these_privileges_and_not_without_each() {
         Some("Permission check failed (/vms/102, VM.Allocate)")
     );
 }
+
+#[tokio::test]
+async fn a_restored_guest_can_be_made_to_stop_on_its_own_after_starting() {
+    let sim = spawn(&["--guests", "6", "--task-seconds", "0.05"]);
+    let lxc = backup_of(&sim, "local", 101).await;
+    // Zero seconds: it is stopped by the next request after its start task; no task.
+    set_volume(&sim, &lxc, json!({"stops_after_seconds": 0})).await;
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "9910"),
+            ("ostemplate", &lxc),
+            ("restore", "1"),
+            ("storage", "local-lvm"),
+        ],
+        "vzrestore",
+        "9910",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+    let tasks_before = sim.state().await.unwrap()["tasks"]
+        .as_array()
+        .unwrap()
+        .len();
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc/9910/status/start",
+        &[],
+        "vzstart",
+        "9910",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+    assert_eq!(
+        get(&sim, "/nodes/pve1/lxc/9910/status/current").await["status"],
+        "stopped"
+    );
+    let state = sim.state().await.unwrap();
+    assert_eq!(state["tasks"].as_array().unwrap().len(), tasks_before + 1);
+    // An hour: it stays up. Clearing the flag on a running guest cancels its countdown.
+    let (status, g) = control(
+        &sim,
+        "PUT",
+        "/_sim/guests/9910",
+        json!({"stops_after_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &g["stops_after_seconds"]), (200, &json!(3600.0)));
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc/9910/status/start",
+        &[],
+        "vzstart",
+        "9910",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+    assert_eq!(
+        get(&sim, "/nodes/pve1/lxc/9910/status/current").await["status"],
+        "running"
+    );
+    // A running guest given zero stops at once.
+    control(
+        &sim,
+        "PUT",
+        "/_sim/guests/9910",
+        json!({"stops_after_seconds": 0}),
+    )
+    .await;
+    assert_eq!(sim.guest(9910).await.unwrap()["status"], "stopped");
+    let (status, _) = control(
+        &sim,
+        "PUT",
+        "/_sim/guests/9910",
+        json!({"stops_after_seconds": -1}),
+    )
+    .await;
+    assert_eq!(status, 400);
+}

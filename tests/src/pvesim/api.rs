@@ -2693,7 +2693,10 @@ fn lxc_create(
         }
         let mut g = state::new_guest(vmid, Kind::Lxc, conf);
         g.raw_lxc = raw_lxc;
-        g.start_fails = vol.start_fails && restore;
+        if restore {
+            g.start_fails = vol.start_fails;
+            g.stops_after_seconds = vol.stops_after_seconds;
+        }
         if let Some(old) = &existed {
             g.ha = old.ha.clone();
         }
@@ -3000,6 +3003,7 @@ fn qemu_create(
         let mut g = state::new_guest(vmid, Kind::Qemu, conf);
         g.start_fails = vol.start_fails;
         g.agent_fails = vol.agent_fails;
+        g.stops_after_seconds = vol.stops_after_seconds;
         g.ha = existed.as_ref().and_then(|o| o.ha.clone());
         st.guests.insert(vmid, g);
         if start_after {

@@ -297,6 +297,7 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
         "template": g.is_template(),
         "start_fails": g.start_fails,
         "agent_fails": g.agent_fails,
+        "stops_after_seconds": g.stops_after_seconds,
         "config": g.config_json(false),
         "current_config": g.config_json(true),
         "pending": g.pending,
@@ -344,6 +345,10 @@ pub struct GuestPatch {
     pub start_fails: Option<bool>,
     /// Its QEMU guest agent never answers (VMs).
     pub agent_fails: Option<bool>,
+    /// It stops on its own this many seconds after each start (`null` clears; a running
+    /// guest's countdown starts now).
+    #[serde(default, deserialize_with = "seconds_option")]
+    pub stops_after_seconds: Option<Option<f64>>,
     pub config: Option<BTreeMap<String, Option<String>>>,
     /// Another cluster node: the guest moves there (as after a migration done
     /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
@@ -434,6 +439,12 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     if let Some(f) = p.agent_fails {
         g.agent_fails = f;
     }
+    if let Some(s) = p.stops_after_seconds {
+        g.stops_after_seconds = s;
+        g.stops_at = s
+            .filter(|_| g.running)
+            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
+    }
     if let Some(t) = p.template {
         if t {
             g.conf.insert("template".into(), "1".into());
@@ -467,6 +478,7 @@ fn move_to_other_node(
         || p.template.is_some()
         || p.start_fails.is_some()
         || p.agent_fails.is_some()
+        || p.stops_after_seconds.is_some()
         || p.config.is_some();
     if others {
         return Err("\"node\" cannot be combined with other changes".into());
@@ -516,6 +528,23 @@ pub struct VolumePatch {
     pub start_fails: Option<bool>,
     /// VMs restored from it have a guest agent that never answers.
     pub agent_fails: Option<bool>,
+    /// Guests restored from it stop on their own this many seconds after a start
+    /// (`null` clears).
+    #[serde(default, deserialize_with = "seconds_option")]
+    pub stops_after_seconds: Option<Option<f64>>,
+}
+
+/// `"stops_after_seconds"`: absent = unchanged, `null` = cleared, a number ≥ 0 = set.
+fn seconds_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    let v = Option::<f64>::deserialize(d)?;
+    if let Some(s) = v
+        && !(s.is_finite() && (0.0..=86_400.0).contains(&s))
+    {
+        return Err(serde::de::Error::custom(
+            "stops_after_seconds must be within 0..=86400",
+        ));
+    }
+    Ok(Some(v))
 }
 
 /// Sets a volume's flags; answers its control view.
@@ -534,6 +563,9 @@ pub fn patch_volume(st: &mut SimState, volid: &str, p: VolumePatch) -> Result<Va
     }
     if let Some(f) = p.agent_fails {
         vol.agent_fails = f;
+    }
+    if let Some(s) = p.stops_after_seconds {
+        vol.stops_after_seconds = s;
     }
     Ok(vol.control_json())
 }

@@ -85,6 +85,11 @@ pub struct Guest {
     pub start_fails: bool,
     /// Control flag (VMs): its QEMU guest agent never answers.
     pub agent_fails: bool,
+    /// Control flag: after each start it stops on its own this many seconds later (a
+    /// guest that boots and then dies).
+    pub stops_after_seconds: Option<f64>,
+    /// When the running guest stops on its own (set at start from the flag above).
+    pub stops_at: Option<std::time::Instant>,
 }
 
 /// How a config value is typed in JSON.

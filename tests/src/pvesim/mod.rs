@@ -296,6 +296,7 @@ impl Sim {
         };
         let (result, timers) = {
             let mut st = lock(&self.state);
+            st.settle();
             // An `edit` fault: the change lands under the same lock, right before this
             // request is served.
             let edited = match edit {
@@ -420,10 +421,13 @@ impl Sim {
                 }
             }
             ("GET", ["_sim", "state"]) => {
-                Reply::Respond(control_json(200, control::state_json(&lock(&self.state))))
+                let mut st = lock(&self.state);
+                st.settle();
+                Reply::Respond(control_json(200, control::state_json(&st)))
             }
             ("GET", ["_sim", "guests", vmid]) => {
-                let st = lock(&self.state);
+                let mut st = lock(&self.state);
+                st.settle();
                 match vmid.parse::<u32>().ok().and_then(|v| st.guests.get(&v)) {
                     Some(g) => Reply::Respond(control_json(200, control::guest_state_json(g))),
                     None => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),

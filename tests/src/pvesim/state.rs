@@ -256,6 +256,21 @@ impl SimState {
         }
     }
 
+    /// Stops the guests whose `stops_after_seconds` ran out (as their own crash would:
+    /// no task). Called before every request is served and state is shown.
+    pub fn settle(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<u32> = self
+            .guests
+            .values()
+            .filter(|g| g.running && g.stops_at.is_some_and(|t| t <= now))
+            .map(|g| g.vmid)
+            .collect();
+        for vmid in due {
+            self.set_running(vmid, false);
+        }
+    }
+
     /// Starts a guest now (applies pending changes, as PVE does at start).
     pub fn set_running(&mut self, vmid: u32, running: bool) {
         let pid = if running { self.alloc_pid() } else { 0 };
@@ -266,6 +281,12 @@ impl SimState {
                 apply_pending(g, &mut rng);
                 g.started_at = now;
                 g.pid = pid;
+                g.stops_at = g
+                    .stops_after_seconds
+                    .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+            }
+            if !running {
+                g.stops_at = None;
             }
             g.running = running;
             if let Some(ha) = &mut g.ha {
@@ -305,6 +326,7 @@ impl SimState {
                     corrupt: false,
                     start_fails: false,
                     agent_fails: false,
+                    stops_after_seconds: None,
                 }],
             },
             Storage {
@@ -555,6 +577,8 @@ pub fn new_guest(vmid: u32, kind: Kind, conf: BTreeMap<String, String>) -> Guest
         digest: String::new(),
         start_fails: false,
         agent_fails: false,
+        stops_after_seconds: None,
+        stops_at: None,
     };
     g.touch();
     g
@@ -665,6 +689,7 @@ pub fn backup_volume(
         corrupt: false,
         start_fails: false,
         agent_fails: false,
+        stops_after_seconds: None,
     }
 }
 

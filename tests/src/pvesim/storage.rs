@@ -50,6 +50,9 @@ pub struct Volume {
     pub start_fails: bool,
     /// Control flag: the QEMU guest agent of a VM restored from this archive never answers.
     pub agent_fails: bool,
+    /// Control flag: a guest restored from this archive stops on its own this many
+    /// seconds after each start.
+    pub stops_after_seconds: Option<f64>,
 }
 
 /// A PBS backup's last verification, as PBS reports it and PVE passes it on.
@@ -149,6 +152,7 @@ impl Volume {
         v["corrupt"] = json!(self.corrupt);
         v["start_fails"] = json!(self.start_fails);
         v["agent_fails"] = json!(self.agent_fails);
+        v["stops_after_seconds"] = json!(self.stops_after_seconds);
         v
     }
 
