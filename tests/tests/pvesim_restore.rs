@@ -197,6 +197,30 @@ async fn qemu_restore_from_pbs_with_overrides_and_destroy() {
         r.json()["errors"]["scsi0"],
         "option conflicts with option 'archive'"
     );
+    // A target storage that cannot hold VM images fails in the task.
+    let (_, st) = task(
+        &sim,
+        "POST",
+        "/nodes/pve1/qemu",
+        &[("vmid", "9911"), ("archive", &volid), ("storage", "local")],
+        "qmrestore",
+        "9911",
+    )
+    .await;
+    assert_eq!(
+        st["exitstatus"],
+        "storage 'local' does not support vm images"
+    );
+    let (_, st) = task(
+        &sim,
+        "DELETE",
+        "/nodes/pve1/qemu/9911",
+        &[("purge", "1")],
+        "qmdestroy",
+        "9911",
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
     // An existing vmid is refused before any task.
     let r = api(
         &sim,

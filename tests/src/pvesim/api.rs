@@ -3201,8 +3201,8 @@ struct RestorePlan {
     archive: Option<storage::Volume>,
     /// `(config key, new volume id, size)` of each storage-backed disk of the backup.
     disks: Vec<(String, String, u64)>,
-    /// A target storage that does not exist.
-    missing: Option<String>,
+    /// A target storage that does not exist or cannot hold the disk: the task's error.
+    bad_target: Option<String>,
     /// The target storage too small for the disks (nothing was allocated then).
     no_space: Option<String>,
     /// How long reading the archive takes (size / `restore_bytes_per_second`).
@@ -3236,7 +3236,7 @@ fn plan_restore(
     let mut plan = RestorePlan {
         archive: archive.clone(),
         disks: Vec::new(),
-        missing: None,
+        bad_target: None,
         no_space: None,
         duration: std::time::Duration::ZERO,
     };
@@ -3254,9 +3254,20 @@ fn plan_restore(
     for (n, (key, orig, _, size)) in guest::config_disks(kind, &conf).into_iter().enumerate() {
         let (tsid, tsize) = target(&key, &orig, size);
         let Some(s) = st.storage(&tsid) else {
-            plan.missing = Some(tsid);
+            plan.bad_target = Some(format!("storage '{tsid}' does not exist"));
             return plan;
         };
+        let content = match kind {
+            Kind::Lxc => "rootdir",
+            Kind::Qemu => "images",
+        };
+        if !s.has_content(content) {
+            plan.bad_target = Some(match kind {
+                Kind::Lxc => format!("storage '{tsid}' does not support container directories"),
+                Kind::Qemu => format!("storage '{tsid}' does not support vm images"),
+            });
+            return plan;
+        }
         let name = new_disk_name(s.stype, vmid, n);
         *need.entry(tsid.clone()).or_default() += tsize;
         plan.disks.push((key, format!("{tsid}:{name}"), tsize));
@@ -3279,7 +3290,7 @@ fn plan_restore(
 
 /// Frees the disks a plan allocated (a failed or killed restore).
 fn free_plan(st: &mut SimState, plan: &RestorePlan) {
-    if plan.no_space.is_some() || plan.missing.is_some() {
+    if plan.no_space.is_some() || plan.bad_target.is_some() {
         return;
     }
     for (_, volid, _) in &plan.disks {
@@ -3395,8 +3406,8 @@ fn plan_failure(
     plan: &RestorePlan,
 ) -> Option<(Vec<String>, String)> {
     let vol = plan.archive.as_ref()?;
-    if let Some(sid) = &plan.missing {
-        return Some((Vec::new(), format!("storage '{sid}' does not exist")));
+    if let Some(e) = &plan.bad_target {
+        return Some((Vec::new(), e.clone()));
     }
     if !(vol.corrupt || plan.no_space.is_some()) {
         return None;
