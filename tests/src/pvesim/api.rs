@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::guest::{self, Guest, Kind, Snapshot};
 use super::schema::{self, Fmt, Params, Prop, Ty, opt, req};
 use super::state::{self, SimState, TaskWork, now_epoch};
-use super::storage::parse_backup_name;
+use super::storage::{self, parse_backup_name};
 use super::tasks::{TaskFilter, decode_upid};
 
 /// The authenticated caller.
@@ -201,6 +201,11 @@ pub fn dispatch(
             },
         )?,
         Route::GuestAction(_) => caller.check(&vms, &["VM.PowerMgmt"])?,
+        Route::GuestDestroy => caller.check(&vms, &["VM.Allocate"])?,
+        Route::QemuAgentPing if st.version.has_guest_agent_privs() => {
+            caller.check_any(&vms, &["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"])?
+        }
+        Route::QemuAgentPing => caller.check(&vms, &["VM.Monitor"])?,
         Route::SnapshotCreate | Route::SnapshotDelete | Route::SnapshotUpdateConfig => {
             caller.check(&vms, &["VM.Snapshot"])?
         }
@@ -238,6 +243,9 @@ pub fn dispatch(
         Route::SnapshotConfig => snapshot_config(st, kind, &params),
         Route::SnapshotUpdateConfig => snapshot_update_config(st, kind, params),
         Route::LxcCreate => lxc_create(st, caller, params, ctx),
+        Route::QemuCreate => qemu_create(st, caller, params, ctx),
+        Route::GuestDestroy => guest_destroy(st, caller, kind, params, ctx),
+        Route::QemuAgentPing => qemu_agent_ping(st, &params),
         Route::StorageList => get_storage_list(st, caller, &params),
         Route::StorageContent => get_storage_content(st, caller, &params),
         Route::Vzdump => vzdump(st, caller, params, ctx),
@@ -275,6 +283,9 @@ enum Route {
     SnapshotConfig,
     SnapshotUpdateConfig,
     LxcCreate,
+    QemuCreate,
+    GuestDestroy,
+    QemuAgentPing,
     StorageList,
     StorageContent,
     Vzdump,
@@ -291,6 +302,9 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         ("GET", ["nodes", _, "status"]) => Route::NodeStatus,
         ("GET", ["nodes", _, k]) if guest(k) => Route::GuestList,
         ("POST", ["nodes", _, "lxc"]) => Route::LxcCreate,
+        ("POST", ["nodes", _, "qemu"]) => Route::QemuCreate,
+        ("POST", ["nodes", _, "qemu", _, "agent", "ping"]) => Route::QemuAgentPing,
+        ("DELETE", ["nodes", _, k, _]) if guest(k) => Route::GuestDestroy,
         ("GET", ["nodes", _, k, _]) if guest(k) => Route::GuestIndex,
         ("GET", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestConfig,
         ("PUT", ["nodes", _, k, _, "config"]) if guest(k) => Route::GuestUpdateConfig,
@@ -1303,6 +1317,17 @@ fn spawn(
     caller: &Caller,
     t: NewTask,
 ) -> Result<Answer, ApiError> {
+    spawn_timed(st, ctx, caller, t, std::time::Duration::ZERO)
+}
+
+/// [`spawn`] for a task that runs `extra` longer than the configured task time.
+fn spawn_timed(
+    st: &mut SimState,
+    ctx: &mut RequestCtx,
+    caller: &Caller,
+    t: NewTask,
+    extra: std::time::Duration,
+) -> Result<Answer, ApiError> {
     let injected_failure = ctx.task_fail.take();
     if injected_failure.is_some() {
         ctx.task_fail_used = true;
@@ -1317,6 +1342,7 @@ fn spawn(
             cleanup: t.cleanup,
             injected_failure,
         },
+        extra,
     );
     data(json!(upid))
 }
@@ -1467,6 +1493,9 @@ fn guest_action(
             if g.running {
                 return Err(format!("{label} {vmid} already running").into());
             }
+            if g.start_fails {
+                return Err(start_failure(kind, vmid));
+            }
         } else if g.lock() != Some("mounted") {
             g.check_lock()?;
         }
@@ -1485,6 +1514,23 @@ fn guest_action(
             cleanup: Box::new(|_| {}),
         },
     )
+}
+
+/// How the start task of a guest that does not boot ends (control flag `start_fails`):
+/// pve-container's `startup for container 'N' failed` after lxc-start's own lines,
+/// qemu-server's `start failed: QEMU exited with code 1`.
+fn start_failure(kind: Kind, vmid: u32) -> state::TaskErr {
+    match kind {
+        Kind::Lxc => state::TaskErr {
+            lines: vec![
+                "run_buffer: 571 Script exited with status 1".to_owned(),
+                format!("lxc_init: 845 Failed to run lxc.hook.pre-start for container \"{vmid}\""),
+                format!("__lxc_start: 2034 Failed to initialize container \"{vmid}\""),
+            ],
+            msg: format!("startup for container '{vmid}' failed"),
+        },
+        Kind::Qemu => "start failed: QEMU exited with code 1".into(),
+    }
 }
 
 /// `POST .../status/reboot` (`vzreboot` / `qmreboot`): only `timeout` besides the path
@@ -2480,9 +2526,33 @@ fn lxc_create(
     if restore {
         log.push(format!("restoring '{ostemplate}' now.."));
     }
+    // `rootfs=<storage>:<GiB>` on the call sets the new root disk's size.
+    let rootfs_gib: Option<u64> = params
+        .get("rootfs")
+        .and_then(|r| r.split(',').next())
+        .and_then(|r| r.split_once(':'))
+        .and_then(|(_, n)| n.parse().ok());
+    let plan = restore.then(|| {
+        let tsid = target_sid.clone();
+        plan_restore(
+            st,
+            Kind::Lxc,
+            vmid,
+            &ostemplate,
+            &move |key, _orig, size| match rootfs_gib {
+                Some(g) if key == "rootfs" => (tsid.clone(), g << 30),
+                _ => (tsid.clone(), size),
+            },
+        )
+    });
+    let extra = plan.as_ref().map(|p| p.duration).unwrap_or_default();
+    let plan_for_cleanup = plan.clone();
     let existed_for_cleanup = existed.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
         let fail = |st: &mut SimState, msg: String| -> Result<Vec<String>, state::TaskErr> {
+            if let Some(p) = &plan {
+                free_plan(st, p);
+            }
             undo_create(st, vmid, existed.as_ref());
             Err(format!("{emsg} {vmid} - {msg}").into())
         };
@@ -2494,6 +2564,32 @@ fn lxc_create(
         let Some(vol) = vol else {
             return fail(st, format!("volume '{ostemplate}' does not exist"));
         };
+        if let Some(p) = &plan
+            && let Some((lines, msg)) = plan_failure(Kind::Lxc, vmid, st, p)
+        {
+            let mut lines = lines;
+            lines.insert(0, format!("extracting archive '{ostemplate}'"));
+            return fail(st, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
+        }
+        // Bind and device mount points come back only for root@pam (never a token).
+        if restore
+            && let Some(bc) = &vol.backup_conf
+            && let Some((k, v)) = bc
+                .conf
+                .iter()
+                .find(|(k, v)| guest::is_indexed(k, "mp") && guest::volume_of(v).is_none())
+        {
+            let ty = if v.starts_with("/dev/") {
+                "device"
+            } else {
+                "bind"
+            };
+            return fail(
+                st,
+                format!("restoring '{k}' to {ty} mount is only possible for root"),
+            );
+        }
+        let mut warn_lines = Vec::new();
         let mut rng = st.rng.fork();
         let mut conf: BTreeMap<String, String>;
         let raw_lxc;
@@ -2509,19 +2605,24 @@ fn lxc_create(
                 );
             };
             conf = bc.conf;
-            // Raw lxc.* lines are restored only for root@pam.
+            // Raw lxc.* lines are restored only for root@pam: a token's restore skips
+            // them with a warning (the task ends `WARNINGS: 1`).
             raw_lxc = Vec::new();
-            let size = conf
-                .get("rootfs")
-                .and_then(|r| guest::volume_size(r))
-                .unwrap_or(8 << 30);
-            conf.insert(
-                "rootfs".into(),
-                format!(
-                    "{target_sid}:vm-{vmid}-disk-0,size={}G",
-                    size.div_ceil(1 << 30)
-                ),
-            );
+            if !bc.raw_lxc.is_empty() {
+                warn_lines.push(
+                    "WARN: skipping custom lxc options, restore manually as root:".to_owned(),
+                );
+                warn_lines.push("--------------------------------".to_owned());
+                for (k, v) in &bc.raw_lxc {
+                    warn_lines.push(format!("{k}: {v}"));
+                }
+                warn_lines.push("--------------------------------".to_owned());
+            }
+            for (key, volid, size) in plan.iter().flat_map(|p| p.disks.iter()) {
+                if let Some(v) = conf.get(key).cloned() {
+                    conf.insert(key.clone(), remap_disk(&v, volid, *size));
+                }
+            }
             if unique {
                 for (k, v) in conf.iter_mut() {
                     if guest::is_indexed(k, "net")
@@ -2587,8 +2688,15 @@ fn lxc_create(
         }
         conf.remove("lock");
         conf.remove("parent");
+        if let Some(old) = &existed {
+            free_replaced_disks(st, Kind::Lxc, &old.conf, plan.as_ref());
+        }
         let mut g = state::new_guest(vmid, Kind::Lxc, conf);
         g.raw_lxc = raw_lxc;
+        if restore {
+            g.start_fails = vol.start_fails;
+            g.stops_after_seconds = vol.stops_after_seconds;
+        }
         if let Some(old) = &existed {
             g.ha = old.ha.clone();
         }
@@ -2602,17 +2710,30 @@ fn lxc_create(
         let mut lines = Vec::new();
         if restore {
             lines.push(format!("extracting archive '{ostemplate}'"));
-            lines.push("Total bytes read: 1073741824 (1.0GiB, 512MiB/s)".into());
+            lines.push(format!(
+                "Total bytes read: {} ({}MiB, 512MiB/s)",
+                vol.size,
+                vol.size >> 20
+            ));
+            lines.push("merging backed-up and given configuration..".into());
+            lines.extend(warn_lines);
         }
         if start_after {
-            st.set_running(vmid, true);
+            if st.guests.get(&vmid).is_some_and(|g| g.start_fails) {
+                lines.push(format!("startup for container '{vmid}' failed"));
+            } else {
+                st.set_running(vmid, true);
+            }
         }
         Ok(lines)
     });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        if let Some(p) = &plan_for_cleanup {
+            free_plan(st, p);
+        }
         undo_create(st, vmid, existed_for_cleanup.as_ref());
     });
-    spawn(
+    spawn_timed(
         st,
         ctx,
         caller,
@@ -2623,7 +2744,684 @@ fn lxc_create(
             finish,
             cleanup,
         },
+        extra,
     )
+}
+
+/// After a restore over an existing guest: its old disks are freed, except those the
+/// restore reused by name (their space is the new allocation's now).
+fn free_replaced_disks(
+    st: &mut SimState,
+    kind: Kind,
+    old: &BTreeMap<String, String>,
+    plan: Option<&RestorePlan>,
+) {
+    for (_, sid, name, size) in guest::config_disks(kind, old) {
+        let volid = format!("{sid}:{name}");
+        let reused = plan.is_some_and(|p| p.disks.iter().any(|(_, v, _)| *v == volid));
+        if let Some(s) = st.storage_mut(&sid) {
+            if reused {
+                s.used = s.used.saturating_sub(size);
+            } else {
+                s.free_disk(&name, size);
+            }
+        }
+    }
+}
+
+/// `POST /nodes/{node}/qemu` with `archive`: qemu-server's restore (`qmrestore`). The
+/// config keys given on the call override the backed-up ones (`override_conf`); drives
+/// may not be given (400 `option conflicts with option 'archive'`). Unlike a container,
+/// a VM whose restore fails is NOT removed: qemu-server only drops the `create` lock and
+/// warns that the state is not cleaned up, so an empty VM stays behind. A create
+/// without `archive` is not modelled (the agent never creates VMs).
+fn qemu_create(
+    st: &mut SimState,
+    caller: &Caller,
+    mut params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    schema::validate(
+        &[
+            NODE,
+            VMID,
+            opt(
+                "archive",
+                Ty::Str {
+                    fmt: Fmt::None,
+                    max_len: Some(255),
+                },
+            ),
+            opt("force", Ty::Bool),
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            opt("unique", Ty::Bool),
+            opt("start", Ty::Bool),
+            opt("pool", Ty::str()),
+            opt("bwlimit", Ty::int_min(0)),
+            opt("live-restore", Ty::Bool),
+            opt("ha-managed", Ty::Bool),
+        ],
+        &qemu_additional,
+        &params,
+    )?;
+    params.remove("node");
+    let vmid = vmid_of(&params);
+    params.remove("vmid");
+    let Some(archive) = params.remove("archive") else {
+        return Err(ApiError::die(
+            "pvesim models POST /nodes/{node}/qemu only as a restore (with 'archive')",
+        ));
+    };
+    params.remove("bwlimit");
+    let force = flag(&params, "force");
+    params.remove("force");
+    let start_after = flag(&params, "start");
+    params.remove("start");
+    let unique = flag(&params, "unique");
+    params.remove("unique");
+    let storage = params.remove("storage");
+    if flag(&params, "live-restore") {
+        return Err(ApiError::die(
+            "live-restore is only compatible with backup images from a Proxmox Backup Server",
+        ));
+    }
+    params.remove("live-restore");
+    if params.remove("ha-managed").as_deref() == Some("1") {
+        caller.check("/", &["Sys.Console"])?;
+    }
+    if let Some(pool) = params.remove("pool") {
+        return Err(ApiError::die(format!("pool '{pool}' does not exist")));
+    }
+    if let Some(sid) = &storage {
+        caller.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"])?;
+    }
+    let vms = format!("/vms/{vmid}");
+    let exists = st.guests.get(&vmid).is_some_and(|g| g.kind == Kind::Qemu);
+    if !(caller.has(&vms, "VM.Allocate") || (force && exists && caller.has(&vms, "VM.Backup"))) {
+        return Err(ApiError::perm_bare());
+    }
+    let mut keys: Vec<&String> = params.keys().collect();
+    keys.sort();
+    for k in &keys {
+        if guest::is_disk_key(Kind::Qemu, k) || k.as_str() == "cdrom" {
+            return Err(ApiError::param(k, "option conflicts with option 'archive'"));
+        }
+    }
+    check_volume_access(st, caller, Some(vmid), &archive, Some("backup"))?;
+    for k in keys {
+        qemu_key_perm(caller, vmid, k)?;
+    }
+    let emsg = format!("unable to restore VM {vmid} -");
+    // create_and_lock_config($vmid, $force)
+    if let Some(g) = st.guests.get(&vmid)
+        && !(force && g.kind == Kind::Qemu)
+    {
+        return Err(ApiError::die(format!(
+            "{emsg} {} {vmid} already exists on node '{}'",
+            g.kind.label(),
+            st.node
+        )));
+    }
+    if let Some((node, kind)) = st.other_nodes.get(&vmid) {
+        return Err(ApiError::die(format!(
+            "{emsg} {} {vmid} already exists on node '{node}'",
+            kind.label()
+        )));
+    }
+    let existed = st.guests.get(&vmid).cloned();
+    if let Some(g) = &existed {
+        g.check_lock()
+            .map_err(|e| ApiError::die(format!("{emsg} {e}")))?;
+        if let Some(gm) = st.guests.get_mut(&vmid) {
+            gm.conf.insert("lock".into(), "create".into());
+            gm.touch();
+        }
+    } else {
+        let mut conf = BTreeMap::new();
+        conf.insert("lock".to_owned(), "create".to_owned());
+        st.guests
+            .insert(vmid, state::new_guest(vmid, Kind::Qemu, conf));
+    }
+    let plan = plan_restore(st, Kind::Qemu, vmid, &archive, &|_key, orig, size| {
+        (storage.clone().unwrap_or_else(|| orig.to_owned()), size)
+    });
+    let extra = plan.duration;
+    let mut log = Vec::new();
+    if let Some(vol) = &plan.archive {
+        let (sid, _) = schema::parse_volume_id(&archive).unwrap_or(("", ""));
+        let file = archive.split_once(":backup/").map(|x| x.1).unwrap_or("");
+        let path = st
+            .storage(sid)
+            .map(|s| s.dump_path(file))
+            .unwrap_or_default();
+        if !vol.format.starts_with("pbs-") {
+            log.push(format!(
+                "restore vma archive: {}",
+                restore_command(Kind::Qemu, vmid, vol, &path)
+                    .trim_start_matches("set -o pipefail && ")
+            ));
+        }
+    }
+    let plan_for_cleanup = plan.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let not_cleaned = format!(
+            "error before or during data restore, some or all disks were not completely restored. VM {vmid} state is NOT cleaned up."
+        );
+        let fail = |st: &mut SimState, mut lines: Vec<String>, msg: String| {
+            free_plan(st, &plan);
+            if let Some(g) = st.guests.get_mut(&vmid)
+                && g.lock() == Some("create")
+            {
+                g.conf.remove("lock");
+                g.touch();
+            }
+            lines.push(not_cleaned.clone());
+            Err(state::TaskErr { lines, msg })
+        };
+        if st.guests.get(&vmid).is_some_and(|g| g.running) {
+            return fail(st, Vec::new(), format!("{emsg} vm is running"));
+        }
+        let Some(vol) = plan.archive.clone() else {
+            return fail(st, Vec::new(), format!("volume '{archive}' does not exist"));
+        };
+        let Some(bc) = vol
+            .backup_conf
+            .clone()
+            .filter(|_| vol.subtype == Some("qemu"))
+        else {
+            return fail(
+                st,
+                Vec::new(),
+                format!("unable to read config from archive '{archive}'"),
+            );
+        };
+        if let Some((lines, msg)) = plan_failure(Kind::Qemu, vmid, st, &plan) {
+            return fail(st, lines, msg);
+        }
+        let mut rng = st.rng.fork();
+        let mut conf = bc.conf;
+        let mut lines = vec![format!(
+            "CFG: size: {} name: qemu-server.conf",
+            400 + conf.len() * 24
+        )];
+        for (i, (key, _, size)) in plan.disks.iter().enumerate() {
+            lines.push(format!(
+                "DEV: dev_id={} size: {size} devname: drive-{key}",
+                i + 1
+            ));
+        }
+        lines.push(format!("CTIME: {}", guest_ctime(&vol)));
+        for (key, volid, size) in &plan.disks {
+            lines.push(format!("new volume ID is '{volid}'"));
+            if let Some(v) = conf.get(key).cloned() {
+                conf.insert(key.clone(), remap_disk(&v, volid, *size));
+            }
+        }
+        lines.push(format!(
+            "progress 100% (read {} bytes, duration 1 sec)",
+            plan.disks.iter().map(|d| d.2).sum::<u64>()
+        ));
+        lines.push("rescan volumes...".into());
+        if unique {
+            for (k, v) in conf.iter_mut() {
+                if guest::is_indexed(k, "net")
+                    && let Ok(mut m) = schema::parse_propstr(&schema::QEMU_NET, v, k)
+                {
+                    m.insert("macaddr".into(), guest::random_mac(&mut rng));
+                    *v = schema::print_propstr(&schema::QEMU_NET, &m);
+                }
+            }
+            if conf.contains_key("vmgenid") {
+                conf.insert("vmgenid".into(), random_uuid(&mut rng));
+            }
+            if let Some(s) = conf.get("smbios1").cloned() {
+                let rest: Vec<&str> = s.split(',').filter(|p| !p.starts_with("uuid=")).collect();
+                let mut v = format!("uuid={}", random_uuid(&mut rng));
+                for p in rest {
+                    v.push(',');
+                    v.push_str(p);
+                }
+                conf.insert("smbios1".into(), v);
+            }
+        }
+        for (k, v) in &params {
+            let v = match k.as_str() {
+                "tags" => guest::normalize_tags(v),
+                "description" => guest::normalize_description(v).unwrap_or_default(),
+                k2 if guest::is_indexed(k2, "net") => {
+                    guest::canonical_qemu_net(v, k2, &mut rng).unwrap_or(v.clone())
+                }
+                _ => v.clone(),
+            };
+            set_or_remove(&mut conf, k, v);
+        }
+        conf.remove("lock");
+        conf.remove("parent");
+        if let Some(old) = &existed {
+            free_replaced_disks(st, Kind::Qemu, &old.conf, Some(&plan));
+        }
+        let mut g = state::new_guest(vmid, Kind::Qemu, conf);
+        g.start_fails = vol.start_fails;
+        g.agent_fails = vol.agent_fails;
+        g.stops_after_seconds = vol.stops_after_seconds;
+        g.ha = existed.as_ref().and_then(|o| o.ha.clone());
+        st.guests.insert(vmid, g);
+        if start_after {
+            lines.push("Execute autostart".into());
+            if st.guests.get(&vmid).is_some_and(|g| g.start_fails) {
+                lines.push("start failed: QEMU exited with code 1".into());
+            } else {
+                st.set_running(vmid, true);
+            }
+        }
+        Ok(lines)
+    });
+    let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
+        free_plan(st, &plan_for_cleanup);
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.lock() == Some("create")
+        {
+            g.conf.remove("lock");
+            g.touch();
+        }
+    });
+    spawn_timed(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype: "qmrestore",
+            id: vmid.to_string(),
+            log,
+            finish,
+            cleanup,
+        },
+        extra,
+    )
+}
+
+/// The backup's time as vma prints it (`CTIME: Fri Jan 31 02:00:05 2025`).
+fn guest_ctime(vol: &storage::Volume) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(vol.ctime as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let wd = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+        [t.weekday().number_days_from_monday() as usize];
+    let mo = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][u8::from(t.month()) as usize - 1];
+    format!(
+        "{wd} {mo} {:2} {:02}:{:02}:{:02} {}",
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.year()
+    )
+}
+
+/// A random UUID (vmgenid, smbios1) in PVE's lowercase form.
+fn random_uuid(rng: &mut fastrand::Rng) -> String {
+    let h = format!("{:016x}{:016x}", rng.u64(..), rng.u64(..));
+    format!(
+        "{}-{}-4{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// `POST /nodes/{node}/qemu/{vmid}/agent/ping` (synchronous): qemu-server's
+/// `assert_agent_available` in its order (agent enabled in the config, VM running,
+/// agent answering), then `{"result":{}}`.
+fn qemu_agent_ping(st: &SimState, params: &Params) -> Result<Answer, ApiError> {
+    validate(&[NODE, VMID], params)?;
+    let vmid = vmid_of(params);
+    let g = load(st, Kind::Qemu, vmid)?;
+    let enabled = g.conf.get("agent").is_some_and(|a| {
+        let first = a.split(',').next().unwrap_or("");
+        let v = first.strip_prefix("enabled=").unwrap_or(first);
+        matches!(v, "1" | "on" | "yes" | "true")
+    });
+    if !enabled {
+        return Err(ApiError::die("No QEMU guest agent configured"));
+    }
+    if !g.running {
+        return Err(ApiError::die(format!("VM {vmid} is not running")));
+    }
+    if g.agent_fails {
+        return Err(ApiError::die("QEMU guest agent is not running"));
+    }
+    data(json!({"result": {}}))
+}
+
+// ---------------------------------------------------------------- destroy
+
+/// `DELETE /nodes/{node}/{lxc|qemu}/{vmid}` (`vzdestroy` / `qmdestroy`): refused before
+/// the fork when the guest is running (containers: unless `force`, which stops it in the
+/// task), locked, protected, or HA-managed without `purge`. The task frees every disk
+/// of the config (and with `destroy-unreferenced-disks` nothing more: the simulator
+/// has no unreferenced disks) and removes the guest. Backups are not touched.
+fn guest_destroy(
+    st: &mut SimState,
+    caller: &Caller,
+    kind: Kind,
+    params: Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    let mut props = vec![
+        NODE,
+        VMID,
+        opt("purge", Ty::Bool),
+        opt("destroy-unreferenced-disks", Ty::Bool),
+    ];
+    match kind {
+        Kind::Lxc => props.push(opt("force", Ty::Bool)),
+        Kind::Qemu => props.push(opt("skiplock", Ty::Bool)),
+    }
+    validate(&props, &params)?;
+    if flag(&params, "skiplock") {
+        return Err(ApiError::param(
+            "skiplock",
+            "Only root may use this option.",
+        ));
+    }
+    let vmid = vmid_of(&params);
+    let label = kind.label();
+    let g = load(st, kind, vmid)?;
+    let force = flag(&params, "force");
+    let purge = flag(&params, "purge");
+    if g.conf.get("protection").is_some_and(|v| v == "1") {
+        return Err(ApiError::die(format!(
+            "can't remove {label} {vmid} - protection mode enabled"
+        )));
+    }
+    g.check_lock().map_err(ApiError::die)?;
+    if g.ha.is_some() && !purge {
+        return Err(ApiError::die(format!(
+            "unable to remove {label} {vmid} - used in HA resources and purge parameter not set."
+        )));
+    }
+    if g.running && !force {
+        return Err(ApiError::die(format!(
+            "{label} {vmid} is running - destroy failed"
+        )));
+    }
+    let wtype = match kind {
+        Kind::Lxc => "vzdestroy",
+        Kind::Qemu => "qmdestroy",
+    };
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let g = load_task(st, kind, vmid)?.clone();
+        g.check_lock()?;
+        let mut lines = Vec::new();
+        if g.running {
+            st.set_running(vmid, false);
+        }
+        for volid in st.free_disks(kind, &g.conf) {
+            let (sid, name) = schema::parse_volume_id(&volid).unwrap_or(("", ""));
+            if st
+                .storage(sid)
+                .is_some_and(|s| matches!(s.stype, "lvm" | "lvmthin"))
+            {
+                lines.push(format!("  Logical volume \"{name}\" successfully removed."));
+            } else {
+                lines.push(format!("removing volume '{volid}'"));
+            }
+        }
+        if purge {
+            lines.push(format!(
+                "purging {label} {vmid} from related configurations.."
+            ));
+        }
+        st.guests.remove(&vmid);
+        Ok(lines)
+    });
+    spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype,
+            id: vmid.to_string(),
+            log: Vec::new(),
+            finish,
+            cleanup: Box::new(|_| {}),
+        },
+    )
+}
+
+// ---------------------------------------------------------------- restore helpers
+
+/// What a restore puts where, worked out when its task starts (PVE allocates the new
+/// disks before it extracts the archive, so the space is taken while the task runs).
+#[derive(Debug, Clone)]
+struct RestorePlan {
+    archive: Option<storage::Volume>,
+    /// `(config key, new volume id, size)` of each storage-backed disk of the backup.
+    disks: Vec<(String, String, u64)>,
+    /// A target storage that does not exist or cannot hold the disk: the task's error.
+    bad_target: Option<String>,
+    /// The target storage too small for the disks (nothing was allocated then).
+    no_space: Option<String>,
+    /// How long reading the archive takes (size / `restore_bytes_per_second`).
+    duration: std::time::Duration,
+}
+
+/// A new disk's volume name on a storage of type `stype` (`vm-N-disk-K` on block
+/// storages, `N/vm-N-disk-K.raw` on file storages).
+fn new_disk_name(stype: &str, vmid: u32, n: usize) -> String {
+    match stype {
+        "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" => format!("{vmid}/vm-{vmid}-disk-{n}.raw"),
+        _ => format!("vm-{vmid}-disk-{n}"),
+    }
+}
+
+/// Plans a restore of `volid` into `vmid`: each storage-backed disk of the backed-up
+/// config goes to `target(key, original storage, size)` → `(storage, size)`; the disks
+/// are allocated at once when every target has room.
+fn plan_restore(
+    st: &mut SimState,
+    kind: Kind,
+    vmid: u32,
+    volid: &str,
+    target: &dyn Fn(&str, &str, u64) -> (String, u64),
+) -> RestorePlan {
+    let (sid, _) = schema::parse_volume_id(volid).unwrap_or(("", ""));
+    let archive = st
+        .storage(sid)
+        .and_then(|s| s.volumes.iter().find(|v| v.volid == volid))
+        .cloned();
+    let mut plan = RestorePlan {
+        archive: archive.clone(),
+        disks: Vec::new(),
+        bad_target: None,
+        no_space: None,
+        duration: std::time::Duration::ZERO,
+    };
+    let Some(archive) = archive else {
+        return plan;
+    };
+    let bps = st.settings.restore_bytes_per_second.max(1.0);
+    plan.duration = std::time::Duration::from_secs_f64(archive.size as f64 / bps);
+    let conf = archive
+        .backup_conf
+        .as_ref()
+        .map(|b| b.conf.clone())
+        .unwrap_or_default();
+    let mut need: BTreeMap<String, u64> = BTreeMap::new();
+    for (n, (key, orig, _, size)) in guest::config_disks(kind, &conf).into_iter().enumerate() {
+        let (tsid, tsize) = target(&key, &orig, size);
+        let Some(s) = st.storage(&tsid) else {
+            plan.bad_target = Some(format!("storage '{tsid}' does not exist"));
+            return plan;
+        };
+        let content = match kind {
+            Kind::Lxc => "rootdir",
+            Kind::Qemu => "images",
+        };
+        if !s.has_content(content) {
+            plan.bad_target = Some(match kind {
+                Kind::Lxc => format!("storage '{tsid}' does not support container directories"),
+                Kind::Qemu => format!("storage '{tsid}' does not support vm images"),
+            });
+            return plan;
+        }
+        let name = new_disk_name(s.stype, vmid, n);
+        *need.entry(tsid.clone()).or_default() += tsize;
+        plan.disks.push((key, format!("{tsid}:{name}"), tsize));
+    }
+    for (sid, bytes) in &need {
+        if st.storage(sid).is_some_and(|s| s.avail() < *bytes) {
+            plan.no_space = Some(sid.clone());
+            return plan;
+        }
+    }
+    for (_, volid, size) in &plan.disks {
+        if let Some((sid, name)) = schema::parse_volume_id(volid)
+            && let Some(s) = st.storage_mut(sid)
+        {
+            s.allocated.insert(name.to_owned(), *size);
+        }
+    }
+    plan
+}
+
+/// Frees the disks a plan allocated (a failed or killed restore).
+fn free_plan(st: &mut SimState, plan: &RestorePlan) {
+    if plan.no_space.is_some() || plan.bad_target.is_some() {
+        return;
+    }
+    for (_, volid, _) in &plan.disks {
+        if let Some((sid, name)) = schema::parse_volume_id(volid)
+            && let Some(s) = st.storage_mut(sid)
+        {
+            s.allocated.remove(name);
+        }
+    }
+}
+
+/// A disk value with its volume replaced by `volid` and its size set to `size`.
+fn remap_disk(value: &str, volid: &str, size: u64) -> String {
+    let mut out = volid.to_owned();
+    for part in value.split(',').skip(1) {
+        if !part.starts_with("size=") {
+            out.push(',');
+            out.push_str(part);
+        }
+    }
+    let size = if size.is_multiple_of(1 << 30) {
+        format!("{}G", size >> 30)
+    } else {
+        format!("{}M", size.div_ceil(1 << 20))
+    };
+    out.push_str(&format!(",size={size}"));
+    out
+}
+
+/// The command PVE runs to extract `vol` for `vmid` (named in its error on failure).
+fn restore_command(kind: Kind, vmid: u32, vol: &storage::Volume, path: &str) -> String {
+    let pbs_snapshot = vol.volid.split_once(":backup/").map(|x| x.1).unwrap_or("");
+    match (kind, vol.format.starts_with("pbs-")) {
+        (Kind::Lxc, false) => {
+            let unpack = if vol.format.ends_with(".zst") {
+                " --zstd"
+            } else if vol.format.ends_with(".gz") {
+                " -z"
+            } else if vol.format.ends_with(".lzo") {
+                " --lzop"
+            } else {
+                ""
+            };
+            format!(
+                "lxc-usernsexec -m u:0:100000:65536 -m g:0:100000:65536 -- tar xpf -{unpack} --totals --one-file-system -p --sparse --numeric-owner --acls --xattrs '--xattrs-include=user.*' '--xattrs-include=security.capability' '--warning=no-file-ignored' '--warning=no-xattr-write' -C /var/lib/lxc/{vmid}/rootfs --skip-old-files --anchored --exclude './dev/*'"
+            )
+        }
+        (Kind::Lxc, true) => format!(
+            "/usr/bin/proxmox-backup-client restore '--crypt-mode=none' {pbs_snapshot} root.pxar /var/lib/lxc/{vmid}/rootfs --allow-existing-dirs"
+        ),
+        (Kind::Qemu, false) => {
+            let cat = if vol.format.ends_with(".zst") {
+                format!("zstd -q -d -c {path}")
+            } else if vol.format.ends_with(".gz") {
+                format!("zcat {path}")
+            } else if vol.format.ends_with(".lzo") {
+                format!("lzop -d -c {path}")
+            } else {
+                format!("cat {path}")
+            };
+            format!(
+                "set -o pipefail && {cat} | vma extract -v -r /var/tmp/vzdumptmp{vmid}.fifo - /var/tmp/vzdumptmp{vmid}"
+            )
+        }
+        (Kind::Qemu, true) => format!(
+            "/usr/bin/pbs-restore {pbs_snapshot} drive-scsi0.img.fidx /dev/pve/vm-{vmid}-disk-0 --verbose --format raw --skip-zero"
+        ),
+    }
+}
+
+/// Why extraction failed, as the tools print it: the log lines and the exit code of
+/// the extract command (tar 2, vma 133, the PBS clients 255).
+fn extract_failure(kind: Kind, pbs: bool, corrupt: bool) -> (Vec<String>, u8) {
+    match (kind, pbs, corrupt) {
+        (_, true, true) => (vec!["Error: detected corrupt chunk".into()], 255),
+        (_, true, false) => (
+            vec!["restore failed: No space left on device (os error 28)".into()],
+            255,
+        ),
+        (Kind::Lxc, false, true) => (
+            vec![
+                "/*stdin*\\ : Decoding error (36) : Corrupted block detected".into(),
+                "tar: Unexpected EOF in archive".into(),
+                "tar: Error is not recoverable: exiting now".into(),
+            ],
+            2,
+        ),
+        (Kind::Lxc, false, false) => (
+            vec![
+                "tar: ./usr/lib/x86_64-linux-gnu/libc.so.6: Cannot write: No space left on device"
+                    .into(),
+                "tar: Exiting with failure status due to previous errors".into(),
+            ],
+            2,
+        ),
+        (Kind::Qemu, false, true) => (
+            vec!["vma: restore failed - wrong vma extent header chechsum".into()],
+            133,
+        ),
+        (Kind::Qemu, false, false) => (
+            vec!["vma: restore failed - blk_pwrite to  failed (-28)".into()],
+            133,
+        ),
+    }
+}
+
+/// The failure of a planned restore that cannot finish (archive corrupt, no space, no
+/// storage), or `None`: `(log lines, message)`, the message without `emsg`.
+fn plan_failure(
+    kind: Kind,
+    vmid: u32,
+    st: &SimState,
+    plan: &RestorePlan,
+) -> Option<(Vec<String>, String)> {
+    let vol = plan.archive.as_ref()?;
+    if let Some(e) = &plan.bad_target {
+        return Some((Vec::new(), e.clone()));
+    }
+    if !(vol.corrupt || plan.no_space.is_some()) {
+        return None;
+    }
+    let (sid, _) = schema::parse_volume_id(&vol.volid).unwrap_or(("", ""));
+    let file = vol.volid.split_once(":backup/").map(|x| x.1).unwrap_or("");
+    let path = st
+        .storage(sid)
+        .map(|s| s.dump_path(file))
+        .unwrap_or_default();
+    let pbs = vol.format.starts_with("pbs-");
+    let (lines, code) = extract_failure(kind, pbs, vol.corrupt);
+    let cmd = restore_command(kind, vmid, vol, &path);
+    Some((lines, format!("command '{cmd}' failed: exit code {code}")))
 }
 
 /// After a failed create/restore: a new CT disappears, an existing one loses its lock.
@@ -2806,4 +3604,40 @@ fn stop_task(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answ
     check_task_access(st, caller, &decoded.6, "Sys.Modify")?;
     st.kill_task(&upid, "received interrupt");
     data(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restored_disks_keep_their_options_with_the_new_volume_and_size() {
+        assert_eq!(
+            remap_disk(
+                "local-lvm:vm-103-disk-0,iothread=1,size=32G",
+                "fast:vm-9901-disk-0",
+                32 << 30
+            ),
+            "fast:vm-9901-disk-0,iothread=1,size=32G"
+        );
+        assert_eq!(
+            remap_disk(
+                "local-lvm:vm-103-disk-1,efitype=4m,size=4M",
+                "local-lvm:vm-9901-disk-1",
+                4 << 20
+            ),
+            "local-lvm:vm-9901-disk-1,efitype=4m,size=4M"
+        );
+        assert_eq!(new_disk_name("lvmthin", 9900, 0), "vm-9900-disk-0");
+        assert_eq!(new_disk_name("dir", 9900, 1), "9900/vm-9900-disk-1.raw");
+    }
+
+    #[test]
+    fn extract_failures_carry_the_tools_exit_codes() {
+        assert_eq!(extract_failure(Kind::Lxc, false, true).1, 2);
+        assert_eq!(extract_failure(Kind::Lxc, false, false).1, 2);
+        assert_eq!(extract_failure(Kind::Qemu, false, true).1, 133);
+        assert_eq!(extract_failure(Kind::Qemu, true, false).1, 255);
+        assert!(extract_failure(Kind::Lxc, false, false).0[0].ends_with("No space left on device"));
+    }
 }

@@ -295,6 +295,9 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
         "ha_state": g.ha.as_ref().map(|h| h.state.clone()),
         "lock": g.lock(),
         "template": g.is_template(),
+        "start_fails": g.start_fails,
+        "agent_fails": g.agent_fails,
+        "stops_after_seconds": g.stops_after_seconds,
         "config": g.config_json(false),
         "current_config": g.config_json(true),
         "pending": g.pending,
@@ -312,15 +315,7 @@ pub fn state_json(st: &SimState) -> Value {
         .iter()
         .map(|(vmid, (node, kind))| json!({"vmid": vmid, "type": kind.as_str(), "node": node}))
         .collect();
-    let storages: Vec<Value> = st
-        .storages
-        .iter()
-        .map(|s| {
-            let mut v = s.list_json();
-            v["volumes"] = Value::Array(s.volumes.iter().map(|x| x.content_json()).collect());
-            v
-        })
-        .collect();
+    let storages: Vec<Value> = st.storages.iter().map(storage_control_json).collect();
     let tasks: Vec<Value> = st
         .tasks
         .all()
@@ -346,6 +341,14 @@ pub struct GuestPatch {
     pub lock: Option<Option<String>>,
     pub ha_managed: Option<bool>,
     pub template: Option<bool>,
+    /// Its start tasks fail (a guest that does not boot).
+    pub start_fails: Option<bool>,
+    /// Its QEMU guest agent never answers (VMs).
+    pub agent_fails: Option<bool>,
+    /// It stops on its own this many seconds after each start (`null` clears; a running
+    /// guest's countdown starts now).
+    #[serde(default, deserialize_with = "seconds_option")]
+    pub stops_after_seconds: Option<Option<f64>>,
     pub config: Option<BTreeMap<String, Option<String>>>,
     /// Another cluster node: the guest moves there (as after a migration done
     /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
@@ -430,6 +433,18 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
             None => g.conf.remove("lock"),
         };
     }
+    if let Some(f) = p.start_fails {
+        g.start_fails = f;
+    }
+    if let Some(f) = p.agent_fails {
+        g.agent_fails = f;
+    }
+    if let Some(s) = p.stops_after_seconds {
+        g.stops_after_seconds = s;
+        g.stops_at = s
+            .filter(|_| g.running)
+            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
+    }
     if let Some(t) = p.template {
         if t {
             g.conf.insert("template".into(), "1".into());
@@ -461,6 +476,9 @@ fn move_to_other_node(
         || p.lock.is_some()
         || p.ha_managed.is_some()
         || p.template.is_some()
+        || p.start_fails.is_some()
+        || p.agent_fails.is_some()
+        || p.stops_after_seconds.is_some()
         || p.config.is_some();
     if others {
         return Err("\"node\" cannot be combined with other changes".into());
@@ -497,6 +515,104 @@ fn move_to_other_node(
 pub struct SettingsPatch {
     pub task_seconds: Option<f64>,
     pub latency_ms: Option<u64>,
+    pub restore_bytes_per_second: Option<f64>,
+}
+
+/// `PUT /_sim/volumes/{volid}` body: flags of a backup archive.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumePatch {
+    /// Its data is damaged: a restore from it fails in the task.
+    pub corrupt: Option<bool>,
+    /// Guests restored from it fail to start.
+    pub start_fails: Option<bool>,
+    /// VMs restored from it have a guest agent that never answers.
+    pub agent_fails: Option<bool>,
+    /// Guests restored from it stop on their own this many seconds after a start
+    /// (`null` clears).
+    #[serde(default, deserialize_with = "seconds_option")]
+    pub stops_after_seconds: Option<Option<f64>>,
+}
+
+/// `"stops_after_seconds"`: absent = unchanged, `null` = cleared, a number ≥ 0 = set.
+fn seconds_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    let v = Option::<f64>::deserialize(d)?;
+    if let Some(s) = v
+        && !(s.is_finite() && (0.0..=86_400.0).contains(&s))
+    {
+        return Err(serde::de::Error::custom(
+            "stops_after_seconds must be within 0..=86400",
+        ));
+    }
+    Ok(Some(v))
+}
+
+/// Sets a volume's flags; answers its control view.
+pub fn patch_volume(st: &mut SimState, volid: &str, p: VolumePatch) -> Result<Value, String> {
+    let vol = st
+        .storages
+        .iter_mut()
+        .flat_map(|s| s.volumes.iter_mut())
+        .find(|v| v.volid == volid)
+        .ok_or_else(|| format!("no volume {volid:?}"))?;
+    if let Some(c) = p.corrupt {
+        vol.corrupt = c;
+    }
+    if let Some(f) = p.start_fails {
+        vol.start_fails = f;
+    }
+    if let Some(f) = p.agent_fails {
+        vol.agent_fails = f;
+    }
+    if let Some(s) = p.stops_after_seconds {
+        vol.stops_after_seconds = s;
+    }
+    Ok(vol.control_json())
+}
+
+/// `PUT /_sim/storages/{storage}` body: its size and how full it is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoragePatch {
+    pub total: Option<u64>,
+    /// Bytes free afterwards (the untracked base usage is set to match).
+    pub avail: Option<u64>,
+    pub active: Option<bool>,
+}
+
+/// Resizes or fills a storage; answers its control view.
+pub fn patch_storage(st: &mut SimState, sid: &str, p: StoragePatch) -> Result<Value, String> {
+    let s = st
+        .storage_mut(sid)
+        .ok_or_else(|| format!("no storage {sid:?}"))?;
+    if let Some(t) = p.total {
+        if t == 0 {
+            return Err("total must be positive".into());
+        }
+        s.total = t;
+    }
+    if let Some(a) = p.avail {
+        if a > s.total {
+            return Err(format!("avail {a} exceeds total {}", s.total));
+        }
+        s.set_avail(a);
+    }
+    if let Some(a) = p.active {
+        s.active = a;
+    }
+    Ok(storage_control_json(s))
+}
+
+/// The control view of a storage: its list item (numbers even when inactive), volumes
+/// with their flags, and the disks allocated by restores.
+pub fn storage_control_json(s: &super::storage::Storage) -> Value {
+    let mut v = s.list_json();
+    v["total"] = json!(s.total);
+    v["used"] = json!(s.used_bytes());
+    v["avail"] = json!(s.avail());
+    v["volumes"] = Value::Array(s.volumes.iter().map(|x| x.control_json()).collect());
+    v["allocated"] = json!(s.allocated);
+    v
 }
 
 #[cfg(test)]

@@ -81,6 +81,15 @@ pub struct Guest {
     pub started_at: u64,
     pub pid: u32,
     pub digest: String,
+    /// Control flag: its start tasks fail (as a guest that does not boot).
+    pub start_fails: bool,
+    /// Control flag (VMs): its QEMU guest agent never answers.
+    pub agent_fails: bool,
+    /// Control flag: after each start it stops on its own this many seconds later (a
+    /// guest that boots and then dies).
+    pub stops_after_seconds: Option<f64>,
+    /// When the running guest stops on its own (set at start from the flag above).
+    pub stops_at: Option<std::time::Instant>,
 }
 
 /// How a config value is typed in JSON.
@@ -272,6 +281,31 @@ pub fn is_disk_key(kind: Kind, key: &str) -> bool {
                 || key == "tpmstate0"
         }
     }
+}
+
+/// The storage-backed disks of a config: `(key, storage, volume name, size)`; bind and
+/// device mount points (host paths) and CD-ROMs are not volumes and are left out.
+pub fn config_disks(
+    kind: Kind,
+    conf: &BTreeMap<String, String>,
+) -> Vec<(String, String, String, u64)> {
+    let mut disks = conf
+        .iter()
+        .filter(|(k, v)| is_disk_key(kind, k) && !v.contains("media=cdrom"))
+        .filter_map(|(k, v)| {
+            let volid = volume_of(v)?;
+            let (sid, name) = schema::parse_volume_id(volid)?;
+            Some((
+                k.clone(),
+                sid.to_owned(),
+                name.to_owned(),
+                volume_size(v).unwrap_or(0),
+            ))
+        })
+        .collect::<Vec<_>>();
+    // The root disk first: PVE numbers a container's disks from its rootfs (stable sort).
+    disks.sort_by_key(|d| d.0 != "rootfs");
+    disks
 }
 
 /// Whether key is `<prefix><digits>`.
@@ -854,6 +888,37 @@ impl Guest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_disks_lists_volumes_root_first_without_bind_mounts_or_cdroms() {
+        let conf: BTreeMap<String, String> = [
+            ("mp0", "local-lvm:vm-101-disk-1,mp=/data,size=2G"),
+            ("mp1", "/srv/share,mp=/share"),
+            ("rootfs", "local-lvm:vm-101-disk-0,size=8G"),
+            ("memory", "512"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let d = config_disks(Kind::Lxc, &conf);
+        let keys: Vec<&str> = d.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(keys, ["rootfs", "mp0"]);
+        assert_eq!(d[0].1, "local-lvm");
+        assert_eq!((d[0].2.as_str(), d[0].3), ("vm-101-disk-0", 8 << 30));
+        let vm: BTreeMap<String, String> = [
+            ("ide2", "none,media=cdrom"),
+            ("scsi0", "local-lvm:vm-103-disk-0,iothread=1,size=32G"),
+            ("efidisk0", "local-lvm:vm-103-disk-1,efitype=4m,size=4M"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let keys: Vec<String> = config_disks(Kind::Qemu, &vm)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(keys, ["efidisk0", "scsi0"]);
+    }
 
     #[test]
     fn description_round_trip() {

@@ -138,6 +138,7 @@ impl Sim {
             Settings {
                 task_seconds: opts.task_seconds,
                 latency_ms: opts.latency_ms,
+                restore_bytes_per_second: state::DEFAULT_RESTORE_BPS,
             },
             opts.seed,
             fingerprint,
@@ -295,6 +296,7 @@ impl Sim {
         };
         let (result, timers) = {
             let mut st = lock(&self.state);
+            st.settle();
             // An `edit` fault: the change lands under the same lock, right before this
             // request is served.
             let edited = match edit {
@@ -419,10 +421,13 @@ impl Sim {
                 }
             }
             ("GET", ["_sim", "state"]) => {
-                Reply::Respond(control_json(200, control::state_json(&lock(&self.state))))
+                let mut st = lock(&self.state);
+                st.settle();
+                Reply::Respond(control_json(200, control::state_json(&st)))
             }
             ("GET", ["_sim", "guests", vmid]) => {
-                let st = lock(&self.state);
+                let mut st = lock(&self.state);
+                st.settle();
                 match vmid.parse::<u32>().ok().and_then(|v| st.guests.get(&v)) {
                     Some(g) => Reply::Respond(control_json(200, control::guest_state_json(g))),
                     None => Reply::Respond(control_json(404, json!({"error": "no such guest"}))),
@@ -454,10 +459,32 @@ impl Sim {
             }
             ("GET", ["_sim", "settings"]) => {
                 let st = lock(&self.state);
-                Reply::Respond(control_json(
-                    200,
-                    json!({"task_seconds": st.settings.task_seconds, "latency_ms": st.settings.latency_ms}),
-                ))
+                Reply::Respond(control_json(200, settings_json(&st.settings)))
+            }
+            ("PUT", ["_sim", "volumes", rest @ ..]) if !rest.is_empty() => {
+                let volid = percent_encoding::percent_decode_str(&rest.join("/"))
+                    .decode_utf8_lossy()
+                    .into_owned();
+                let patch: control::VolumePatch =
+                    match body.and_then(|b| serde_json::from_value(b).map_err(|e| e.to_string())) {
+                        Ok(p) => p,
+                        Err(e) => return bad(e),
+                    };
+                match control::patch_volume(&mut lock(&self.state), &volid, patch) {
+                    Ok(v) => Reply::Respond(control_json(200, v)),
+                    Err(e) => Reply::Respond(control_json(404, json!({"error": e}))),
+                }
+            }
+            ("PUT", ["_sim", "storages", sid]) => {
+                let patch: control::StoragePatch =
+                    match body.and_then(|b| serde_json::from_value(b).map_err(|e| e.to_string())) {
+                        Ok(p) => p,
+                        Err(e) => return bad(e),
+                    };
+                match control::patch_storage(&mut lock(&self.state), sid, patch) {
+                    Ok(v) => Reply::Respond(control_json(200, v)),
+                    Err(e) => bad(e),
+                }
             }
             ("PUT", ["_sim", "settings"]) => {
                 let patch: control::SettingsPatch =
@@ -475,10 +502,13 @@ impl Sim {
                 if let Some(l) = patch.latency_ms {
                     st.settings.latency_ms = l.min(60_000);
                 }
-                Reply::Respond(control_json(
-                    200,
-                    json!({"task_seconds": st.settings.task_seconds, "latency_ms": st.settings.latency_ms}),
-                ))
+                if let Some(b) = patch.restore_bytes_per_second {
+                    if !(b.is_finite() && b >= 1.0) {
+                        return bad("restore_bytes_per_second must be at least 1".into());
+                    }
+                    st.settings.restore_bytes_per_second = b;
+                }
+                Reply::Respond(control_json(200, settings_json(&st.settings)))
             }
             _ => Reply::Respond(control_json(
                 404,
@@ -501,6 +531,12 @@ impl Handler for Sim {
 }
 
 /// `(^|\s)PVEAPIToken(=| )([^;]*)` on the Authorization header.
+/// The `GET`/`PUT /_sim/settings` answer.
+fn settings_json(s: &Settings) -> Value {
+    json!({"task_seconds": s.task_seconds, "latency_ms": s.latency_ms,
+           "restore_bytes_per_second": s.restore_bytes_per_second})
+}
+
 fn find_api_token(header: &str) -> Option<&str> {
     let mut search = 0;
     while let Some(pos) = header[search..].find("PVEAPIToken") {

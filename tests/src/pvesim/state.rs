@@ -26,7 +26,13 @@ pub fn now_epoch() -> u64 {
 pub struct Settings {
     pub task_seconds: f64,
     pub latency_ms: u64,
+    /// How fast a restore reads its archive: a restore task takes `task_seconds` plus
+    /// archive size / this.
+    pub restore_bytes_per_second: f64,
 }
+
+/// Default restore speed: 16 GiB/s, so a seeded archive adds a few milliseconds.
+pub const DEFAULT_RESTORE_BPS: f64 = 16.0 * 1024.0 * 1024.0 * 1024.0;
 
 /// A task that ended in error: its last log lines and the exit status.
 #[derive(Debug, Clone)]
@@ -152,6 +158,7 @@ impl SimState {
         user: &str,
         first_log: Vec<String>,
         work: TaskWork,
+        extra: Duration,
     ) -> String {
         let pid = self.alloc_pid();
         let now = now_epoch();
@@ -174,7 +181,7 @@ impl SimState {
         self.work.insert(upid.clone(), work);
         let secs = self.settings.task_seconds.max(0.0);
         self.timers
-            .push((upid.clone(), Duration::from_secs_f64(secs)));
+            .push((upid.clone(), Duration::from_secs_f64(secs) + extra));
         upid
     }
 
@@ -208,9 +215,16 @@ impl SimState {
         if let Some(t) = self.tasks.get_mut(upid) {
             match result {
                 Ok(lines) => {
+                    // `$rpcenv->warn` lines: the task ends with WARNINGS, still a success.
+                    let warnings = lines.iter().filter(|l| l.starts_with("WARN: ")).count();
                     t.log.extend(lines);
-                    t.log.push("TASK OK".to_owned());
-                    t.exit = Some("OK".to_owned());
+                    if warnings > 0 {
+                        t.log.push(format!("TASK WARNINGS: {warnings}"));
+                        t.exit = Some(format!("WARNINGS: {warnings}"));
+                    } else {
+                        t.log.push("TASK OK".to_owned());
+                        t.exit = Some("OK".to_owned());
+                    }
                 }
                 Err(TaskErr { lines, msg }) => {
                     t.log.extend(lines);
@@ -223,10 +237,37 @@ impl SimState {
         }
     }
 
+    /// Frees the storage-backed disks of a config (destroy, or a failed restore).
+    pub fn free_disks(&mut self, kind: Kind, conf: &BTreeMap<String, String>) -> Vec<String> {
+        let mut freed = Vec::new();
+        for (_, sid, name, size) in super::guest::config_disks(kind, conf) {
+            if let Some(s) = self.storage_mut(&sid) {
+                s.free_disk(&name, size);
+                freed.push(format!("{sid}:{name}"));
+            }
+        }
+        freed
+    }
+
     /// Marks a guest's config written (new digest).
     pub fn touch(&mut self, vmid: u32) {
         if let Some(g) = self.guests.get_mut(&vmid) {
             g.touch();
+        }
+    }
+
+    /// Stops the guests whose `stops_after_seconds` ran out (as their own crash would:
+    /// no task). Called before every request is served and state is shown.
+    pub fn settle(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<u32> = self
+            .guests
+            .values()
+            .filter(|g| g.running && g.stops_at.is_some_and(|t| t <= now))
+            .map(|g| g.vmid)
+            .collect();
+        for vmid in due {
+            self.set_running(vmid, false);
         }
     }
 
@@ -240,6 +281,12 @@ impl SimState {
                 apply_pending(g, &mut rng);
                 g.started_at = now;
                 g.pid = pid;
+                g.stops_at = g
+                    .stops_after_seconds
+                    .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+            }
+            if !running {
+                g.stops_at = None;
             }
             g.running = running;
             if let Some(ha) = &mut g.ha {
@@ -263,6 +310,7 @@ impl SimState {
                 enabled: true,
                 total: 100 * gib,
                 used: 14 * gib,
+                allocated: BTreeMap::new(),
                 volumes: vec![Volume {
                     volid: "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst".into(),
                     content: "vztmpl",
@@ -275,6 +323,10 @@ impl SimState {
                     protected: false,
                     backup_conf: None,
                     verification: None,
+                    corrupt: false,
+                    start_fails: false,
+                    agent_fails: false,
+                    stops_after_seconds: None,
                 }],
             },
             Storage {
@@ -288,6 +340,7 @@ impl SimState {
                 total: 800 * gib,
                 used: 90 * gib,
                 volumes: vec![],
+                allocated: BTreeMap::new(),
             },
             Storage {
                 id: "nas-backup".into(),
@@ -300,6 +353,7 @@ impl SimState {
                 total: 4000 * gib,
                 used: 1200 * gib,
                 volumes: vec![],
+                allocated: BTreeMap::new(),
             },
             Storage {
                 id: "pbs-offsite".into(),
@@ -312,6 +366,7 @@ impl SimState {
                 total: 8000 * gib,
                 used: 2100 * gib,
                 volumes: vec![],
+                allocated: BTreeMap::new(),
             },
         ];
         let mut rng = self.rng.fork();
@@ -520,6 +575,10 @@ pub fn new_guest(vmid: u32, kind: Kind, conf: BTreeMap<String, String>) -> Guest
         started_at: 0,
         pid: 0,
         digest: String::new(),
+        start_fails: false,
+        agent_fails: false,
+        stops_after_seconds: None,
+        stops_at: None,
     };
     g.touch();
     g
@@ -627,6 +686,10 @@ pub fn backup_volume(
             raw_lxc: g.raw_lxc.clone(),
         }),
         verification: None,
+        corrupt: false,
+        start_fails: false,
+        agent_fails: false,
+        stops_after_seconds: None,
     }
 }
 

@@ -1,5 +1,7 @@
-//! Storages and the volumes the simulator tracks on them (backups and templates).
-//! Owns the storage list and content JSON; guest disks live in guest configs.
+//! Storages and the volumes the simulator tracks on them (backups and templates), and
+//! the space guest disks made by the simulator (restores) take there.
+//! Owns the storage list, content JSON and space accounting; guest disks are named in
+//! guest configs. Must never: let the reported `used` exceed `total`.
 
 use serde_json::{Map, Value, json};
 
@@ -16,8 +18,12 @@ pub struct Storage {
     pub active: bool,
     pub enabled: bool,
     pub total: u64,
+    /// Space taken by what the simulator does not track (seeded guests' disks, other
+    /// files); the reported `used` adds the volumes and allocated disks below.
     pub used: u64,
     pub volumes: Vec<Volume>,
+    /// Guest disks the simulator allocated here (restores): volume name → bytes.
+    pub allocated: std::collections::BTreeMap<String, u64>,
 }
 
 /// A volume listed by the content endpoint.
@@ -38,6 +44,15 @@ pub struct Volume {
     pub backup_conf: Option<BackupConf>,
     /// PBS storages only: the last verify job's result.
     pub verification: Option<Verification>,
+    /// Control flag: the archive's data is damaged, a restore from it fails.
+    pub corrupt: bool,
+    /// Control flag: a guest restored from this archive fails to start.
+    pub start_fails: bool,
+    /// Control flag: the QEMU guest agent of a VM restored from this archive never answers.
+    pub agent_fails: bool,
+    /// Control flag: a guest restored from this archive stops on its own this many
+    /// seconds after each start.
+    pub stops_after_seconds: Option<f64>,
 }
 
 /// A PBS backup's last verification, as PBS reports it and PVE passes it on.
@@ -76,8 +91,7 @@ impl Storage {
         m.insert("enabled".to_owned(), json!(u8::from(self.enabled)));
         m.insert("shared".to_owned(), json!(u8::from(self.shared)));
         if self.active {
-            let used = self.used + self.volumes.iter().map(|v| v.size).sum::<u64>();
-            let used = used.min(self.total);
+            let used = self.used_bytes();
             m.insert("total".to_owned(), json!(self.total));
             m.insert("used".to_owned(), json!(used));
             m.insert("avail".to_owned(), json!(self.total - used));
@@ -87,6 +101,34 @@ impl Storage {
             );
         }
         Value::Object(m)
+    }
+
+    /// Used bytes as reported: the untracked base, backups and allocated disks, capped
+    /// at `total`.
+    pub fn used_bytes(&self) -> u64 {
+        let tracked =
+            self.volumes.iter().map(|v| v.size).sum::<u64>() + self.allocated.values().sum::<u64>();
+        self.used.saturating_add(tracked).min(self.total)
+    }
+
+    /// Free bytes as reported.
+    pub fn avail(&self) -> u64 {
+        self.total - self.used_bytes()
+    }
+
+    /// Sets the untracked base so that `avail` becomes `avail` (control API).
+    pub fn set_avail(&mut self, avail: u64) {
+        let tracked =
+            self.volumes.iter().map(|v| v.size).sum::<u64>() + self.allocated.values().sum::<u64>();
+        self.used = self.total.saturating_sub(avail).saturating_sub(tracked);
+    }
+
+    /// Frees a guest disk: an allocated one is dropped, any other (a seeded guest's,
+    /// counted in the base) lowers the base by its size.
+    pub fn free_disk(&mut self, volname: &str, size: u64) {
+        if self.allocated.remove(volname).is_none() {
+            self.used = self.used.saturating_sub(size);
+        }
     }
 
     /// A Proxmox Backup Server datastore (backups are snapshots there, not files).
@@ -104,6 +146,16 @@ impl Storage {
 }
 
 impl Volume {
+    /// The control view: the content item plus the control flags.
+    pub fn control_json(&self) -> Value {
+        let mut v = self.content_json();
+        v["corrupt"] = json!(self.corrupt);
+        v["start_fails"] = json!(self.start_fails);
+        v["agent_fails"] = json!(self.agent_fails);
+        v["stops_after_seconds"] = json!(self.stops_after_seconds);
+        v
+    }
+
     /// The item of `GET /nodes/{node}/storage/{storage}/content`.
     pub fn content_json(&self) -> Value {
         let mut m = Map::new();
@@ -165,6 +217,49 @@ pub fn parse_backup_name(volname: &str) -> Option<(&'static str, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn storage(total: u64, used: u64) -> Storage {
+        Storage {
+            id: "local-lvm".into(),
+            stype: "lvmthin",
+            content: vec!["rootdir", "images"],
+            path: None,
+            shared: false,
+            active: true,
+            enabled: true,
+            total,
+            used,
+            volumes: Vec::new(),
+            allocated: Default::default(),
+        }
+    }
+
+    #[test]
+    fn allocated_disks_count_as_used_and_free_back_exactly() {
+        let mut s = storage(100, 40);
+        s.allocated.insert("vm-9900-disk-0".into(), 25);
+        assert_eq!((s.used_bytes(), s.avail()), (65, 35));
+        assert_eq!(s.list_json()["avail"], 35);
+        // An allocated disk is dropped; any other disk lowers the base.
+        s.free_disk("vm-9900-disk-0", 25);
+        assert_eq!(s.avail(), 60);
+        s.free_disk("vm-101-disk-0", 10);
+        assert_eq!((s.used, s.avail()), (30, 70));
+        s.free_disk("vm-102-disk-0", 1000);
+        assert_eq!(s.used, 0);
+    }
+
+    #[test]
+    fn set_avail_keeps_tracked_space_and_used_never_exceeds_total() {
+        let mut s = storage(100, 40);
+        s.allocated.insert("vm-9900-disk-0".into(), 30);
+        s.set_avail(10);
+        assert_eq!((s.used, s.avail()), (60, 10));
+        s.set_avail(100);
+        assert_eq!((s.used, s.used_bytes(), s.avail()), (0, 30, 70));
+        s.used = 500;
+        assert_eq!((s.used_bytes(), s.avail()), (100, 0));
+    }
 
     #[test]
     fn backup_names() {

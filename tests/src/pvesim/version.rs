@@ -76,6 +76,12 @@ impl PveVersion {
     }
 
     /// `pressure*` fields for running containers, new in 9.0.
+    /// PVE 9 split `VM.Monitor` into `VM.GuestAgent.*`: the guest agent's read-only
+    /// calls (ping) need `VM.GuestAgent.Audit` or `.Unrestricted` there, `VM.Monitor` on 8.
+    pub fn has_guest_agent_privs(self) -> bool {
+        self >= PveVersion::V9_1
+    }
+
     pub fn lxc_has_pressure_fields(self) -> bool {
         self >= PveVersion::V9_1
     }
