@@ -606,8 +606,10 @@ struct Stack {
     state_applied: bool,
     /// The signed operations to show, until they are started (after the first report).
     signed: Option<signed::Demo>,
-    /// The signed operations were shown (or skipped: not root).
-    signed_done: bool,
+    /// The signed operations were skipped (not root).
+    signed_skipped: bool,
+    /// Accepted reports when the signed operations had been shown.
+    signed_done_at: Option<u64>,
     /// Why they did not end as they must.
     signed_error: Option<String>,
     applied: u64,
@@ -641,7 +643,8 @@ impl Stack {
             accepted: 0,
             state_applied: false,
             signed: None,
-            signed_done: false,
+            signed_skipped: false,
+            signed_done_at: None,
             signed_error: None,
             applied: 0,
             failed_actions: 0,
@@ -1106,7 +1109,7 @@ impl Stack {
         node: &str,
     ) -> Result<(), DevstackError> {
         if self.euid != 0 {
-            self.signed_done = true;
+            self.signed_skipped = true;
             self.say(
                 "ops",
                 "signed operations: skipped: the agent trusts only a signers.json owned by root and not by its own uid, and without root the devstack can make neither (run it as root to see a signed stop, a signed snapshot and a forged operation refused)",
@@ -1189,7 +1192,7 @@ impl Stack {
                 }
             }
             Event::SignedDone { error } => {
-                self.signed_done = true;
+                self.signed_done_at = Some(self.accepted);
                 self.signed_error = error;
             }
         }
@@ -1255,10 +1258,12 @@ impl Stack {
             tokio::select! {
                 Some(ev) = events.recv() => {
                     let before = self.accepted;
-                    // a report after the signed operations ended shows their guests
-                    let signed_was_done = self.signed_done;
                     self.on_event(ev);
                     if let Some(e) = self.signed_error.take() {
+                        // a component that died is the cause, not what it broke
+                        if let Some(dead) = self.check_alive() {
+                            break Err(dead);
+                        }
                         break Err(DevstackError::Component(format!(
                             "signed operations: {e}; see {}:\n{}",
                             self.layout.log("agent.log").display(),
@@ -1275,8 +1280,13 @@ impl Stack {
                             && self.accepted >= n
                         {
                             // a report's reconcile section predates its guests, so
-                            // this report lists them as the agent left them
-                            if self.state_applied && signed_was_done {
+                            // this report lists them as the agent left them; the
+                            // second report after the signed operations ended was
+                            // collected a report interval after the first one was
+                            // sent, so it certainly shows their guests as they left them
+                            let signed_settled = self.signed_skipped
+                                || self.signed_done_at.is_some_and(|at| self.accepted >= at + 2);
+                            if self.state_applied && signed_settled {
                                 break Ok(End::Cycles(self.accepted));
                             }
                             if self.accepted >= n + APPLY_GRACE_REPORTS {
