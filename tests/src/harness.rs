@@ -83,6 +83,9 @@ pub struct LoggedRequest {
     /// Microseconds the simulator held the request (arrival to answer ready).
     #[serde(default)]
     pub held_us: Option<u64>,
+    /// When it arrived, in microseconds since the Unix epoch (the simulator's wall clock).
+    #[serde(default)]
+    pub received_unix_us: Option<u64>,
 }
 
 /// A fault for `POST /_sim/faults`.

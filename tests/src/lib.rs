@@ -16,6 +16,8 @@
 //! - [`build`]: the workspace's binaries next to the running executable, built when
 //!   missing or older than their sources.
 //! - [`devstack`]: the local stack behind `felhom-devstack`.
+//! - [`opsbed`]: hubsim and an agent installation for signed operations (the agent as
+//!   uid 65534 with a root-owned `signers.json`), for benchmarks.
 //! - [`signing`]: throw-away operator keys, `signers.json`, and signed (and hostile)
 //!   operation and desired-state envelopes for the signed-operations tests.
 
@@ -25,6 +27,7 @@ pub mod harness;
 pub mod http;
 pub mod hubsim;
 pub mod hwmon;
+pub mod opsbed;
 pub mod privhelper;
 pub mod pvesim;
 pub mod signing;

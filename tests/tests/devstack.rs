@@ -1,9 +1,12 @@
 //! `felhom-devstack`, the README's first command, run for real: two cycles end with exit 0
 //! having shown reports received, reconcile actions planned, applied and skipped,
 //! privileged calls audited (and their records reaching the hub), helper activation and
-//! re-activation after idle exit, and no process left behind. Also: without root (a
-//! throw-away user; needs root to create it), Ctrl-C (SIGINT) ends it cleanly, and a
-//! component that dies makes it stop everything and exit 1 naming the component.
+//! re-activation after idle exit, signed operations through the hub (as root: a signed
+//! stop held then applied, a signed snapshot applied, a forged operation refused, in that
+//! order), and no process left behind. Also: without root (a throw-away user; needs root
+//! to create it) the signed operations are skipped with the reason, Ctrl-C (SIGINT) ends
+//! it cleanly, and a component that dies makes it stop everything and exit 1 naming the
+//! component.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -123,6 +126,35 @@ impl Run {
         self.out.contains(s)
     }
 
+    /// Each pattern matches a line after the one the previous pattern matched; returns
+    /// each match's captures.
+    #[track_caller]
+    fn expect_in_order(&self, patterns: &[&str]) -> Vec<Vec<String>> {
+        let lines: Vec<&str> = self.out.lines().collect();
+        let mut from = 0;
+        let mut found = Vec::new();
+        for p in patterns {
+            let re = regex_lite::Regex::new(p).unwrap();
+            let Some((i, caps)) = lines[from..]
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| re.captures(l).map(|c| (from + i, c)))
+            else {
+                panic!(
+                    "no line matching {p:?} after line {from} (patterns in order: {patterns:?}):\n{}",
+                    self.out
+                );
+            };
+            found.push(
+                caps.iter()
+                    .map(|m| m.map_or(String::new(), |m| m.as_str().to_owned()))
+                    .collect(),
+            );
+            from = i + 1;
+        }
+        found
+    }
+
     #[track_caller]
     fn expect(&self, wanted: &[&str]) {
         for w in wanted {
@@ -193,6 +225,14 @@ impl Run {
     }
 }
 
+/// A temporary directory the agent (uid 65534 when the devstack runs as root) can pass.
+fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
 fn devstack_cmd(run_dir: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(devstack_bin());
     c.arg("--run-dir").arg(run_dir).args(extra);
@@ -202,7 +242,7 @@ fn devstack_cmd(run_dir: &Path, extra: &[&str]) -> Command {
 #[test]
 fn two_cycles_show_the_stack_reconciling_and_reporting_and_leave_nothing_behind() {
     bins_ready();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = open_tempdir();
     let dir = tmp.path().join("run");
     let started = Instant::now();
     let r = run(
@@ -313,6 +353,33 @@ fn two_cycles_show_the_stack_reconciling_and_reporting_and_leave_nothing_behind(
     assert_eq!(guest(109)["status"], "running");
     assert_eq!(guest(112)["spec"]["cores"], 2);
     assert_eq!(guest(104)["status"], "running", "HA-managed: left alone");
+    if is_root() {
+        // signed operations, each told as the hub received the agent's decision, in order
+        let found = r.expect_in_order(&[
+            r"ops +etc/signers\.json \(root, 0644\) trusts one key, devstack-operator",
+            r"ops +signed stop (lxc|qemu) ([0-9]+): enqueued at the hub",
+            r"ops +signed stop (lxc|qemu) [0-9]+: held \(counted signers: devstack-operator\)",
+            r"ops +signed stop (lxc|qemu) [0-9]+: applied, UPID:pve1:",
+            r"ops +signed snapshot (lxc|qemu) ([0-9]+) .devstack.: applied, UPID:pve1:",
+            r"ops +forged stop (lxc|qemu) ([0-9]+) \(signed by mallory.*: refused bad_signature: ",
+            r"ops +(lxc|qemu) [0-9]+: the node received no request for it; the guest still runs",
+        ]);
+        let stopped: u64 = found[1][2].parse().unwrap();
+        let snapped: u64 = found[4][2].parse().unwrap();
+        let forged: u64 = found[5][2].parse().unwrap();
+        // the node saw the signed requests (narrated from its request log)
+        r.expect(&[
+            &format!("/{}/{stopped}/status/shutdown", &found[1][1]),
+            &format!("/{}/{snapped}/snapshot ", &found[4][1]),
+        ]);
+        // the last report (received after the operations ended) shows their effect
+        assert_eq!(guest(stopped)["status"], "stopped", "signed stop");
+        assert_eq!(guest(forged)["status"], "running", "forged stop");
+    } else {
+        r.expect(&[
+            "signed operations: skipped: the agent trusts only a signers.json owned by root",
+        ]);
+    }
     r.assert_nothing_left();
 }
 
@@ -367,6 +434,7 @@ fn without_root_the_helpers_run_as_the_user_and_ctrl_c_ends_it_cleanly() {
     r.expect(&[
         "privileged ping → pct ok · usb ok · smart ok",
         "→ DENIED not_usb",
+        "signed operations: skipped: the agent trusts only a signers.json owned by root and not by its own uid",
         "reconcile applied start lxc 102",
         "smart: activated again, #2",
         "interrupted (SIGINT): stopped",
@@ -395,7 +463,7 @@ fn without_root_the_helpers_run_as_the_user_and_ctrl_c_ends_it_cleanly() {
 #[test]
 fn a_component_that_dies_stops_the_stack_with_exit_1_naming_it() {
     bins_ready();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = open_tempdir();
     let dir = tmp.path().join("run");
     let pvesim_pid = |out: &str| -> Option<i32> {
         let re = regex_lite::Regex::new(r"pvesim +up: .*\(pid ([0-9]+)\)").unwrap();

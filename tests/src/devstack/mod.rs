@@ -9,7 +9,9 @@
 //! with a desired state that differs from the simulated node and a short test poll
 //! interval. While it runs it tells what flows ([`watch`], [`narrate`]): reports the hub
 //! received, reconcile actions planned, applying and applied (and the guests skipped),
-//! the requests that reached the node, helper activations and idle exits, audit records.
+//! the requests that reached the node, helper activations and idle exits, audit records,
+//! and (as root) signed operations through the hub: a stop and a snapshot signed by a
+//! throw-away operator key the host trusts, and a forged one refused ([`signed`]).
 //!
 //! It ends after `--cycles N` reports accepted by the hub (and not before one that shows
 //! the desired state applied, so the last report shows the guests as the agent left
@@ -23,7 +25,10 @@
 //! owned by root or by their own uid, `docs/privhelper.md`) and serve it as the agent's
 //! uid; the usb class then shows its refusal path (a disk that is not USB-attached, checked
 //! against the real /sys). As root, `--usb-loop` mounts a loop-device image marked as a
-//! USB partition in a fake sysfs instead. Nothing listens beyond loopback.
+//! USB partition in a fake sysfs instead. As root the agent runs as uid 65534 (as the
+//! `felhom-agent` user on a host), so it can trust a root-owned `signers.json`; as an
+//! ordinary user nobody can make such a file, and the narrative says that the signed
+//! operations are skipped and why. Nothing listens beyond loopback.
 //!
 //! Must never: touch anything outside its run directory (the loop device in `--usb-loop`
 //! mode and the `usb-` link in /dev/disk/by-id that udev would give it excepted, both
@@ -33,6 +38,7 @@ pub mod activate;
 pub mod narrate;
 pub mod procs;
 pub mod scene;
+pub mod signed;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -120,6 +126,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevstackErr
 /// How long `felhom-agent run` gets to stop after SIGTERM: longer than its own drain
 /// grace for running actions (30 s), so a normal stop is never cut short.
 const AGENT_GRACE: Duration = Duration::from_secs(35);
+
+/// The uid the agent runs as when the devstack runs as root (nobody: not root, so that it
+/// can trust a root-owned `signers.json`, as the `felhom-agent` user does on a host).
+const AGENT_UID_AS_ROOT: u32 = 65534;
 
 /// How many accepted reports beyond `--cycles` the desired state may take to be applied
 /// before the run counts as failed.
@@ -286,16 +296,23 @@ fn run_dir(opts: &Options, euid: u32, printer: &mut Printer) -> Result<PathBuf, 
         }
         std::fs::create_dir_all(p).map_err(io_err(format!("creating {}", p.display())))
     };
+    // as root the agent runs as another uid, which must reach its files
+    let check = |p: &Path| -> Result<(), DevstackError> {
+        scene::check_trusted_chain(p, euid)?;
+        if euid == 0 {
+            scene::check_traversable(p, AGENT_UID_AS_ROOT)?;
+        }
+        Ok(())
+    };
     if let Some(p) = &opts.run_dir {
         let p = std::path::absolute(p).map_err(io_err("resolving --run-dir"))?;
         make(&p)?;
-        scene::check_trusted_chain(&p, euid)?;
+        check(&p)?;
         return Ok(p);
     }
     let name = format!("run-{}", utc_stamp());
     let in_repo = build::workspace_root().join(".devstack").join(&name);
-    let attempt = make(&in_repo)
-        .and_then(|()| scene::check_trusted_chain(&in_repo, euid).map_err(DevstackError::from));
+    let attempt = make(&in_repo).and_then(|()| check(&in_repo));
     match attempt {
         Ok(()) => Ok(in_repo),
         Err(e) => {
@@ -310,7 +327,7 @@ fn run_dir(opts: &Options, euid: u32, printer: &mut Printer) -> Result<PathBuf, 
                 ),
             );
             make(&tmp)?;
-            scene::check_trusted_chain(&tmp, euid)?;
+            check(&tmp)?;
             Ok(tmp)
         }
     }
@@ -587,6 +604,14 @@ struct Stack {
     accepted: u64,
     /// An accepted report has shown the desired state applied.
     state_applied: bool,
+    /// The signed operations to show, until they are started (after the first report).
+    signed: Option<signed::Demo>,
+    /// The signed operations were skipped (not root).
+    signed_skipped: bool,
+    /// Accepted reports when the signed operations had been shown.
+    signed_done_at: Option<u64>,
+    /// Why they did not end as they must.
+    signed_error: Option<String>,
     applied: u64,
     failed_actions: u64,
     leftovers: Vec<String>,
@@ -617,6 +642,10 @@ impl Stack {
             interrupt: Arc::new(Interrupt::default()),
             accepted: 0,
             state_applied: false,
+            signed: None,
+            signed_skipped: false,
+            signed_done_at: None,
+            signed_error: None,
             applied: 0,
             failed_actions: 0,
             leftovers: Vec::new(),
@@ -653,10 +682,11 @@ impl Stack {
         self.printer.line(who, text);
     }
 
+    /// The uid and gid the agent runs as: as root not root (so that it can trust a
+    /// root-owned `signers.json`), else the user's.
     fn agent_uid_gid(&self) -> (u32, u32) {
         if self.euid == 0 {
-            // root is always served; the config needs a non-root agent uid
-            (65534, 65534)
+            (AGENT_UID_AS_ROOT, AGENT_UID_AS_ROOT)
         } else {
             (self.euid, nix::unistd::getegid().as_raw())
         }
@@ -678,6 +708,10 @@ impl Stack {
         {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
+            if self.euid == 0 {
+                let (uid, gid) = self.agent_uid_gid();
+                cmd.uid(uid).gid(gid);
+            }
         }
         let child = cmd.spawn().map_err(io_err("starting felhom-agent"))?;
         let pid = child.id() as i32;
@@ -718,7 +752,8 @@ impl Stack {
         );
         procs::become_subreaper()?;
         self.interrupt.install()?;
-        l.create(self.agent_uid_gid().1, self.euid == 0)?;
+        let (agent_uid, agent_gid) = self.agent_uid_gid();
+        l.create(agent_uid, agent_gid, self.euid == 0)?;
         let (tx, rx) = unbounded_channel::<Event>();
         self.events = Some(rx);
         self.events_tx = Some(tx.clone());
@@ -779,6 +814,7 @@ impl Stack {
         );
         let pve_api = sim_api(&pve_line)?;
         let hub_api = sim_api(&hub_line)?;
+        let agent_id = crate::signing::random_agent_id();
 
         if let Some(e) = self.interrupt.end() {
             return Ok(e);
@@ -791,7 +827,6 @@ impl Stack {
             &self.bin(build::FAKE_PCT),
         )?;
         let (hwmon_root, temps) = scene::write_hwmon(&l)?;
-        let (agent_uid, agent_gid) = self.agent_uid_gid();
         let usb_device = if self.opts.usb_loop {
             let d = LoopDisk::create(&l)?;
             let dev = d.dev.clone();
@@ -830,6 +865,8 @@ impl Stack {
                 cloudflared_url: &cf_url,
                 hwmon_root: &hwmon_root,
                 interval_seconds: interval,
+                agent_id: &agent_id,
+                agent_owner: (self.euid == 0).then_some((agent_uid, agent_gid)),
             },
         )?;
         scene::write_keyctl_spec(&l)?;
@@ -854,7 +891,9 @@ impl Stack {
         if self.euid == 0 {
             self.say(
                 "devstack",
-                "running as root: helpers and agent run as root (in production the agent is the felhom-agent user); helpers also serve agent_uid 65534",
+                &format!(
+                    "running as root: the helpers run as root, the agent as uid {agent_uid} (as the felhom-agent user on a host), which the helpers serve as the agent"
+                ),
             );
         } else {
             self.say(
@@ -865,6 +904,13 @@ impl Stack {
                 ),
             );
         }
+        self.prepare_signed(
+            &l,
+            &hub_api,
+            &pve_api,
+            &agent_id,
+            &str_of(&pve_line, "node")?,
+        )?;
 
         if let Some(e) = self.interrupt.end() {
             return Ok(e);
@@ -1013,6 +1059,10 @@ impl Stack {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("RUST_LOG", "info")
             .env("FELHOM_AGENT_LOG", "info");
+        if self.euid == 0 {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(agent_uid).gid(agent_gid);
+        }
         let agent = Proc::spawn("felhom-agent run", &mut cmd, &l.log("agent.log"))?;
         let agent_pid = agent.pid();
         self.started.push(("felhom-agent run".into(), agent_pid));
@@ -1020,8 +1070,7 @@ impl Stack {
         self.say(
             "agent",
             &format!(
-                "felhom-agent run (pid {agent_pid}, uid {}): reports every {interval} s, desired state {}, SMART of {} disks every cycle",
-                self.euid,
+                "felhom-agent run (pid {agent_pid}, uid {agent_uid}): reports every {interval} s, desired state {}, SMART of {} disks every cycle",
                 l.rel(&l.desired),
                 scene::DISKS.len()
             ),
@@ -1046,6 +1095,56 @@ impl Stack {
         )));
 
         self.main_loop().await
+    }
+
+    /// As root: a throw-away operator key, `signers.json` trusting it alone, and the
+    /// operations to show once the agent reports ([`signed`]). Otherwise: says why they are
+    /// skipped.
+    fn prepare_signed(
+        &mut self,
+        l: &Layout,
+        hub_api: &SimApi,
+        pve_api: &SimApi,
+        agent_id: &str,
+        node: &str,
+    ) -> Result<(), DevstackError> {
+        if self.euid != 0 {
+            self.signed_skipped = true;
+            self.say(
+                "ops",
+                "signed operations: skipped: the agent trusts only a signers.json owned by root and not by its own uid, and without root the devstack can make neither (run it as root to see a signed stop, a signed snapshot and a forged operation refused)",
+            );
+            return Ok(());
+        }
+        let key = crate::signing::TestKey::generate("devstack-operator")
+            .map_err(|e| DevstackError::Component(e.to_string()))?;
+        scene::write_signers(l, &key)?;
+        self.say(
+            "ops",
+            &format!(
+                "{} (root, 0644) trusts one key, devstack-operator, made for this run (its private half stays in this process); agent_id {agent_id}",
+                l.rel(&l.signers)
+            ),
+        );
+        let managed = scene::desired_state()["guests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["vmid"].as_u64())
+            .collect();
+        self.signed = Some(signed::Demo {
+            ops: crate::hubsim::control::OpsControl::new(
+                hub_api.client.clone(),
+                &hub_api.url,
+                &hub_api.admin_token,
+            ),
+            pve: pve_api.clone(),
+            key,
+            agent_id: agent_id.to_owned(),
+            node: node.to_owned(),
+            managed,
+        });
+        Ok(())
     }
 
     /// Prints what arrived within `wait` (keeps the narrative in order during set-up).
@@ -1091,6 +1190,10 @@ impl Stack {
                 } else {
                     self.failed_actions += 1;
                 }
+            }
+            Event::SignedDone { error } => {
+                self.signed_done_at = Some(self.accepted);
+                self.signed_error = error;
             }
         }
     }
@@ -1156,19 +1259,39 @@ impl Stack {
                 Some(ev) = events.recv() => {
                     let before = self.accepted;
                     self.on_event(ev);
+                    if let Some(e) = self.signed_error.take() {
+                        // a component that died is the cause, not what it broke
+                        if let Some(dead) = self.check_alive() {
+                            break Err(dead);
+                        }
+                        break Err(DevstackError::Component(format!(
+                            "signed operations: {e}; see {}:\n{}",
+                            self.layout.log("agent.log").display(),
+                            tail(&self.layout.log("agent.log"), 10)
+                        )));
+                    }
                     if self.accepted > before {
                         last_progress = Instant::now();
+                        // the agent is up and reporting: show the signed operations
+                        if let (Some(demo), Some(tx)) = (self.signed.take(), self.events_tx.clone()) {
+                            self.watchers.push(tokio::spawn(demo.run(tx)));
+                        }
                         if let Some(n) = self.opts.cycles
                             && self.accepted >= n
                         {
                             // a report's reconcile section predates its guests, so
-                            // this report lists them as the agent left them
-                            if self.state_applied {
+                            // this report lists them as the agent left them; the
+                            // second report after the signed operations ended was
+                            // collected a report interval after the first one was
+                            // sent, so it certainly shows their guests as they left them
+                            let signed_settled = self.signed_skipped
+                                || self.signed_done_at.is_some_and(|at| self.accepted >= at + 2);
+                            if self.state_applied && signed_settled {
                                 break Ok(End::Cycles(self.accepted));
                             }
                             if self.accepted >= n + APPLY_GRACE_REPORTS {
                                 break Err(DevstackError::Component(format!(
-                                    "the desired state was not applied in {} accepted reports; see {}:\n{}",
+                                    "the desired state was not applied, or the signed operations not shown, in {} accepted reports; see {}:\n{}",
                                     self.accepted,
                                     self.layout.log("agent.log").display(),
                                     tail(&self.layout.log("agent.log"), 10)

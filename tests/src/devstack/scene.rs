@@ -1,13 +1,20 @@
 //! Everything the local stack writes before it starts the agent and the helpers: the run
 //! directory's layout, the helper's config and fake tools (answering from the host-tool
 //! fixtures, which are compiled in), the sample hwmon tree, the agent's config and
-//! secrets, the desired state that differs from the simulated node, and the `pct create`
-//! spec for the keyctl call.
+//! secrets, the desired state that differs from the simulated node, the `pct create`
+//! spec for the keyctl call, and (as root) the `signers.json` with the throw-away
+//! operator key of the signed operations the devstack shows.
 //!
 //! The helper trusts its config and tools only when they and every directory above them
 //! are owned by root or by the helper's own uid and not writable by group or others
 //! (`docs/privhelper.md`); [`check_trusted_chain`] says in advance whether a run directory
 //! qualifies, so the devstack can pick another one instead of watching the helper refuse.
+//!
+//! As root the agent runs as uid 65534 (as `felhom-agent` on a host): its state directory,
+//! config and secrets are given to it, the socket directory is `1770 root:65534` (as
+//! `/run/felhom`), and every directory above the run directory must let it pass
+//! ([`check_traversable`]). The agent trusts `signers.json` only when root owns it and it
+//! does not, which is why the signed operations need root.
 //!
 //! Must never: write outside the run directory, or leave a secret readable by others.
 
@@ -106,6 +113,8 @@ pub enum SceneError {
     Hwmon(#[from] crate::hwmon::HwmonTreeError),
     #[error("{0}")]
     Untrusted(String),
+    #[error(transparent)]
+    Signers(#[from] crate::signing::SigningError),
     #[error(
         "no blkid at /usr/sbin/blkid or /sbin/blkid (package util-linux); the usb helper needs it"
     )]
@@ -174,6 +183,31 @@ pub fn check_trusted_chain(dir: &Path, euid: u32) -> Result<(), SceneError> {
     Ok(())
 }
 
+/// Whether a process of `uid` (not root) can reach files below `dir`: `dir` and every
+/// directory above it searchable by it (by others, or by their owner when that is
+/// `uid`). `Err` names the first that is not.
+pub fn check_traversable(dir: &Path, uid: u32) -> Result<(), SceneError> {
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        let md = std::fs::metadata(p).map_err(io(p))?;
+        let mode = md.permissions().mode();
+        let ok = if md.uid() == uid {
+            mode & 0o100 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(SceneError::Untrusted(format!(
+                "{} (mode {:o}) cannot be searched by uid {uid}, the uid the agent runs as under root",
+                p.display(),
+                mode & 0o7777
+            )));
+        }
+        d = p.parent();
+    }
+    Ok(())
+}
+
 /// The run directory's paths.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -194,6 +228,7 @@ pub struct Layout {
     pub agent_config: PathBuf,
     pub desired: PathBuf,
     pub keyctl_spec: PathBuf,
+    pub signers: PathBuf,
     pub control_socket: PathBuf,
     pub narrative: PathBuf,
     pub reports: PathBuf,
@@ -220,6 +255,7 @@ impl Layout {
             agent_config: r("etc/agent.json"),
             desired: r("etc/desired.json"),
             keyctl_spec: r("etc/keyctl-spec.json"),
+            signers: r("etc/signers.json"),
             control_socket: r("run/agent.sock"),
             narrative: r("devstack.log"),
             reports: r("hub-reports.jsonl"),
@@ -238,8 +274,10 @@ impl Layout {
         }
     }
 
-    /// Creates the directories (the run directory itself must exist).
-    pub fn create(&self, agent_gid: u32, is_root: bool) -> Result<(), SceneError> {
+    /// Creates the directories (the run directory itself must exist). As root, the
+    /// state directory belongs to the agent's uid and the socket directory lets its group
+    /// in (the agent makes its control socket there).
+    pub fn create(&self, agent_uid: u32, agent_gid: u32, is_root: bool) -> Result<(), SceneError> {
         set_mode(&self.root, 0o755)?;
         for d in [
             &self.etc,
@@ -254,6 +292,15 @@ impl Layout {
         // Helper sockets and the agent's control socket in one directory (on a host the
         // helpers' are in root-only /run/felhom-privhelper, the agent's in /run/felhom).
         mkdir(&self.sockets, 0o755)?;
+        if is_root {
+            std::os::unix::fs::chown(&self.state, Some(agent_uid), Some(agent_gid))
+                .map_err(io(&self.state))?;
+            // as tmpfiles.d makes /run/felhom: sticky, so the agent cannot remove the
+            // helpers' sockets
+            std::os::unix::fs::chown(&self.sockets, Some(0), Some(agent_gid))
+                .map_err(io(&self.sockets))?;
+            set_mode(&self.sockets, 0o1770)?;
+        }
         if let Some(parent) = self.mount_root.parent() {
             mkdir(parent, 0o755)?;
         }
@@ -373,10 +420,16 @@ pub struct AgentInputs<'a> {
     pub cloudflared_url: &'a str,
     pub hwmon_root: &'a Path,
     pub interval_seconds: u64,
+    /// This host's identity (the signed operations are bound to it).
+    pub agent_id: &'a str,
+    /// As root: the agent's uid and gid, which get its config and secrets.
+    pub agent_owner: Option<(u32, u32)>,
 }
 
-/// The agent's config, its two secrets (0600), the hub's CA (copied: the simulator's
-/// temporary directory is private to it) and the desired state.
+/// The agent's config, its two secrets (0600, the agent's), the hub's CA (copied: the
+/// simulator's temporary directory is private to it) and the desired state. The config
+/// names `signers.json` in the run directory ([`write_signers`] writes it as root; without
+/// it signed operations are off).
 pub fn write_agent_config(l: &Layout, a: &AgentInputs<'_>) -> Result<(), SceneError> {
     let pve_secret = l.etc.join("proxmox-token-secret");
     let hub_token = l.etc.join("hub-token");
@@ -389,6 +442,7 @@ pub fn write_agent_config(l: &Layout, a: &AgentInputs<'_>) -> Result<(), SceneEr
     let devices: Vec<&str> = DISKS.iter().map(|(d, _)| *d).collect();
     let cfg = json!({
         "node": a.node,
+        "agent_id": a.agent_id,
         "state_dir": l.state,
         "proxmox": {
             "url": a.pve_url,
@@ -412,9 +466,26 @@ pub fn write_agent_config(l: &Layout, a: &AgentInputs<'_>) -> Result<(), SceneEr
         "smart": {"devices": devices, "interval_seconds": 1},
         "cloudflared": {"metrics_url": a.cloudflared_url, "timeout_seconds": 2},
         "reconcile": {"desired_file": l.desired, "shutdown_timeout_seconds": 5},
+        "authz": {"signers_file": l.signers},
         "control": {"socket": l.control_socket}
     });
-    write_json(&l.agent_config, &cfg, 0o600)
+    write_json(&l.agent_config, &cfg, 0o600)?;
+    if let Some((uid, gid)) = a.agent_owner {
+        for p in [&pve_secret, &hub_token, &l.agent_config] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(io(p))?;
+        }
+    }
+    Ok(())
+}
+
+/// `signers.json` trusting `key` alone (both thresholds 1), owned by root, mode 0644: as
+/// an operator writes `/etc/felhom/signers.json`. Needs root.
+pub fn write_signers(l: &Layout, key: &crate::signing::TestKey) -> Result<(), SceneError> {
+    crate::signing::SignersFile::new(&[key])
+        .threshold(1, 1)
+        .max_validity_seconds(3600)
+        .write(&l.signers)?;
+    Ok(())
 }
 
 /// The spec for `felhom-agent privileged create-keyctl`.

@@ -38,6 +38,9 @@ pub enum Event {
     },
     /// An action of the agent's journal finished (applied or failed).
     Finished { ok: bool },
+    /// The signed operations were shown ([`super::signed`]); `error` when one did not end
+    /// as it must.
+    SignedDone { error: Option<String> },
 }
 
 fn line(who: &'static str, text: String) -> Event {

@@ -29,8 +29,19 @@ pub struct LoggedRequest {
     pub status: Option<u16>,
     /// When the request arrived.
     pub received: std::time::Instant,
+    /// The same moment on the wall clock, in microseconds since the Unix epoch (so a
+    /// client can relate it to another process's timestamps, e.g. hubsim's `enqueued_at`).
+    pub received_unix_us: u64,
     /// Microseconds from arrival until the answer was ready (set with `status`).
     pub held_us: Option<u64>,
+}
+
+/// `at` (a moment in the past) on the wall clock, in microseconds since the Unix epoch.
+fn wall_clock_us(at: std::time::Instant) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(at.elapsed()).as_micros() as u64
 }
 
 /// A fault kind.
@@ -132,6 +143,7 @@ impl ControlState {
             path: path.to_owned(),
             params,
             received,
+            received_unix_us: wall_clock_us(received),
             held_us: None,
             token_id: None,
             status: None,
@@ -168,7 +180,8 @@ impl ControlState {
             .filter(|e| e.seq > since)
             .map(|e| {
                 json!({"seq": e.seq, "method": e.method, "path": e.path, "params": e.params,
-                       "token_id": e.token_id, "status": e.status, "held_us": e.held_us})
+                       "token_id": e.token_id, "status": e.status, "held_us": e.held_us,
+                       "received_unix_us": e.received_unix_us})
             })
             .collect();
         json!({"requests": items, "last_seq": self.next_seq})
