@@ -60,6 +60,22 @@ fn expected_op_id(text: &str, reason: &str) -> Option<String> {
     .then(|| id.to_string())
 }
 
+/// Waits until one line of the agent's log contains every needle.
+async fn wait_log_line(agent: &felhom_testbed::harness::AgentProcess, needles: &[&str]) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let log = agent.log_text();
+        if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for a line with {needles:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn describe(m: &[LoggedRequest]) -> Vec<String> {
     m.iter()
         .map(|r| format!("{} {}", r.method, r.path))
@@ -415,7 +431,8 @@ async fn trust_changes_on_sighup_count_keys_once_and_stop_what_a_removed_key_sig
         .hub
         .set_envelope(json!({"poll_interval_seconds": 1, "blocked": true}))
         .await;
-    stack.wait_accepted_reports(before, 2, T).await;
+    // the third report after the change went out after the agent read the first answer
+    stack.wait_accepted_reports(before, 3, T).await;
     let by_bob = stack
         .guest_op("stop", "lxc", vmid)
         .params(json!({"timeout_seconds": 5}));
@@ -629,7 +646,7 @@ async fn redeliveries_run_at_most_once_and_are_answered_with_the_current_decisio
     assert_eq!(about(&m, start_vmid).len(), 1, "{:?}", describe(&m));
     // the hub long-polls it out again meanwhile (it holds no result for d5): answered
     // again, still undelivered
-    wait_log_count(&agent, "operation delivered again", 1, T).await;
+    wait_log_line(&agent, &["operation delivered again", &start_id]).await;
     assert_eq!(stack.results_for(&start_id).await, Vec::<Value>::new());
     agent.kill9();
     let agent = stack.start_agent();
@@ -843,5 +860,86 @@ async fn a_desired_generation_never_goes_back() {
         1,
         "{mine:?}"
     );
+    drop(agent);
+}
+
+/// Held operations are decided without running: one whose window ends while it is held is
+/// refused `expired` (and a redelivery gets that decision), and switching signed
+/// operations off (the signers file made group- and world-writable, SIGHUP) refuses the
+/// others `ops_disabled`; unblocked and with the trust restored, neither runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_operations_expire_or_stop_when_operations_are_switched_off() {
+    needs_root!();
+    let stack = Stack::new(json!({}));
+    stack.write_signers(&stack.keys.signers().clock_skew_seconds(1));
+    stack
+        .hub
+        .set_envelope(json!({"poll_interval_seconds": 1, "blocked": true}))
+        .await;
+    let vmid = stack.pve.plain_guest("lxc", "running").await as u32;
+    let agent = stack.start_agent();
+    let now = now_unix();
+    let short = stack
+        .guest_op("stop", "lxc", vmid)
+        .params(json!({"timeout_seconds": 5}))
+        .window(now - 2, now + 4);
+    let short_id = op_id_of(&short);
+    let long = stack.guest_op("reboot", "lxc", vmid);
+    let long_id = op_id_of(&long);
+    let d_short = stack.deliver(&stack.signed(&short)).await;
+    let d_long = stack.deliver(&stack.signed(&long)).await;
+    for d in [&d_short, &d_long] {
+        let r = stack.result_for_delivery(d, T).await;
+        assert_eq!(r["state"], "held", "{r}\n{}", agent.log_text());
+    }
+    let r = stack.final_result(&short_id, T).await;
+    assert_eq!(
+        (&r["state"], &r["reason"]),
+        (&json!("refused"), &json!("expired")),
+        "{r}"
+    );
+    assert_eq!(r["delivery_id"], d_short.as_str(), "{r}");
+    // delivered again after its window: its decision again, not a new refusal
+    let again = stack.replay(&d_short).await;
+    let r = stack.result_for_delivery(&again, T).await;
+    assert_eq!(
+        (&r["state"], &r["reason"], &r["op_id"]),
+        (&json!("refused"), &json!("expired"), &json!(short_id)),
+        "{r}"
+    );
+    // Operations off: the signers file is writable by others.
+    stack
+        .keys
+        .signers()
+        .clock_skew_seconds(1)
+        .write_owned(&stack.signers, 0o666, 0, 0)
+        .expect("unsafe signers.json");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let r = stack.final_result(&long_id, T).await;
+    assert_eq!(
+        (&r["state"], &r["reason"]),
+        (&json!("refused"), &json!("ops_disabled")),
+        "{r}\n{}",
+        agent.log_text()
+    );
+    // Trust restored, the hub unblocks: nothing that was refused runs.
+    stack.write_signers(&stack.keys.signers().clock_skew_seconds(1));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let before = stack.accepted_reports().await;
+    stack
+        .hub
+        .set_envelope(json!({"poll_interval_seconds": 1, "blocked": false}))
+        .await;
+    stack.wait_accepted_reports(before, 3, T).await;
+    let again = stack.replay(&d_long).await;
+    let r = stack.result_for_delivery(&again, T).await;
+    assert_eq!(
+        (&r["state"], &r["reason"]),
+        (&json!("refused"), &json!("ops_disabled")),
+        "redelivered once operations are on again: {r}"
+    );
+    assert_eq!(describe(&stack.mutations().await), Vec::<String>::new());
+    let g = stack.pve.guest(vmid).await.unwrap();
+    assert_eq!(g["status"], "running", "{g}");
     drop(agent);
 }
