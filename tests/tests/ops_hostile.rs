@@ -76,6 +76,27 @@ async fn wait_log_line(agent: &felhom_testbed::harness::AgentProcess, needles: &
     }
 }
 
+/// Waits until the hub handed `delivery_id` out at least `n` times.
+async fn wait_handed_out(stack: &Stack, delivery_id: &str, n: u64) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let l = stack.ops.deliveries().await.expect("hubsim deliveries");
+        let handed = l["deliveries"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["delivery_id"] == delivery_id))
+            .and_then(|x| x["handed_out"].as_u64())
+            .unwrap_or(0);
+        if handed >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{delivery_id} not handed out {n} times: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn describe(m: &[LoggedRequest]) -> Vec<String> {
     m.iter()
         .map(|r| format!("{} {}", r.method, r.path))
@@ -644,9 +665,9 @@ async fn redeliveries_run_at_most_once_and_are_answered_with_the_current_decisio
     assert!(log.contains(&start_id), "{log}");
     let m = stack.mutations().await;
     assert_eq!(about(&m, start_vmid).len(), 1, "{:?}", describe(&m));
-    // the hub long-polls it out again meanwhile (it holds no result for d5): answered
-    // again, still undelivered
-    wait_log_line(&agent, &["operation delivered again", &start_id]).await;
+    // the hub hands it out again meanwhile (it holds no result for d5); still nothing
+    // delivered
+    wait_handed_out(&stack, &d5, 2).await;
     assert_eq!(stack.results_for(&start_id).await, Vec::<Value>::new());
     agent.kill9();
     let agent = stack.start_agent();
@@ -941,5 +962,55 @@ async fn held_operations_expire_or_stop_when_operations_are_switched_off() {
     assert_eq!(describe(&stack.mutations().await), Vec::<String>::new());
     let g = stack.pve.guest(vmid).await.unwrap();
     assert_eq!(g["status"], "running", "{g}");
+    drop(agent);
+}
+
+/// A hub that keeps handing deliveries out while it refuses every result (an outage of
+/// its result endpoint, or a hostile hub) gets each delivery answered once: the agent's
+/// outbox of unsent results does not grow by one row per long poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_handed_out_again_while_results_fail_are_answered_once() {
+    needs_root!();
+    let stack = Stack::new(json!({}));
+    let vmid = stack.pve.plain_guest("lxc", "running").await as u32;
+    stack
+        .hub
+        .set_envelope(json!({"poll_interval_seconds": 1}))
+        .await;
+    let agent = stack.start_agent();
+    // the gate opens with the first envelope; then results and reports fail
+    stack.wait_accepted_reports(0, 2, T).await;
+    stack
+        .ops
+        .result_fault(Some(503))
+        .await
+        .expect("result fault");
+    stack
+        .hub
+        .add_fault(json!({"kind": "status", "status": 503}))
+        .await;
+    let snap = stack
+        .guest_op("snapshot", "lxc", vmid)
+        .params(json!({"name": "outbox", "description": "x"}));
+    let snap_id = op_id_of(&snap);
+    let d_garbage = stack.deliver_text("garbage").await;
+    let d_snap = stack.deliver(&stack.signed(&snap)).await;
+    wait_log_line(&agent, &["signed operation decided", &snap_id]).await;
+    // The hub hands both out again and again (no result of theirs reached it).
+    wait_handed_out(&stack, &d_garbage, 4).await;
+    wait_handed_out(&stack, &d_snap, 4).await;
+    let (code, out, err) = stack.cli(&["ops", "list", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    // the garbage's refusal, the snapshot's held and applied: nothing more
+    assert_eq!(v["pending_results"], 3, "{v}\n{}", agent.log_text());
+    stack.ops.result_fault(None).await.unwrap();
+    stack.hub.clear_faults().await;
+    let r = stack.final_result(&snap_id, T).await;
+    assert_eq!(r["state"], "applied", "{r}");
+    let r = stack.result_for_delivery(&d_garbage, T).await;
+    assert_eq!(r["reason"], "bad_envelope", "{r}");
+    let m = stack.mutations().await;
+    assert_eq!(describe(&m).len(), 1, "{:?}", describe(&m));
     drop(agent);
 }
