@@ -261,7 +261,9 @@ async fn hostile_operations_are_refused_with_their_reason_and_never_reach_proxmo
     }];
     failures.extend(check_refusals(&stack, &state_cases).await);
 
-    // Accepted (held), then refused in the guest's lane.
+    // Accepted (held), then refused in the guest's lane (the engine has read the
+    // desired file by now: it says so).
+    wait_log_count(&agent, "desired state loaded", 1, T).await;
     let missing = 987_654u32;
     let digest = "0".repeat(40);
     let lane_cases: Vec<(&str, Payload, &str)> = vec![
@@ -899,11 +901,13 @@ async fn held_operations_expire_or_stop_when_operations_are_switched_off() {
         .await;
     let vmid = stack.pve.plain_guest("lxc", "running").await as u32;
     let agent = stack.start_agent();
+    // up and holding (blocked) before the short window starts counting
+    stack.wait_accepted_reports(0, 1, T).await;
     let now = now_unix();
     let short = stack
         .guest_op("stop", "lxc", vmid)
         .params(json!({"timeout_seconds": 5}))
-        .window(now - 2, now + 4);
+        .window(now - 2, now + 8);
     let short_id = op_id_of(&short);
     let long = stack.guest_op("reboot", "lxc", vmid);
     let long_id = op_id_of(&long);
