@@ -1001,8 +1001,8 @@ async fn deliveries_handed_out_again_while_results_fail_are_answered_once() {
     let d_snap = stack.deliver(&stack.signed(&snap)).await;
     wait_log_line(&agent, &["signed operation decided", &snap_id]).await;
     // The hub hands both out again and again (no result of theirs reached it).
-    wait_handed_out(&stack, &d_garbage, 4).await;
-    wait_handed_out(&stack, &d_snap, 4).await;
+    wait_handed_out(&stack, &d_garbage, 3).await;
+    wait_handed_out(&stack, &d_snap, 3).await;
     let (code, out, err) = stack.cli(&["ops", "list", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -1016,5 +1016,46 @@ async fn deliveries_handed_out_again_while_results_fail_are_answered_once() {
     assert_eq!(r["reason"], "bad_envelope", "{r}");
     let m = stack.mutations().await;
     assert_eq!(describe(&m).len(), 1, "{:?}", describe(&m));
+    drop(agent);
+}
+
+/// A delivery the hub can never drop (its `delivery_id` is unusable, so no answer can name
+/// it) is answered again only after a backoff, not in a busy loop of polls and refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_the_hub_never_drops_does_not_make_the_agent_busy_loop() {
+    needs_root!();
+    let stack = Stack::new(json!({}));
+    let agent = stack.start_agent();
+    wait_log_count(&agent, "felhom-agent running", 1, T).await;
+    let too_long = "x".repeat(65);
+    stack
+        .ops
+        .enqueue(json!({"envelope_text": "garbage", "delivery_id": too_long}))
+        .await
+        .expect("enqueue");
+    let answers = |list: &[Value]| {
+        list.iter()
+            .filter(|r| {
+                r["result"]["reason"] == "bad_envelope" && r["result"]["delivery_id"].is_null()
+            })
+            .count()
+    };
+    // Answered (refused, no delivery id to name), handed out again, answered again ...
+    let list = stack
+        .ops
+        .wait_results(T, |l| answers(l) >= 2)
+        .await
+        .expect("answered twice");
+    // ... but not hundreds of times a second: the next poll waits out a backoff
+    // (2.5 s at least), so when the second answer is seen there are not more than three.
+    assert!(
+        answers(&list) <= 3,
+        "{} answers: a busy loop",
+        answers(&list)
+    );
+    let polls = stack.ops.summary().await.unwrap()["polls"]
+        .as_u64()
+        .unwrap();
+    assert!(polls <= 6, "{polls} long polls: a busy loop");
     drop(agent);
 }
