@@ -145,6 +145,18 @@ async fn check_refusals(stack: &Stack, expects: &[Expect]) -> Vec<String> {
             .filter(|r| r["delivery_id"].as_str() == Some(e.delivery.as_str()))
             .collect();
         let r = mine[0];
+        eprintln!(
+            "{}: {} {} op_id={} payload_sha256={}",
+            e.name,
+            r["state"],
+            r["reason"],
+            if r["op_id"].is_null() { "null" } else { "set" },
+            if r["payload_sha256"].is_null() {
+                "null"
+            } else {
+                "set"
+            },
+        );
         let mut bad = |what: &str| failures.push(format!("{}: {what}: {r}", e.name));
         if mine.len() != 1 {
             bad(&format!("{} results, not one", mine.len()));
