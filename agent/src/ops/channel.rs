@@ -420,3 +420,23 @@ async fn desired_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_deliveries_are_remembered_up_to_the_bound() {
+        let mut seen = Seen::default();
+        assert!(seen.insert("d-1"));
+        assert!(!seen.insert("d-1"), "answered already");
+        for i in 2..=SEEN_DELIVERIES + 1 {
+            assert!(seen.insert(&format!("d-{i}")));
+        }
+        assert_eq!(seen.order.len(), SEEN_DELIVERIES);
+        assert_eq!(seen.set.len(), SEEN_DELIVERIES);
+        // the oldest was forgotten, the newest is still known
+        assert!(seen.insert("d-1"));
+        assert!(!seen.insert(&format!("d-{}", SEEN_DELIVERIES + 1)));
+    }
+}
