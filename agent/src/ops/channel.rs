@@ -6,7 +6,9 @@
 //!   the report loop does. A 404 means the hub has no channel: then, and while operations
 //!   are off, the agent fetches once per control envelope that says `has_signed_ops`
 //!   (answering each delivery `ops_disabled` when off), and goes back to long polling as
-//!   soon as such a fetch succeeds with operations on.
+//!   soon as such a fetch succeeds with operations on. An answer with nothing but
+//!   deliveries already answered (a hub that never drops them, or whose ids are unusable)
+//!   is followed by the error backoff, not by the next poll at once.
 //! - **the results sender**: every decision not yet accepted is POSTed to
 //!   `/api/agent/v1/ops/result` in `seq` order, retried with backoff until the hub accepts
 //!   it (the report carries the same ones meanwhile).
@@ -17,6 +19,7 @@
 //! Must never: trust anything it fetched (verification is the service's), treat a
 //! `delivery_id` as anything but bookkeeping, or busy-loop against a failing hub.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,12 +137,49 @@ async fn pause(
     }
 }
 
+/// Delivery ids remembered to notice a hub handing out again what it has answers for.
+const SEEN_DELIVERIES: usize = 4096;
+
+/// The delivery ids this process answered lately (bounded, oldest forgotten first).
+#[derive(Debug, Default)]
+struct Seen {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl Seen {
+    /// Remembers `id`; true when it was not remembered yet.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() >= SEEN_DELIVERIES
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
 /// Hands each delivery to the service; then waits (briefly) until their answers reached
-/// the hub, which drops a delivery only then.
-async fn deliver(ops: &Arc<OpsService>, answer: super::wire::OpsAnswer, enabled: bool) {
+/// the hub, which drops a delivery only then. True when the answer brought a delivery not
+/// answered before: a hub that hands out only deliveries it already has answers for (it
+/// never drops them, or their ids are unusable so no answer can name them) would
+/// otherwise be asked again at once, in a busy loop.
+async fn deliver(
+    ops: &Arc<OpsService>,
+    answer: super::wire::OpsAnswer,
+    enabled: bool,
+    seen: &mut Seen,
+) -> bool {
     let mut last_seq = 0;
+    let mut fresh = false;
     for d in answer.ops {
         let delivery_id = d.delivery_id();
+        fresh |= delivery_id.as_deref().is_some_and(|id| seen.insert(id));
         let raw = d.envelope.get().as_bytes().to_vec();
         let r = if enabled {
             ops.receive_async(raw, delivery_id.clone())
@@ -161,6 +201,7 @@ async fn deliver(ops: &Arc<OpsService>, answer: super::wire::OpsAnswer, enabled:
     if last_seq > 0 {
         ops.wait_sent(last_seq, Duration::from_secs(5)).await;
     }
+    fresh
 }
 
 async fn poll_loop(
@@ -171,6 +212,7 @@ async fn poll_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
+    let mut seen = Seen::default();
     // False after a 404: the hub has no long-poll channel.
     let mut channel = true;
     loop {
@@ -195,8 +237,21 @@ async fn poll_loop(
             };
             match fetched {
                 Ok(Some(answer)) => {
-                    failures = 0;
-                    deliver(&ops, answer, true).await;
+                    let empty = answer.ops.is_empty();
+                    if empty || deliver(&ops, answer, true, &mut seen).await {
+                        failures = 0;
+                    } else {
+                        failures = failures.saturating_add(1);
+                        let d = backoff(failures, DEFAULT_POLL_INTERVAL);
+                        tracing::warn!(
+                            consecutive = failures,
+                            retry_in_ms = d.as_millis() as u64,
+                            "signed operations: the hub handed out only deliveries it already has answers for"
+                        );
+                        if pause(d, &mut client, &mut shutdown).await {
+                            return;
+                        }
+                    }
                 }
                 Ok(None) => {
                     tracing::info!(
@@ -235,7 +290,7 @@ async fn poll_loop(
                 if enabled {
                     channel = true;
                 }
-                deliver(&ops, answer, enabled).await;
+                deliver(&ops, answer, enabled, &mut seen).await;
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "signed operations: fetch failed"),
@@ -398,5 +453,25 @@ async fn desired_loop(
             _ = client.changed() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_deliveries_are_remembered_up_to_the_bound() {
+        let mut seen = Seen::default();
+        assert!(seen.insert("d-1"));
+        assert!(!seen.insert("d-1"), "answered already");
+        for i in 2..=SEEN_DELIVERIES + 1 {
+            assert!(seen.insert(&format!("d-{i}")));
+        }
+        assert_eq!(seen.order.len(), SEEN_DELIVERIES);
+        assert_eq!(seen.set.len(), SEEN_DELIVERIES);
+        // the oldest was forgotten, the newest is still known
+        assert!(seen.insert("d-1"));
+        assert!(!seen.insert(&format!("d-{}", SEEN_DELIVERIES + 1)));
     }
 }

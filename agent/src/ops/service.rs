@@ -56,6 +56,8 @@ pub const REPORT_RESULTS: usize = 100;
 const SWEEP: Duration = Duration::from_secs(2);
 /// Accepted results kept for `ops show` after the hub has them.
 const KEEP_RESULTS: usize = 1000;
+/// Unsent results searched for an answer a delivery handed out again already has.
+const UNSENT_SCAN: usize = 10_000;
 
 /// Why an envelope could not even be recorded (the journal refused the write): it is not
 /// answered and the hub delivers it again.
@@ -443,6 +445,27 @@ impl Inner {
             .unwrap_or(felhom_authz::trust::DEFAULT_CLOCK_SKEW_SECONDS)
     }
 
+    /// The `seq` of a result not yet accepted by the hub that already answers
+    /// `delivery_id` as `same` says. A hub hands a delivery out again until a result
+    /// naming it reaches it; while its result endpoint fails, every long poll would
+    /// otherwise add one more row to the outbox, without bound.
+    fn unsent_answer(
+        &self,
+        delivery_id: Option<&str>,
+        same: impl Fn(&OpResult) -> bool,
+    ) -> Result<Option<u64>, OpsError> {
+        let Some(d) = delivery_id else {
+            return Ok(None);
+        };
+        Ok(self
+            .journal
+            .results_pending(UNSENT_SCAN)?
+            .iter()
+            .filter_map(|row| serde_json::from_str::<OpResult>(&row.body).ok())
+            .find(|r| r.delivery_id.as_deref() == Some(d) && same(r))
+            .map(|r| r.seq))
+    }
+
     /// A refusal that records no operation.
     fn refuse(
         &self,
@@ -453,6 +476,14 @@ impl Inner {
         message: String,
     ) -> Result<u64, OpsError> {
         let sha = envelope_sha(raw);
+        if let Some(seq) = self.unsent_answer(delivery_id.as_deref(), |r| {
+            r.state == DecisionState::Refused
+                && r.reason.as_deref() == Some(reason)
+                && r.op_id == op_id
+                && r.payload_sha256 == sha
+        })? {
+            return Ok(seq);
+        }
         tracing::warn!(op_id = op_id.as_deref().unwrap_or("-"), delivery_id = delivery_id.as_deref().unwrap_or("-"),
             reason, %message, "signed operation refused");
         let now = Timestamp::now();
@@ -594,12 +625,27 @@ impl Inner {
         })
     }
 
-    /// A known operation delivered again: its current decision, under this delivery id.
+    /// A known operation delivered again: its current decision, under this delivery id
+    /// (nothing new when an unsent result already gives that decision for this delivery).
     fn answer_again(
         &self,
         rec: OpRecord,
         delivery_id: Option<String>,
     ) -> Result<Receipt, OpsError> {
+        let now = result_of(&rec, 0);
+        if let Some(seq) = self.unsent_answer(delivery_id.as_deref(), |r| {
+            r.op_id == now.op_id
+                && r.payload_sha256 == now.payload_sha256
+                && r.state == now.state
+                && r.reason == now.reason
+        })? {
+            return Ok(Receipt {
+                op_id: Some(rec.op_id),
+                state: now.state,
+                reason: now.reason,
+                seq,
+            });
+        }
         let (rec, seq) = self.journal.op_update(
             &rec.op_id,
             |r| {

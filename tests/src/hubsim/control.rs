@@ -159,6 +159,18 @@ impl OpsControl {
         .map(drop)
     }
 
+    /// `PUT /_sim/ops/result_fault`: `Some(status)` answers result POSTs with it (nothing
+    /// stored) until called with `None`.
+    pub async fn result_fault(&self, status: Option<u16>) -> Result<(), ControlCallError> {
+        self.call(
+            "PUT",
+            "/_sim/ops/result_fault",
+            Some(json!({ "status": status })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// `PUT /_sim/desired` with envelope text served byte for byte.
     pub async fn set_desired_text(
         &self,

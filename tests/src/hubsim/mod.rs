@@ -138,6 +138,14 @@ struct ChannelBody {
     enabled: bool,
 }
 
+/// `PUT /_sim/ops/result_fault`: result POSTs answered `status` (no result stored) while
+/// it is set; `null` accepts them again.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultFaultBody {
+    status: Option<u16>,
+}
+
 #[derive(Debug, Deserialize)]
 struct TokenBody {
     token: String,
@@ -289,6 +297,9 @@ impl HubSim {
         if !st.ops.channel_enabled {
             return no_channel();
         }
+        if let Some(status) = st.ops.result_fault {
+            return Reply::json(status, &json!({"message": "injected result failure"}));
+        }
         let parsed = serde_json::from_slice::<Value>(body)
             .map_err(|e| format!("body is not JSON: {e}"))
             .and_then(|v| WireResult::parse(&v));
@@ -420,6 +431,18 @@ impl HubSim {
                 }
                 Err(e) => bad(format!("expected {{\"enabled\": bool}}: {e}")),
             },
+            ("PUT", "/_sim/ops/result_fault") => {
+                match serde_json::from_slice::<ResultFaultBody>(body) {
+                    Ok(ResultFaultBody { status: Some(s) }) if !(400..600).contains(&s) => {
+                        bad(format!("status must be an error status (400-599), not {s}"))
+                    }
+                    Ok(f) => {
+                        st.ops.result_fault = f.status;
+                        Reply::json(200, &json!({}))
+                    }
+                    Err(e) => bad(format!("expected {{\"status\": N or null}}: {e}")),
+                }
+            }
             ("POST", "/_sim/ops") => match serde_json::from_slice::<EnqueueBody>(body) {
                 Ok(b) => match st.ops.enqueue(b) {
                     Ok(id) => Reply::json(200, &json!({ "delivery_id": id })),
@@ -1063,6 +1086,43 @@ mod tests {
         assert_eq!(status(&poll(&s, "")), 200);
         // the 404 and the 200 both count: a test can see whether an agent keeps polling
         assert_eq!(adm(&s, "GET", "/_sim/state", "").1["ops"]["polls"], 2);
+    }
+
+    #[test]
+    fn result_fault_refuses_result_posts_until_cleared() {
+        let s = sim();
+        let d = enqueue(&s, ENV);
+        assert_eq!(
+            adm(&s, "PUT", "/_sim/ops/result_fault", r#"{"status":503}"#).0,
+            200
+        );
+        assert_eq!(
+            status(&post_result(&s, &result_json(1, Some(&d), "held"))),
+            503
+        );
+        // nothing stored, the delivery still pending
+        assert_eq!(
+            adm(&s, "GET", "/_sim/ops/results", "").1["results"],
+            json!([])
+        );
+        assert_eq!(status(&poll(&s, "?wait=0")), 200);
+        assert_eq!(
+            adm(&s, "GET", "/_sim/ops", "").1["pending"][0]["delivery_id"],
+            d
+        );
+        assert_eq!(
+            adm(&s, "PUT", "/_sim/ops/result_fault", r#"{"status":200}"#).0,
+            400
+        );
+        assert_eq!(
+            adm(&s, "PUT", "/_sim/ops/result_fault", r#"{"status":null}"#).0,
+            200
+        );
+        assert_eq!(
+            status(&post_result(&s, &result_json(1, Some(&d), "held"))),
+            200
+        );
+        assert_eq!(adm(&s, "GET", "/_sim/ops", "").1["pending"], json!([]));
     }
 
     fn decoded_payload(env: &Value) -> Vec<u8> {

@@ -210,6 +210,9 @@ fn err(status: u16, message: impl Into<String>) -> ControlError {
 pub struct OpsState {
     /// `false`: the ops endpoints answer 404 (a hub without the channel).
     pub channel_enabled: bool,
+    /// Set: result POSTs are answered with this status and not stored
+    /// (`PUT /_sim/ops/result_fault`).
+    pub result_fault: Option<u16>,
     /// Delivery ids waiting for a result, in queue order (indexes into `deliveries`).
     pending: VecDeque<usize>,
     deliveries: Vec<DeliveryRecord>,
@@ -231,6 +234,7 @@ impl Default for OpsState {
     fn default() -> Self {
         OpsState {
             channel_enabled: true,
+            result_fault: None,
             pending: VecDeque::new(),
             deliveries: Vec::new(),
             next_delivery: 1,
@@ -613,6 +617,7 @@ impl OpsState {
     pub fn summary(&self) -> Value {
         json!({
             "channel_enabled": self.channel_enabled,
+            "result_fault": self.result_fault,
             "pending": self.pending.len(),
             "deliveries": self.deliveries.len(),
             "results": self.results.len(),

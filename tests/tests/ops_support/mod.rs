@@ -332,3 +332,81 @@ fn merge(base: &mut Value, extra: &Value) {
         (b, e) => *b = e.clone(),
     }
 }
+
+// Helpers of the hostile-envelope tests (`ops_hostile.rs`).
+impl Stack {
+    /// Merges `extra` into the agent's config file (read at start and on SIGHUP).
+    pub fn patch_config(&self, extra: &Value) {
+        let mut cfg: Value =
+            serde_json::from_slice(&std::fs::read(&self.config).expect("read the config"))
+                .expect("config is JSON");
+        merge(&mut cfg, extra);
+        std::fs::write(&self.config, serde_json::to_vec_pretty(&cfg).expect("json"))
+            .expect("write the config");
+    }
+
+    /// Enqueues raw text at the hub (served verbatim when it is JSON, else as a JSON
+    /// string); returns the delivery id.
+    pub async fn deliver_text(&self, text: &str) -> String {
+        self.ops
+            .enqueue_text(text)
+            .await
+            .expect("enqueue at hubsim")
+    }
+
+    /// Enqueues an earlier delivery's exact envelope again (hubsim's `replay`); returns
+    /// the new delivery id.
+    pub async fn replay(&self, delivery_id: &str) -> String {
+        let v = self
+            .ops
+            .misbehave(json!({"action": "replay", "delivery_id": delivery_id}))
+            .await
+            .expect("hubsim replay");
+        v["delivery_id"].as_str().expect("delivery id").to_string()
+    }
+
+    /// Waits for the first result naming `delivery_id`.
+    pub async fn result_for_delivery(&self, delivery_id: &str, timeout: Duration) -> Value {
+        let d = delivery_id.to_string();
+        self.wait_result(timeout, move |r| {
+            r["delivery_id"].as_str() == Some(d.as_str())
+        })
+        .await
+    }
+
+    /// Waits until the hub accepted `n` more reports than `since` (the agent has then
+    /// acted on at least `n - 1` control envelopes sent after that point).
+    pub async fn wait_accepted_reports(&self, since: usize, n: usize, timeout: Duration) {
+        self.hub
+            .wait_reports(timeout, |r| {
+                r.iter().filter(|x| x["outcome"] == "accepted").count() >= since + n
+            })
+            .await;
+    }
+
+    /// How many reports the hub accepted so far.
+    pub async fn accepted_reports(&self) -> usize {
+        self.hub.accepted().await.len()
+    }
+}
+
+/// Waits until the agent's log has `needle` at least `count` times; returns the log.
+pub async fn wait_log_count(
+    agent: &AgentProcess,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = agent.log_text();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {count} × {needle:?} in the agent log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
