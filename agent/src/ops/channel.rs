@@ -402,9 +402,10 @@ async fn desired_loop(
     node: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // The payload hash of the last document refused: a hub that keeps announcing a higher
-    // generation while serving it again gets that refusal once, not once per report.
-    let mut last_refused: Option<Option<String>> = None;
+    // The payload hash and reason of the last refusal: a hub that keeps announcing a higher
+    // generation while serving the same document gets that refusal once, not once per
+    // report. Another envelope of the same payload refused for another reason is answered.
+    let mut last_refused: Option<(Option<String>, Option<&'static str>)> = None;
     loop {
         let wanted = envelopes
             .borrow_and_update()
@@ -430,10 +431,11 @@ async fn desired_loop(
                     if let Ok(decision) = decision
                         && !decision.unchanged
                         && !(decision.state == super::wire::DecisionState::Refused
-                            && last_refused.as_ref() == Some(&decision.payload_sha256))
+                            && last_refused.as_ref()
+                                == Some(&(decision.payload_sha256.clone(), decision.reason)))
                     {
                         last_refused = (decision.state == super::wire::DecisionState::Refused)
-                            .then(|| decision.payload_sha256.clone());
+                            .then(|| (decision.payload_sha256.clone(), decision.reason));
                         let o = ops.clone();
                         let _ = tokio::task::spawn_blocking(move || {
                             o.add_result(|seq| decision.to_result(seq))
