@@ -29,6 +29,7 @@
 //! that reaches outside it, or run two restore tests at once.
 
 pub mod rules;
+pub mod schedule;
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -118,6 +119,33 @@ pub struct Candidate {
 type Verdict = Option<(&'static str, String)>;
 
 impl RestoreTests {
+    /// The restore tests of a config: `None` when `restore_tests.scratch_vmids` or
+    /// `.storage` is not set (then nothing here ever runs).
+    pub fn from_config(
+        cfg: &crate::config::Config,
+        client: Client,
+        queue: Queue,
+        journal: Arc<Journal>,
+        gate: watch::Receiver<Gate>,
+    ) -> Option<RestoreTests> {
+        let scratch = cfg.scratch_vmids.clone()?;
+        let storage = cfg.restore_tests.storage.clone()?;
+        Some(RestoreTests {
+            deps: RestoreDeps {
+                client,
+                queue,
+                journal,
+                gate,
+                scratch,
+                settings: cfg.restore_tests.clone(),
+                task_wait: WaitOptions::with_timeout(Duration::from_secs(3600)),
+                poll: Duration::from_secs(1),
+            },
+            storage,
+            one: tokio::sync::Mutex::new(()),
+        })
+    }
+
     pub fn new(deps: RestoreDeps) -> Result<RestoreTests, RestoreError> {
         let storage = deps.settings.storage.clone().ok_or_else(|| {
             RestoreError::NotConfigured("restore_tests.storage is not set".to_string())
