@@ -3,7 +3,11 @@
 //! archive, a guest that does not start, a full storage, a foreign guest on the scratch
 //! vmid, the gate closed, and a test interrupted mid-restore cleaned up by the next run.
 //! In every case the scratch guest's network is checked in the simulator's own state.
+//! Then the daemon: `felhom-agent restore-test run/list` through its control socket, and a
+//! `kill -9` of the daemon mid-restore, cleaned up by the restarted daemon on its own.
 
+mod hub_support;
+mod ops_support;
 mod proxmox_client_support;
 
 use std::sync::Arc;
@@ -481,4 +485,148 @@ async fn a_test_interrupted_mid_restore_is_cleaned_up_by_the_next_run() {
     );
     assert!(sim_guest(&b.sim, 9900).await.is_none());
     assert!(sim_guest(&b.sim, 9901).await.is_none());
+}
+
+// ---- the daemon, over real processes -------------------------------------------------
+
+fn daemon_stack() -> Option<ops_support::Stack> {
+    if !ops_support::is_root() {
+        eprintln!("skipped: needs root (the agent runs as another uid)");
+        return None;
+    }
+    Some(ops_support::Stack::new(json!({
+        "restore_tests": {
+            "scratch_vmids": "9900-9901",
+            "storage": "local-lvm",
+            "boot_check_seconds": 60,
+            "stable_seconds": 1
+        }
+    })))
+}
+
+/// Waits until the daemon answers `status` with the hub's envelope (its gate is open).
+async fn wait_ready(stack: &ops_support::Stack) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["status", "--json"]);
+        if code == 0 {
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            if v["daemon"] == "running" && !v["last_envelope"].is_null() {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn restore_test_run_and_list_go_through_the_daemon() {
+    let Some(stack) = daemon_stack() else { return };
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    let (code, out, err) = stack.cli(&["restore-test", "run", "--vmid", "101", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", agent.log_text());
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["result"], "passed", "{r}");
+    assert_eq!(r["scratch_vmid"], 9900);
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+    let (code, out, _) = stack.cli(&["restore-test", "list", "--json"]);
+    assert_eq!(code, 0);
+    let l: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["restore_tests"][0]["id"], r["id"]);
+    // A guest that does not exist is a usage error, and nothing is restored.
+    let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "4242"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("4242"), "{err}");
+    // Human output names the result.
+    let (_, out, _) = stack.cli(&["restore-test", "list"]);
+    assert!(out.contains("guest 101 passed in 9900"), "{out}");
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_restore_cleans_up_after_its_restart() {
+    let Some(stack) = daemon_stack() else { return };
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    // A restore that takes long enough to kill the daemon in the middle of it.
+    control(
+        &stack.pve,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 50_000_000}),
+    )
+    .await;
+    let mut cli = std::process::Command::new(proxmox_client_support::agent_bin());
+    {
+        use std::os::unix::process::CommandExt;
+        cli.args(["restore-test", "run", "--vmid", "101", "--config"])
+            .arg(&stack.config)
+            .env_clear()
+            .uid(ops_support::AGENT_UID)
+            .gid(ops_support::AGENT_UID)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let mut cli = cli.spawn().unwrap();
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        if let Some(g) = sim_guest(&stack.pve, 9900).await
+            && g["lock"] == "create"
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no restore started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.kill9();
+    let _ = cli.wait();
+    control(
+        &stack.pve,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 17179869184u64}),
+    )
+    .await;
+    // The restarted daemon finds the left-behind test in its journal and cleans up by
+    // itself (scheduled tests are off: only the cleanup runs).
+    let agent = stack.start_agent();
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["restore-test", "list", "--json"]);
+        if code == 0 {
+            let l: Value = serde_json::from_str(&out).unwrap();
+            let t = &l["restore_tests"][0];
+            if t["scratch"] == "gone" && t["result"] == "skipped" {
+                assert!(
+                    t["reason"].as_str().unwrap().contains("did not finish"),
+                    "{t}"
+                );
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cleanup: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        sim_guest(&stack.pve, 9900).await.is_none(),
+        "{}",
+        agent.log_text()
+    );
+    let deletes: Vec<_> = stack
+        .pve
+        .log()
+        .await
+        .into_iter()
+        .filter(|r| r.method == "DELETE" && r.status == Some(200))
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}\n{}", agent.log_text());
+    assert!(deletes[0].path.ends_with("/lxc/9900"));
 }

@@ -161,6 +161,11 @@ impl RestoreTests {
         &self.deps.journal
     }
 
+    /// The mutation gate the tests follow.
+    pub fn gate(&self) -> watch::Receiver<Gate> {
+        self.deps.gate.clone()
+    }
+
     pub fn settings(&self) -> &RestoreTestsConfig {
         &self.deps.settings
     }

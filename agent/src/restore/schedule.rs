@@ -20,6 +20,8 @@ use crate::reconcile::journal::now_ms;
 
 /// How often the schedule looks.
 pub const TICK: Duration = Duration::from_secs(60);
+/// How soon it looks again when the queue was busy or a cleanup failed.
+pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Whether a scheduled test is due: `interval_hours` since `last_started_ms` (none: at
 /// once), and, with a window, `local_minute` inside it (unknown local time: not due).
@@ -61,13 +63,21 @@ pub fn spawn(
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(TICK);
+        let mut gate = tests.gate();
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
+                // The gate opening (first envelope, unblocked) is a reason to look at once.
+                r = gate.changed() => if r.is_err() { break },
                 _ = shutdown.wait_for(|s| *s) => break,
             }
-            if tests.closed().is_some() || busy() {
+            wait = TICK;
+            if tests.closed().is_some() {
+                continue;
+            }
+            if busy() {
+                wait = RETRY;
                 continue;
             }
             let j = tests.journal().clone();
