@@ -526,6 +526,10 @@ async fn wait_ready(stack: &ops_support::Stack) {
 #[tokio::test]
 async fn restore_test_run_and_list_go_through_the_daemon() {
     let Some(stack) = daemon_stack() else { return };
+    // Reports every second, so the result reaches the hub soon.
+    let mut envelope = stack.hub.sim_envelope().await;
+    envelope["poll_interval_seconds"] = json!(1);
+    stack.hub.set_envelope(envelope).await;
     let agent = stack.start_agent();
     wait_ready(&stack).await;
     let (code, out, err) = stack.cli(&["restore-test", "run", "--vmid", "101", "--json"]);
@@ -538,6 +542,55 @@ async fn restore_test_run_and_list_go_through_the_daemon() {
     assert_eq!(code, 0);
     let l: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(l["restore_tests"][0]["id"], r["id"]);
+    // The next accepted report carries the result and the guest's proof; once accepted,
+    // the result is not sent again (the cursor moved), the proof stays.
+    let reports = stack
+        .hub
+        .wait_reports(LONG, |rs| {
+            rs.iter().any(|x| {
+                x["outcome"] == "accepted"
+                    && x["report"]["restore_tests"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t["started_at"].is_string()))
+            })
+        })
+        .await;
+    let carrying = reports
+        .iter()
+        .position(|x| {
+            x["outcome"] == "accepted"
+                && x["report"]["restore_tests"]
+                    .as_array()
+                    .is_some_and(|t| !t.is_empty())
+        })
+        .unwrap();
+    let t = &reports[carrying]["report"]["restore_tests"][0];
+    assert_eq!(t["vmid"], 101);
+    assert_eq!(t["result"], "passed");
+    assert_eq!(t["archive"], r["archive"]);
+    assert_eq!(t["scratch_vmid"], 9900);
+    assert!(t["upids"].as_array().unwrap().len() >= 3, "{t}");
+    let n = reports.len();
+    let later = stack
+        .hub
+        .wait_reports(LONG, |rs| {
+            rs.len() > n && rs[n..].iter().any(|x| x["outcome"] == "accepted")
+        })
+        .await;
+    let next = later[n..]
+        .iter()
+        .find(|x| x["outcome"] == "accepted")
+        .unwrap();
+    assert_eq!(next["report"]["restore_tests"], json!([]));
+    let g101 = next["report"]["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["vmid"] == 101)
+        .unwrap();
+    assert_eq!(g101["restore_proof"]["archive"], r["archive"]);
+    assert!(g101["restore_proof"]["passed_at"].is_string());
+
     // A guest that does not exist is a usage error, and nothing is restored.
     let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "4242"]);
     assert_eq!(code, 1, "{err}");
@@ -594,6 +647,7 @@ async fn a_daemon_killed_mid_restore_cleans_up_after_its_restart() {
     // The restarted daemon finds the left-behind test in its journal and cleans up by
     // itself (scheduled tests are off: only the cleanup runs).
     let agent = stack.start_agent();
+    wait_ready(&stack).await;
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let (code, out, _) = stack.cli(&["restore-test", "list", "--json"]);

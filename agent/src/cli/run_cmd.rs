@@ -240,6 +240,7 @@ async fn daemon(
         trust_tx.subscribe(),
         reconcile_rx,
         Some(ops.clone() as Arc<dyn crate::ops::OpsFeed>),
+        Some(parts.engine.journal().clone()),
         shutdown_rx.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;

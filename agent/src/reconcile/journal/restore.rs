@@ -305,6 +305,38 @@ impl Journal {
         )
     }
 
+    /// The highest result `seq` a report the hub accepted carried (0: none).
+    pub fn restore_reported(&self) -> Result<u64, JournalError> {
+        let c = self.lock();
+        let v: Option<String> =
+            c.db.query_row("SELECT v FROM meta WHERE k = 'restore_reported'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.sql_err(e))?;
+        Ok(v.and_then(|s| s.parse().ok()).unwrap_or(0))
+    }
+
+    /// The hub accepted a report carrying the results up to `seq`; the cursor never goes back.
+    pub fn restore_mark_reported(&self, seq: u64) -> Result<(), JournalError> {
+        self.write(|tx| {
+            let cur: Option<String> = tx
+                .query_row("SELECT v FROM meta WHERE k = 'restore_reported'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let cur = cur.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            if seq > cur {
+                tx.execute(
+                    "INSERT INTO meta (k, v) VALUES ('restore_reported', ?1)
+                     ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                    params![seq.to_string()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     /// Per tested guest: its newest test (any result) and its newest passed one.
     pub fn restore_per_guest(
         &self,
@@ -408,6 +440,12 @@ mod tests {
         assert_eq!(per[&102].1.as_ref().map(|r| r.id), Some(2));
         assert!(per[&101].1.is_none());
         assert_eq!(j.restore_recent(1).unwrap()[0].id, 2);
+
+        // The report cursor moves forward only.
+        assert_eq!(j.restore_reported().unwrap(), 0);
+        j.restore_mark_reported(2).unwrap();
+        j.restore_mark_reported(1).unwrap();
+        assert_eq!(j.restore_reported().unwrap(), 2);
     }
 
     #[test]
