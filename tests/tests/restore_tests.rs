@@ -684,3 +684,33 @@ async fn a_daemon_killed_mid_restore_cleans_up_after_its_restart() {
     assert_eq!(deletes.len(), 1, "{deletes:?}\n{}", agent.log_text());
     assert!(deletes[0].path.ends_with("/lxc/9900"));
 }
+
+#[tokio::test]
+async fn a_blocked_daemon_runs_no_restore_test() {
+    let Some(stack) = daemon_stack() else { return };
+    let mut envelope = stack.hub.sim_envelope().await;
+    envelope["blocked"] = json!(true);
+    envelope["poll_interval_seconds"] = json!(1);
+    stack.hub.set_envelope(envelope).await;
+    let _agent = stack.start_agent();
+    // Wait until the daemon holds the blocked envelope.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if code == 0 && v["last_envelope"]["envelope"]["blocked"] == json!(true) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never blocked: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.pve.clear_log().await;
+    let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "101"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("blocked by the hub"), "{err}");
+    assert!(
+        stack.pve.log().await.iter().all(|r| r.method == "GET"),
+        "a blocked daemon sent a mutation"
+    );
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+}
