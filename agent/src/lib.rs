@@ -31,6 +31,7 @@ pub mod ops;
 pub mod privileged;
 pub mod proxmox;
 pub mod reconcile;
+pub mod restore;
 pub mod sensors;
 pub mod timestamp;
 pub mod tls;

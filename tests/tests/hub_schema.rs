@@ -73,6 +73,10 @@ fn full_report() -> HostReport {
             hostname: Some("web01".into()),
             nesting: Some(true),
         }),
+        restore_proof: Some(RestoreProof {
+            archive: "local:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst".into(),
+            passed_at: at,
+        }),
     });
     r.guests.push(GuestReport {
         vmid: 102,
@@ -83,6 +87,7 @@ fn full_report() -> HostReport {
         lock: None,
         template: false,
         spec: None,
+        restore_proof: None,
     });
     r.cloudflared = CloudflaredReport {
         state: CloudflaredState::Ready,
@@ -122,11 +127,29 @@ fn full_report() -> HostReport {
     });
     r.restore_tests.push(RestoreTestReport {
         vmid: 101,
-        volid: "local:backup/x".into(),
+        archive: Some("local:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst".into()),
+        archive_ctime: Some(at),
+        scratch_vmid: Some(9900),
         started_at: at,
-        finished_at: Some(at),
+        duration_seconds: 42.5,
+        restore_seconds: Some(30.25),
+        boot_seconds: Some(2.5),
         result: RestoreTestResult::Passed,
-        message: None,
+        reason: None,
+        upids: vec!["UPID:pve1:00155655:0684A712:6B15A074:vzrestore:9900:root@pam!felhom:".into()],
+    });
+    r.restore_tests.push(RestoreTestReport {
+        vmid: 102,
+        archive: None,
+        archive_ctime: None,
+        scratch_vmid: None,
+        started_at: at,
+        duration_seconds: 0.5,
+        restore_seconds: None,
+        boot_seconds: None,
+        result: RestoreTestResult::Skipped,
+        reason: Some("guest 102 has no backup".into()),
+        upids: vec![],
     });
     r.audit.push(
         AuditRecord::from_line(r#"{"seq":1,"prev":"00","kind":"intent","args":{"x":[1,2]}}"#)

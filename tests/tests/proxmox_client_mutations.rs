@@ -656,3 +656,160 @@ async fn permission_failures_of_mutations() {
         assert!(e.to_string().contains("grant VM.Backup"), "{version}: {e}");
     }
 }
+
+/// A restore test's calls: a QEMU restore into a new vmid with config overrides, start,
+/// the guest agent's ping, stop, and destroy with purge (the disks' space comes back).
+#[tokio::test]
+async fn qemu_restore_with_overrides_agent_ping_and_destroy() {
+    use felhom_agent::proxmox::{ConfigValue, QemuRestoreOptions};
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    let client = Client::new(&sim.pinned(), &sim.start.node).unwrap();
+    let q = Queue::start(QueueConfig::default());
+    let archive = client
+        .backups("pbs-offsite", Some(vmid(103)))
+        .await
+        .unwrap()
+        .into_iter()
+        .max_by_key(|b| b.ctime)
+        .expect("a backup of 103")
+        .volid;
+    let avail = |c: Client| async move {
+        c.storages()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.storage == "local-lvm")
+            .and_then(|s| s.avail)
+            .unwrap()
+    };
+    let before = avail(client.clone()).await;
+    let scratch = vmid(9901);
+    let mut overrides = std::collections::BTreeMap::new();
+    overrides.insert("name".to_string(), ConfigValue::from("vm103-restoretest"));
+    overrides.insert("onboot".to_string(), ConfigValue::from(false));
+    overrides.insert(
+        "net0".to_string(),
+        ConfigValue::from("virtio,bridge=vmbr0,link_down=1"),
+    );
+    let opts = QemuRestoreOptions {
+        archive,
+        storage: Some("local-lvm".into()),
+        unique: true,
+        overrides,
+        ..Default::default()
+    };
+    let upid = task!(q, client, scratch, |c, p| c.qemu_restore(p, &opts));
+    assert_eq!(upid.task_type(), "qmrestore");
+    client.wait_task(&upid, fast()).await.unwrap();
+    let cfg = client.guest_config(GuestKind::Qemu, scratch).await.unwrap();
+    assert_eq!(cfg.str("name").unwrap(), Some("vm103-restoretest"));
+    assert_eq!(cfg.onboot().unwrap(), Some(false));
+    assert!(
+        cfg.net0().unwrap().unwrap().contains("link_down=1"),
+        "{:?}",
+        cfg.net0()
+    );
+    assert!(avail(client.clone()).await < before);
+
+    // The ping needs a running VM.
+    let c = client.clone();
+    let e = in_lane(&q, scratch, move |p| {
+        Box::pin(async move { c.agent_ping(p).await })
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ProxmoxError::Api { status: 500, message, .. } if message.contains("VM 9901 is not running")),
+        "{e:?}"
+    );
+    let upid = task!(q, client, scratch, |c, p| c.start(p, GuestKind::Qemu));
+    client.wait_task(&upid, fast()).await.unwrap();
+    let c = client.clone();
+    in_lane(&q, scratch, move |p| {
+        Box::pin(async move { c.agent_ping(p).await })
+    })
+    .await
+    .unwrap();
+
+    // A running VM is not destroyed; a stopped one is, with its disks.
+    let c = client.clone();
+    let e = in_lane(&q, scratch, move |p| {
+        Box::pin(async move { c.destroy(p, GuestKind::Qemu, true, true).await })
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ProxmoxError::Api { status: 500, message, .. } if message.contains("is running - destroy failed")),
+        "{e:?}"
+    );
+    let upid = task!(q, client, scratch, |c, p| c.stop(p, GuestKind::Qemu));
+    client.wait_task(&upid, fast()).await.unwrap();
+    let upid = task!(q, client, scratch, |c, p| c.destroy(
+        p,
+        GuestKind::Qemu,
+        true,
+        true
+    ));
+    assert_eq!(upid.task_type(), "qmdestroy");
+    client.wait_task(&upid, fast()).await.unwrap();
+    assert!(client.guest_config(GuestKind::Qemu, scratch).await.is_err());
+    assert_eq!(avail(client.clone()).await, before);
+    let req = sim
+        .log()
+        .await
+        .into_iter()
+        .rfind(|r| r.method == "DELETE")
+        .unwrap();
+    assert_eq!(req.params.get("purge").map(String::as_str), Some("1"));
+    assert_eq!(
+        req.params
+            .get("destroy-unreferenced-disks")
+            .map(String::as_str),
+        Some("1")
+    );
+}
+
+/// An LXC restore sends its overrides (a network interface detached) with the call.
+#[tokio::test]
+async fn lxc_restore_sends_its_config_overrides() {
+    use felhom_agent::proxmox::ConfigValue;
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    let client = Client::new(&sim.pinned(), &sim.start.node).unwrap();
+    let q = Queue::start(QueueConfig::default());
+    let archive = client
+        .backups("local", Some(vmid(101)))
+        .await
+        .unwrap()
+        .into_iter()
+        .max_by_key(|b| b.ctime)
+        .expect("a backup of 101")
+        .volid;
+    let mut overrides = std::collections::BTreeMap::new();
+    overrides.insert("hostname".to_string(), ConfigValue::from("x-restoretest"));
+    overrides.insert(
+        "net0".to_string(),
+        ConfigValue::from("name=eth0,bridge=vmbr0,link_down=1"),
+    );
+    let opts = RestoreOptions {
+        archive,
+        storage: Some("local-lvm".into()),
+        unique: true,
+        overrides,
+        ..Default::default()
+    };
+    let scratch = vmid(9900);
+    let upid = task!(q, client, scratch, |c, p| c.lxc_restore(p, &opts));
+    client.wait_task(&upid, fast()).await.unwrap();
+    let cfg = client.guest_config(GuestKind::Lxc, scratch).await.unwrap();
+    assert_eq!(cfg.hostname().unwrap(), Some("x-restoretest"));
+    assert!(cfg.net0().unwrap().unwrap().contains("link_down=1"));
+    let upid = task!(q, client, scratch, |c, p| c.destroy(
+        p,
+        GuestKind::Lxc,
+        true,
+        true
+    ));
+    assert_eq!(upid.task_type(), "vzdestroy");
+    client.wait_task(&upid, fast()).await.unwrap();
+    assert!(client.guest_config(GuestKind::Lxc, scratch).await.is_err());
+}

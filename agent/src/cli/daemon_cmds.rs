@@ -363,3 +363,109 @@ fn control_request(config: &Config, req: &Request) -> Result<Option<Value>, Cont
         Err(e) => Err(e),
     }
 }
+
+/// `restore-test run`: through the daemon, or (no daemon) on a local queue with the
+/// `state_dir` lock held, behind the gate the kept hub envelope gives.
+pub fn restore_test_run(cli: &Cli, vmid: Option<u64>) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let v = match ask_daemon(&config, &Request::RestoreTestRun { vmid })? {
+        Some(v) => v,
+        None => {
+            let vmid = vmid
+                .map(felhom_protocol::Vmid::new)
+                .transpose()
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let local = super::mutations::LocalQueue::take(
+                    &config.state_dir,
+                    "felhom-agent restore-test run",
+                )?;
+                let journal = Arc::new(
+                    Journal::open(&config.state_dir)
+                        .map_err(|e| CliError::Problem(e.to_string()))?,
+                );
+                let client = crate::proxmox::Client::from_config(&config)
+                    .map_err(|e| CliError::Usage(format!("proxmox: {e}")))?;
+                let kept = crate::hub::envelope::EnvelopeStore::new(&config.state_dir)
+                    .load()
+                    .ok()
+                    .flatten();
+                let gate = super::run_cmd::gate_for(
+                    matches!(config.hub.mode, crate::config::HubMode::Enabled { .. }),
+                    kept.as_ref(),
+                );
+                let (_gate_tx, gate_rx) = tokio::sync::watch::channel(gate);
+                let tests = crate::restore::RestoreTests::from_config(
+                    &config,
+                    client,
+                    local.queue().clone(),
+                    journal,
+                    gate_rx,
+                )
+                .ok_or_else(|| {
+                    CliError::Usage(
+                        "restore tests are not configured (restore_tests.scratch_vmids and restore_tests.storage)".into(),
+                    )
+                })?;
+                let r = tests.run(vmid).await;
+                local.close().await;
+                let rec = r.map_err(|e| CliError::Problem(e.to_string()))?;
+                serde_json::to_value(rec).map_err(|e| CliError::Problem(e.to_string()))
+            })?
+        }
+    };
+    print(cli, &v, render_restore_test);
+    match v["result"].as_str() {
+        Some("passed") => Ok(()),
+        _ => Err(CliError::Reported {
+            exit: super::Exit::Problem,
+            summary: format!(
+                "restore test {}: {}",
+                v["result"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            ),
+        }),
+    }
+}
+
+fn render_restore_test(v: &Value) -> String {
+    let scratch = v["scratch_vmid"]
+        .as_u64()
+        .map(|n| format!(" in {n}"))
+        .unwrap_or_default();
+    let reason = v["reason"]
+        .as_str()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    format!(
+        "#{} guest {} {}{scratch} ({}){reason}\n",
+        v["id"],
+        v["vmid"],
+        v["result"].as_str().unwrap_or("running"),
+        v["archive"].as_str().unwrap_or("no archive"),
+    )
+}
+
+/// `restore-test list`: from the daemon, or from the journal when no daemon runs.
+pub fn restore_test_list(cli: &Cli, limit: u32) -> Result<(), CliError> {
+    let config = super::load_config(cli)?;
+    let v = match ask_daemon(&config, &Request::RestoreTestList { limit })? {
+        Some(v) => v,
+        None => {
+            let (_lock, j) = local_journal(&config, "restore-test list")?;
+            let tests = j
+                .restore_recent(limit.clamp(1, 10_000) as usize)
+                .map_err(|e| CliError::Problem(e.to_string()))?;
+            json!({ "restore_tests": tests })
+        }
+    };
+    print(cli, &v, |v| {
+        let tests = v["restore_tests"].as_array().cloned().unwrap_or_default();
+        if tests.is_empty() {
+            return "no restore tests\n".to_string();
+        }
+        tests.iter().map(render_restore_test).collect()
+    });
+    Ok(())
+}

@@ -153,6 +153,25 @@ pub enum Command {
     /// Signed operations.
     #[command(subcommand)]
     Ops(OpsCmd),
+    /// Restore tests: restore a guest's newest backup into a scratch guest, boot it, destroy it.
+    #[command(subcommand, name = "restore-test")]
+    RestoreTest(RestoreTestCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RestoreTestCmd {
+    /// Run one restore test now (through the daemon when it runs): of guest `--vmid`, or
+    /// of the oldest-tested guest with a backup. Exit 0 passed, 1 failed or skipped.
+    Run {
+        #[arg(long)]
+        vmid: Option<u64>,
+    },
+    /// The newest restore tests, with their results.
+    List {
+        /// How many (newest first).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +261,12 @@ pub fn main() -> ExitCode {
         Command::Ops(OpsCmd::Verify { file }) => ops_cmd::verify(&cli, file),
         Command::Ops(OpsCmd::List { limit }) => daemon_cmds::ops_list(&cli, *limit),
         Command::Ops(OpsCmd::Show { op_id }) => daemon_cmds::ops_show(&cli, op_id),
+        Command::RestoreTest(RestoreTestCmd::Run { vmid }) => {
+            daemon_cmds::restore_test_run(&cli, *vmid)
+        }
+        Command::RestoreTest(RestoreTestCmd::List { limit }) => {
+            daemon_cmds::restore_test_list(&cli, *limit)
+        }
     };
     match result {
         Ok(()) => Exit::Ok.into(),

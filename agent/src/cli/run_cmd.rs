@@ -177,6 +177,7 @@ async fn daemon(
 
     let mutations = Arc::new(DaemonMutations::new(proxmox.clone(), &cfg));
     let ops_slot = Arc::new(std::sync::OnceLock::new());
+    let restore_slot = Arc::new(std::sync::OnceLock::new());
     let parts = DaemonParts::start(
         lock,
         &cfg,
@@ -191,6 +192,7 @@ async fn daemon(
                 trust: trust_rx.clone(),
                 service: ops_slot.clone(),
             }),
+            restore: restore_slot.clone(),
         },
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -206,6 +208,25 @@ async fn daemon(
         scratch_vmids: cfg.scratch_vmids.clone(),
     });
     let _ = ops_slot.set(ops.clone());
+    // Restore tests run on the same queue and journal, behind the same gate, yielding to
+    // reconcile and signed operations (a running test holds only scratch lanes).
+    let restore_schedule = crate::restore::RestoreTests::from_config(
+        &cfg,
+        proxmox.clone(),
+        parts.engine.queue().clone(),
+        parts.engine.journal().clone(),
+        gate_tx.subscribe(),
+    )
+    .map(|tests| {
+        let tests = Arc::new(tests);
+        let _ = restore_slot.set(tests.clone());
+        let queue = parts.engine.queue().clone();
+        let busy = move || {
+            let s = queue.stats();
+            s.running > 0 || s.queued > 0
+        };
+        crate::restore::schedule::spawn(tests, busy, shutdown_rx.clone())
+    });
     let (reconcile_tx, reconcile_rx) = watch::channel(Some(parts.engine.status().report()));
     let publisher = tokio::spawn(publish_reconcile(
         parts.engine.clone(),
@@ -219,6 +240,7 @@ async fn daemon(
         trust_tx.subscribe(),
         reconcile_rx,
         Some(ops.clone() as Arc<dyn crate::ops::OpsFeed>),
+        Some(parts.engine.journal().clone()),
         shutdown_rx.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -303,6 +325,9 @@ async fn daemon(
     ops.stop();
     channel.stop();
     gate_task.abort();
+    if let Some(r) = restore_schedule {
+        r.abort();
+    }
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -11,6 +11,8 @@ pub(crate) enum Kind {
     Bool,
     /// JSON array of strings; in the environment a comma-separated list.
     StrList,
+    /// A number from 0 to 1 (JSON number; in the environment a decimal like `0.2`).
+    Fraction,
 }
 
 /// One known field.
@@ -148,9 +150,49 @@ pub(crate) const FIELDS: &[Field] = &[
         Kind::Path,
     ),
     field(
+        "restore_tests.enabled",
+        "FELHOM_AGENT_RESTORE_TESTS_ENABLED",
+        Kind::Bool,
+    ),
+    field(
         "restore_tests.scratch_vmids",
         "FELHOM_AGENT_RESTORE_TESTS_SCRATCH_VMIDS",
         Kind::Str,
+    ),
+    field(
+        "restore_tests.storage",
+        "FELHOM_AGENT_RESTORE_TESTS_STORAGE",
+        Kind::Str,
+    ),
+    field(
+        "restore_tests.interval_hours",
+        "FELHOM_AGENT_RESTORE_TESTS_INTERVAL_HOURS",
+        Kind::U64,
+    ),
+    field(
+        "restore_tests.window",
+        "FELHOM_AGENT_RESTORE_TESTS_WINDOW",
+        Kind::Str,
+    ),
+    field(
+        "restore_tests.boot_check_seconds",
+        "FELHOM_AGENT_RESTORE_TESTS_BOOT_CHECK_SECONDS",
+        Kind::U64,
+    ),
+    field(
+        "restore_tests.stable_seconds",
+        "FELHOM_AGENT_RESTORE_TESTS_STABLE_SECONDS",
+        Kind::U64,
+    ),
+    field(
+        "restore_tests.max_archive_bytes",
+        "FELHOM_AGENT_RESTORE_TESTS_MAX_ARCHIVE_BYTES",
+        Kind::U64,
+    ),
+    field(
+        "restore_tests.min_free_fraction",
+        "FELHOM_AGENT_RESTORE_TESTS_MIN_FREE_FRACTION",
+        Kind::Fraction,
     ),
 ];
 

@@ -14,8 +14,8 @@ use serde_json::Value;
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
     AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, DesiredSource, HostConfig,
-    HubConfig, HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig, Secret,
-    SensorsConfig, SmartConfig, TlsVerify,
+    HubConfig, HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig,
+    RestoreTestsConfig, RestoreWindow, Secret, SensorsConfig, SmartConfig, TlsVerify,
 };
 
 /// Biggest config file we read; a daemon's config is a few hundred bytes.
@@ -103,6 +103,7 @@ enum Raw {
     U64(u64),
     Bool(bool),
     List(Vec<String>),
+    Fraction(f64),
 }
 
 impl fmt::Debug for Raw {
@@ -112,6 +113,7 @@ impl fmt::Debug for Raw {
             Raw::U64(_) => "Raw::U64(..)",
             Raw::Bool(_) => "Raw::Bool(..)",
             Raw::List(_) => "Raw::List(..)",
+            Raw::Fraction(_) => "Raw::Fraction(..)",
         })
     }
 }
@@ -192,6 +194,13 @@ impl Layer {
     fn bool(&self, path: &str) -> Option<bool> {
         match &self.get(path).value {
             Some(Raw::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn fraction(&self, path: &str) -> Option<f64> {
+        match &self.get(path).value {
+            Some(Raw::Fraction(x)) => Some(*x),
             _ => None,
         }
     }
@@ -364,6 +373,10 @@ fn file_value(field: &Field, v: &Value, file: &Path) -> Result<Option<Raw>, Conf
             }
             _ => return Err(wrong("an array of strings")),
         },
+        Kind::Fraction => match v.as_f64() {
+            Some(x) if (0.0..=1.0).contains(&x) => Raw::Fraction(x),
+            _ => return Err(wrong("a number from 0 to 1")),
+        },
     };
     Ok(Some(raw))
 }
@@ -406,6 +419,10 @@ fn env_value(field: &Field, value: &str) -> Result<Raw, ConfigError> {
                 .map(str::to_string)
                 .collect(),
         ),
+        Kind::Fraction => match value.trim().parse::<f64>() {
+            Ok(x) if (0.0..=1.0).contains(&x) => Raw::Fraction(x),
+            _ => return Err(invalid(format!("{value:?} is not a number from 0 to 1"))),
+        },
     })
 }
 
@@ -777,6 +794,100 @@ fn build_scratch_vmids(
     Ok(Some(a..=b))
 }
 
+/// `restore_tests.window`: `"HH:MM-HH:MM"` local time; the end may be before the start
+/// (a window over midnight); equal ends are refused (an empty or ambiguous window).
+fn build_window(layer: &Layer) -> Result<Option<RestoreWindow>, ConfigError> {
+    const FIELD: &str = "restore_tests.window";
+    let Some(text) = layer.str(FIELD) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        layer.invalid(
+            FIELD,
+            format!("{text:?}: {why} (expected \"HH:MM-HH:MM\", e.g. \"01:00-05:00\")"),
+        )
+    };
+    let minute = |s: &str| -> Result<u16, ConfigError> {
+        let (h, m) = s.trim().split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let digits = |x: &str| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit());
+        if !digits(h) || !digits(m) {
+            return Err(bad("hours and minutes are two digits each"));
+        }
+        let (h, m): (u16, u16) = (h.parse().unwrap_or(99), m.parse().unwrap_or(99));
+        if h > 23 || m > 59 {
+            return Err(bad("not a time of day"));
+        }
+        Ok(h * 60 + m)
+    };
+    let (a, b) = text.split_once('-').ok_or_else(|| bad("no '-'"))?;
+    let (start, end) = (minute(a)?, minute(b)?);
+    if start == end {
+        return Err(bad("the window is empty"));
+    }
+    Ok(Some(RestoreWindow {
+        start_minute: start,
+        end_minute: end,
+    }))
+}
+
+/// The `restore_tests` section. `enabled` needs `scratch_vmids` and `storage`.
+fn build_restore_tests(layer: &Layer) -> Result<RestoreTestsConfig, ConfigError> {
+    let d = RestoreTestsConfig::default();
+    let enabled = layer.bool("restore_tests.enabled").unwrap_or(false);
+    let storage = match layer.str("restore_tests.storage") {
+        None => None,
+        Some(s) => {
+            let ok = !s.is_empty()
+                && s.len() <= 64
+                && s.as_bytes()[0].is_ascii_alphabetic()
+                && s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(layer.invalid(
+                    "restore_tests.storage",
+                    format!(
+                        "{s:?} is not a storage id (a letter, then letters, digits, '-', '_', '.')"
+                    ),
+                ));
+            }
+            Some(s.to_string())
+        }
+    };
+    let scratch = layer.str("restore_tests.scratch_vmids").is_some();
+    if enabled && (!scratch || storage.is_none()) {
+        let field = if scratch {
+            "restore_tests.storage"
+        } else {
+            "restore_tests.scratch_vmids"
+        };
+        return Err(ConfigError::Missing {
+            field: field.to_string(),
+            hint: "restore_tests.enabled is true: give the scratch vmid range (e.g. \"9900-9909\") and the target storage of the scratch guests".to_string(),
+        });
+    }
+    let max_archive_bytes = match layer.u64("restore_tests.max_archive_bytes") {
+        Some(0) => {
+            return Err(layer.invalid("restore_tests.max_archive_bytes", "must be greater than 0"));
+        }
+        other => other,
+    };
+    Ok(RestoreTestsConfig {
+        enabled,
+        storage,
+        interval_hours: layer.positive_or("restore_tests.interval_hours", d.interval_hours)?,
+        window: build_window(layer)?,
+        boot_check_seconds: layer
+            .positive_or("restore_tests.boot_check_seconds", d.boot_check_seconds)?,
+        stable_seconds: layer
+            .u64("restore_tests.stable_seconds")
+            .unwrap_or(d.stable_seconds),
+        max_archive_bytes,
+        min_free_fraction: layer
+            .fraction("restore_tests.min_free_fraction")
+            .unwrap_or(d.min_free_fraction),
+    })
+}
+
 /// `reconcile.desired_source`: `file` (default) or `hub`. The hub source needs the hub
 /// enabled and excludes `reconcile.desired_file`: two sources at once would leave it open
 /// which one reconcile follows.
@@ -927,6 +1038,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
         signers_file: layer.path_or("authz.signers_file", AuthzConfig::default().signers_file)?,
     };
     let scratch_vmids = build_scratch_vmids(layer)?;
+    let restore_tests = build_restore_tests(layer)?;
     let desired_file = layer.path("reconcile.desired_file")?;
     let desired_source = build_desired_source(layer, &hub, desired_file.is_some())?;
     let reconcile = ReconcileConfig {
@@ -963,6 +1075,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
         control,
         authz,
         scratch_vmids,
+        restore_tests,
     };
 
     let mut warnings = Vec::new();
@@ -1126,6 +1239,16 @@ fn effective(c: &Config, path: &str) -> Option<String> {
             .scratch_vmids
             .as_ref()
             .map(|r| format!("{}-{}", r.start(), r.end())),
+        "restore_tests.enabled" => Some(c.restore_tests.enabled.to_string()),
+        "restore_tests.storage" => c.restore_tests.storage.clone(),
+        "restore_tests.interval_hours" => Some(c.restore_tests.interval_hours.to_string()),
+        "restore_tests.window" => c.restore_tests.window.map(|w| w.to_string()),
+        "restore_tests.boot_check_seconds" => Some(c.restore_tests.boot_check_seconds.to_string()),
+        "restore_tests.stable_seconds" => Some(c.restore_tests.stable_seconds.to_string()),
+        "restore_tests.max_archive_bytes" => {
+            c.restore_tests.max_archive_bytes.map(|n| n.to_string())
+        }
+        "restore_tests.min_free_fraction" => Some(c.restore_tests.min_free_fraction.to_string()),
         _ => None,
     }
 }

@@ -38,6 +38,11 @@
 //! | `control.socket` | `/run/felhom/agent.sock` |
 //! | `authz.signers_file` | `/etc/felhom/signers.json` (absent: signed operations off) |
 //! | `restore_tests.scratch_vmids` | none; `"A-B"`: the restore tests' scratch guests (signed operations may not target them) |
+//! | `restore_tests.enabled` | false; true needs `scratch_vmids` and `storage` |
+//! | `restore_tests.storage` | none: the target storage of the scratch guests' disks |
+//! | `restore_tests.interval_hours`, `.window` | 24; none, or `"HH:MM-HH:MM"` local time (may span midnight) |
+//! | `restore_tests.boot_check_seconds`, `.stable_seconds` | 120, 10 |
+//! | `restore_tests.max_archive_bytes`, `.min_free_fraction` | none (no limit), 0.2 |
 //!
 //! Unknown keys in the file are rejected with their full path; every path in the file must
 //! be absolute.
@@ -140,6 +145,7 @@ impl Config {
             control: ControlConfig::default(),
             authz: AuthzConfig::default(),
             scratch_vmids: None,
+            restore_tests: RestoreTestsConfig::default(),
         }
     }
 }
@@ -186,6 +192,69 @@ pub struct Config {
     /// The restore tests' scratch range (`restore_tests.scratch_vmids`): a signed guest
     /// operation on one of these vmids is refused `invalid_params`.
     pub scratch_vmids: Option<std::ops::RangeInclusive<u32>>,
+    /// The rest of the `restore_tests` section.
+    pub restore_tests: RestoreTestsConfig,
+}
+
+/// `restore_tests` (besides `scratch_vmids`, kept on [`Config`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreTestsConfig {
+    /// Scheduled restore tests on; `restore-test run` works whenever the range and storage
+    /// are set.
+    pub enabled: bool,
+    /// Target storage for the scratch guests' disks.
+    pub storage: Option<String>,
+    pub interval_hours: u64,
+    /// Local time window the scheduled tests start in; `None`: any time.
+    pub window: Option<RestoreWindow>,
+    /// How long a scratch guest may take to run (and, for QEMU with the agent, answer).
+    pub boot_check_seconds: u64,
+    /// How long it must then stay running.
+    pub stable_seconds: u64,
+    /// Larger archives are skipped.
+    pub max_archive_bytes: Option<u64>,
+    /// A test is skipped when the target storage's free share would drop below this.
+    pub min_free_fraction: f64,
+}
+
+impl Default for RestoreTestsConfig {
+    fn default() -> Self {
+        RestoreTestsConfig {
+            enabled: false,
+            storage: None,
+            interval_hours: 24,
+            window: None,
+            boot_check_seconds: 120,
+            stable_seconds: 10,
+            max_archive_bytes: None,
+            min_free_fraction: 0.2,
+        }
+    }
+}
+
+/// A daily window in local time, minutes after midnight; `end < start` spans midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreWindow {
+    pub start_minute: u16,
+    pub end_minute: u16,
+}
+
+impl RestoreWindow {
+    /// True when `minute` (after local midnight) is inside the window (end excluded).
+    pub fn contains(&self, minute: u16) -> bool {
+        if self.start_minute < self.end_minute {
+            (self.start_minute..self.end_minute).contains(&minute)
+        } else {
+            minute >= self.start_minute || minute < self.end_minute
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.start_minute), hm(self.end_minute))
+    }
 }
 
 /// The sections of [`Config`] that concern this host only (no Proxmox, no hub).

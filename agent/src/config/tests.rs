@@ -671,3 +671,83 @@ fn scratch_vmids_are_a_bounded_range_of_valid_vmids() {
     }
     assert_eq!(load(&ok, &[]).unwrap().config.scratch_vmids, None);
 }
+
+#[test]
+fn restore_tests_default_off_and_enabled_needs_range_and_storage() {
+    let ok = base_json(r#""insecure": true"#);
+    let c = load(&ok, &[]).unwrap().config;
+    assert_eq!(c.restore_tests, super::RestoreTestsConfig::default());
+    assert!(!c.restore_tests.enabled);
+    assert_eq!(c.restore_tests.interval_hours, 24);
+    assert_eq!(c.restore_tests.boot_check_seconds, 120);
+    assert_eq!(c.restore_tests.stable_seconds, 10);
+    assert_eq!(c.restore_tests.min_free_fraction, 0.2);
+
+    let on = ("FELHOM_AGENT_RESTORE_TESTS_ENABLED", "true");
+    let range = ("FELHOM_AGENT_RESTORE_TESTS_SCRATCH_VMIDS", "9900-9909");
+    let storage = ("FELHOM_AGENT_RESTORE_TESTS_STORAGE", "local-lvm");
+    let e = load(&ok, &[on, storage]).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Missing { field, .. } if field == "restore_tests.scratch_vmids"),
+        "{e}"
+    );
+    let e = load(&ok, &[on, range]).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Missing { field, .. } if field == "restore_tests.storage"),
+        "{e}"
+    );
+    let c = load(&ok, &[on, range, storage]).unwrap().config;
+    assert!(c.restore_tests.enabled);
+    assert_eq!(c.restore_tests.storage.as_deref(), Some("local-lvm"));
+}
+
+#[test]
+fn restore_tests_fields_load_from_the_file_and_are_checked() {
+    let body = format!(
+        r#"{{"node": "pve1", "proxmox": {{"url": "https://127.0.0.1:8006", "token_id": "felhom@pve!agent", "token_secret": "{SECRET}", "tls": {{"insecure": true}}}}, "restore_tests": {{"enabled": true, "scratch_vmids": "9900-9901", "storage": "local-lvm", "interval_hours": 6, "window": "23:30-02:00", "boot_check_seconds": 60, "stable_seconds": 0, "max_archive_bytes": 1000, "min_free_fraction": 0.5}}}}"#
+    );
+    let l = load(&body, &[]).unwrap();
+    let r = &l.config.restore_tests;
+    assert_eq!(r.interval_hours, 6);
+    assert_eq!(r.boot_check_seconds, 60);
+    assert_eq!(r.stable_seconds, 0);
+    assert_eq!(r.max_archive_bytes, Some(1000));
+    assert_eq!(r.min_free_fraction, 0.5);
+    let w = r.window.unwrap();
+    assert_eq!(w.to_string(), "23:30-02:00");
+    assert!(w.contains(23 * 60 + 30) && w.contains(60) && !w.contains(120));
+    assert!(!w.contains(12 * 60));
+    let shown = l
+        .provenance
+        .fields
+        .iter()
+        .find(|f| f.field == "restore_tests.window")
+        .and_then(|f| f.value.clone());
+    assert_eq!(shown.as_deref(), Some("23:30-02:00"));
+
+    let ok = base_json(r#""insecure": true"#);
+    for (var, bad) in [
+        ("FELHOM_AGENT_RESTORE_TESTS_WINDOW", "1:00-05:00"),
+        ("FELHOM_AGENT_RESTORE_TESTS_WINDOW", "01:00-01:00"),
+        ("FELHOM_AGENT_RESTORE_TESTS_WINDOW", "24:00-05:00"),
+        ("FELHOM_AGENT_RESTORE_TESTS_WINDOW", "0100"),
+        ("FELHOM_AGENT_RESTORE_TESTS_MIN_FREE_FRACTION", "1.5"),
+        ("FELHOM_AGENT_RESTORE_TESTS_MIN_FREE_FRACTION", "x"),
+        ("FELHOM_AGENT_RESTORE_TESTS_INTERVAL_HOURS", "0"),
+        ("FELHOM_AGENT_RESTORE_TESTS_BOOT_CHECK_SECONDS", "0"),
+        ("FELHOM_AGENT_RESTORE_TESTS_MAX_ARCHIVE_BYTES", "0"),
+        ("FELHOM_AGENT_RESTORE_TESTS_STORAGE", "local lvm"),
+    ] {
+        let e = load(&ok, &[(var, bad)]).unwrap_err();
+        let field = var
+            .trim_start_matches("FELHOM_AGENT_")
+            .to_lowercase()
+            .replacen("restore_tests_", "restore_tests.", 1);
+        assert!(e.to_string().contains(&field), "{var}={bad}: {e}");
+    }
+    let body = format!(
+        r#"{{"node": "pve1", "proxmox": {{"url": "https://127.0.0.1:8006", "token_id": "felhom@pve!agent", "token_secret": "{SECRET}", "tls": {{"insecure": true}}}}, "restore_tests": {{"min_free_fraction": "0.2"}}}}"#
+    );
+    let e = load(&body, &[]).unwrap_err();
+    assert!(e.to_string().contains("a number from 0 to 1"), "{e}");
+}

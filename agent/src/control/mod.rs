@@ -152,6 +152,14 @@ pub enum Request {
     OpsShow {
         op_id: String,
     },
+    /// `restore-test run [--vmid N]`: one restore test now, in the scratch vmid's lanes.
+    RestoreTestRun {
+        vmid: Option<u64>,
+    },
+    /// `restore-test list`: the newest restore tests.
+    RestoreTestList {
+        limit: u32,
+    },
 }
 
 impl Request {
@@ -159,7 +167,9 @@ impl Request {
     pub fn is_mutation(&self) -> bool {
         matches!(
             self,
-            Request::SelftestTask { .. } | Request::CreateKeyctl { .. }
+            Request::SelftestTask { .. }
+                | Request::CreateKeyctl { .. }
+                | Request::RestoreTestRun { .. }
         )
     }
 }
@@ -379,6 +389,8 @@ pub struct DaemonHandler {
     /// The daemon's `agent_id` and the signers file as it last loaded it (start, SIGHUP),
     /// for `status`; without them `status` reads both itself.
     pub signed_ops: Option<SignedOpsView>,
+    /// The restore tests, once the daemon started them (unset: not configured).
+    pub restore: Arc<std::sync::OnceLock<Arc<crate::restore::RestoreTests>>>,
 }
 
 /// What `status` shows of signed operations, as the running daemon holds it.
@@ -513,6 +525,36 @@ impl Handler for DaemonHandler {
                         Err(e) => problem(e),
                     }
                 }
+                Request::RestoreTestRun { vmid } => {
+                    let Some(tests) = self.restore.get() else {
+                        return Reply::Error {
+                            kind: ErrorKind::Usage,
+                            message: "restore tests are not configured (restore_tests.scratch_vmids and restore_tests.storage)".into(),
+                        };
+                    };
+                    let vmid = match vmid.map(felhom_protocol::Vmid::new).transpose() {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return Reply::Error {
+                                kind: ErrorKind::Usage,
+                                message: e.to_string(),
+                            };
+                        }
+                    };
+                    match tests.run(vmid).await {
+                        Ok(rec) => ok(rec),
+                        Err(e) => problem(e),
+                    }
+                }
+                Request::RestoreTestList { limit } => {
+                    let j = self.engine.journal().clone();
+                    let limit = limit.clamp(1, 10_000) as usize;
+                    match tokio::task::spawn_blocking(move || j.restore_recent(limit)).await {
+                        Ok(Ok(tests)) => ok(serde_json::json!({ "restore_tests": tests })),
+                        Ok(Err(e)) => problem(e),
+                        Err(e) => problem(e),
+                    }
+                }
                 Request::JournalVerify => {
                     let j = self.engine.journal().clone();
                     match tokio::task::spawn_blocking(move || j.verify()).await {
@@ -557,6 +599,8 @@ pub struct DaemonOptions {
     pub mutations: Option<Arc<dyn Mutations>>,
     /// The daemon's identity and trust, for `status`.
     pub signed_ops: Option<SignedOpsView>,
+    /// Filled with the restore tests once the daemon started them.
+    pub restore: Arc<std::sync::OnceLock<Arc<crate::restore::RestoreTests>>>,
 }
 
 impl std::fmt::Debug for DaemonOptions {
@@ -593,6 +637,7 @@ impl DaemonParts {
                 envelope: options.envelope,
                 mutations: options.mutations,
                 signed_ops: options.signed_ops,
+                restore: options.restore,
             }),
         )?;
         Ok(DaemonParts {

@@ -84,6 +84,7 @@ async fn cli_requests_reach_the_daemon_over_a_real_socket() {
             envelope: None,
             mutations: None,
             signed_ops: None,
+            restore: Default::default(),
         }),
     )
     .unwrap();

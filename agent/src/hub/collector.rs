@@ -39,7 +39,8 @@ use super::heartbeat::Collect;
 use super::report::{
     BackupReport, BackupVerification, CollectError, Component, CpuInfo, DiskHealth, DiskReport,
     ErrorKind, GuestReport, GuestSpec, GuestStatus, GuestType, HostInfo, HostReport, OpsReport,
-    PbsReport, PbsState, ReconcileReport, SensorReport, StorageReport, Timestamp, UsageBytes,
+    PbsReport, PbsState, ReconcileReport, RestoreProof, RestoreTestReport, RestoreTestResult,
+    SensorReport, StorageReport, Timestamp, UsageBytes,
 };
 use super::smart::{SmartError, discover_disks, parse_smartctl};
 use crate::config::Config;
@@ -124,6 +125,10 @@ pub struct HostCollector {
     reconcile: Option<watch::Receiver<Option<ReconcileReport>>>,
     trust: Option<watch::Receiver<crate::ops::TrustState>>,
     ops: Option<Arc<dyn crate::ops::OpsFeed>>,
+    /// The journal holding the restore tests (their results and each guest's proof).
+    restore: Option<Arc<crate::reconcile::journal::Journal>>,
+    /// The highest restore-test `seq` the last collected report carried.
+    pending_restore: Option<u64>,
     log: ChangeLog,
 }
 
@@ -171,6 +176,8 @@ impl HostCollector {
             reconcile: None,
             trust: None,
             ops: None,
+            restore: None,
+            pending_restore: None,
             log: ChangeLog::default(),
         }
     }
@@ -242,6 +249,84 @@ impl HostCollector {
     pub fn with_ops_feed(mut self, feed: Arc<dyn crate::ops::OpsFeed>) -> Self {
         self.ops = Some(feed);
         self
+    }
+
+    /// The journal whose restore tests go into each report: the results the hub has not
+    /// accepted yet (`restore_tests`) and each guest's last passed one (`restore_proof`).
+    pub fn with_restore_journal(
+        mut self,
+        journal: Arc<crate::reconcile::journal::Journal>,
+    ) -> Self {
+        self.restore = Some(journal);
+        self
+    }
+
+    /// Fills `restore_tests` (after the accepted cursor, at most 100) and each guest's
+    /// `restore_proof` from the journal.
+    async fn add_restore_tests(&mut self, report: &mut HostReport) {
+        self.pending_restore = None;
+        let Some(j) = self.restore.clone() else {
+            return;
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            let after = j.restore_reported()?;
+            Ok::<_, crate::reconcile::journal::JournalError>((
+                j.restore_results_after(after, 100)?,
+                j.restore_per_guest()?,
+            ))
+        })
+        .await;
+        let (results, per) = match read {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                report.errors.push(err(
+                    Component::Reconcile,
+                    None,
+                    ErrorKind::Io,
+                    format!("restore tests: {e}"),
+                ));
+                return;
+            }
+            Err(_) => return,
+        };
+        let ts = |ms: i64| crate::timestamp::Timestamp::from_unix(ms.div_euclid(1000));
+        for r in &results {
+            let result = match r.result.as_deref() {
+                Some("passed") => RestoreTestResult::Passed,
+                Some("failed") => RestoreTestResult::Failed,
+                _ => RestoreTestResult::Skipped,
+            };
+            let Some(started_at) = ts(r.started_ms) else {
+                continue;
+            };
+            report.restore_tests.push(RestoreTestReport {
+                vmid: r.vmid,
+                archive: r.archive.clone(),
+                archive_ctime: r
+                    .archive_ctime
+                    .and_then(crate::timestamp::Timestamp::from_unix),
+                scratch_vmid: r.scratch_vmid,
+                started_at,
+                duration_seconds: r.duration_seconds.unwrap_or(0.0),
+                restore_seconds: r.restore_seconds,
+                boot_seconds: r.boot_seconds,
+                result,
+                reason: r.reason.clone(),
+                upids: r.upids.clone(),
+            });
+        }
+        self.pending_restore = results.iter().filter_map(|r| r.seq).max();
+        for g in &mut report.guests {
+            if let Some((_, Some(passed))) = per.get(&g.vmid)
+                && let (Some(archive), Some(at)) =
+                    (passed.archive.clone(), passed.finished_ms.and_then(ts))
+            {
+                g.restore_proof = Some(RestoreProof {
+                    archive,
+                    passed_at: at,
+                });
+            }
+        }
     }
 
     /// Builds one report (`sent_at` is set again by the loop just before sending).
@@ -386,6 +471,7 @@ impl HostCollector {
             err(Component::Audit, None, kind, e.to_string())
         }));
         self.pending_audit = commit;
+        self.add_restore_tests(&mut report).await;
         self.log.observe(&report.errors);
         report
     }
@@ -408,6 +494,11 @@ impl Collect for HostCollector {
 
     fn accepted(&mut self, report: &HostReport) {
         self.report_accepted();
+        if let (Some(seq), Some(j)) = (self.pending_restore.take(), &self.restore)
+            && let Err(e) = j.restore_mark_reported(seq)
+        {
+            tracing::warn!(error = %e, "could not save the restore-test cursor; the results will be sent again");
+        }
         if let Some(feed) = &self.ops {
             let seqs: Vec<u64> = report.ops.pending_results.iter().map(|r| r.seq).collect();
             if !seqs.is_empty() {
@@ -648,6 +739,7 @@ async fn guest_report(
         lock: g.item.lock.clone(),
         template: g.item.template,
         spec: None,
+        restore_proof: None,
     };
     let subject = Some(vmid.to_string());
     let status = match client.guest_status(g.kind, vmid).await {

@@ -64,7 +64,8 @@ pub struct HostReport {
     pub backups: Vec<BackupReport>,
     /// The Proxmox Backup Server storages and their state.
     pub pbs: Vec<PbsReport>,
-    /// Restore tests (defined; filled by a later capability, always empty today).
+    /// Restore tests finished since the last report the hub accepted, in order (each is
+    /// sent until a report carrying it is accepted).
     pub restore_tests: Vec<RestoreTestReport>,
     /// The privileged helper's audit records since the last report the hub accepted, in
     /// order, verbatim (each is the exact JSON text of one audit-log line).
@@ -312,6 +313,8 @@ pub struct GuestReport {
     /// The normalized config (the fields the reconcile side manages, under Proxmox's
     /// names); `null` when the config could not be read (then `status` is `unknown`).
     pub spec: Option<GuestSpec>,
+    /// Its last passed restore test; `null` when none passed (or none ran).
+    pub restore_proof: Option<RestoreProof>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -445,24 +448,48 @@ pub enum PbsState {
     Inactive,
 }
 
-/// One restore test (filled by a later capability).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// One finished restore test: the guest's newest backup restored into a scratch guest
+/// (network detached), started, checked and destroyed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreTestReport {
+    /// The guest whose backup was tested.
     pub vmid: u32,
-    pub volid: String,
+    /// The backup volume (`local:backup/vzdump-lxc-101-….tar.zst`); `null` when the guest
+    /// had none.
+    pub archive: Option<String>,
+    /// When the archive was made (its `ctime`).
+    pub archive_ctime: Option<Timestamp>,
+    /// The scratch vmid it was restored into; `null` when it was skipped before that.
+    pub scratch_vmid: Option<u32>,
     pub started_at: Timestamp,
-    pub finished_at: Option<Timestamp>,
+    pub duration_seconds: f64,
+    /// How long the restore task took.
+    pub restore_seconds: Option<f64>,
+    /// From the start request until the guest ran (and its agent answered).
+    pub boot_seconds: Option<f64>,
     pub result: RestoreTestResult,
-    pub message: Option<String>,
+    /// Why it failed or was skipped; `null` when it passed.
+    pub reason: Option<String>,
+    /// The Proxmox tasks of the test (restore, start, stop, destroy).
+    pub upids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RestoreTestResult {
-    Running,
     Passed,
     Failed,
+    Skipped,
+}
+
+/// A guest's last passed restore test: "proven restorable".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreProof {
+    /// The backup volume that restored and booted.
+    pub archive: String,
+    pub passed_at: Timestamp,
 }
 
 /// One line of the helper's audit log, sent byte for byte as the helper wrote it (minus

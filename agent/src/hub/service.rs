@@ -70,6 +70,8 @@ pub struct HubService {
     trust: watch::Receiver<TrustState>,
     /// Held operations and pending results, for the report's `ops`.
     ops: Option<Arc<dyn OpsFeed>>,
+    /// The journal of the restore tests, for `restore_tests` and `restore_proof`.
+    restore: Option<Arc<crate::reconcile::journal::Journal>>,
     task: JoinHandle<()>,
 }
 
@@ -82,6 +84,7 @@ impl HubService {
         trust: watch::Receiver<TrustState>,
         reconcile: watch::Receiver<Option<ReconcileReport>>,
         ops: Option<Arc<dyn OpsFeed>>,
+        restore: Option<Arc<crate::reconcile::journal::Journal>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<HubService, HubServiceError> {
         let reporter = reporter_for(cfg)?;
@@ -101,6 +104,9 @@ impl HubService {
         if let Some(feed) = &ops {
             collector = collector.with_ops_feed(feed.clone());
         }
+        if let Some(j) = &restore {
+            collector = collector.with_restore_journal(j.clone());
+        }
         let heartbeat = Heartbeat::new(
             collector,
             reporter,
@@ -119,6 +125,7 @@ impl HubService {
             agent_id,
             trust,
             ops,
+            restore,
             task,
         })
     }
@@ -141,6 +148,9 @@ impl HubService {
             .with_trust(self.trust.clone());
         if let Some(feed) = &self.ops {
             collector = collector.with_ops_feed(feed.clone());
+        }
+        if let Some(j) = &self.restore {
+            collector = collector.with_restore_journal(j.clone());
         }
         self.commands
             .send(Command::Reload {

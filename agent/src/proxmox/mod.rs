@@ -37,8 +37,8 @@ mod upid;
 pub use client::{Client, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{PermissionDenied, ProxmoxError};
 pub use mutate::{
-    ConfigChange, ConfigValue, RestoreOptions, SetConfigOutcome, SnapshotName, VzdumpCompress,
-    VzdumpMode, VzdumpOptions, VzdumpOutcome,
+    ConfigChange, ConfigValue, QemuRestoreOptions, RestoreOptions, SetConfigOutcome, SnapshotName,
+    VzdumpCompress, VzdumpMode, VzdumpOptions, VzdumpOutcome,
 };
 pub use permit::GuestPermit;
 pub use task::{TaskDone, WaitOptions};

@@ -298,6 +298,64 @@ pub struct RestoreOptions {
     pub rootfs: Option<String>,
     pub unprivileged: Option<bool>,
     pub pool: Option<String>,
+    /// Config keys that override the backed-up config (`hostname`, `onboot`, `netN`, …).
+    pub overrides: BTreeMap<String, ConfigValue>,
+}
+
+/// Options of a QEMU restore (`qmrestore`) from a vzdump archive or PBS snapshot onto the
+/// permit's vmid: `POST /nodes/{node}/qemu` with `archive`.
+#[derive(Debug, Clone, Default)]
+pub struct QemuRestoreOptions {
+    /// The backup volume, e.g. `pbs:backup/vm/103/2025-01-31T02:00:05Z`.
+    pub archive: String,
+    /// Target storage of every disk (else each disk's original storage).
+    pub storage: Option<String>,
+    /// Overwrite the existing (stopped) VM.
+    pub force: bool,
+    /// New MAC addresses, smbios uuid and vmgenid.
+    pub unique: bool,
+    /// Start after the restore.
+    pub start: bool,
+    /// Config keys that override the backed-up config (`name`, `onboot`, `netN`, …). A
+    /// drive key is refused by PVE (`option conflicts with option 'archive'`).
+    pub overrides: BTreeMap<String, ConfigValue>,
+}
+
+/// Parameters of the restore calls themselves: an override may not name one.
+const RESTORE_PARAMS: &[&str] = &[
+    "vmid",
+    "ostemplate",
+    "archive",
+    "restore",
+    "storage",
+    "force",
+    "unique",
+    "start",
+    "rootfs",
+    "unprivileged",
+    "pool",
+    "bwlimit",
+    "live-restore",
+    "ignore-unpack-errors",
+];
+
+/// Appends the config overrides of a restore to its form.
+fn push_overrides(
+    form: &mut Vec<(String, String)>,
+    overrides: &BTreeMap<String, ConfigValue>,
+) -> Result<(), ProxmoxError> {
+    for (k, v) in overrides {
+        if !valid_key(k)
+            || RESERVED_KEYS.contains(&k.as_str())
+            || RESTORE_PARAMS.contains(&k.as_str())
+        {
+            return Err(ProxmoxError::InvalidRequest(format!(
+                "{k:?} is not a config key a restore can override"
+            )));
+        }
+        form.push((k.clone(), v.to_form()));
+    }
+    Ok(())
 }
 
 fn b01(b: bool) -> String {
@@ -701,8 +759,73 @@ impl Client {
             check_text("pool", p)?;
             form.push(("pool".to_string(), p.clone()));
         }
+        push_overrides(&mut form, &opts.overrides)?;
         let path = format!("{}/lxc", self.node_path());
         self.task_call(Method::POST, path, form, permit).await
+    }
+
+    /// `POST /nodes/{node}/qemu` with `archive`: restore the permit's VM (`qmrestore`).
+    pub async fn qemu_restore(
+        &self,
+        permit: &GuestPermit,
+        opts: &QemuRestoreOptions,
+    ) -> Result<Upid, ProxmoxError> {
+        check_text("archive", &opts.archive)?;
+        let mut form = vec![
+            ("vmid".to_string(), permit.vmid().to_string()),
+            ("archive".to_string(), opts.archive.clone()),
+        ];
+        if let Some(s) = &opts.storage {
+            check_storage(s)?;
+            form.push(("storage".to_string(), s.clone()));
+        }
+        if opts.force {
+            form.push(("force".to_string(), b01(true)));
+        }
+        if opts.unique {
+            form.push(("unique".to_string(), b01(true)));
+        }
+        if opts.start {
+            form.push(("start".to_string(), b01(true)));
+        }
+        push_overrides(&mut form, &opts.overrides)?;
+        let path = format!("{}/qemu", self.node_path());
+        self.task_call(Method::POST, path, form, permit).await
+    }
+
+    /// `DELETE /nodes/{node}/{lxc|qemu}/{vmid}` (`vzdestroy` / `qmdestroy`): removes the
+    /// permit's guest and its disks. `purge` also drops it from backup jobs, replication
+    /// and HA; `destroy_unreferenced_disks` also removes disks of the vmid the config does
+    /// not name. A running guest is refused by PVE (no `force` is sent).
+    pub async fn destroy(
+        &self,
+        permit: &GuestPermit,
+        kind: GuestKind,
+        purge: bool,
+        destroy_unreferenced_disks: bool,
+    ) -> Result<Upid, ProxmoxError> {
+        let mut form = Vec::new();
+        if purge {
+            form.push(("purge".to_string(), b01(true)));
+        }
+        if destroy_unreferenced_disks {
+            form.push(("destroy-unreferenced-disks".to_string(), b01(true)));
+        }
+        let path = self.guest_path(kind, permit.vmid());
+        self.task_call(Method::DELETE, path, form, permit).await
+    }
+
+    /// `POST /nodes/{node}/qemu/{vmid}/agent/ping` (synchronous): `Ok` when the guest agent
+    /// of the permit's running VM answers. PVE's 500s (`No QEMU guest agent configured`,
+    /// `VM N is not running`, `QEMU guest agent is not running`) are [`ProxmoxError::Api`].
+    /// It changes nothing, but it talks to the guest, so it runs in the guest's lane too.
+    pub async fn agent_ping(&self, permit: &GuestPermit) -> Result<(), ProxmoxError> {
+        let path = format!(
+            "{}/agent/ping",
+            self.guest_path(GuestKind::Qemu, permit.vmid())
+        );
+        let _: Value = self.call(Method::POST, &path, &[], None).await?;
+        Ok(())
     }
 }
 
@@ -761,6 +884,32 @@ mod tests {
             assert!(SnapshotName::new(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<SnapshotName>("\"current\"").is_err());
+    }
+
+    #[test]
+    fn restore_overrides_cannot_name_the_calls_own_parameters() {
+        let mut form = Vec::new();
+        let mut o = BTreeMap::new();
+        o.insert("hostname".to_string(), ConfigValue::from("a-restoretest"));
+        o.insert(
+            "net0".to_string(),
+            ConfigValue::from("name=eth0,link_down=1"),
+        );
+        push_overrides(&mut form, &o).unwrap();
+        assert_eq!(form.len(), 2);
+        for bad in [
+            "vmid",
+            "archive",
+            "ostemplate",
+            "force",
+            "delete",
+            "digest",
+            "Bad Key",
+        ] {
+            let mut o = BTreeMap::new();
+            o.insert(bad.to_string(), ConfigValue::from("x"));
+            assert!(push_overrides(&mut Vec::new(), &o).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ use super::plan::Action;
 
 mod ops;
 pub use ops::{OpRecord, ResultRow};
+mod restore;
+pub use restore::RestoreRecord;
 pub mod desired;
 
 /// File name inside `state_dir`.
@@ -363,6 +365,8 @@ impl Journal {
         )
         .map_err(|e| self.sql_err(e))?;
         c.db.execute_batch(ops::SCHEMA)
+            .map_err(|e| self.sql_err(e))?;
+        c.db.execute_batch(restore::SCHEMA)
             .map_err(|e| self.sql_err(e))?;
         desired::create_tables(&c.db).map_err(|e| self.sql_err(e))?;
         let version: Option<String> =

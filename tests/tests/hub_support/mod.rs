@@ -119,6 +119,11 @@ impl HubSim {
             .collect()
     }
 
+    /// The envelope the hub answers accepted reports with (`GET /_sim/envelope`).
+    pub async fn sim_envelope(&self) -> Value {
+        self.sim(reqwest::Method::GET, "/_sim/envelope", None).await
+    }
+
     pub async fn set_envelope(&self, envelope: Value) {
         self.sim(reqwest::Method::PUT, "/_sim/envelope", Some(envelope))
             .await;

@@ -1,0 +1,716 @@
+//! Restore tests (`felhom_agent::restore`) against `felhom-pvesim` over real HTTP, with the
+//! real reconcile queue and a journal on disk: a passing LXC and QEMU test, a corrupt
+//! archive, a guest that does not start, a full storage, a foreign guest on the scratch
+//! vmid, the gate closed, and a test interrupted mid-restore cleaned up by the next run.
+//! In every case the scratch guest's network is checked in the simulator's own state.
+//! Then the daemon: `felhom-agent restore-test run/list` through its control socket, and a
+//! `kill -9` of the daemon mid-restore, cleaned up by the restarted daemon on its own.
+
+mod hub_support;
+mod ops_support;
+mod proxmox_client_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use felhom_agent::config::RestoreTestsConfig;
+use felhom_agent::proxmox::{Client, WaitOptions};
+use felhom_agent::reconcile::journal::{Journal, RestoreRecord};
+use felhom_agent::reconcile::{Gate, Queue, QueueConfig};
+use felhom_agent::restore::{RestoreDeps, RestoreError, RestoreTests};
+use felhom_protocol::Vmid;
+use proxmox_client_support::Sim;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn vmid(n: u64) -> Vmid {
+    Vmid::new(n).unwrap()
+}
+
+struct Bed {
+    sim: Arc<Sim>,
+    _dir: tempfile::TempDir,
+    gate: watch::Sender<Gate>,
+    tests: Arc<RestoreTests>,
+    journal: Arc<Journal>,
+}
+
+fn settings(stable: u64) -> RestoreTestsConfig {
+    RestoreTestsConfig {
+        enabled: true,
+        storage: Some("local-lvm".into()),
+        stable_seconds: stable,
+        boot_check_seconds: 60,
+        ..Default::default()
+    }
+}
+
+async fn bed_with(sim: Sim, scratch: std::ops::RangeInclusive<u32>, s: RestoreTestsConfig) -> Bed {
+    let sim = Arc::new(sim);
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(Journal::open(dir.path()).unwrap());
+    let (gate, rx) = watch::channel(Gate::Open);
+    let deps = RestoreDeps {
+        client: Client::new(&sim.pinned(), &sim.start.node).unwrap(),
+        queue: Queue::start(QueueConfig::default()),
+        journal: journal.clone(),
+        gate: rx,
+        scratch,
+        settings: s,
+        task_wait: WaitOptions {
+            timeout: LONG,
+            initial_interval: Duration::from_millis(20),
+            max_interval: Duration::from_millis(200),
+        },
+        poll: Duration::from_millis(100),
+    };
+    Bed {
+        sim,
+        _dir: dir,
+        gate,
+        tests: Arc::new(RestoreTests::new(deps).unwrap()),
+        journal,
+    }
+}
+
+async fn bed(stable: u64) -> Bed {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    bed_with(sim, 9900..=9901, settings(stable)).await
+}
+
+/// A control call with the admin token.
+async fn control(sim: &Sim, method: &str, path: &str, body: Value) -> Value {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let resp = sim
+        .client()
+        .request(m, format!("{}{path}", sim.url()))
+        .header("Authorization", format!("Bearer {}", sim.admin_token()))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status().is_success(),
+        "{method} {path}: {}",
+        resp.status()
+    );
+    resp.json().await.unwrap()
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The newest backup of `vmid` in the simulator's state.
+async fn newest_backup(sim: &Sim, vmid: u64) -> String {
+    let state = sim.state_json().await;
+    let mut best: Option<(i64, String)> = None;
+    for s in state["storages"].as_array().unwrap() {
+        for v in s["volumes"].as_array().cloned().unwrap_or_default() {
+            if v["vmid"].as_u64() == Some(vmid) && v["content"] == "backup" {
+                let ctime = v["ctime"].as_i64().unwrap_or(0);
+                if best.as_ref().is_none_or(|(c, _)| ctime > *c) {
+                    best = Some((ctime, v["volid"].as_str().unwrap().to_string()));
+                }
+            }
+        }
+    }
+    best.expect("a backup in the simulator").1
+}
+
+async fn sim_guest(sim: &Sim, vmid: u64) -> Option<Value> {
+    sim.guests_where(|g| g["vmid"].as_u64() == Some(vmid))
+        .await
+        .pop()
+}
+
+/// Every `netN` of a guest config detached.
+fn all_detached(cfg: &Value) -> bool {
+    let nets: Vec<&str> = cfg
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("net"))
+        .map(|(_, v)| v.as_str().unwrap())
+        .collect();
+    !nets.is_empty()
+        && nets
+            .iter()
+            .all(|n| n.split(',').any(|p| p == "link_down=1"))
+}
+
+/// Watches the simulator until a guest appears on `scratch`, and returns every config it
+/// was seen with while it existed (the test then checks each was detached).
+fn watch_scratch(sim: Arc<Sim>, scratch: u64) -> tokio::task::JoinHandle<Vec<(String, Value)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + LONG;
+        let mut appeared = false;
+        while tokio::time::Instant::now() < deadline {
+            match sim_guest(&sim, scratch).await {
+                Some(g) => {
+                    appeared = true;
+                    if g["lock"].is_null() {
+                        seen.push((
+                            g["status"].as_str().unwrap_or("").to_string(),
+                            g["config"].clone(),
+                        ));
+                    }
+                }
+                None if appeared => break,
+                None => {}
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        seen
+    })
+}
+
+fn result(r: &RestoreRecord) -> (&str, Option<&str>) {
+    (r.result.as_deref().unwrap(), r.reason.as_deref())
+}
+
+#[tokio::test]
+async fn an_lxc_backup_restores_boots_and_its_scratch_guest_is_destroyed() {
+    let b = bed(1).await;
+    let archive = newest_backup(&b.sim, 101).await;
+    let watcher = watch_scratch(b.sim.clone(), 9900);
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(result(&r), ("passed", None), "{r:?}");
+    assert_eq!(r.archive.as_deref(), Some(archive.as_str()));
+    assert_eq!(r.scratch_vmid, Some(9900));
+    assert_eq!(r.scratch, "gone");
+    assert!(r.restore_seconds.is_some() && r.boot_seconds.is_some());
+    assert!(sim_guest(&b.sim, 9900).await.is_none(), "scratch destroyed");
+    let seen = watcher.await.unwrap();
+    assert!(seen.iter().any(|(s, _)| s == "running"), "{seen:?}");
+    for (status, cfg) in &seen {
+        assert!(all_detached(cfg), "{status}: {cfg}");
+        assert!(cfg["hostname"].as_str().unwrap().ends_with("-restoretest"));
+        assert_eq!(cfg["onboot"], json!(0));
+        assert!(cfg["description"].as_str().unwrap().contains(&archive));
+    }
+    // Every request that changed something named the scratch vmid, and the destroy purged.
+    let log = b.sim.log().await;
+    for req in log.iter().filter(|r| r.method != "GET") {
+        let on_scratch = req.path.contains("/9900")
+            || req.params.get("vmid").map(String::as_str) == Some("9900");
+        assert!(on_scratch, "{} {}", req.method, req.path);
+    }
+    let del = log.iter().find(|r| r.method == "DELETE").unwrap();
+    assert_eq!(del.params.get("purge").map(String::as_str), Some("1"));
+    assert_eq!(
+        del.params
+            .get("destroy-unreferenced-disks")
+            .map(String::as_str),
+        Some("1")
+    );
+    let post = log
+        .iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/nodes/pve1/lxc"))
+        .unwrap();
+    assert_eq!(post.params.get("unique").map(String::as_str), Some("1"));
+    assert!(post.params.get("start").is_none_or(|s| s == "0"));
+    // The history has it, with a report seq.
+    let recent = b.journal.restore_recent(10).unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].seq, Some(1));
+}
+
+#[tokio::test]
+async fn a_qemu_backup_passes_when_its_guest_agent_answers() {
+    let b = bed(1).await;
+    let watcher = watch_scratch(b.sim.clone(), 9900);
+    let r = b.tests.run(Some(vmid(103))).await.unwrap();
+    assert_eq!(result(&r), ("passed", None), "{r:?}");
+    assert_eq!(r.kind, "qemu");
+    let seen = watcher.await.unwrap();
+    assert!(!seen.is_empty());
+    for (_, cfg) in &seen {
+        assert!(all_detached(cfg), "{cfg}");
+        assert!(cfg["name"].as_str().unwrap().ends_with("-restoretest"));
+    }
+    let log = b.sim.log().await;
+    assert!(
+        log.iter()
+            .any(|r| r.path.ends_with("/qemu/9900/agent/ping") && r.status == Some(200))
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+}
+
+#[tokio::test]
+async fn a_guest_agent_that_never_answers_fails_the_test() {
+    let mut s = settings(0);
+    s.boot_check_seconds = 2;
+    let b = bed_with(
+        Sim::start(&["--guests", "12", "--task-seconds", "0.05"]),
+        9900..=9900,
+        s,
+    )
+    .await;
+    let archive = newest_backup(&b.sim, 103).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&archive)),
+        json!({"agent_fails": true}),
+    )
+    .await;
+    let r = b.tests.run(Some(vmid(103))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("guest agent did not answer"),
+        "{r:?}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+}
+
+#[tokio::test]
+async fn a_corrupt_archive_fails_and_leaves_nothing() {
+    let b = bed(0).await;
+    let archive = newest_backup(&b.sim, 101).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&archive)),
+        json!({"corrupt": true}),
+    )
+    .await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    let reason = r.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("the restore failed: unable to restore CT 9900"),
+        "{reason}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert_eq!(r.scratch, "gone");
+    // QEMU: a failed restore leaves an empty VM, which the test destroys.
+    let vm = newest_backup(&b.sim, 103).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&vm)),
+        json!({"corrupt": true}),
+    )
+    .await;
+    let r = b.tests.run(Some(vmid(103))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    assert!(
+        sim_guest(&b.sim, 9900).await.is_none(),
+        "empty VM destroyed"
+    );
+    assert!(
+        b.sim
+            .log()
+            .await
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path.ends_with("/qemu/9900"))
+    );
+}
+
+#[tokio::test]
+async fn a_guest_that_does_not_start_fails_and_is_still_destroyed() {
+    let b = bed(0).await;
+    let archive = newest_backup(&b.sim, 101).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&archive)),
+        json!({"start_fails": true}),
+    )
+    .await;
+    let watcher = watch_scratch(b.sim.clone(), 9900);
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("did not start"),
+        "{r:?}"
+    );
+    let seen = watcher.await.unwrap();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|(_, c)| all_detached(c)));
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert!(
+        b.sim
+            .log()
+            .await
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path.ends_with("/lxc/9900"))
+    );
+}
+
+#[tokio::test]
+async fn a_guest_that_stops_on_its_own_fails_the_stability_check() {
+    let b = bed(3).await;
+    let archive = newest_backup(&b.sim, 101).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&archive)),
+        json!({"stops_after_seconds": 1}),
+    )
+    .await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("stopped within 3 s"),
+        "{r:?}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+}
+
+#[tokio::test]
+async fn a_storage_too_full_is_skipped_without_a_restore() {
+    let b = bed(0).await;
+    // 21 GiB of 100 GiB free: the scratch guest's disks would take it below 20 %.
+    const GIB: u64 = 1 << 30;
+    control(
+        &b.sim,
+        "PUT",
+        "/_sim/storages/local-lvm",
+        json!({"total": 100 * GIB, "avail": 21 * GIB}),
+    )
+    .await;
+    b.sim.clear_log().await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("skipped"), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("min_free_fraction"),
+        "{r:?}"
+    );
+    assert!(b.sim.log().await.iter().all(|r| r.method == "GET"));
+    assert_eq!(r.scratch_vmid, None);
+}
+
+#[tokio::test]
+async fn a_foreign_guest_on_the_scratch_vmid_is_left_alone() {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    sim.put_guest(9900, json!({"type": "lxc", "status": "running", "config": {"hostname": "someone-elses", "net0": "name=eth0,bridge=vmbr0"}})).await;
+    let b = bed_with(sim, 9900..=9900, settings(0)).await;
+    let before = sim_guest(&b.sim, 9900).await.unwrap();
+    b.sim.clear_log().await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("skipped"), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("no free scratch vmid"),
+        "{r:?}"
+    );
+    assert!(b.sim.log().await.iter().all(|r| r.method == "GET"));
+    let after = sim_guest(&b.sim, 9900).await.unwrap();
+    assert_eq!(before["config"], after["config"]);
+    assert_eq!(after["status"], "running");
+}
+
+#[tokio::test]
+async fn blocked_and_awaiting_envelope_send_nothing() {
+    let b = bed(0).await;
+    for g in [Gate::Blocked, Gate::AwaitingEnvelope] {
+        b.gate.send(g).unwrap();
+        b.sim.clear_log().await;
+        let e = b.tests.run(Some(vmid(101))).await.unwrap_err();
+        assert!(matches!(e, RestoreError::NotAllowed(_)), "{e}");
+        assert!(b.sim.log().await.iter().all(|r| r.method == "GET"));
+    }
+    assert!(b.journal.restore_recent(10).unwrap().is_empty());
+    b.gate.send(Gate::Open).unwrap();
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("passed"), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_test_interrupted_mid_restore_is_cleaned_up_by_the_next_run() {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    // A slow restore: the archive takes seconds to extract.
+    control(
+        &sim,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 1_000_000_000}),
+    )
+    .await;
+    let b = bed_with(sim, 9900..=9901, settings(0)).await;
+    let tests = b.tests.clone();
+    let run = tokio::spawn(async move { tests.run(Some(vmid(101))).await });
+    // Wait for the journal to record the restore's task, then drop the test mid-restore
+    // (what a kill -9 leaves: the row says a scratch guest may exist).
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let left = b.journal.restore_left_behind().unwrap();
+        if left.first().is_some_and(|r| !r.upids.is_empty()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no restore started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.abort();
+    let _ = run.await;
+    let left = b.journal.restore_left_behind().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].step, "restoring");
+    // The next run cleans up first (waiting for the restore task), then tests again.
+    control(
+        &b.sim,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 17179869184u64}),
+    )
+    .await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("passed"), "{r:?}");
+    assert!(b.journal.restore_left_behind().unwrap().is_empty());
+    let all = b.journal.restore_recent(10).unwrap();
+    let first = all.iter().find(|x| x.id == left[0].id).unwrap();
+    assert_eq!(first.result.as_deref(), Some("skipped"));
+    assert!(
+        first.reason.as_deref().unwrap().contains("did not finish"),
+        "{first:?}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert!(sim_guest(&b.sim, 9901).await.is_none());
+}
+
+// ---- the daemon, over real processes -------------------------------------------------
+
+fn daemon_stack() -> Option<ops_support::Stack> {
+    if !ops_support::is_root() {
+        eprintln!("skipped: needs root (the agent runs as another uid)");
+        return None;
+    }
+    Some(ops_support::Stack::new(json!({
+        "restore_tests": {
+            "scratch_vmids": "9900-9901",
+            "storage": "local-lvm",
+            "boot_check_seconds": 60,
+            "stable_seconds": 1
+        }
+    })))
+}
+
+/// Waits until the daemon answers `status` with the hub's envelope (its gate is open).
+async fn wait_ready(stack: &ops_support::Stack) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["status", "--json"]);
+        if code == 0 {
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            if v["daemon"] == "running" && !v["last_envelope"].is_null() {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn restore_test_run_and_list_go_through_the_daemon() {
+    let Some(stack) = daemon_stack() else { return };
+    // Reports every second, so the result reaches the hub soon.
+    let mut envelope = stack.hub.sim_envelope().await;
+    envelope["poll_interval_seconds"] = json!(1);
+    stack.hub.set_envelope(envelope).await;
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    let (code, out, err) = stack.cli(&["restore-test", "run", "--vmid", "101", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", agent.log_text());
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["result"], "passed", "{r}");
+    assert_eq!(r["scratch_vmid"], 9900);
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+    let (code, out, _) = stack.cli(&["restore-test", "list", "--json"]);
+    assert_eq!(code, 0);
+    let l: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["restore_tests"][0]["id"], r["id"]);
+    // The next accepted report carries the result and the guest's proof; once accepted,
+    // the result is not sent again (the cursor moved), the proof stays.
+    let reports = stack
+        .hub
+        .wait_reports(LONG, |rs| {
+            rs.iter().any(|x| {
+                x["outcome"] == "accepted"
+                    && x["report"]["restore_tests"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t["started_at"].is_string()))
+            })
+        })
+        .await;
+    let carrying = reports
+        .iter()
+        .position(|x| {
+            x["outcome"] == "accepted"
+                && x["report"]["restore_tests"]
+                    .as_array()
+                    .is_some_and(|t| !t.is_empty())
+        })
+        .unwrap();
+    let t = &reports[carrying]["report"]["restore_tests"][0];
+    assert_eq!(t["vmid"], 101);
+    assert_eq!(t["result"], "passed");
+    assert_eq!(t["archive"], r["archive"]);
+    assert_eq!(t["scratch_vmid"], 9900);
+    assert!(t["upids"].as_array().unwrap().len() >= 3, "{t}");
+    let n = reports.len();
+    let later = stack
+        .hub
+        .wait_reports(LONG, |rs| {
+            rs.len() > n && rs[n..].iter().any(|x| x["outcome"] == "accepted")
+        })
+        .await;
+    let next = later[n..]
+        .iter()
+        .find(|x| x["outcome"] == "accepted")
+        .unwrap();
+    assert_eq!(next["report"]["restore_tests"], json!([]));
+    let g101 = next["report"]["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["vmid"] == 101)
+        .unwrap();
+    assert_eq!(g101["restore_proof"]["archive"], r["archive"]);
+    assert!(g101["restore_proof"]["passed_at"].is_string());
+
+    // A guest that does not exist is a usage error, and nothing is restored.
+    let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "4242"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("4242"), "{err}");
+    // Human output names the result.
+    let (_, out, _) = stack.cli(&["restore-test", "list"]);
+    assert!(out.contains("guest 101 passed in 9900"), "{out}");
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_restore_cleans_up_after_its_restart() {
+    let Some(stack) = daemon_stack() else { return };
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    // A restore that takes long enough to kill the daemon in the middle of it.
+    control(
+        &stack.pve,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 50_000_000}),
+    )
+    .await;
+    let mut cli = std::process::Command::new(proxmox_client_support::agent_bin());
+    {
+        use std::os::unix::process::CommandExt;
+        cli.args(["restore-test", "run", "--vmid", "101", "--config"])
+            .arg(&stack.config)
+            .env_clear()
+            .uid(ops_support::AGENT_UID)
+            .gid(ops_support::AGENT_UID)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let mut cli = cli.spawn().unwrap();
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        if let Some(g) = sim_guest(&stack.pve, 9900).await
+            && g["lock"] == "create"
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no restore started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.kill9();
+    let _ = cli.wait();
+    control(
+        &stack.pve,
+        "PUT",
+        "/_sim/settings",
+        json!({"restore_bytes_per_second": 17179869184u64}),
+    )
+    .await;
+    // The restarted daemon finds the left-behind test in its journal and cleans up by
+    // itself (scheduled tests are off: only the cleanup runs).
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["restore-test", "list", "--json"]);
+        if code == 0 {
+            let l: Value = serde_json::from_str(&out).unwrap();
+            let t = &l["restore_tests"][0];
+            if t["scratch"] == "gone" && t["result"] == "skipped" {
+                assert!(
+                    t["reason"].as_str().unwrap().contains("did not finish"),
+                    "{t}"
+                );
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cleanup: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        sim_guest(&stack.pve, 9900).await.is_none(),
+        "{}",
+        agent.log_text()
+    );
+    let deletes: Vec<_> = stack
+        .pve
+        .log()
+        .await
+        .into_iter()
+        .filter(|r| r.method == "DELETE" && r.status == Some(200))
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}\n{}", agent.log_text());
+    assert!(deletes[0].path.ends_with("/lxc/9900"));
+}
+
+#[tokio::test]
+async fn a_blocked_daemon_runs_no_restore_test() {
+    let Some(stack) = daemon_stack() else { return };
+    let mut envelope = stack.hub.sim_envelope().await;
+    envelope["blocked"] = json!(true);
+    envelope["poll_interval_seconds"] = json!(1);
+    stack.hub.set_envelope(envelope).await;
+    let _agent = stack.start_agent();
+    // Wait until the daemon holds the blocked envelope.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (code, out, _) = stack.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if code == 0 && v["last_envelope"]["envelope"]["blocked"] == json!(true) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never blocked: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.pve.clear_log().await;
+    let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "101"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("blocked by the hub"), "{err}");
+    assert!(
+        stack.pve.log().await.iter().all(|r| r.method == "GET"),
+        "a blocked daemon sent a mutation"
+    );
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+}
