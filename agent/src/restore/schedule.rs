@@ -41,18 +41,18 @@ pub fn due(
     waited && in_window
 }
 
-/// Minutes after local midnight, as `date` tells it (the agent forbids `unsafe`, so no
-/// `localtime_r`; `time`'s local offset is unavailable in a multi-threaded process).
+/// Minutes after local midnight in the host's time zone (`TZ`, else `/etc/localtime`,
+/// read by `jiff`'s pure-Rust tz database: no process, no `localtime_r`, which is not
+/// thread-safe; `time`'s local offset refuses to work in a multi-threaded process).
+/// `None` when the zone cannot be read: the window is then never open (and logged).
 pub async fn local_minute() -> Option<u16> {
-    let out =
-        tokio::task::spawn_blocking(|| std::process::Command::new("date").arg("+%H %M").output())
-            .await
-            .ok()?
-            .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let mut it = text.split_whitespace();
-    let h: u16 = it.next()?.parse().ok()?;
-    let m: u16 = it.next()?.parse().ok()?;
+    let now = tokio::task::spawn_blocking(|| jiff::ZonedDateTime::now())
+        .await
+        .ok()?;
+    let (h, m) = (
+        u16::try_from(now.hour()).ok()?,
+        u16::try_from(now.minute()).ok()?,
+    );
     (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
@@ -146,5 +146,16 @@ mod tests {
     async fn local_time_is_read() {
         let m = local_minute().await.expect("date runs");
         assert!(m < 24 * 60);
+    }
+}
+
+#[cfg(test)]
+mod local_time_tests {
+    #[tokio::test]
+    async fn the_local_minute_is_read_without_a_process() {
+        let m = super::local_minute()
+            .await
+            .expect("the host's time zone is readable");
+        assert!(m < 24 * 60, "{m}");
     }
 }
