@@ -46,7 +46,7 @@ pub fn due(
 /// thread-safe; `time`'s local offset refuses to work in a multi-threaded process).
 /// `None` when the zone cannot be read: the window is then never open (and logged).
 pub async fn local_minute() -> Option<u16> {
-    let now = tokio::task::spawn_blocking(|| jiff::ZonedDateTime::now())
+    let now = tokio::task::spawn_blocking(jiff::ZonedDateTime::now)
         .await
         .ok()?;
     let (h, m) = (
