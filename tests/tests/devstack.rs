@@ -380,6 +380,44 @@ fn two_cycles_show_the_stack_reconciling_and_reporting_and_leave_nothing_behind(
             "signed operations: skipped: the agent trusts only a signers.json owned by root",
         ]);
     }
+    // one restore test, after the signed operations (or the first report without root):
+    // started, its scratch guest running with every interface detached, passed, destroyed
+    let signed_end = if is_root() {
+        r"ops +(lxc|qemu) [0-9]+: the node received no request for it"
+    } else {
+        r"hub +report #1 accepted from pve1"
+    };
+    let found = r.expect_in_order(&[
+        signed_end,
+        r"restore +restore test of (lxc|qemu) ([0-9]+) starting: its newest backup \S+ into a scratch guest \(9900-9909, storage local-lvm\)",
+        r"restore +scratch guest (99[0-9][0-9]) running, network detached: (net[0-9]+ link_down=1(, )?)+$",
+        r"restore +restore test of (lxc|qemu) ([0-9]+) passed: restore [0-9.]+ s, boot [0-9.]+ s, archive \S+",
+        r"restore +scratch guest (99[0-9][0-9]) destroyed: the node no longer has it",
+    ]);
+    assert_eq!(found[1][2], found[3][2], "the same guest tested");
+    assert_eq!(found[2][1], found[4][1], "the same scratch guest");
+    let (kind, scratch) = (&found[1][1], &found[2][1]);
+    // the node received the scratch guest's start and destroy (narrated from its log)
+    r.expect(&[
+        &format!("← POST /nodes/pve1/{kind}/{scratch}/status/start"),
+        &format!("← DELETE /nodes/pve1/{kind}/{scratch}"),
+    ]);
+    // the agent's own answer (logs/calls.log): passed
+    let calls = std::fs::read_to_string(dir.join("logs/calls.log")).unwrap();
+    let answer = calls
+        .split("\n$ ")
+        .find(|c| c.contains("restore-test run --vmid"))
+        .and_then(|c| c.split_once('\n'))
+        .map(|(_, out)| out)
+        .unwrap_or_else(|| panic!("no restore-test run in calls.log:\n{calls}"));
+    // its JSON answer, then the exit line
+    let v: Value = serde_json::Deserializer::from_str(answer)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON answer: {answer}"));
+    assert_eq!(v["result"], "passed", "{v}");
+    assert_eq!(v["scratch_vmid"].to_string(), *scratch);
     r.assert_nothing_left();
 }
 

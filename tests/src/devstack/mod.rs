@@ -11,11 +11,12 @@
 //! received, reconcile actions planned, applying and applied (and the guests skipped),
 //! the requests that reached the node, helper activations and idle exits, audit records,
 //! and (as root) signed operations through the hub: a stop and a snapshot signed by a
-//! throw-away operator key the host trusts, and a forged one refused ([`signed`]).
+//! throw-away operator key the host trusts, and a forged one refused ([`signed`]); then
+//! one restore test, `felhom-agent restore-test run` ([`restore`]).
 //!
 //! It ends after `--cycles N` reports accepted by the hub (and not before one that shows
 //! the desired state applied, so the last report shows the guests as the agent left
-//! them, however slow the machine), on Ctrl-C or SIGTERM, or when
+//! them, however slow the machine, nor before the restore test ended), on Ctrl-C or SIGTERM, or when
 //! a component fails (exit 1, naming it and its log). Every child is stopped in order
 //! (agent, helpers, simulators: SIGTERM, then SIGKILL after a grace) and reaped; the
 //! devstack is a child subreaper and sweeps anything orphaned ([`procs`]). At the end it
@@ -37,6 +38,7 @@
 pub mod activate;
 pub mod narrate;
 pub mod procs;
+pub mod restore;
 pub mod scene;
 pub mod signed;
 pub mod watch;
@@ -612,6 +614,12 @@ struct Stack {
     signed_done_at: Option<u64>,
     /// Why they did not end as they must.
     signed_error: Option<String>,
+    /// The restore test to show, until it is started (after the signed operations).
+    restore: Option<restore::Demo>,
+    /// The restore test was shown.
+    restore_done: bool,
+    /// Why it did not end as it must.
+    restore_error: Option<String>,
     applied: u64,
     failed_actions: u64,
     leftovers: Vec<String>,
@@ -646,6 +654,9 @@ impl Stack {
             signed_skipped: false,
             signed_done_at: None,
             signed_error: None,
+            restore: None,
+            restore_done: false,
+            restore_error: None,
             applied: 0,
             failed_actions: 0,
             leftovers: Vec::new(),
@@ -911,6 +922,13 @@ impl Stack {
             &agent_id,
             &str_of(&pve_line, "node")?,
         )?;
+        self.restore = Some(restore::Demo {
+            pve: pve_api.clone(),
+            agent_bin: self.bin(build::AGENT),
+            agent_config: l.agent_config.clone(),
+            as_uid: (self.euid == 0).then_some((agent_uid, agent_gid)),
+            calls_log: l.log("calls.log"),
+        });
 
         if let Some(e) = self.interrupt.end() {
             return Ok(e);
@@ -1195,6 +1213,10 @@ impl Stack {
                 self.signed_done_at = Some(self.accepted);
                 self.signed_error = error;
             }
+            Event::RestoreDone { error } => {
+                self.restore_done = true;
+                self.restore_error = error;
+            }
         }
     }
 
@@ -1259,16 +1281,28 @@ impl Stack {
                 Some(ev) = events.recv() => {
                     let before = self.accepted;
                     self.on_event(ev);
-                    if let Some(e) = self.signed_error.take() {
+                    let failed = match (self.signed_error.take(), self.restore_error.take()) {
+                        (Some(e), _) => Some(format!("signed operations: {e}")),
+                        (None, Some(e)) => Some(format!("restore test: {e}")),
+                        (None, None) => None,
+                    };
+                    if let Some(e) = failed {
                         // a component that died is the cause, not what it broke
                         if let Some(dead) = self.check_alive() {
                             break Err(dead);
                         }
                         break Err(DevstackError::Component(format!(
-                            "signed operations: {e}; see {}:\n{}",
+                            "{e}; see {}:\n{}",
                             self.layout.log("agent.log").display(),
                             tail(&self.layout.log("agent.log"), 10)
                         )));
+                    }
+                    // the signed operations ended (or were skipped and the agent reports):
+                    // show the restore test
+                    if (self.signed_done_at.is_some() || (self.signed_skipped && self.accepted > 0))
+                        && let (Some(demo), Some(tx)) = (self.restore.take(), self.events_tx.clone())
+                    {
+                        self.watchers.push(tokio::spawn(demo.run(tx)));
                     }
                     if self.accepted > before {
                         last_progress = Instant::now();
@@ -1286,12 +1320,12 @@ impl Stack {
                             // sent, so it certainly shows their guests as they left them
                             let signed_settled = self.signed_skipped
                                 || self.signed_done_at.is_some_and(|at| self.accepted >= at + 2);
-                            if self.state_applied && signed_settled {
+                            if self.state_applied && signed_settled && self.restore_done {
                                 break Ok(End::Cycles(self.accepted));
                             }
                             if self.accepted >= n + APPLY_GRACE_REPORTS {
                                 break Err(DevstackError::Component(format!(
-                                    "the desired state was not applied, or the signed operations not shown, in {} accepted reports; see {}:\n{}",
+                                    "the desired state was not applied, or the signed operations or the restore test not shown, in {} accepted reports; see {}:\n{}",
                                     self.accepted,
                                     self.layout.log("agent.log").display(),
                                     tail(&self.layout.log("agent.log"), 10)

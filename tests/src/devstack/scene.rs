@@ -467,6 +467,14 @@ pub fn write_agent_config(l: &Layout, a: &AgentInputs<'_>) -> Result<(), SceneEr
         "cloudflared": {"metrics_url": a.cloudflared_url, "timeout_seconds": 2},
         "reconcile": {"desired_file": l.desired, "shutdown_timeout_seconds": 5},
         "authz": {"signers_file": l.signers},
+        // no schedule: the devstack runs the one restore test it shows
+        "restore_tests": {
+            "enabled": false,
+            "scratch_vmids": super::restore::SCRATCH_VMIDS,
+            "storage": super::restore::STORAGE,
+            "boot_check_seconds": 60,
+            "stable_seconds": 2
+        },
         "control": {"socket": l.control_socket}
     });
     write_json(&l.agent_config, &cfg, 0o600)?;

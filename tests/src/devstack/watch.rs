@@ -41,6 +41,9 @@ pub enum Event {
     /// The signed operations were shown ([`super::signed`]); `error` when one did not end
     /// as it must.
     SignedDone { error: Option<String> },
+    /// The restore test was shown ([`super::restore`]); `error` when it did not pass as
+    /// it must.
+    RestoreDone { error: Option<String> },
 }
 
 fn line(who: &'static str, text: String) -> Event {
