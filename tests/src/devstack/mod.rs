@@ -1287,8 +1287,18 @@ impl Stack {
                         (None, None) => None,
                     };
                     if let Some(e) = failed {
-                        // a component that died is the cause, not what it broke
-                        if let Some(dead) = self.check_alive() {
+                        // a component that died is the cause, not what it broke; a
+                        // demo's read can fail the moment a killed component's socket
+                        // closes, before its exit is seen, so look for a while
+                        let mut dead = self.check_alive();
+                        for _ in 0..30 {
+                            if dead.is_some() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            dead = self.check_alive();
+                        }
+                        if let Some(dead) = dead {
                             break Err(dead);
                         }
                         break Err(DevstackError::Component(format!(
