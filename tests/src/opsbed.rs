@@ -230,6 +230,7 @@ impl AgentHost {
             },
             "hub": { "url": hub.url, "token_file": hub_token, "ca_file": hub_ca },
             "authz": { "signers_file": signers_path },
+            "gate": { "backup_storage": "nas-backup" },
             "privhelper": {
                 "socket_dir": run.join("privhelper"),
                 "audit_log": d.join("audit.jsonl"),

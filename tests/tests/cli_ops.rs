@@ -63,6 +63,7 @@ impl Host {
                 "tls": {"insecure": true}
             },
             "authz": {"signers_file": signers},
+            "gate": {"backup_storage": "nas-backup"},
             "control": {"socket": dir.path().join("agent.sock")}
         });
         if let Some(id) = agent_id {
@@ -390,6 +391,7 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
     );
     let signers = home.dir.path().join("signers.json");
     home.set("authz", json!({"signers_file": signers}));
+    home.set("gate", json!({"backup_storage": "nas-backup"}));
     let id_file = home.state_dir.join("agent-id");
     assert!(!id_file.exists());
 
@@ -497,4 +499,29 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
         agent.log_text()
     );
     assert_eq!(std::fs::read_to_string(&id_file).unwrap(), "0000\n");
+}
+
+#[test]
+fn signed_operations_on_without_an_undo_backup_storage_fail_config_check() {
+    require_root!();
+    let host = Host::new(None);
+    let alice = host.keygen("alice");
+    host.write_signers(&[alice], 0o644);
+    let (code, out, err) = host.agent(&["config", "check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The same host without gate.backup_storage: the gate has nowhere to put undo backups.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&host.config).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("gate");
+    std::fs::write(&host.config, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let (code, _, err) = host.agent(&["config", "check"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("gate.backup_storage is not set") && err.contains("signed operations are on"),
+        "{err}"
+    );
+    // Off (no signers file): not needed.
+    std::fs::remove_file(&host.signers).unwrap();
+    let (code, out, err) = host.agent(&["config", "check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
 }

@@ -106,14 +106,22 @@ pub(crate) fn render_identity_and_ops(id: &Value, ops: &Value) -> String {
     out
 }
 
-/// The configuration errors `config check` fails on (exit 2): a corrupt agent id file
-/// and a malformed signers file. A missing or unsafely owned signers file is not one:
-/// signed operations are simply off.
+/// The configuration errors `config check` fails on (exit 2): a corrupt agent id file,
+/// a malformed signers file, and signed operations on (a trusted signers file in place)
+/// without `gate.backup_storage`, where the gate's undo backups go. A missing or unsafely
+/// owned signers file is not one: signed operations are simply off.
 pub(crate) fn check_identity_and_trust(cfg: &Config) -> Result<(), CliError> {
     identity::current(cfg.agent_id.as_ref(), &cfg.state_dir)
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
+    let trust = load_trust(&cfg.authz.signers_file, agent_uid(&cfg.state_dir))
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    if matches!(trust, TrustState::Enabled { .. }) && cfg.gate.backup_storage.is_none() {
+        return Err(CliError::Usage(format!(
+            "gate.backup_storage is not set: signed operations are on ({} is in place) and \
+             the reversibility gate needs a storage for undo backups",
+            cfg.authz.signers_file.display()
+        )));
+    }
     Ok(())
 }
 

@@ -194,6 +194,21 @@ pub(crate) const FIELDS: &[Field] = &[
         "FELHOM_AGENT_RESTORE_TESTS_MIN_FREE_FRACTION",
         Kind::Fraction,
     ),
+    field(
+        "gate.backup_storage",
+        "FELHOM_AGENT_GATE_BACKUP_STORAGE",
+        Kind::Str,
+    ),
+    field(
+        "gate.health_timeout_seconds",
+        "FELHOM_AGENT_GATE_HEALTH_TIMEOUT_SECONDS",
+        Kind::U64,
+    ),
+    field(
+        "gate.undo_warn_fraction",
+        "FELHOM_AGENT_GATE_UNDO_WARN_FRACTION",
+        Kind::Fraction,
+    ),
 ];
 
 /// Name of the systemd credential holding the Proxmox token secret.

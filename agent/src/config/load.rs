@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::fields::{self, FIELDS, Field, Kind};
 use super::{
-    AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, DesiredSource, HostConfig,
-    HubConfig, HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig,
+    AuthzConfig, CloudflaredConfig, Config, ConfigError, ControlConfig, DesiredSource, GateConfig,
+    HostConfig, HubConfig, HubMode, HubTls, PrivhelperConfig, ProxmoxConfig, ReconcileConfig,
     RestoreTestsConfig, RestoreWindow, Secret, SensorsConfig, SmartConfig, TlsVerify,
 };
 
@@ -830,29 +830,43 @@ fn build_window(layer: &Layer) -> Result<Option<RestoreWindow>, ConfigError> {
     }))
 }
 
+/// A storage id as PVE accepts it: a letter, then letters, digits, `-`, `_`, `.`.
+fn storage_id(layer: &Layer, field: &str) -> Result<Option<String>, ConfigError> {
+    let Some(s) = layer.str(field) else {
+        return Ok(None);
+    };
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphabetic()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(layer.invalid(
+            field,
+            format!("{s:?} is not a storage id (a letter, then letters, digits, '-', '_', '.')"),
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// The `gate` section.
+fn build_gate(layer: &Layer) -> Result<GateConfig, ConfigError> {
+    let d = GateConfig::default();
+    Ok(GateConfig {
+        backup_storage: storage_id(layer, "gate.backup_storage")?,
+        health_timeout_seconds: layer
+            .positive_or("gate.health_timeout_seconds", d.health_timeout_seconds)?,
+        undo_warn_fraction: layer
+            .fraction("gate.undo_warn_fraction")
+            .unwrap_or(d.undo_warn_fraction),
+    })
+}
+
 /// The `restore_tests` section. `enabled` needs `scratch_vmids` and `storage`.
 fn build_restore_tests(layer: &Layer) -> Result<RestoreTestsConfig, ConfigError> {
     let d = RestoreTestsConfig::default();
     let enabled = layer.bool("restore_tests.enabled").unwrap_or(false);
-    let storage = match layer.str("restore_tests.storage") {
-        None => None,
-        Some(s) => {
-            let ok = !s.is_empty()
-                && s.len() <= 64
-                && s.as_bytes()[0].is_ascii_alphabetic()
-                && s.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
-            if !ok {
-                return Err(layer.invalid(
-                    "restore_tests.storage",
-                    format!(
-                        "{s:?} is not a storage id (a letter, then letters, digits, '-', '_', '.')"
-                    ),
-                ));
-            }
-            Some(s.to_string())
-        }
-    };
+    let storage = storage_id(layer, "restore_tests.storage")?;
     let scratch = layer.str("restore_tests.scratch_vmids").is_some();
     if enabled && (!scratch || storage.is_none()) {
         let field = if scratch {
@@ -1039,6 +1053,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
     };
     let scratch_vmids = build_scratch_vmids(layer)?;
     let restore_tests = build_restore_tests(layer)?;
+    let gate = build_gate(layer)?;
     let desired_file = layer.path("reconcile.desired_file")?;
     let desired_source = build_desired_source(layer, &hub, desired_file.is_some())?;
     let reconcile = ReconcileConfig {
@@ -1076,6 +1091,7 @@ fn build(layer: &Layer, env: &EnvMap, world_readable: bool) -> Result<LoadedConf
         authz,
         scratch_vmids,
         restore_tests,
+        gate,
     };
 
     let mut warnings = Vec::new();
@@ -1249,6 +1265,9 @@ fn effective(c: &Config, path: &str) -> Option<String> {
             c.restore_tests.max_archive_bytes.map(|n| n.to_string())
         }
         "restore_tests.min_free_fraction" => Some(c.restore_tests.min_free_fraction.to_string()),
+        "gate.backup_storage" => c.gate.backup_storage.clone(),
+        "gate.health_timeout_seconds" => Some(c.gate.health_timeout_seconds.to_string()),
+        "gate.undo_warn_fraction" => Some(c.gate.undo_warn_fraction.to_string()),
         _ => None,
     }
 }

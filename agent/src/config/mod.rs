@@ -146,6 +146,7 @@ impl Config {
             authz: AuthzConfig::default(),
             scratch_vmids: None,
             restore_tests: RestoreTestsConfig::default(),
+            gate: GateConfig::default(),
         }
     }
 }
@@ -194,6 +195,33 @@ pub struct Config {
     pub scratch_vmids: Option<std::ops::RangeInclusive<u32>>,
     /// The rest of the `restore_tests` section.
     pub restore_tests: RestoreTestsConfig,
+    /// The reversibility gate of signed guest operations.
+    pub gate: GateConfig,
+}
+
+/// `gate`: where undo backups go, how long a guest may take to be healthy after a gated
+/// operation, and when the undo points' share of a storage is reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateConfig {
+    /// The storage undo backups are written to. No default: an operator chooses where the
+    /// way back of a change lives. Signed operations need it (`config check` fails
+    /// without it while a signers file is in place).
+    pub backup_storage: Option<String>,
+    /// How long a guest may take to reach the power state its operation asks for.
+    pub health_timeout_seconds: u64,
+    /// Above this share of a storage's size, summed over the undo points kept on it, the
+    /// report carries an error.
+    pub undo_warn_fraction: f64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            backup_storage: None,
+            health_timeout_seconds: 120,
+            undo_warn_fraction: 0.2,
+        }
+    }
 }
 
 /// `restore_tests` (besides `scratch_vmids`, kept on [`Config`]).

@@ -751,3 +751,35 @@ fn restore_tests_fields_load_from_the_file_and_are_checked() {
     let e = load(&body, &[]).unwrap_err();
     assert!(e.to_string().contains("a number from 0 to 1"), "{e}");
 }
+
+#[test]
+fn gate_fields_load_with_defaults_and_are_checked() {
+    let ok = base_json(r#""insecure": true"#);
+    let g = load(&ok, &[]).unwrap().config.gate;
+    assert_eq!(g, crate::config::GateConfig::default());
+    assert_eq!(g.backup_storage, None, "no default: the operator chooses");
+    assert_eq!(g.health_timeout_seconds, 120);
+    assert_eq!(g.undo_warn_fraction, 0.2);
+
+    let body = format!(
+        r#"{{"node": "pve1", "proxmox": {{"url": "https://127.0.0.1:8006", "token_id": "felhom@pve!agent", "token_secret": "{SECRET}", "tls": {{"insecure": true}}}}, "gate": {{"backup_storage": "backup-nfs", "health_timeout_seconds": 30, "undo_warn_fraction": 0.5}}}}"#
+    );
+    let g = load(&body, &[]).unwrap().config.gate;
+    assert_eq!(g.backup_storage.as_deref(), Some("backup-nfs"));
+    assert_eq!(g.health_timeout_seconds, 30);
+    assert_eq!(g.undo_warn_fraction, 0.5);
+
+    for (var, bad) in [
+        ("FELHOM_AGENT_GATE_BACKUP_STORAGE", "backup nfs"),
+        ("FELHOM_AGENT_GATE_BACKUP_STORAGE", "1backup"),
+        ("FELHOM_AGENT_GATE_HEALTH_TIMEOUT_SECONDS", "0"),
+        ("FELHOM_AGENT_GATE_UNDO_WARN_FRACTION", "1.5"),
+    ] {
+        let e = load(&ok, &[(var, bad)]).unwrap_err();
+        let field = var
+            .trim_start_matches("FELHOM_AGENT_")
+            .to_lowercase()
+            .replacen("gate_", "gate.", 1);
+        assert!(e.to_string().contains(&field), "{var}={bad}: {e}");
+    }
+}

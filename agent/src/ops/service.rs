@@ -611,6 +611,7 @@ impl Inner {
             intent_ms: None,
             finished_ms: None,
             spec: serde_json::to_value(&spec).unwrap_or(Value::Null),
+            gate: Value::Null,
         };
         let seq = self
             .journal
@@ -1102,6 +1103,7 @@ mod tests {
             intent_ms: Some(2_000),
             finished_ms: Some(3_000),
             spec: Value::Null,
+            gate: Value::Null,
         }
     }
 

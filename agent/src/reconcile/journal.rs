@@ -45,6 +45,8 @@ mod ops;
 pub use ops::{OpRecord, ResultRow};
 mod restore;
 pub use restore::RestoreRecord;
+mod undo;
+pub use undo::{UndoPoint, UndoPointError};
 pub mod desired;
 
 /// File name inside `state_dir`.
@@ -368,6 +370,8 @@ impl Journal {
             .map_err(|e| self.sql_err(e))?;
         c.db.execute_batch(restore::SCHEMA)
             .map_err(|e| self.sql_err(e))?;
+        c.db.execute_batch(undo::SCHEMA)
+            .map_err(|e| self.sql_err(e))?;
         desired::create_tables(&c.db).map_err(|e| self.sql_err(e))?;
         let version: Option<String> =
             c.db.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0))
@@ -426,6 +430,7 @@ impl Journal {
         drop(stmt);
         drop(c);
         self.check_ops()?;
+        self.check_undo()?;
         for source in [
             desired::DesiredSourceKind::File,
             desired::DesiredSourceKind::Hub,

@@ -467,6 +467,7 @@ pub fn write_agent_config(l: &Layout, a: &AgentInputs<'_>) -> Result<(), SceneEr
         "cloudflared": {"metrics_url": a.cloudflared_url, "timeout_seconds": 2},
         "reconcile": {"desired_file": l.desired, "shutdown_timeout_seconds": 5},
         "authz": {"signers_file": l.signers},
+        "gate": {"backup_storage": "nas-backup"},
         // no schedule: the devstack runs the one restore test it shows
         "restore_tests": {
             "enabled": false,

@@ -145,6 +145,7 @@ impl Stack {
                 "test_min_poll_interval_seconds": 1
             },
             "authz": { "signers_file": signers },
+            "gate": { "backup_storage": "nas-backup" },
             "privhelper": {
                 "socket_dir": run.join("privhelper"),
                 "audit_log": dir.path().join("audit.jsonl"),

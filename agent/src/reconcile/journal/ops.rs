@@ -79,6 +79,10 @@ pub struct OpRecord {
     pub finished_ms: Option<i64>,
     /// What the verified payload asks for, typed by the ops service.
     pub spec: serde_json::Value,
+    /// The reversibility gate's steps so far, typed by the gate; `null` for a kind the
+    /// gate does not cover and for records written before it existed.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub gate: serde_json::Value,
 }
 
 impl OpRecord {
@@ -324,6 +328,18 @@ impl Journal {
         change: impl FnOnce(&mut OpRecord),
         result: Option<ResultFor<'_>>,
     ) -> Result<(OpRecord, Option<u64>), JournalError> {
+        self.op_update_then(op_id, change, result, |_| Ok(()))
+    }
+
+    /// [`Journal::op_update`] plus `also` in the same transaction (the undo point a step
+    /// made, `journal/undo.rs`).
+    pub(super) fn op_update_then(
+        &self,
+        op_id: &str,
+        change: impl FnOnce(&mut OpRecord),
+        result: Option<ResultFor<'_>>,
+        also: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+    ) -> Result<(OpRecord, Option<u64>), JournalError> {
         if let Some(why) = self.safe_mode() {
             return Err(JournalError::SafeMode(why));
         }
@@ -342,6 +358,7 @@ impl Journal {
         change(&mut rec);
         let seq = self.write(|tx| {
             put_op(tx, &rec, received_seq)?;
+            also(tx)?;
             match result {
                 Some(make) => {
                     let r = &rec;
@@ -443,7 +460,8 @@ impl Journal {
         meta_u64(&c.db, "replay_floor").map_err(|e| self.sql_err(e))
     }
 
-    /// Prunes final records whose window plus `skew` ended before `now` (Unix seconds),
+    /// Prunes final records whose window plus `skew` ended before `now` (Unix seconds) and
+    /// that hold no kept undo point (an `undo` needs the record),
     /// raising the replay floor to the highest pruned `not_after`, and accepted results
     /// beyond the newest `keep_results`. Returns the records pruned.
     pub fn ops_prune(
@@ -457,13 +475,15 @@ impl Journal {
             let highest: Option<i64> = tx
                 .prepare_cached(
                     "SELECT MAX(not_after) FROM signed_ops
-                     WHERE state NOT IN ('held', 'running') AND not_after < ?1",
+                     WHERE state NOT IN ('held', 'running') AND not_after < ?1
+                       AND op_id NOT IN (SELECT op_id FROM undo_points WHERE status = 'kept')",
                 )?
                 .query_row(params![cutoff], |r| r.get(0))?;
             let n = tx
                 .prepare_cached(
                     "DELETE FROM signed_ops
-                     WHERE state NOT IN ('held', 'running') AND not_after < ?1",
+                     WHERE state NOT IN ('held', 'running') AND not_after < ?1
+                       AND op_id NOT IN (SELECT op_id FROM undo_points WHERE status = 'kept')",
                 )?
                 .execute(params![cutoff])?;
             if let Some(h) = highest {
@@ -488,10 +508,10 @@ impl Journal {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rec(op_id: &str, not_after: u64) -> OpRecord {
+    pub(in crate::reconcile::journal) fn rec(op_id: &str, not_after: u64) -> OpRecord {
         OpRecord {
             op_id: op_id.into(),
             payload_sha256: "ab".repeat(32),
@@ -510,6 +530,7 @@ mod tests {
             intent_ms: None,
             finished_ms: None,
             spec: serde_json::Value::Null,
+            gate: serde_json::Value::Null,
         }
     }
 
