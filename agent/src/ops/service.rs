@@ -67,6 +67,18 @@ pub enum OpsError {
     Journal(#[from] JournalError),
     #[error("journal worker stopped: {0}")]
     Blocking(String),
+    /// A local request (`ops undo`, `ops release`) that cannot be queued, and why.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// What the host's own operator asks for through the control socket (`felhom-agent ops
+/// undo` / `ops release`, root or the agent's user). Each runs as an operation of its own
+/// in the guest's lane, with the same journal and results as a signed one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalRequest {
+    Undo { op_id: String },
+    Release { op_id: String },
 }
 
 /// What [`OpsService::receive`] decided, for the log and tests.
@@ -326,6 +338,21 @@ impl OpsService {
     /// One operation and the results sent about it, oldest first.
     pub fn show(&self, op_id: &str) -> Result<Option<(OpRecord, Vec<Value>)>, OpsError> {
         show(&self.inner.journal, op_id)
+    }
+
+    /// Queues a local undo or release (`by`: who asked, e.g. `local:root`) and returns the
+    /// new operation's `op_id`; its decision follows like a signed operation's
+    /// ([`OpsService::show`]).
+    pub async fn submit_local(&self, req: LocalRequest, by: &str) -> Result<String, OpsError> {
+        let _ = (req, by);
+        Err(OpsError::Local(
+            "local undo and release are not carried out by this agent yet".into(),
+        ))
+    }
+
+    /// The undo points the gate made and still keeps, oldest first.
+    pub fn undo_points(&self) -> Result<Vec<crate::reconcile::journal::UndoPoint>, OpsError> {
+        Ok(self.inner.journal.undo_points_kept()?)
     }
 
     /// The hub accepted these results (by POST): not sent again, gone from the report.
