@@ -15,6 +15,7 @@ pub mod exec;
 pub mod identity;
 pub mod service;
 pub mod trust;
+pub mod undo_view;
 pub mod wire;
 
 pub use felhom_authz::AgentId;
