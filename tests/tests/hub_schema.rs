@@ -240,7 +240,7 @@ fn full_report() -> HostReport {
         component: Component::Ops,
         subject: Some("nas-backup".into()),
         kind: ErrorKind::UndoSpace,
-        message: "1 kept undo backup use 30.0% of storage nas-backup (3.0 GiB of 10.0 GiB), above gate.undo_warn_fraction 0.2".into(),
+        message: "1 kept undo backup uses 30.0% of storage nas-backup (3.0 GiB of 10.0 GiB), above gate.undo_warn_fraction 0.2".into(),
     });
     r
 }

@@ -74,11 +74,11 @@ impl UndoSpaceWarning {
     pub fn message(&self) -> String {
         let share = self.used_bytes as f64 / self.total_bytes as f64;
         format!(
-            "{} kept undo backup{} use {:.1}% of storage {} ({} of {}), above gate.undo_warn_fraction {}: \
+            "{} kept undo backup{} {:.1}% of storage {} ({} of {}), above gate.undo_warn_fraction {}: \
              release those no longer needed (felhom-agent ops list, ops release OP_ID, or a signed release_undo); \
              the agent never removes them on its own",
             self.backups,
-            if self.backups == 1 { "" } else { "s" },
+            if self.backups == 1 { " uses" } else { "s use" },
             share * 100.0,
             self.storage,
             human_bytes(self.used_bytes),
