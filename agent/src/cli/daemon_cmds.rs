@@ -661,3 +661,50 @@ pub fn restore_test_list(cli: &Cli, limit: u32) -> Result<(), CliError> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_undo_count_and_each_warning() {
+        let ops = json!({
+            "undo_points_kept": 2,
+            "undo_warnings": [{"storage": "nas", "message": "2 kept undo backups use 25.0% of storage nas"}],
+        });
+        assert_eq!(
+            render_undo_status(&ops),
+            "  undo points kept: 2 (felhom-agent ops list)\n  warning: 2 kept undo backups use 25.0% of storage nas\n"
+        );
+        let none = json!({"undo_points_kept": 0, "undo_warnings": []});
+        assert_eq!(render_undo_status(&none), "  undo points kept: 0\n");
+        let unread = json!({"undo_points_kept": 1, "undo_warnings": [],
+            "undo_warnings_error": "cannot read the storages' sizes: timeout"});
+        assert!(
+            render_undo_status(&unread).contains("undo points: cannot read the storages' sizes")
+        );
+        // no daemon: nothing about undo points
+        assert_eq!(render_undo_status(&json!({})), "");
+    }
+
+    #[test]
+    fn a_local_undo_says_its_decision_and_why() {
+        let v = json!({"op_id": "ab".repeat(16), "requested_by": "local:root", "state": "refused",
+            "final": true, "operation": {"reason": "not_reversible", "message": "its undo point was released"}});
+        let text = render_local(LocalOp::Undo, &"cd".repeat(16), &v);
+        assert_eq!(
+            text,
+            format!(
+                "undo of {}: refused (operation {}, requested by local:root)\nreason: not_reversible\nits undo point was released\n",
+                "cd".repeat(16),
+                "ab".repeat(16)
+            )
+        );
+        let pending = json!({"op_id": "ab".repeat(16), "requested_by": "local:felhom-agent",
+            "state": "running", "final": false, "operation": {}});
+        assert!(
+            render_local(LocalOp::Release, "x", &pending)
+                .starts_with("release of x: running, not decided yet")
+        );
+    }
+}
