@@ -537,6 +537,10 @@ fn render_local(what: LocalOp, target: &str, v: &Value) -> String {
     if let Some(m) = op["message"].as_str() {
         out.push_str(&format!("{m}\n"));
     }
+    if v["undo_point"].is_object() {
+        out.push_str("undo point:\n");
+        out.push_str(&crate::ops::undo_view::render_one(&v["undo_point"]));
+    }
     out
 }
 
@@ -706,5 +710,12 @@ mod tests {
             render_local(LocalOp::Release, "x", &pending)
                 .starts_with("release of x: running, not decided yet")
         );
+        let released = json!({"op_id": "ab".repeat(16), "requested_by": "local:root", "state": "applied",
+            "final": true, "operation": {}, "undo_point": {"op_id": "cd".repeat(16), "vmid": 101,
+            "kind": "snapshot", "ref": "felhom-undo-cdcdcdcdcdcd", "storage": null, "size_bytes": null,
+            "age_seconds": 90, "op_kind": "rollback", "status": "released", "released_by": "local:root"}});
+        let text = render_local(LocalOp::Release, &"cd".repeat(16), &released);
+        assert!(text.contains("undo point:\n  cdcd"), "{text}");
+        assert!(text.contains("released by local:root"), "{text}");
     }
 }

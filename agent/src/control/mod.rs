@@ -511,9 +511,9 @@ impl DaemonHandler {
         };
         // Subscribed before submitting, so a decision that comes at once is not missed.
         let mut changes = svc.changes();
-        let what = match &req {
-            crate::ops::service::LocalRequest::Undo { .. } => "undo",
-            crate::ops::service::LocalRequest::Release { .. } => "release",
+        let (what, target) = match &req {
+            crate::ops::service::LocalRequest::Undo { op_id } => ("undo", op_id.clone()),
+            crate::ops::service::LocalRequest::Release { op_id } => ("release", op_id.clone()),
         };
         let op_id = match svc.submit_local(req, &by).await {
             Ok(id) => id,
@@ -523,11 +523,19 @@ impl DaemonHandler {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_LOCAL_WAIT);
         loop {
             let j = svc.journal().clone();
-            let id = op_id.clone();
-            let shown =
-                tokio::task::spawn_blocking(move || crate::ops::service::show_json(&j, &id)).await;
-            let v = match shown {
-                Ok(Ok(v)) => v,
+            let (id, undone) = (op_id.clone(), target.clone());
+            let shown = tokio::task::spawn_blocking(move || {
+                let v = crate::ops::service::show_json(&j, &id)?;
+                let point = crate::ops::undo_view::show_json(
+                    &j,
+                    &undone,
+                    crate::reconcile::journal::now_ms(),
+                )?;
+                Ok::<_, crate::ops::service::OpsError>((v, point))
+            })
+            .await;
+            let (v, point) = match shown {
+                Ok(Ok(x)) => x,
                 Ok(Err(e)) => return problem(e),
                 Err(e) => return problem(e),
             };
@@ -545,12 +553,17 @@ impl DaemonHandler {
                     "state": state,
                     "final": done,
                     "operation": v,
+                    "undone_op_id": target,
+                    "undo_point": point,
                 }));
             }
             // The service's change counter moves with every decision; the bounded step is
             // only a backstop for a change it does not count.
             let step = (deadline - now).min(Duration::from_secs(2));
-            let _ = tokio::time::timeout(step, changes.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout(step, changes.changed()).await {
+                // The service is gone (shutting down): no more changes will be counted.
+                tokio::time::sleep(step).await;
+            }
         }
     }
 }
