@@ -1046,6 +1046,7 @@ fn put_lxc_config(
     }
     work.touch();
     *g = work;
+    st.config_changed(vmid);
     data(Value::Null)
 }
 
@@ -1276,6 +1277,7 @@ fn qemu_config(
         let mut work = g.clone();
         qemu_apply(&mut work, &params, &delete, &revert, &mut rng).map_err(ApiError::die)?;
         *g = work;
+        st.config_changed(vmid);
         return data(Value::Null);
     }
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
@@ -1285,6 +1287,7 @@ fn qemu_config(
         let mut work = g.clone();
         qemu_apply(&mut work, &params, &delete, &revert, &mut rng)?;
         *g = work;
+        st.config_changed(vmid);
         Ok(vec![])
     });
     spawn(
@@ -1297,6 +1300,7 @@ fn qemu_config(
             log: vec![],
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
@@ -1308,6 +1312,44 @@ struct NewTask {
     log: Vec<String>,
     finish: state::FinishFn,
     cleanup: state::CleanupFn,
+    /// What a task fault leaves (`None`: what `cleanup` leaves, i.e. nothing changed).
+    partial: Option<state::PartialFn>,
+}
+
+/// The exit status of a task failed by a task fault that gave no message.
+fn default_fault_message(wtype: &str) -> String {
+    format!("{wtype} failed midway (pvesim task fault)")
+}
+
+/// Splits a task's work for a fault that strikes at its very end: the finish, and a
+/// partial that does the whole work, then `after`, and then fails (a real error of the
+/// work wins over the fault's message).
+fn finish_then_fail(
+    work: state::FinishFn,
+    after: impl FnOnce(&mut SimState) + Send + 'static,
+) -> (state::FinishFn, state::PartialFn) {
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
+    let s2 = shared.clone();
+    let take = |s: &std::sync::Mutex<Option<state::FinishFn>>| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).take()
+    };
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| match take(&shared) {
+        Some(w) => w(st),
+        None => Err("task work already done".into()),
+    });
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        let Some(w) = take(&s2) else {
+            return msg.into();
+        };
+        match w(st) {
+            Err(e) => e,
+            Ok(lines) => {
+                after(st);
+                state::TaskErr { lines, msg }
+            }
+        }
+    });
+    (finish, partial)
 }
 
 /// Starts the task and answers with its UPID, as PVE answers every async call.
@@ -1332,6 +1374,13 @@ fn spawn_timed(
     if injected_failure.is_some() {
         ctx.task_fail_used = true;
     }
+    let midway = match injected_failure {
+        Some(_) => None,
+        None => st
+            .task_faults
+            .take(t.wtype, &t.id)
+            .map(|m| m.unwrap_or_else(|| default_fault_message(t.wtype))),
+    };
     let upid = st.start_task(
         t.wtype,
         &t.id,
@@ -1341,6 +1390,8 @@ fn spawn_timed(
             finish: t.finish,
             cleanup: t.cleanup,
             injected_failure,
+            midway,
+            partial: t.partial,
         },
         extra,
     );
@@ -1448,6 +1499,7 @@ fn guest_action(
                 log,
                 finish,
                 cleanup: Box::new(|_| {}),
+                partial: None,
             },
         );
     }
@@ -1512,6 +1564,7 @@ fn guest_action(
             log,
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
@@ -1587,12 +1640,16 @@ fn guest_reboot(
             log: Vec::new(),
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
 
 // ---------------------------------------------------------------- snapshots
 
+/// `has_feature('snapshot')` over every volume of the config: each must sit on a
+/// storage that can snapshot it in its format (section 11 of the API notes); a bind or
+/// device mount point (a host path, not a volume) has no such feature at all.
 fn snapshot_feature_ok(st: &SimState, g: &Guest) -> bool {
     g.conf
         .iter()
@@ -1600,8 +1657,28 @@ fn snapshot_feature_ok(st: &SimState, g: &Guest) -> bool {
         .all(|(_, v)| {
             guest::volume_of(v)
                 .and_then(schema::parse_volume_id)
-                .and_then(|(sid, _)| st.storage(sid))
-                .is_some_and(|s| s.supports_snapshots())
+                .and_then(|(sid, name)| st.storage(sid).map(|s| (s, name)))
+                .is_some_and(|(s, name)| storage::volume_can_snapshot(s.stype, name))
+        })
+}
+
+/// ZFS's rule, checked for each volume of the snapshot before a rollback changes
+/// anything: only the most recent snapshot of a dataset can be rolled back to. The
+/// error names the first volume (rootfs first) that has a newer snapshot.
+fn zfs_rollback_blocker(st: &SimState, g: &Guest, name: &str) -> Option<String> {
+    let target = g.snapshots.get(name)?;
+    let newer = g
+        .snapshots
+        .iter()
+        .any(|(n, s)| n != name && s.order > target.order);
+    if !newer {
+        return None;
+    }
+    guest::config_disks(g.kind, &target.conf)
+        .into_iter()
+        .find(|(_, sid, _, _)| st.storage(sid).is_some_and(|s| s.stype == "zfspool"))
+        .map(|(_, sid, vol, _)| {
+            format!("can't rollback, '{name}' is not most recent snapshot on '{sid}:{vol}'")
         })
 }
 
@@ -1657,12 +1734,14 @@ fn snapshot_create(
                 description: description.clone(),
                 snapstate: Some("prepare"),
                 vmstate: vmstate && g.running,
+                order: guest::next_snapshot_order(),
             },
         );
         g.touch();
         Ok(())
     })();
     let n2 = name.clone();
+    let prepared2 = prepared.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
         prepared?;
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
@@ -1688,6 +1767,27 @@ fn snapshot_create(
             g.touch();
         }
     });
+    // A task fault: a volume snapshot failed and PVE's cleanup could not remove the
+    // half-made snapshot, which stays in state `prepare` (delete it with `force=1`).
+    let n4 = name.clone();
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        if let Err(e) = prepared2 {
+            return e.into();
+        }
+        if let Some(g) = st.guests.get_mut(&vmid) {
+            if g.lock() == Some("snapshot") {
+                g.conf.remove("lock");
+            }
+            g.touch();
+        }
+        state::TaskErr {
+            lines: vec![
+                "snapshot create failed: starting cleanup".into(),
+                format!("unable to remove the partial snapshot '{n4}'"),
+            ],
+            msg,
+        }
+    });
     let wtype = if kind == Kind::Lxc {
         "vzsnapshot"
     } else {
@@ -1703,6 +1803,7 @@ fn snapshot_create(
             log: vec![],
             finish,
             cleanup,
+            partial: Some(partial),
         },
     )
 }
@@ -1717,7 +1818,8 @@ fn snapshot_delete(
     validate(&[NODE, VMID, SNAPNAME, opt("force", Ty::Bool)], &params)?;
     let vmid = vmid_of(&params);
     let name = params["snapname"].clone();
-    let prepared: Result<(), String> = (|| {
+    let force = flag(&params, "force");
+    let prepared: Result<Option<String>, String> = (|| {
         let g = load_task(st, kind, vmid)?;
         if !g.snapshots.contains_key(&name) {
             return Err(format!("snapshot '{name}' does not exist"));
@@ -1726,17 +1828,37 @@ fn snapshot_delete(
         if g.is_template() {
             return Err("you can't delete a snapshot if vm is a template".into());
         }
+        // A snapshot a failed task left in `prepare` has no volume snapshots to remove:
+        // without `force`, removing the first one fails (the task dies there, leaving
+        // the lock and `snapstate: delete`, as PVE's does).
+        let missing = g
+            .snapshots
+            .get(&name)
+            .filter(|s| s.snapstate == Some("prepare"))
+            .and_then(|s| guest::config_disks(kind, &s.conf).into_iter().next())
+            .map(|(_, sid, vol, _)| {
+                match st.storage(&sid).map(|s| s.stype) {
+                    Some("zfspool") => {
+                        "zfs error: could not find any snapshots to destroy; check snapshot names."
+                            .to_owned()
+                    }
+                    _ => format!("snapshot '{name}' of volume '{sid}:{vol}' does not exist"),
+                }
+            })
+            .filter(|_| !force);
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
         g.conf.insert("lock".into(), "snapshot-delete".into());
         if let Some(s) = g.snapshots.get_mut(&name) {
             s.snapstate = Some("delete");
         }
         g.touch();
-        Ok(())
+        Ok(missing)
     })();
     let n2 = name.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
-        prepared?;
+        if let Some(e) = prepared? {
+            return Err(e.into());
+        }
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
         let removed = g.snapshots.remove(&n2);
         let new_parent = removed.and_then(|s| s.conf.get("parent").cloned());
@@ -1787,6 +1909,7 @@ fn snapshot_delete(
             log: vec![],
             finish,
             cleanup,
+            partial: None,
         },
     )
 }
@@ -1811,6 +1934,9 @@ fn snapshot_rollback(
             .snapshots
             .get(&name)
             .ok_or_else(|| format!("snapshot '{name}' does not exist"))?;
+        if let Some(e) = zfs_rollback_blocker(st, g, &name) {
+            return Err(e);
+        }
         if let Some(state) = s.snapstate {
             return Err(format!(
                 "unable to rollback to incomplete snapshot (snapstate = {state})"
@@ -1823,6 +1949,7 @@ fn snapshot_rollback(
         Ok(())
     })();
     let n2 = name.clone();
+    let prepared2 = prepared.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
         prepared?;
         st.set_running(vmid, false);
@@ -1861,6 +1988,19 @@ fn snapshot_rollback(
             g.touch();
         }
     });
+    // A task fault: the rollback fails before it changes anything (the lock is lifted).
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.lock() == Some("rollback")
+        {
+            g.conf.remove("lock");
+            g.touch();
+        }
+        match prepared2 {
+            Err(e) => e.into(),
+            Ok(()) => msg.into(),
+        }
+    });
     let wtype = if kind == Kind::Lxc {
         "vzrollback"
     } else {
@@ -1876,6 +2016,7 @@ fn snapshot_rollback(
             log: vec![],
             finish,
             cleanup,
+            partial: Some(partial),
         },
     )
 }
@@ -2342,6 +2483,7 @@ fn vzdump(
             log,
             finish,
             cleanup,
+            partial: None,
         },
     )
 }
@@ -2548,12 +2690,28 @@ fn lxc_create(
     let extra = plan.as_ref().map(|p| p.duration).unwrap_or_default();
     let plan_for_cleanup = plan.clone();
     let existed_for_cleanup = existed.clone();
-    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
-        let fail = |st: &mut SimState, msg: String| -> Result<Vec<String>, state::TaskErr> {
+    let work: state::FinishFn = Box::new(move |st: &mut SimState| {
+        // pve-container's error path: before the disks are made, only the `create` lock
+        // goes; from then on the new disks are freed and the config is destroyed, even
+        // over an existing container (whose old volumes were already freed when the
+        // failure came after the new disks were made).
+        let fail = |st: &mut SimState,
+                    stage: Stage,
+                    msg: String|
+         -> Result<Vec<String>, state::TaskErr> {
             if let Some(p) = &plan {
                 free_plan(st, p);
             }
-            undo_create(st, vmid, existed.as_ref());
+            match (stage, &existed) {
+                (Stage::Early, _) | (_, None) => undo_create(st, vmid, existed.as_ref()),
+                (Stage::Disks, Some(_)) => {
+                    st.guests.remove(&vmid);
+                }
+                (Stage::Extract, Some(old)) => {
+                    st.free_disks(Kind::Lxc, &old.conf);
+                    st.guests.remove(&vmid);
+                }
+            }
             Err(format!("{emsg} {vmid} - {msg}").into())
         };
         let (sid, _) = schema::parse_volume_id(&ostemplate).unwrap_or(("", ""));
@@ -2562,14 +2720,23 @@ fn lxc_create(
             .and_then(|s| s.volumes.iter().find(|v| v.volid == ostemplate))
             .cloned();
         let Some(vol) = vol else {
-            return fail(st, format!("volume '{ostemplate}' does not exist"));
+            return fail(
+                st,
+                Stage::Early,
+                format!("volume '{ostemplate}' does not exist"),
+            );
         };
         if let Some(p) = &plan
             && let Some((lines, msg)) = plan_failure(Kind::Lxc, vmid, st, p)
         {
             let mut lines = lines;
             lines.insert(0, format!("extracting archive '{ostemplate}'"));
-            return fail(st, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
+            let stage = if p.bad_target.is_some() || p.no_space.is_some() {
+                Stage::Disks
+            } else {
+                Stage::Extract
+            };
+            return fail(st, stage, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
         }
         // Bind and device mount points come back only for root@pam (never a token).
         if restore
@@ -2586,6 +2753,7 @@ fn lxc_create(
             };
             return fail(
                 st,
+                Stage::Extract,
                 format!("restoring '{k}' to {ty} mount is only possible for root"),
             );
         }
@@ -2601,6 +2769,7 @@ fn lxc_create(
             else {
                 return fail(
                     st,
+                    Stage::Early,
                     format!("unable to read config from archive '{ostemplate}'"),
                 );
             };
@@ -2727,6 +2896,13 @@ fn lxc_create(
         }
         Ok(lines)
     });
+    // A task fault strikes after the restore is done (as a failed start after it): the
+    // old volumes are freed, the new config is written, the guest stays stopped.
+    let (finish, partial) = finish_then_fail(work, move |st: &mut SimState| {
+        if st.guests.get(&vmid).is_some_and(|g| g.running) {
+            st.set_running(vmid, false);
+        }
+    });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         if let Some(p) = &plan_for_cleanup {
             free_plan(st, p);
@@ -2743,9 +2919,21 @@ fn lxc_create(
             log,
             finish,
             cleanup,
+            partial: Some(partial),
         },
         extra,
     )
+}
+
+/// Where a container restore failed (its error path depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before the new disks were made: nothing but the lock changed.
+    Early,
+    /// Making the new disks.
+    Disks,
+    /// After the old volumes were freed (extracting, merging the config).
+    Extract,
 }
 
 /// After a restore over an existing guest: its old disks are freed, except those the
@@ -2903,7 +3091,7 @@ fn qemu_create(
         }
     }
     let plan_for_cleanup = plan.clone();
-    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+    let work: state::FinishFn = Box::new(move |st: &mut SimState| {
         let not_cleaned = format!(
             "error before or during data restore, some or all disks were not completely restored. VM {vmid} state is NOT cleaned up."
         );
@@ -3016,6 +3204,13 @@ fn qemu_create(
         }
         Ok(lines)
     });
+    // A task fault strikes after the restore is done (as a failed autostart): the old
+    // disks and snapshots are gone, the new config is written, the VM stays stopped.
+    let (finish, partial) = finish_then_fail(work, move |st: &mut SimState| {
+        if st.guests.get(&vmid).is_some_and(|g| g.running) {
+            st.set_running(vmid, false);
+        }
+    });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         free_plan(st, &plan_for_cleanup);
         if let Some(g) = st.guests.get_mut(&vmid)
@@ -3035,6 +3230,7 @@ fn qemu_create(
             log,
             finish,
             cleanup,
+            partial: Some(partial),
         },
         extra,
     )
@@ -3188,6 +3384,7 @@ fn guest_destroy(
             log: Vec::new(),
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }

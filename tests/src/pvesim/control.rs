@@ -311,6 +311,7 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
         "start_fails": g.start_fails,
         "agent_fails": g.agent_fails,
         "stops_after_seconds": g.stops_after_seconds,
+        "stops_after_config_change": g.stops_after_config_change,
         "config": g.config_json(false),
         "current_config": g.config_json(true),
         "pending": g.pending,
@@ -362,6 +363,8 @@ pub struct GuestPatch {
     /// guest's countdown starts now).
     #[serde(default, deserialize_with = "seconds_option")]
     pub stops_after_seconds: Option<Option<f64>>,
+    /// Its next config change stops it if it runs (a change that breaks the guest).
+    pub stops_after_config_change: Option<bool>,
     pub config: Option<BTreeMap<String, Option<String>>>,
     /// Another cluster node: the guest moves there (as after a migration done
     /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
@@ -452,6 +455,9 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     if let Some(f) = p.agent_fails {
         g.agent_fails = f;
     }
+    if let Some(f) = p.stops_after_config_change {
+        g.stops_after_config_change = f;
+    }
     if let Some(s) = p.stops_after_seconds {
         g.stops_after_seconds = s;
         g.stops_at = s
@@ -492,6 +498,7 @@ fn move_to_other_node(
         || p.start_fails.is_some()
         || p.agent_fails.is_some()
         || p.stops_after_seconds.is_some()
+        || p.stops_after_config_change.is_some()
         || p.config.is_some();
     if others {
         return Err("\"node\" cannot be combined with other changes".into());

@@ -71,10 +71,91 @@ pub struct BackupConf {
     pub raw_lxc: Vec<(String, String)>,
 }
 
+/// The storage types the simulator knows (PVE's plugin names), as `&'static str`.
+pub const TYPES: &[&str] = &[
+    "dir",
+    "nfs",
+    "cifs",
+    "glusterfs",
+    "btrfs",
+    "lvm",
+    "lvmthin",
+    "zfspool",
+    "zfs",
+    "rbd",
+    "cephfs",
+    "iscsi",
+    "pbs",
+];
+
+/// The content types a storage can hold.
+pub const CONTENTS: &[&str] = &[
+    "rootdir", "images", "backup", "vztmpl", "iso", "snippets", "import",
+];
+
+/// A storage type's static name, or `None` when the simulator does not know it.
+pub fn known_type(t: &str) -> Option<&'static str> {
+    TYPES.iter().copied().find(|k| *k == t)
+}
+
+/// A content type's static name, or `None` when unknown.
+pub fn known_content(c: &str) -> Option<&'static str> {
+    CONTENTS.iter().copied().find(|k| *k == c)
+}
+
+/// Whether a storage of this type keeps guest images as files in a directory tree
+/// (where the image format follows the file name).
+pub fn is_file_based(stype: &str) -> bool {
+    matches!(stype, "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" | "cephfs")
+}
+
+/// The format of guest volume `volname` on a storage of type `stype`: on file-based
+/// storages it follows the name (`101/vm-101-disk-0.qcow2` → `qcow2`, `subvol-…` →
+/// `subvol`), elsewhere it is `raw` (`subvol` for ZFS datasets of containers).
+pub fn volume_format(stype: &str, volname: &str) -> &'static str {
+    let file = volname.rsplit('/').next().unwrap_or(volname);
+    if file.starts_with("subvol-") || file.starts_with("basevol-") {
+        return "subvol";
+    }
+    if is_file_based(stype) {
+        for f in ["qcow2", "vmdk", "raw"] {
+            if file.ends_with(&format!(".{f}")) {
+                return f;
+            }
+        }
+    }
+    "raw"
+}
+
+/// pve-storage's `volume_has_feature(snapshot)`: ZFS, LVM-thin, Ceph RBD and btrfs can
+/// snapshot any volume; directory-like storages only qcow2 images (so never a
+/// container's raw image or subvolume); thick LVM, iSCSI, PBS and the rest cannot.
+pub fn volume_can_snapshot(stype: &str, volname: &str) -> bool {
+    match stype {
+        "zfspool" | "zfs" | "lvmthin" | "rbd" | "btrfs" => true,
+        "dir" | "nfs" | "cifs" | "glusterfs" | "cephfs" => {
+            volume_format(stype, volname) == "qcow2"
+        }
+        _ => false,
+    }
+}
+
 impl Storage {
-    /// Whether volumes here can be snapshotted (LVM-thin, ZFS, Ceph, btrfs).
-    pub fn supports_snapshots(&self) -> bool {
-        matches!(self.stype, "lvmthin" | "zfspool" | "rbd" | "btrfs")
+    /// A new empty, active storage of `stype` holding `content`.
+    pub fn new(id: &str, stype: &'static str, content: Vec<&'static str>, total: u64) -> Storage {
+        Storage {
+            id: id.to_owned(),
+            stype,
+            content,
+            path: is_file_based(stype).then(|| format!("/mnt/pve/{id}")),
+            shared: matches!(stype, "nfs" | "cifs" | "glusterfs" | "rbd" | "cephfs" | "pbs"),
+            active: true,
+            enabled: true,
+            total,
+            used: 0,
+            volumes: Vec::new(),
+            allocated: std::collections::BTreeMap::new(),
+        }
     }
 
     pub fn has_content(&self, c: &str) -> bool {
