@@ -159,6 +159,9 @@ pub fn dispatch(
             if s.len() >= 4 && s[2] == "storage" {
                 params.insert("storage".to_owned(), s[3].to_owned());
             }
+            if s.len() >= 6 && s[2] == "storage" && s[4] == "content" {
+                params.insert("volume".to_owned(), s[5].to_owned());
+            }
             if s.len() >= 4 && s[2] == "tasks" {
                 params.insert("upid".to_owned(), s[3].to_owned());
             }
@@ -248,6 +251,8 @@ pub fn dispatch(
         Route::QemuAgentPing => qemu_agent_ping(st, &params),
         Route::StorageList => get_storage_list(st, caller, &params),
         Route::StorageContent => get_storage_content(st, caller, &params),
+        Route::StorageVolumeUpdate => update_volume(st, caller, &params),
+        Route::StorageVolumeDelete => delete_volume(st, caller, &params, ctx),
         Route::Vzdump => vzdump(st, caller, params, ctx),
         Route::TaskList => get_task_list(st, caller, &params),
         Route::TaskStatus => get_task_status(st, caller, &params),
@@ -288,6 +293,8 @@ enum Route {
     QemuAgentPing,
     StorageList,
     StorageContent,
+    StorageVolumeUpdate,
+    StorageVolumeDelete,
     Vzdump,
     TaskList,
     TaskStatus,
@@ -330,6 +337,8 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         }
         ("GET", ["nodes", _, "storage"]) => Route::StorageList,
         ("GET", ["nodes", _, "storage", _, "content"]) => Route::StorageContent,
+        ("PUT", ["nodes", _, "storage", _, "content", _]) => Route::StorageVolumeUpdate,
+        ("DELETE", ["nodes", _, "storage", _, "content", _]) => Route::StorageVolumeDelete,
         ("POST", ["nodes", _, "vzdump"]) => Route::Vzdump,
         ("GET", ["nodes", _, "tasks"]) => Route::TaskList,
         ("GET", ["nodes", _, "tasks", _, "status"]) => Route::TaskStatus,
@@ -1836,14 +1845,12 @@ fn snapshot_delete(
             .get(&name)
             .filter(|s| s.snapstate == Some("prepare"))
             .and_then(|s| guest::config_disks(kind, &s.conf).into_iter().next())
-            .map(|(_, sid, vol, _)| {
-                match st.storage(&sid).map(|s| s.stype) {
-                    Some("zfspool") => {
-                        "zfs error: could not find any snapshots to destroy; check snapshot names."
-                            .to_owned()
-                    }
-                    _ => format!("snapshot '{name}' of volume '{sid}:{vol}' does not exist"),
+            .map(|(_, sid, vol, _)| match st.storage(&sid).map(|s| s.stype) {
+                Some("zfspool") => {
+                    "zfs error: could not find any snapshots to destroy; check snapshot names."
+                        .to_owned()
                 }
+                _ => format!("snapshot '{name}' of volume '{sid}:{vol}' does not exist"),
             })
             .filter(|_| !force);
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
@@ -2145,6 +2152,150 @@ fn get_storage_content(
     data(Value::Array(items))
 }
 
+/// pve-storage's `real_volume_id`: a full volid must name the path's storage; a bare
+/// volume name is taken on it.
+fn real_volume_id(sid: &str, volume: &str) -> Result<String, ApiError> {
+    match schema::parse_volume_id(volume) {
+        Some((vsid, _)) if vsid != sid => Err(ApiError::die(format!(
+            "storage ID mismatch ({vsid} != {sid})"
+        ))),
+        Some(_) => Ok(volume.to_owned()),
+        None => Ok(format!("{sid}:{volume}")),
+    }
+}
+
+/// How many protected backups per guest a caller without `Datastore.Allocate` on the
+/// storage may keep there (pve-storage's default `max-protected-backups`).
+const MAX_PROTECTED_BACKUPS: usize = 5;
+
+/// `PUT /nodes/{node}/storage/{storage}/content/{volume}` (synchronous): `notes` and
+/// `protected` of a backup, after pve-storage's `check_volume_access`.
+fn update_volume(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            req("volume", Ty::str()),
+            opt("notes", Ty::str()),
+            opt("protected", Ty::Bool),
+        ],
+        params,
+    )?;
+    let sid = params.get("storage").cloned().unwrap_or_default();
+    let volid = real_volume_id(&sid, &params["volume"])?;
+    check_volume_access(st, caller, None, &volid, None)?;
+    let s = st
+        .storage(&sid)
+        .ok_or_else(|| ApiError::die(format!("storage '{sid}' does not exist")))?;
+    let vol = s
+        .volumes
+        .iter()
+        .find(|v| v.volid == volid)
+        .ok_or_else(|| ApiError::die(format!("volume '{volid}' does not exist")))?;
+    if flag(params, "protected")
+        && !vol.protected
+        && vol.content == "backup"
+        && !caller.has(&format!("/storage/{sid}"), "Datastore.Allocate")
+    {
+        let count = s
+            .volumes
+            .iter()
+            .filter(|v| v.protected && v.vmid == vol.vmid && v.subtype == vol.subtype)
+            .count();
+        if count >= MAX_PROTECTED_BACKUPS {
+            return Err(ApiError::die(format!(
+                "The number of protected backups per guest is limited to {MAX_PROTECTED_BACKUPS} on storage '{sid}'"
+            )));
+        }
+    }
+    let vol = st
+        .storage_mut(&sid)
+        .and_then(|s| s.volumes.iter_mut().find(|v| v.volid == volid))
+        .ok_or_else(|| ApiError::die("vanished"))?;
+    if let Some(p) = params.get("protected") {
+        vol.protected = p == "1";
+    }
+    if let Some(n) = params.get("notes") {
+        vol.notes = (!n.is_empty()).then(|| n.clone());
+    }
+    data(Value::Null)
+}
+
+/// `DELETE /nodes/{node}/storage/{storage}/content/{volume}`: permission checked at
+/// once (a backup: `Datastore.AllocateSpace` plus `VM.Backup` on its guest; anything
+/// else `Datastore.Allocate`), then an `imgdel` task frees it; a protected volume makes
+/// the task fail (`free_image`'s refusal) and stays.
+fn delete_volume(
+    st: &mut SimState,
+    caller: &Caller,
+    params: &Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            req("volume", Ty::str()),
+            opt("delay", Ty::int(1, 30)),
+        ],
+        params,
+    )?;
+    let sid = params.get("storage").cloned().unwrap_or_default();
+    let volid = real_volume_id(&sid, &params["volume"])?;
+    let Some((_, volname)) = schema::parse_volume_id(&volid) else {
+        return Err(ApiError::die(format!(
+            "unable to parse volume ID '{volid}'"
+        )));
+    };
+    let volname = volname.to_owned();
+    if st.storage(&sid).is_none() {
+        return Err(ApiError::die(format!("storage '{sid}' does not exist")));
+    }
+    let owner = parse_backup_name(&volname).map(|(_, o)| o);
+    let spath = format!("/storage/{sid}");
+    match owner {
+        Some(o) => {
+            caller.check(&spath, &["Datastore.AllocateSpace"])?;
+            caller.check(&format!("/vms/{o}"), &["VM.Backup"])?;
+        }
+        None => caller.check(&spath, &["Datastore.Allocate"])?,
+    }
+    let v2 = volid.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let s = st
+            .storage_mut(&sid)
+            .ok_or_else(|| format!("storage '{sid}' does not exist"))?;
+        if let Some(i) = s.volumes.iter().position(|v| v.volid == v2) {
+            if s.volumes[i].protected {
+                return Err(
+                    format!("cannot remove protected volume '{volname}' on '{sid}'").into(),
+                );
+            }
+            s.volumes.remove(i);
+        } else if s.allocated.remove(&volname).is_none() {
+            return Err(format!("volume '{v2}' does not exist").into());
+        }
+        Ok(vec![format!("Removed volume '{v2}'")])
+    });
+    let id = match owner {
+        Some(o) => format!("{o}@{}", params.get("storage").cloned().unwrap_or_default()),
+        None => params.get("storage").cloned().unwrap_or_default(),
+    };
+    spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype: "imgdel",
+            id,
+            log: Vec::new(),
+            finish,
+            cleanup: Box::new(|_| {}),
+            partial: None,
+        },
+    )
+}
+
 // ---------------------------------------------------------------- vzdump
 
 fn vzdump(
@@ -2311,6 +2462,15 @@ fn vzdump(
         .unwrap_or_else(|| "0".into());
     let notes_template = params.get("notes-template").cloned();
     let protected = flag(&params, "protected");
+    // Writing the archives takes their size / `backup_bytes_per_second`.
+    let bytes: u64 = local
+        .iter()
+        .filter_map(|v| st.guests.get(v))
+        .map(|g| state::backup_volume(&storage, false, g, 0, "0", None, false).size)
+        .sum();
+    let extra = std::time::Duration::from_secs_f64(
+        bytes as f64 / st.settings.backup_bytes_per_second.max(1.0),
+    );
     let mut cmdline = format!(
         "vzdump {}",
         local
@@ -2437,6 +2597,19 @@ fn vzdump(
                 .split_once(":backup/")
                 .map(|x| x.1.to_owned())
                 .unwrap_or_default();
+            // A full backup storage: the archive tool hits ENOSPC, vzdump removes the
+            // partial file, the guest is unlocked and the job ends with errors.
+            if st.storage(&storage).is_some_and(|s| s.avail() < vol.size) {
+                lines.extend(backup_no_space(st, &storage, g.kind, *v, &file));
+                errors += 1;
+                if let Some(gm) = st.guests.get_mut(v)
+                    && gm.lock() == Some("backup")
+                {
+                    gm.conf.remove("lock");
+                    gm.touch();
+                }
+                continue;
+            }
             if let Some(s) = st.storage_mut(&storage) {
                 lines.push(if s.is_pbs() {
                     format!("INFO: creating Proxmox Backup Server archive '{file}'")
@@ -2473,7 +2646,7 @@ fn vzdump(
             }
         }
     });
-    spawn(
+    spawn_timed(
         st,
         ctx,
         caller,
@@ -2485,7 +2658,39 @@ fn vzdump(
             cleanup,
             partial: None,
         },
+        extra,
     )
+}
+
+/// The log of a backup that ran out of space on `storage` (modelled on vzdump's
+/// forms: tar's or vma's ENOSPC on a file storage, the PBS client's upload error).
+fn backup_no_space(st: &SimState, storage: &str, kind: Kind, vmid: u32, file: &str) -> Vec<String> {
+    let Some(s) = st.storage(storage) else {
+        return Vec::new();
+    };
+    if s.is_pbs() {
+        return vec![
+            format!("INFO: creating Proxmox Backup Server archive '{file}'"),
+            format!(
+                "ERROR: Backup of VM {vmid} failed - backup write data failed: command error: write_data upload error: pipelined request failed: No space left on device (os error 28)"
+            ),
+        ];
+    }
+    let path = s.dump_path(file);
+    let mut lines = vec![format!("INFO: creating vzdump archive '{path}'")];
+    match kind {
+        Kind::Lxc => {
+            lines.push("INFO: tar: -: Cannot write: No space left on device".into());
+            lines.push("INFO: tar: Error is not recoverable: exiting now".into());
+            lines.push(format!(
+                "ERROR: Backup of VM {vmid} failed - command 'set -o pipefail && lxc-usernsexec -m u:0:100000:65536 -m g:0:100000:65536 -- tar cpf - --totals --one-file-system -p --sparse --numeric-owner --acls --xattrs '--xattrs-include=user.*' '--xattrs-include=security.capability' '--warning=no-file-ignored' '--warning=no-xattr-write' --one-file-system '--warning=no-file-ignored' '--directory=/var/tmp/vzdumptmp{vmid}' ./etc/vzdump/pct.conf '--directory=/mnt/vzsnap0' --no-anchored '--exclude=lost+found' --anchored '--exclude=./tmp/?*' '--exclude=./var/tmp/?*' '--exclude=./var/run/?*.pid' ./ >{path}.dat' failed: exit code 2"
+            ));
+        }
+        Kind::Qemu => lines.push(format!(
+            "ERROR: Backup of VM {vmid} failed - job failed with err -28 - No space left on device"
+        )),
+    }
+    lines
 }
 
 // ---------------------------------------------------------------- create / restore
@@ -2695,25 +2900,23 @@ fn lxc_create(
         // goes; from then on the new disks are freed and the config is destroyed, even
         // over an existing container (whose old volumes were already freed when the
         // failure came after the new disks were made).
-        let fail = |st: &mut SimState,
-                    stage: Stage,
-                    msg: String|
-         -> Result<Vec<String>, state::TaskErr> {
-            if let Some(p) = &plan {
-                free_plan(st, p);
-            }
-            match (stage, &existed) {
-                (Stage::Early, _) | (_, None) => undo_create(st, vmid, existed.as_ref()),
-                (Stage::Disks, Some(_)) => {
-                    st.guests.remove(&vmid);
+        let fail =
+            |st: &mut SimState, stage: Stage, msg: String| -> Result<Vec<String>, state::TaskErr> {
+                if let Some(p) = &plan {
+                    free_plan(st, p);
                 }
-                (Stage::Extract, Some(old)) => {
-                    st.free_disks(Kind::Lxc, &old.conf);
-                    st.guests.remove(&vmid);
+                match (stage, &existed) {
+                    (Stage::Early, _) | (_, None) => undo_create(st, vmid, existed.as_ref()),
+                    (Stage::Disks, Some(_)) => {
+                        st.guests.remove(&vmid);
+                    }
+                    (Stage::Extract, Some(old)) => {
+                        st.free_disks(Kind::Lxc, &old.conf);
+                        st.guests.remove(&vmid);
+                    }
                 }
-            }
-            Err(format!("{emsg} {vmid} - {msg}").into())
-        };
+                Err(format!("{emsg} {vmid} - {msg}").into())
+            };
         let (sid, _) = schema::parse_volume_id(&ostemplate).unwrap_or(("", ""));
         let vol = st
             .storage(sid)
@@ -3340,10 +3543,12 @@ fn guest_destroy(
         )));
     }
     if g.running && !force {
-        return Err(ApiError::die(format!(
-            "{label} {vmid} is running - destroy failed"
-        )));
+        return Err(ApiError::die(match kind {
+            Kind::Lxc => format!("unable to destroy CT {vmid} - container is running"),
+            Kind::Qemu => format!("VM {vmid} is running - destroy failed"),
+        }));
     }
+    let unreferenced = flag(&params, "destroy-unreferenced-disks");
     let wtype = match kind {
         Kind::Lxc => "vzdestroy",
         Kind::Qemu => "qmdestroy",
@@ -3364,6 +3569,14 @@ fn guest_destroy(
                 lines.push(format!("  Logical volume \"{name}\" successfully removed."));
             } else {
                 lines.push(format!("removing volume '{volid}'"));
+            }
+        }
+        if unreferenced {
+            for (sid, name) in unreferenced_disks(st, vmid, &g.conf) {
+                if let Some(s) = st.storage_mut(&sid) {
+                    s.allocated.remove(&name);
+                }
+                lines.push(format!("removing volume '{sid}:{name}'"));
             }
         }
         if purge {
@@ -3387,6 +3600,32 @@ fn guest_destroy(
             partial: None,
         },
     )
+}
+
+/// Disks the simulator allocated for `vmid` (its volume names carry the vmid) that the
+/// config does not reference: what `destroy-unreferenced-disks` finds on the storages.
+fn unreferenced_disks(
+    st: &SimState,
+    vmid: u32,
+    conf: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let referenced: Vec<(String, String)> = conf
+        .values()
+        .filter_map(|v| guest::volume_of(v))
+        .filter_map(schema::parse_volume_id)
+        .map(|(s, n)| (s.to_owned(), n.to_owned()))
+        .collect();
+    let owned = |name: &str| {
+        let file = name.rsplit('/').next().unwrap_or(name);
+        [format!("vm-{vmid}-"), format!("subvol-{vmid}-")]
+            .iter()
+            .any(|p| file.starts_with(p.as_str()))
+    };
+    st.storages
+        .iter()
+        .flat_map(|s| s.allocated.keys().map(move |n| (s.id.clone(), n.clone())))
+        .filter(|(sid, n)| owned(n) && !referenced.iter().any(|(rs, rn)| rs == sid && rn == n))
+        .collect()
 }
 
 // ---------------------------------------------------------------- restore helpers
@@ -3448,6 +3687,16 @@ fn plan_restore(
         .map(|b| b.conf.clone())
         .unwrap_or_default();
     let mut need: BTreeMap<String, u64> = BTreeMap::new();
+    let in_use: Vec<(String, String)> = st
+        .guests
+        .get(&vmid)
+        .map(|g| {
+            guest::config_disks(g.kind, &g.conf)
+                .into_iter()
+                .map(|(_, sid, name, _)| (sid, name))
+                .collect()
+        })
+        .unwrap_or_default();
     for (n, (key, orig, _, size)) in guest::config_disks(kind, &conf).into_iter().enumerate() {
         let (tsid, tsize) = target(&key, &orig, size);
         let Some(s) = st.storage(&tsid) else {
@@ -3465,7 +3714,24 @@ fn plan_restore(
             });
             return plan;
         }
-        let name = new_disk_name(s.stype, vmid, n);
+        // pve-storage's `find_free_diskname`: the first index not in use on the target
+        // (over an existing guest its old disks still exist when the new ones are made).
+        let taken = |name: &str| {
+            s.allocated.contains_key(name)
+                || in_use.iter().any(|(sid, n)| *sid == tsid && n == name)
+                || plan
+                    .disks
+                    .iter()
+                    .any(|(_, v, _)| *v == format!("{tsid}:{name}"))
+        };
+        let mut k = n;
+        let name = loop {
+            let name = new_disk_name(s.stype, vmid, k);
+            if !taken(&name) {
+                break name;
+            }
+            k += 1;
+        };
         *need.entry(tsid.clone()).or_default() += tsize;
         plan.disks.push((key, format!("{tsid}:{name}"), tsize));
     }

@@ -536,6 +536,7 @@ pub struct SettingsPatch {
     pub task_seconds: Option<f64>,
     pub latency_ms: Option<u64>,
     pub restore_bytes_per_second: Option<f64>,
+    pub backup_bytes_per_second: Option<f64>,
 }
 
 /// `PUT /_sim/volumes/{volid}` body: flags of a backup archive.
@@ -590,18 +591,68 @@ pub fn patch_volume(st: &mut SimState, volid: &str, p: VolumePatch) -> Result<Va
     Ok(vol.control_json())
 }
 
-/// `PUT /_sim/storages/{storage}` body: its size and how full it is.
+/// `PUT /_sim/storages/{storage}` body: its size and how full it is; with `type`, a
+/// storage that does not exist yet is created (empty, `total` default 1 TiB).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoragePatch {
+    /// PVE's storage type (`zfspool`, `lvmthin`, `dir`, `lvm`, `nfs`, `pbs`, …): only to
+    /// create a storage.
+    #[serde(rename = "type")]
+    pub stype: Option<String>,
+    /// Content types (`["rootdir","images"]`); default `rootdir,images`, or `backup`
+    /// for `pbs`. Only to create a storage.
+    pub content: Option<Vec<String>>,
     pub total: Option<u64>,
     /// Bytes free afterwards (the untracked base usage is set to match).
     pub avail: Option<u64>,
     pub active: Option<bool>,
 }
 
-/// Resizes or fills a storage; answers its control view.
+/// Creates storage `sid` from a patch with `type`.
+fn create_storage(st: &mut SimState, sid: &str, p: &StoragePatch) -> Result<(), String> {
+    let Some(t) = &p.stype else {
+        return Err(format!("no storage {sid:?}; give \"type\" to create it"));
+    };
+    if !super::schema::is_dns_name(sid) || sid.contains('.') || sid.len() > 64 {
+        return Err(format!("bad storage id {sid:?}"));
+    }
+    let stype =
+        super::storage::known_type(t).ok_or_else(|| format!("unknown storage type {t:?}"))?;
+    let content = match &p.content {
+        Some(c) => c
+            .iter()
+            .map(|c| {
+                super::storage::known_content(c).ok_or_else(|| format!("unknown content {c:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None if stype == "pbs" => vec!["backup"],
+        None => vec!["rootdir", "images"],
+    };
+    if stype == "pbs" && content != ["backup"] {
+        return Err("a pbs storage holds only backup content".into());
+    }
+    st.storages.push(super::storage::Storage::new(
+        sid,
+        stype,
+        content,
+        p.total.unwrap_or(1 << 40),
+    ));
+    Ok(())
+}
+
+/// Resizes or fills a storage (creates it with `type`); answers its control view.
 pub fn patch_storage(st: &mut SimState, sid: &str, p: StoragePatch) -> Result<Value, String> {
+    match st.storage(sid) {
+        None => create_storage(st, sid, &p)?,
+        Some(s) => {
+            if p.stype.as_deref().is_some_and(|t| t != s.stype) || p.content.is_some() {
+                return Err(format!(
+                    "storage {sid:?} exists; its type and content cannot change"
+                ));
+            }
+        }
+    }
     let s = st
         .storage_mut(sid)
         .ok_or_else(|| format!("no storage {sid:?}"))?;

@@ -29,6 +29,9 @@ pub struct Settings {
     /// How fast a restore reads its archive: a restore task takes `task_seconds` plus
     /// archive size / this.
     pub restore_bytes_per_second: f64,
+    /// How fast vzdump writes: a backup task takes `task_seconds` plus the archives'
+    /// size / this.
+    pub backup_bytes_per_second: f64,
 }
 
 /// Default restore speed: 16 GiB/s, so a seeded archive adds a few milliseconds.

@@ -106,7 +106,10 @@ pub fn known_content(c: &str) -> Option<&'static str> {
 /// Whether a storage of this type keeps guest images as files in a directory tree
 /// (where the image format follows the file name).
 pub fn is_file_based(stype: &str) -> bool {
-    matches!(stype, "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" | "cephfs")
+    matches!(
+        stype,
+        "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" | "cephfs"
+    )
 }
 
 /// The format of guest volume `volname` on a storage of type `stype`: on file-based
@@ -133,9 +136,7 @@ pub fn volume_format(stype: &str, volname: &str) -> &'static str {
 pub fn volume_can_snapshot(stype: &str, volname: &str) -> bool {
     match stype {
         "zfspool" | "zfs" | "lvmthin" | "rbd" | "btrfs" => true,
-        "dir" | "nfs" | "cifs" | "glusterfs" | "cephfs" => {
-            volume_format(stype, volname) == "qcow2"
-        }
+        "dir" | "nfs" | "cifs" | "glusterfs" | "cephfs" => volume_format(stype, volname) == "qcow2",
         _ => false,
     }
 }
@@ -148,7 +149,10 @@ impl Storage {
             stype,
             content,
             path: is_file_based(stype).then(|| format!("/mnt/pve/{id}")),
-            shared: matches!(stype, "nfs" | "cifs" | "glusterfs" | "rbd" | "cephfs" | "pbs"),
+            shared: matches!(
+                stype,
+                "nfs" | "cifs" | "glusterfs" | "rbd" | "cephfs" | "pbs"
+            ),
             active: true,
             enabled: true,
             total,
@@ -340,6 +344,37 @@ mod tests {
         assert_eq!((s.used, s.used_bytes(), s.avail()), (0, 30, 70));
         s.used = 500;
         assert_eq!((s.used_bytes(), s.avail()), (100, 0));
+    }
+
+    #[test]
+    fn snapshot_support_follows_type_and_format() {
+        for (stype, volname, yes) in [
+            ("zfspool", "subvol-101-disk-0", true),
+            ("zfspool", "vm-103-disk-0", true),
+            ("lvmthin", "vm-101-disk-0", true),
+            ("rbd", "vm-101-disk-0", true),
+            ("btrfs", "101/vm-101-disk-0.raw", true),
+            ("dir", "101/vm-101-disk-0.raw", false),
+            ("dir", "101/subvol-101-disk-0.subvol", false),
+            ("dir", "103/vm-103-disk-0.qcow2", true),
+            ("nfs", "103/vm-103-disk-0.qcow2", true),
+            ("nfs", "103/vm-103-disk-0.vmdk", false),
+            ("cifs", "103/vm-103-disk-0.raw", false),
+            ("lvm", "vm-101-disk-0", false),
+            ("iscsi", "0.0.1.scsi-x", false),
+            ("pbs", "backup/ct/101/2025-01-31T02:00:05Z", false),
+        ] {
+            assert_eq!(
+                volume_can_snapshot(stype, volname),
+                yes,
+                "{stype}:{volname}"
+            );
+        }
+        assert_eq!(volume_format("dir", "101/vm-101-disk-0.qcow2"), "qcow2");
+        assert_eq!(volume_format("zfspool", "subvol-101-disk-0"), "subvol");
+        assert_eq!(volume_format("lvmthin", "vm-101-disk-0"), "raw");
+        assert_eq!(known_type("zfspool"), Some("zfspool"));
+        assert_eq!(known_type("floppy"), None);
     }
 
     #[test]

@@ -259,9 +259,10 @@ impl TaskFaults {
     /// Takes one use of the first fault matching a task of `wtype` for `id`: its
     /// message (or `None` for the type's default) when one matched.
     pub fn take(&mut self, wtype: &str, id: &str) -> Option<Option<String>> {
-        let f = self.faults.iter_mut().find(|f| {
-            f.spec.wtype == wtype && f.spec.vmid.is_none_or(|v| v.to_string() == id)
-        })?;
+        let f = self
+            .faults
+            .iter_mut()
+            .find(|f| f.spec.wtype == wtype && f.spec.vmid.is_none_or(|v| v.to_string() == id))?;
         f.remaining -= 1;
         f.hits += 1;
         let msg = f.spec.message.clone();
