@@ -3,8 +3,11 @@
 //! request is served, so a test can put a change by hand between a client's read and its
 //! write without racing on time), state inspection and direct state changes.
 //!
-//! Owns: the request log and the fault table. Must never: accept a PVE token, or log
-//! a PVE request it changed itself.
+//! Owns: the request log and the fault table (request faults; task faults by worker
+//! type are kept with the state, [`super::tasks::TaskFaults`], since a task's type is
+//! known only where it starts), and the guest, volume and storage patches (creating a
+//! storage of a given type). Must never: accept a PVE token, or log a PVE request it
+//! changed itself.
 
 use std::collections::{BTreeMap, VecDeque};
 

@@ -1,7 +1,8 @@
 //! Storages and the volumes the simulator tracks on them (backups and templates), and
 //! the space guest disks made by the simulator (restores) take there.
-//! Owns the storage list, content JSON and space accounting; guest disks are named in
-//! guest configs. Must never: let the reported `used` exceed `total`.
+//! Owns the storage list, content JSON, space accounting and which volumes can be
+//! snapshotted (by storage type and image format); guest disks are named in guest
+//! configs. Must never: let the reported `used` exceed `total`.
 
 use serde_json::{Map, Value, json};
 

@@ -1,6 +1,8 @@
 //! Worker tasks: UPIDs in PVE's format, their log, status and the task list with PVE's
-//! filters (pve-manager `API2/Tasks.pm`). Owns the task table; what a task *does* when
-//! it finishes lives with the state (`state.rs`).
+//! filters (pve-manager `API2/Tasks.pm`), and the task faults armed by worker type
+//! (`/_sim/task-faults`). Owns the task table and the fault table; what a task *does*
+//! when it finishes, or leaves when a fault strikes, lives with its handler (`api.rs`)
+//! and the state (`state.rs`). Must never: decide a task's effect here.
 
 use std::collections::HashMap;
 
