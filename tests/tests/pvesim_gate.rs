@@ -382,6 +382,35 @@ async fn a_force_restore_replaces_the_guest_and_leaves_no_snapshot_of_it() {
     );
     assert!(!sim.comparable_guest(220).await.unwrap().exists);
     assert_eq!(avail(&sim, "local-lvm").await, free + 8 * GIB);
+
+    // One that fails making the new disks (no room): the config is destroyed all the
+    // same, the old volumes stay behind (nothing is freed).
+    let archive = guest_with_backup(&sim, 222, "lxc").await;
+    sim.set_storage("local-lvm", json!({"avail": GIB}))
+        .await
+        .unwrap();
+    let st = run(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "222"),
+            ("ostemplate", &archive),
+            ("restore", "1"),
+            ("force", "1"),
+            ("storage", "local-lvm"),
+        ],
+    )
+    .await;
+    assert!(
+        st["exitstatus"]
+            .as_str()
+            .unwrap()
+            .starts_with("unable to restore CT 222 - command"),
+        "{st}"
+    );
+    assert!(!sim.comparable_guest(222).await.unwrap().exists);
+    assert_eq!(avail(&sim, "local-lvm").await, GIB);
 }
 
 async fn control_put(sim: &PveSim, path: &str, body: Value) -> (u16, Value) {
