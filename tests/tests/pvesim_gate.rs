@@ -716,6 +716,47 @@ async fn backups_take_time_and_space_and_protected_ones_are_kept() {
 }
 
 #[tokio::test]
+async fn a_backup_leaves_out_bind_device_and_unmarked_volume_mount_points() {
+    let sim = sim();
+    make_guest(
+        &sim,
+        255,
+        "lxc",
+        json!({"rootfs": "local-lvm:vm-255-disk-0,size=8G",
+               "mp0": "/srv/share,mp=/share",
+               "mp1": "/dev/sdb1,mp=/mnt/disk",
+               "mp2": "local-lvm:vm-255-disk-1,mp=/data,size=2G",
+               "mp3": "local-lvm:vm-255-disk-2,mp=/keep,backup=1,size=2G"}),
+        "stopped",
+    )
+    .await;
+    let upid = upid_of(
+        &api(
+            &sim,
+            "POST",
+            "/nodes/pve1/vzdump",
+            &[("vmid", "255"), ("storage", "local")],
+        )
+        .await,
+    );
+    let st = sim.wait_task(&upid, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st["exitstatus"], "OK");
+    let excluded: Vec<String> = task_log(&sim, &upid)
+        .await
+        .into_iter()
+        .filter(|l| l.contains("excluding"))
+        .collect();
+    assert_eq!(
+        excluded,
+        [
+            "INFO: excluding bind mount point mp0 ('/share') from backup (not a volume)",
+            "INFO: excluding device mount point mp1 ('/mnt/disk') from backup (not a volume)",
+            "INFO: excluding volume mount point mp2 ('/data') from backup (disabled)",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_task_fault_fails_the_next_task_of_its_type_with_that_types_partial_effect() {
     let sim = sim();
     // Snapshot: a partial snapshot stays (`snapstate: prepare`); `force=1` removes it.

@@ -2565,6 +2565,9 @@ fn vzdump(
                 if g.running { "running" } else { "stopped" }
             ));
             lines.push(format!("INFO: backup mode: {mode}"));
+            if g.kind == Kind::Lxc {
+                lines.extend(excluded_mount_points(&g.conf));
+            }
             // Unique ctime per guest and storage (two backups in one second would collide).
             let mut ctime = start_time;
             let notes = notes_template.as_ref().map(|t| {
@@ -2660,6 +2663,39 @@ fn vzdump(
         },
         extra,
     )
+}
+
+/// pve-container's `mountpoint_backup_enabled`: the container mount points a backup
+/// leaves out (bind and device mounts, and volumes without `backup=1`), as vzdump logs
+/// them. Their data is not in the archive.
+fn excluded_mount_points(conf: &BTreeMap<String, String>) -> Vec<String> {
+    conf.iter()
+        .filter(|(k, _)| guest::is_indexed(k, "mp"))
+        .filter_map(|(k, v)| {
+            let mut parts = v.split(',');
+            let first = parts.next().unwrap_or("");
+            let first = first.strip_prefix("volume=").unwrap_or(first);
+            let opts: Vec<&str> = parts.collect();
+            let mount = opts.iter().find_map(|o| o.strip_prefix("mp="))?;
+            let (ty, reason) = if guest::volume_of(v).is_some() {
+                let backup = opts
+                    .iter()
+                    .find_map(|o| o.strip_prefix("backup="))
+                    .is_some_and(|b| matches!(b, "1" | "yes" | "on" | "true"));
+                if backup {
+                    return None;
+                }
+                ("volume", "disabled")
+            } else if first.starts_with("/dev/") {
+                ("device", "not a volume")
+            } else {
+                ("bind", "not a volume")
+            };
+            Some(format!(
+                "INFO: excluding {ty} mount point {k} ('{mount}') from backup ({reason})"
+            ))
+        })
+        .collect()
 }
 
 /// The log of a backup that ran out of space on `storage` (modelled on vzdump's
