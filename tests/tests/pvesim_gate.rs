@@ -508,6 +508,21 @@ async fn protection_is_a_config_key_that_blocks_destroy_and_restore_over_only() 
         r.reason.as_deref(),
         Some("can't remove VM 231 - protection mode enabled")
     );
+    // qemu-server refuses a restore over it in the worker, and drops the lock.
+    let before = sim.comparable_guest(231).await.unwrap();
+    let st = run(
+        &sim,
+        "POST",
+        "/nodes/pve1/qemu",
+        &[("vmid", "231"), ("archive", &archive), ("force", "1")],
+    )
+    .await;
+    assert_eq!(
+        st["exitstatus"],
+        "unable to restore VM 231 - protection mode enabled"
+    );
+    assert_eq!(sim.comparable_guest(231).await.unwrap(), before);
+    assert_eq!(sim.guest(231).await.unwrap()["lock"], Value::Null);
 }
 
 #[tokio::test]
@@ -926,14 +941,23 @@ async fn a_task_fault_fails_the_next_task_of_its_type_with_that_types_partial_ef
     )
     .await
     .unwrap();
-    let st = run(
-        &sim,
-        "POST",
-        "/nodes/pve1/qemu",
-        &[("vmid", "262"), ("archive", &archive), ("force", "1")],
-    )
-    .await;
+    let upid = upid_of(
+        &api(
+            &sim,
+            "POST",
+            "/nodes/pve1/qemu",
+            &[("vmid", "262"), ("archive", &archive), ("force", "1")],
+        )
+        .await,
+    );
+    let st = sim.wait_task(&upid, Duration::from_secs(30)).await.unwrap();
     assert_eq!(st["exitstatus"], "start failed: QEMU exited with code 1");
+    assert!(
+        task_log(&sim, &upid)
+            .await
+            .iter()
+            .any(|l| l.starts_with("error after data was restored")),
+    );
     let g = sim.comparable_guest(262).await.unwrap();
     assert!(g.exists && g.snapshots.is_empty(), "{g:?}");
     let st = run(&sim, "DELETE", "/nodes/pve1/qemu/262", &[("purge", "1")]).await;

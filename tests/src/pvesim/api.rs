@@ -3345,6 +3345,14 @@ fn qemu_create(
             lines.push(not_cleaned.clone());
             Err(state::TaskErr { lines, msg })
         };
+        // qemu-server checks protection, then the power state, in the worker.
+        if st
+            .guests
+            .get(&vmid)
+            .is_some_and(|g| g.conf.get("protection").is_some_and(|v| v == "1"))
+        {
+            return fail(st, Vec::new(), format!("{emsg} protection mode enabled"));
+        }
         if st.guests.get(&vmid).is_some_and(|g| g.running) {
             return fail(st, Vec::new(), format!("{emsg} vm is running"));
         }
@@ -3443,12 +3451,22 @@ fn qemu_create(
         }
         Ok(lines)
     });
-    // A task fault strikes after the restore is done (as a failed autostart): the old
-    // disks and snapshots are gone, the new config is written, the VM stays stopped.
+    // A task fault strikes after the data was restored (qemu-server's "error after data
+    // was restored" path): the old disks and snapshots are gone, the new config is
+    // written, the lock dropped, the VM stopped.
     let (finish, partial) = finish_then_fail(work, move |st: &mut SimState| {
         if st.guests.get(&vmid).is_some_and(|g| g.running) {
             st.set_running(vmid, false);
         }
+    });
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        let mut e = partial(st, msg);
+        if st.guests.get(&vmid).is_some_and(|g| g.lock().is_none()) {
+            e.lines.push(format!(
+                "error after data was restored, VM disks should be OK but config may require adaptions. VM {vmid} state is NOT cleaned up."
+            ));
+        }
+        e
     });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         free_plan(st, &plan_for_cleanup);
