@@ -454,6 +454,18 @@ impl PveSim {
         })
     }
 
+    /// Arms a task fault from a full `POST /_sim/task-faults` body (e.g. with
+    /// `"keep_lock": true` or `"times"`); returns its id.
+    pub async fn add_task_fault_spec(&self, spec: Value) -> Result<u64, HarnessError> {
+        let v = self
+            .control("POST", "/_sim/task-faults", Some(spec))
+            .await?;
+        v["id"].as_u64().ok_or_else(|| HarnessError::Decode {
+            what: "task fault id".into(),
+            detail: v.to_string(),
+        })
+    }
+
     /// Disarms every task fault.
     pub async fn clear_task_faults(&self) -> Result<(), HarnessError> {
         self.control("DELETE", "/_sim/task-faults", None)

@@ -845,6 +845,43 @@ async fn a_task_fault_fails_the_next_task_of_its_type_with_that_types_partial_ef
     );
     assert_eq!(sim.guest(104).await.unwrap()["lock"], "snapshot-delete");
 
+    // As a killed worker: the partial snapshot keeps the `snapshot` lock, so even a
+    // forced delete fails until the lock is lifted (`pct unlock` on a real node).
+    let id = sim
+        .add_task_fault_spec(json!({"type": "vzsnapshot", "vmid": 101, "keep_lock": true}))
+        .await
+        .unwrap();
+    assert!(id > 0);
+    let st = run(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc/101/snapshot",
+        &[("snapname", "killed")],
+    )
+    .await;
+    assert_eq!(
+        st["exitstatus"],
+        "vzsnapshot failed midway (pvesim task fault)"
+    );
+    assert_eq!(sim.guest(101).await.unwrap()["lock"], "snapshot");
+    let st = run(
+        &sim,
+        "DELETE",
+        "/nodes/pve1/lxc/101/snapshot/killed",
+        &[("force", "1")],
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "CT is locked (snapshot)");
+    sim.set_guest(101, json!({"lock": null})).await.unwrap();
+    let st = run(
+        &sim,
+        "DELETE",
+        "/nodes/pve1/lxc/101/snapshot/killed",
+        &[("force", "1")],
+    )
+    .await;
+    assert_eq!(st["exitstatus"], "OK");
+
     // Rollback: fails before changing anything (not even the power state).
     let before = sim.comparable_guest(101).await.unwrap();
     sim.add_task_fault("vzrollback", None, None).await.unwrap();

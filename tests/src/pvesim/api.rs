@@ -1385,10 +1385,10 @@ fn spawn_timed(
     }
     let midway = match injected_failure {
         Some(_) => None,
-        None => st
-            .task_faults
-            .take(t.wtype, &t.id)
-            .map(|m| m.unwrap_or_else(|| default_fault_message(t.wtype))),
+        None => st.task_faults.take(t.wtype, &t.id).map(|f| state::Midway {
+            msg: f.message.unwrap_or_else(|| default_fault_message(t.wtype)),
+            keep_lock: f.keep_lock.unwrap_or(false),
+        }),
     };
     let upid = st.start_task(
         t.wtype,

@@ -76,10 +76,19 @@ pub struct TaskWork {
     pub cleanup: CleanupFn,
     /// A `task_fail` fault: stop with this exit status instead of finishing.
     pub injected_failure: Option<String>,
-    /// A task fault (`/_sim/task-faults`): fail midway with this exit status, leaving
-    /// what `partial` leaves (without one: what `cleanup` leaves).
-    pub midway: Option<String>,
+    /// A task fault (`/_sim/task-faults`): fail midway, leaving what `partial` leaves
+    /// (without one: what `cleanup` leaves).
+    pub midway: Option<Midway>,
     pub partial: Option<PartialFn>,
+}
+
+/// How a task fault makes a task fail.
+#[derive(Debug, Clone)]
+pub struct Midway {
+    /// The exit status.
+    pub msg: String,
+    /// The guest keeps the lock the task held (a killed worker).
+    pub keep_lock: bool,
 }
 
 impl std::fmt::Debug for TaskWork {
@@ -203,14 +212,28 @@ impl SimState {
         let Some(work) = self.work.remove(upid) else {
             return;
         };
+        // The lock the task's guest holds now, for a fault that keeps it.
+        let held = work
+            .midway
+            .as_ref()
+            .filter(|m| m.keep_lock && work.injected_failure.is_none())
+            .and_then(|_| self.tasks.get(upid))
+            .and_then(|t| t.id.parse::<u32>().ok())
+            .and_then(|vmid| Some((vmid, self.guests.get(&vmid)?.lock()?.to_owned())));
         let result = match (work.injected_failure, work.midway, work.partial) {
-            (Some(msg), _, _) | (None, Some(msg), None) => {
+            (Some(msg), _, _) | (None, Some(Midway { msg, .. }), None) => {
                 (work.cleanup)(self);
                 Err(TaskErr::from(msg))
             }
-            (None, Some(msg), Some(partial)) => Err(partial(self, msg)),
+            (None, Some(m), Some(partial)) => Err(partial(self, m.msg)),
             (None, None, _) => (work.finish)(self),
         };
+        if let Some((vmid, lock)) = held
+            && let Some(g) = self.guests.get_mut(&vmid)
+        {
+            g.conf.insert("lock".into(), lock);
+            g.touch();
+        }
         self.stop_task(upid, result);
     }
 

@@ -209,6 +209,10 @@ pub struct TaskFaultSpec {
     pub message: Option<String>,
     /// How many tasks it fails (default 1).
     pub times: Option<u32>,
+    /// The task dies holding the guest's lock (`snapshot`, `rollback`, `backup`,
+    /// `create`), as a killed worker leaves it; without it the lock goes as the task's
+    /// own error path lifts it.
+    pub keep_lock: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -258,18 +262,17 @@ impl TaskFaults {
         before != self.faults.len()
     }
 
-    /// Takes one use of the first fault matching a task of `wtype` for `id`: its
-    /// message (or `None` for the type's default) when one matched.
-    pub fn take(&mut self, wtype: &str, id: &str) -> Option<Option<String>> {
+    /// Takes one use of the first fault matching a task of `wtype` for `id`.
+    pub fn take(&mut self, wtype: &str, id: &str) -> Option<TaskFaultSpec> {
         let f = self
             .faults
             .iter_mut()
             .find(|f| f.spec.wtype == wtype && f.spec.vmid.is_none_or(|v| v.to_string() == id))?;
         f.remaining -= 1;
         f.hits += 1;
-        let msg = f.spec.message.clone();
+        let spec = f.spec.clone();
         self.faults.retain(|f| f.remaining > 0);
-        Some(msg)
+        Some(spec)
     }
 
     pub fn json(&self) -> Value {
@@ -278,7 +281,8 @@ impl TaskFaults {
             .iter()
             .map(|f| {
                 json!({"id": f.id, "type": f.spec.wtype, "vmid": f.spec.vmid,
-                       "message": f.spec.message, "remaining": f.remaining, "hits": f.hits})
+                       "message": f.spec.message, "keep_lock": f.spec.keep_lock.unwrap_or(false),
+                       "remaining": f.remaining, "hits": f.hits})
             })
             .collect();
         json!({"task_faults": items})
@@ -445,18 +449,20 @@ mod tests {
             vmid,
             message: None,
             times,
+            keep_lock: None,
         };
         assert!(f.add(spec("vz rollback", None, None)).is_err());
         assert!(f.add(spec("vzdump", None, Some(0))).is_err());
         f.add(spec("vzrollback", Some(101), Some(2))).unwrap();
-        assert_eq!(f.take("vzrollback", "102"), None);
-        assert_eq!(f.take("qmrollback", "101"), None);
-        assert_eq!(f.take("vzrollback", "101"), Some(None));
-        assert_eq!(f.take("vzrollback", "101"), Some(None));
-        assert_eq!(f.take("vzrollback", "101"), None, "spent after two tasks");
+        let mut take = |t: &str, id: &str| f.take(t, id).map(|s| s.wtype);
+        assert_eq!(take("vzrollback", "102"), None);
+        assert_eq!(take("qmrollback", "101"), None);
+        assert_eq!(take("vzrollback", "101").as_deref(), Some("vzrollback"));
+        assert_eq!(take("vzrollback", "101").as_deref(), Some("vzrollback"));
+        assert_eq!(take("vzrollback", "101"), None, "spent after two tasks");
         let id = f.add(spec("vzdump", None, None)).unwrap();
         assert!(f.remove(id));
-        assert_eq!(f.take("vzdump", ""), None);
+        assert!(f.take("vzdump", "").is_none());
     }
 
     #[test]
