@@ -969,6 +969,30 @@ async fn a_task_fault_fails_the_next_task_of_its_type_with_that_types_partial_ef
     assert_eq!(st["exitstatus"], "OK");
     assert_eq!(avail(&sim, "local-lvm").await, free);
 
+    // A create (`vzcreate`) likewise leaves a half-made container to destroy.
+    sim.add_task_fault("vzcreate", None, None).await.unwrap();
+    let st = run(
+        &sim,
+        "POST",
+        "/nodes/pve1/lxc",
+        &[
+            ("vmid", "263"),
+            (
+                "ostemplate",
+                "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst",
+            ),
+            ("storage", "local-lvm"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        st["exitstatus"],
+        "vzcreate failed midway (pvesim task fault)"
+    );
+    assert!(sim.comparable_guest(263).await.unwrap().exists);
+    let st = run(&sim, "DELETE", "/nodes/pve1/lxc/263", &[("purge", "1")]).await;
+    assert_eq!(st["exitstatus"], "OK");
+
     // A force-restore of a VM: the old disks and snapshots are gone, the half-made VM
     // stays and can be destroyed.
     let archive = guest_with_backup(&sim, 262, "qemu").await;
