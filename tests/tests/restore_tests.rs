@@ -17,8 +17,9 @@ use felhom_agent::config::RestoreTestsConfig;
 use felhom_agent::proxmox::{Client, WaitOptions};
 use felhom_agent::reconcile::journal::{Journal, RestoreRecord};
 use felhom_agent::reconcile::{Gate, Queue, QueueConfig};
-use felhom_agent::restore::{RestoreDeps, RestoreError, RestoreTests};
+use felhom_agent::restore::{NO_VERDICT, RestoreDeps, RestoreError, RestoreTests};
 use felhom_protocol::Vmid;
+use felhom_testbed::harness::Fault;
 use proxmox_client_support::Sim;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -713,4 +714,157 @@ async fn a_blocked_daemon_runs_no_restore_test() {
         "a blocked daemon sent a mutation"
     );
     assert!(sim_guest(&stack.pve, 9900).await.is_none());
+}
+
+// ---- errors that say nothing about the backup ----------------------------------------
+
+/// The requests that changed something on `vmid` in the simulator's log.
+async fn changes_on(sim: &Sim, path_end: &str) -> Vec<String> {
+    sim.log()
+        .await
+        .into_iter()
+        .filter(|r| r.method != "GET" && r.path.ends_with(path_end))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_proxmox_read_error_mid_test_is_no_verdict_and_the_guest_is_tested_again() {
+    let b = bed(0).await;
+    // First run: the scratch guest's first status read after its start finds the
+    // connection dropped (PVE unreachable for a moment).
+    b.sim
+        .fault(Fault::drop_connection("/nodes/pve1/lxc/9900/status/current").times(1))
+        .await;
+    let first = b.tests.run(None).await.unwrap();
+    assert_eq!(first.vmid, 101, "the oldest-tested guest first: {first:?}");
+    assert_eq!(first.result.as_deref(), Some("skipped"), "{first:?}");
+    let reason = first.reason.as_deref().unwrap();
+    assert!(reason.starts_with(NO_VERDICT), "{reason}");
+    assert!(first.retry);
+    // The scratch guest was made, started, and is destroyed all the same.
+    assert_eq!(first.scratch, "gone");
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert!(
+        changes_on(&b.sim, "/lxc/9900")
+            .await
+            .iter()
+            .any(|c| c.starts_with("DELETE")),
+        "no destroy"
+    );
+    // Second run: the restore task's status cannot be read (PVE answers 500).
+    b.sim
+        .fault(
+            Fault::http_500("/nodes/pve1/tasks/*", "proxy loop detected")
+                .method("GET")
+                .times(1),
+        )
+        .await;
+    let second = b.tests.run(None).await.unwrap();
+    assert_eq!(
+        second.vmid, 101,
+        "a test without a verdict keeps the guest's turn: {second:?}"
+    );
+    assert_eq!(second.result.as_deref(), Some("skipped"), "{second:?}");
+    assert!(
+        second.reason.as_deref().unwrap().starts_with(NO_VERDICT),
+        "{second:?}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert!(b.journal.restore_left_behind().unwrap().is_empty());
+    // Third run: PVE answers; the same guest passes. The fourth goes on to another guest.
+    let third = b.tests.run(None).await.unwrap();
+    assert_eq!(
+        (third.vmid, third.result.as_deref()),
+        (101, Some("passed")),
+        "{third:?}"
+    );
+    let fourth = b.tests.run(None).await.unwrap();
+    assert_ne!(fourth.vmid, 101, "{fourth:?}");
+    // Nothing of this was a `failed`.
+    assert!(
+        b.journal
+            .restore_recent(10)
+            .unwrap()
+            .iter()
+            .all(|r| r.result.as_deref() != Some("failed"))
+    );
+}
+
+#[tokio::test]
+async fn a_restore_pve_refuses_before_it_starts_is_skipped_with_its_reason() {
+    let b = bed(0).await;
+    let refusal = "unable to restore CT 9900 - CT 9900 already exists on node 'pve2'";
+    b.sim
+        .fault(
+            Fault::http_500("/nodes/pve1/lxc", refusal)
+                .method("POST")
+                .times(1),
+        )
+        .await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("skipped"), "{r:?}");
+    let reason = r.reason.as_deref().unwrap();
+    assert!(reason.contains("PVE refused the restore"), "{reason}");
+    assert!(reason.contains(refusal), "{reason}");
+    assert_eq!(r.scratch, "gone");
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+    assert!(b.journal.restore_left_behind().unwrap().is_empty());
+    // Only the refused POST changed (tried to change) anything.
+    let changes: Vec<_> = b
+        .sim
+        .log()
+        .await
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| (r.method, r.path, r.status))
+        .collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].2, Some(500));
+}
+
+#[tokio::test]
+async fn a_scratch_guest_that_cannot_be_destroyed_blocks_further_tests_until_it_is() {
+    let b = bed(0).await;
+    let lock = "can't lock file '/run/lock/lxc/pve-config-9900.conf' - got timeout";
+    b.sim
+        .fault(Fault::task_fail("/nodes/pve1/lxc/9900", lock).method("DELETE"))
+        .await;
+    let r = b.tests.run(Some(vmid(101))).await.unwrap();
+    // The backup is proven; the leftover is recorded with its error and since when.
+    assert_eq!(r.result.as_deref(), Some("passed"), "{r:?}");
+    assert_eq!(r.scratch, "maybe");
+    assert!(r.cleanup_error.as_deref().unwrap().contains(lock), "{r:?}");
+    let since = r.cleanup_failing_since_ms.unwrap();
+    assert!(sim_guest(&b.sim, 9900).await.is_some());
+    let stuck = b.tests.not_destroyed().await.unwrap();
+    assert_eq!(stuck.len(), 1);
+    // The next test only retries the destroy, fails loudly, and restores nothing.
+    b.sim.clear_log().await;
+    let e = b.tests.run(Some(vmid(103))).await.unwrap_err();
+    assert!(
+        matches!(&e, RestoreError::ScratchNotDestroyed { scratch: 9900, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains(lock), "{e}");
+    let posts: Vec<_> = b
+        .sim
+        .log()
+        .await
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert!(posts.is_empty(), "a test ran over a leftover: {posts:?}");
+    let stuck = b.tests.not_destroyed().await.unwrap();
+    assert_eq!(
+        stuck[0].cleanup_failing_since_ms,
+        Some(since),
+        "since the first"
+    );
+    // Once PVE lets it go, the next run cleans up and tests again.
+    b.sim.clear_faults().await.unwrap();
+    let r = b.tests.run(Some(vmid(103))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("passed"), "{r:?}");
+    assert!(b.tests.not_destroyed().await.unwrap().is_empty());
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
 }
