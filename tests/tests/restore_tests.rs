@@ -868,3 +868,92 @@ async fn a_scratch_guest_that_cannot_be_destroyed_blocks_further_tests_until_it_
     assert!(b.tests.not_destroyed().await.unwrap().is_empty());
     assert!(sim_guest(&b.sim, 9900).await.is_none());
 }
+
+#[tokio::test]
+async fn status_and_the_report_say_loudly_when_a_scratch_guest_cannot_be_destroyed() {
+    let Some(stack) = daemon_stack() else { return };
+    let mut envelope = stack.hub.sim_envelope().await;
+    envelope["poll_interval_seconds"] = json!(1);
+    stack.hub.set_envelope(envelope).await;
+    let lock = "can't lock file '/run/lock/lxc/pve-config-9900.conf' - got timeout";
+    stack
+        .pve
+        .fault(Fault::task_fail("/nodes/pve1/lxc/9900", lock).method("DELETE"))
+        .await;
+    let agent = stack.start_agent();
+    wait_ready(&stack).await;
+    let (code, out, err) = stack.cli(&["restore-test", "run", "--vmid", "101", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", agent.log_text());
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["result"], "passed", "{r}");
+    assert!(sim_guest(&stack.pve, 9900).await.is_some());
+
+    // status names the vmid, since when and the last error, as JSON and for people.
+    let (code, out, _) = stack.cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let rt = &v["restore_tests"];
+    assert_eq!(rt["blocked"], true, "{v}");
+    let n = &rt["not_destroyed"][0];
+    assert_eq!(n["scratch_vmid"], 9900, "{rt}");
+    assert_eq!(n["vmid"], 101);
+    assert!(n["since"].is_string(), "{rt}");
+    assert!(n["last_error"].as_str().unwrap().contains(lock), "{rt}");
+    let (_, human, _) = stack.cli(&["status"]);
+    assert!(
+        human.contains("restore tests BLOCKED: scratch guest 9900") && human.contains(lock),
+        "{human}"
+    );
+    // A further test refuses, naming it.
+    let (code, _, err) = stack.cli(&["restore-test", "run", "--vmid", "103"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("scratch guest 9900"), "{err}");
+
+    // The report carries it as an error.
+    let reports = stack
+        .hub
+        .wait_reports(LONG, |rs| {
+            rs.iter().any(|x| {
+                x["report"]["errors"].as_array().is_some_and(|e| {
+                    e.iter()
+                        .any(|e| e["message"].as_str().is_some_and(|m| m.contains("9900")))
+                })
+            })
+        })
+        .await;
+    let e = reports
+        .iter()
+        .flat_map(|x| {
+            x["report"]["errors"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|e| e["message"].as_str().is_some_and(|m| m.contains("9900")))
+        .unwrap();
+    assert_eq!(e["subject"], "9900", "{e}");
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains("cannot be destroyed") && m.contains(lock), "{m}");
+
+    // PVE lets go: the next test cleans up, and status and the report are quiet again.
+    stack.pve.clear_faults().await.unwrap();
+    let (code, out, err) = stack.cli(&["restore-test", "run", "--vmid", "103", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+    let (_, out, _) = stack.cli(&["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["restore_tests"]["blocked"], false, "{v}");
+    let n = stack.hub.reports().await.len();
+    let later = stack.hub.wait_reports(LONG, |rs| rs.len() > n + 1).await;
+    let last = &later.last().unwrap()["report"];
+    assert!(
+        !last["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cannot be destroyed"))),
+        "{last}"
+    );
+}
