@@ -957,3 +957,90 @@ async fn status_and_the_report_say_loudly_when_a_scratch_guest_cannot_be_destroy
         "{last}"
     );
 }
+
+// ---- review fixes -------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_guest_agent_check_follows_the_backed_up_config_not_the_current_one() {
+    let mut s = settings(0);
+    s.boot_check_seconds = 2;
+    let b = bed_with(
+        Sim::start(&["--guests", "12", "--task-seconds", "0.05"]),
+        9900..=9900,
+        s,
+    )
+    .await;
+    // The backup enables the agent (and its agent never answers); the guest's current
+    // config no longer does. The restored guest is what boots: its agent is checked.
+    let archive = newest_backup(&b.sim, 103).await;
+    control(
+        &b.sim,
+        "PUT",
+        &format!("/_sim/volumes/{}", enc(&archive)),
+        json!({"agent_fails": true}),
+    )
+    .await;
+    b.sim
+        .put_guest(103, json!({"config": {"agent": null}}))
+        .await;
+    let r = b.tests.run(Some(vmid(103))).await.unwrap();
+    assert_eq!(r.result.as_deref(), Some("failed"), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("guest agent did not answer"),
+        "{r:?}"
+    );
+    assert!(sim_guest(&b.sim, 9900).await.is_none());
+}
+
+#[tokio::test]
+async fn after_a_crash_an_unmarked_guest_on_the_scratch_vmid_is_left_alone() {
+    let sim = Sim::start(&["--guests", "12", "--task-seconds", "0.05"]);
+    // Someone's `qm create 9900 --memory 512`: no name, no description.
+    sim.put_guest(
+        9900,
+        json!({"type": "qemu", "status": "stopped", "config": {"memory": "512"}}),
+    )
+    .await;
+    let b = bed_with(sim, 9900..=9901, settings(0)).await;
+    // What a kill -9 during a QEMU restore on 9900 leaves in the journal (the restore
+    // then failed, and PVE removed its config before that guest was made).
+    let mut left = RestoreRecord {
+        id: 0,
+        vmid: 103,
+        kind: "qemu".into(),
+        archive: Some(newest_backup(&b.sim, 103).await),
+        archive_ctime: None,
+        archive_size: None,
+        scratch_vmid: Some(9900),
+        started_ms: 1,
+        step: "restoring".into(),
+        scratch: "maybe".into(),
+        restore_seconds: None,
+        boot_seconds: None,
+        duration_seconds: None,
+        result: None,
+        reason: None,
+        upids: vec!["UPID:pve1:00001234:00005678:6B15BCC7:qmrestore:9900:root@pam!felhom:".into()],
+        finished_ms: None,
+        seq: None,
+        retry: false,
+        cleanup_error: None,
+        cleanup_failing_since_ms: None,
+    };
+    b.journal.restore_put(&mut left).unwrap();
+    let before = sim_guest(&b.sim, 9900).await.unwrap();
+    b.sim.clear_log().await;
+    assert_eq!(b.tests.cleanup().await.unwrap(), 1);
+    let after = sim_guest(&b.sim, 9900)
+        .await
+        .expect("the foreign guest is still there");
+    assert_eq!(before["config"], after["config"]);
+    assert!(
+        b.sim.log().await.iter().all(|r| r.method == "GET"),
+        "something was sent to the foreign guest"
+    );
+    assert!(b.journal.restore_left_behind().unwrap().is_empty());
+}

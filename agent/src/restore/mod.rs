@@ -546,9 +546,10 @@ impl RestoreTests {
                 format!("stopped after the restore: {why}"),
             )));
         }
-        if let Some(why) = self.prepare(scratch, kind).await? {
-            return Ok(Some(("skipped", why)));
-        }
+        let restored = match self.prepare(scratch, kind).await? {
+            Ok(cfg) => cfg,
+            Err(why) => return Ok(Some(("skipped", why))),
+        };
         rec.step = "prepared".to_string();
         self.journal_put(rec).await?;
 
@@ -591,7 +592,8 @@ impl RestoreTests {
             }
             Err(e) => return Err(e.into()),
         }
-        let agent = kind == GuestKind::Qemu && rules::agent_enabled(&source);
+        // The backed-up config decides (the restored one), not the guest's current one.
+        let agent = kind == GuestKind::Qemu && rules::agent_enabled(&restored);
         let verdict = self.check(scratch, kind, agent, boot_start).await?;
         match verdict {
             Ok(boot) => {
@@ -648,15 +650,15 @@ impl RestoreTests {
     }
 
     /// Detaches every interface and removes what reaches outside; then reads the config
-    /// again and says why it must not start, if anything is left.
+    /// again: `Ok(config)` to start, or `Err(why)` it must not start.
     async fn prepare(
         &self,
         scratch: Vmid,
         kind: GuestKind,
-    ) -> Result<Option<String>, RestoreError> {
+    ) -> Result<Result<GuestConfig, String>, RestoreError> {
         let cfg = self.deps.client.guest_config(kind, scratch).await?;
         if kind == GuestKind::Lxc && !cfg.lxc_raw()?.is_empty() {
-            return Ok(Some(
+            return Ok(Err(
                 "the restored config has raw lxc.* keys, which the API cannot remove".to_string(),
             ));
         }
@@ -688,7 +690,7 @@ impl RestoreTests {
                 })
                 .await?;
             if let Err(e) = r {
-                return Ok(Some(format!(
+                return Ok(Err(format!(
                     "could not detach the scratch guest from the outside: {e}"
                 )));
             }
@@ -704,12 +706,12 @@ impl RestoreTests {
             .collect();
         let outside = rules::outside_keys(kind, &cfg);
         if !attached.is_empty() || !outside.is_empty() {
-            return Ok(Some(format!(
+            return Ok(Err(format!(
                 "the scratch guest still has attached interfaces {attached:?} or outside keys {:?}; not started",
                 outside.iter().map(|(k, _)| k).collect::<Vec<_>>()
             )));
         }
-        Ok(None)
+        Ok(Ok(cfg))
     }
 
     /// Running within the boot window (and the agent answering), then still running after
@@ -871,11 +873,13 @@ impl RestoreTests {
         if desc.starts_with(&marker(rec.id)) {
             return true;
         }
-        // A failed QEMU restore of this test leaves an empty config behind.
+        // A failed QEMU restore of this test leaves an empty config behind: destroyed only
+        // by the run that just saw its own restore fail there. After a crash an empty
+        // guest on the vmid may be anyone's (`qm create` without a name): left alone.
         let empty = cfg.get("description").is_none()
             && cfg.get("name").is_none()
             && cfg.get("hostname").is_none();
-        empty && (made_now || !rec.upids.is_empty())
+        empty && made_now
     }
 
     /// The scratch guests that could not be destroyed (each blocks further tests until it
