@@ -1044,3 +1044,218 @@ async fn after_a_crash_an_unmarked_guest_on_the_scratch_vmid_is_left_alone() {
     );
     assert!(b.journal.restore_left_behind().unwrap().is_empty());
 }
+
+// ---- the daemon's schedule under a stepped wall clock --------------------------------
+
+/// The guests the schedule can test: not templates, with a backup in the simulator.
+async fn guests_with_backups(sim: &Sim) -> Vec<u64> {
+    let state = sim.state_json().await;
+    let mut with: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    for s in state["storages"].as_array().unwrap() {
+        for v in s["volumes"].as_array().cloned().unwrap_or_default() {
+            if v["content"] == "backup"
+                && let Some(id) = v["vmid"].as_u64()
+            {
+                with.insert(id);
+            }
+        }
+    }
+    sim.guests_where(|g| g["template"] != json!(true))
+        .await
+        .iter()
+        .filter_map(|g| g["vmid"].as_u64())
+        .filter(|v| with.contains(v) && !(9900..=9901).contains(v))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// libfaketime's preload library (`.ci/run` installs faketime), preloaded directly so the
+/// agent is the process the test signals (the `faketime` wrapper forks).
+fn libfaketime() -> std::path::PathBuf {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libfaketime (apt-get install faketime)")
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The local minutes (TZ=UTC) at which the schedule looked and found nothing due.
+fn not_due_minutes(log: &str) -> Vec<u16> {
+    log.lines()
+        .filter(|l| l.contains("restore tests: not due"))
+        .filter_map(|l| {
+            let rest = &l[l.find("local_minute")? + "local_minute".len()..];
+            let digits: String = rest
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// The daemon's restore tests, oldest first: (vmid, started_ms on the daemon's clock,
+/// result once final).
+fn history(stack: &ops_support::Stack) -> Vec<(u64, i64, Option<String>)> {
+    let (code, out, err) = stack.cli(&["restore-test", "list", "--limit", "100", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let l: Value = serde_json::from_str(&out).unwrap();
+    let mut h: Vec<(u64, i64, Option<String>)> = l["restore_tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["vmid"].as_u64().unwrap(),
+                t["started_ms"].as_i64().unwrap(),
+                t["result"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    h.reverse();
+    h
+}
+
+/// The daemon's schedule, over days of its wall clock in seconds of the test's: the
+/// daemon runs under `faketime` (wall clock set, monotonic clock real, so every timeout
+/// keeps its real length), once per step of the clock. Each start looks at once (its
+/// gate opens on the kept envelope); what it decides comes from the journal it shares
+/// with the earlier starts (when the last test started, which guest was tested when),
+/// so the interval, the window and the order are the schedule's own, not the test's.
+#[tokio::test]
+async fn the_daemon_tests_one_guest_per_interval_oldest_first_and_only_inside_the_window() {
+    if !ops_support::is_root() {
+        eprintln!("skipped: needs root (the agent runs as another uid)");
+        return;
+    }
+    let stack = ops_support::Stack::new(json!({
+        "restore_tests": {
+            "enabled": true,
+            "scratch_vmids": "9900-9901",
+            "storage": "local-lvm",
+            "interval_hours": 1,
+            "window": "01:00-05:00",
+            "boot_check_seconds": 60,
+            "stable_seconds": 0
+        }
+    }));
+    let guests = guests_with_backups(&stack.pve).await;
+    assert!(
+        (2..=4).contains(&guests.len()),
+        "the steps below fit 2 to 4 guests in one window: {guests:?}"
+    );
+    // Tomorrow (UTC) and on, so the daemon's clock only ever moves forward.
+    let day = (now_unix() / 86_400 + 1) * 86_400;
+    let at = |d: i64, h: i64, m: i64| day + d * 86_400 + h * 3600 + m * 60;
+    let lib = libfaketime();
+    let run_at = |target: i64| {
+        let offset = format!("{:+}", target - now_unix());
+        stack.start_agent_with(
+            &[
+                ("LD_PRELOAD", lib.to_str().unwrap()),
+                ("FAKETIME", &offset),
+                ("TZ", "UTC"),
+                // The schedule's "not due" is a debug line (the CLI's logging, which
+                // `run` keeps, reads RUST_LOG).
+                ("RUST_LOG", "info,felhom_agent::restore=debug"),
+            ],
+            None,
+        )
+    };
+    // The daemon started at `target` looks and finds nothing due; nothing is tested.
+    let not_due = |target: i64, tested: usize| {
+        let stack = &stack;
+        async move {
+            let agent = run_at(target);
+            wait_ready(stack).await;
+            let minute = ((target / 60) % (24 * 60)) as u16;
+            let deadline = tokio::time::Instant::now() + LONG;
+            while !not_due_minutes(&agent.log_text())
+                .iter()
+                .any(|m| (minute..=minute + 2).contains(m))
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the schedule never looked at minute {minute}: {}",
+                    agent.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(
+                history(stack).len(),
+                tested,
+                "a test ran at minute {minute}"
+            );
+            assert!(agent.term(Duration::from_secs(30)).is_some());
+        }
+    };
+    // The daemon started at `target` runs the `n`th test by itself.
+    let tested = |target: i64, n: usize| {
+        let stack = &stack;
+        async move {
+            let agent = run_at(target);
+            wait_ready(stack).await;
+            let deadline = tokio::time::Instant::now() + LONG;
+            loop {
+                let h = history(stack);
+                assert!(h.len() <= n, "more tests than steps: {h:?}");
+                if h.len() == n && h[n - 1].2.is_some() {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "test {n} never ran: {h:?}\n{}",
+                    agent.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(agent.term(Duration::from_secs(30)).is_some());
+        }
+    };
+    // The first start takes the hub's envelope (kept in the state dir from then on).
+    let first = run_at(at(0, 0, 50));
+    wait_ready(&stack).await;
+    drop(first);
+
+    // 00:50: before the window.
+    not_due(at(0, 0, 50), 0).await;
+    // 01:00: the first test. 01:40: not an hour since.
+    tested(at(0, 1, 0), 1).await;
+    not_due(at(0, 1, 40), 1).await;
+    // One guest per hour while the window is open.
+    for i in 1..guests.len() {
+        tested(at(0, 1 + i as i64, 1), i + 1).await;
+    }
+    // 05:10: the interval has passed, but the window is closed.
+    not_due(at(0, 5, 10), guests.len()).await;
+    // The next night, the guest tested longest ago comes first again.
+    tested(at(1, 1, 5), guests.len() + 1).await;
+
+    let h = history(&stack);
+    let order: Vec<u64> = h.iter().map(|(v, _, _)| *v).collect();
+    let mut expected = guests.clone();
+    expected.push(guests[0]);
+    assert_eq!(order, expected, "oldest-tested first, never-tested by vmid");
+    for (v, started_ms, result) in &h {
+        assert_eq!(result.as_deref(), Some("passed"), "guest {v}");
+        let minute = (started_ms / 60_000).rem_euclid(24 * 60);
+        assert!(
+            (60..300).contains(&minute),
+            "guest {v} was tested at minute {minute}, outside 01:00-05:00"
+        );
+    }
+    assert!(sim_guest(&stack.pve, 9900).await.is_none());
+}
