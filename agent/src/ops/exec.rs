@@ -28,6 +28,7 @@ use felhom_protocol::{BlockDevicePath, MountName, PctCreateSpec, Vmid};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::gate::{self, GateOp, Gated, Who};
 use crate::privileged;
 use crate::proxmox::{
     Client, GuestKind, GuestPermit, ProxmoxError, SnapshotName, Upid, VzdumpCompress, VzdumpMode,
@@ -82,6 +83,8 @@ pub enum OpSpec {
     UsbUnmount {
         name: MountName,
     },
+    /// A kind behind the reversibility gate ([`super::gate`]).
+    Gated(Box<Gated>),
 }
 
 impl OpSpec {
@@ -148,6 +151,7 @@ impl OpSpec {
             | OpSpec::Snapshot { guest, .. }
             | OpSpec::Backup { guest, .. }
             | OpSpec::CreateContainer { guest, .. } => Some(guest),
+            OpSpec::Gated(g) => Some(&g.guest),
             OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => None,
         }
     }
@@ -160,7 +164,8 @@ impl OpSpec {
             OpSpec::Start { .. }
             | OpSpec::Stop { .. }
             | OpSpec::Reboot { .. }
-            | OpSpec::CreateContainer { .. } => true,
+            | OpSpec::CreateContainer { .. }
+            | OpSpec::Gated(_) => true,
             OpSpec::Backup { mode, .. } => *mode == VzdumpMode::Stop,
             OpSpec::Snapshot { .. } | OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => false,
         }
@@ -172,6 +177,13 @@ impl OpSpec {
 pub enum Final {
     Applied(Map<String, Value>),
     Failed(String),
+    /// A gated operation's end: `applied`, `failed` or `rolled_back`, with its result
+    /// (which carries the `undo` object).
+    Ended {
+        state: &'static str,
+        message: Option<String>,
+        result: Map<String, Value>,
+    },
     /// Refused in the lane (`precondition_failed`); nothing was sent.
     Refused {
         reason: &'static str,
@@ -209,6 +221,10 @@ pub struct ExecEnv {
     pub shutdown_timeout: Duration,
     /// How long a task may run before we stop waiting (the operation then stays running).
     pub task_timeout: Duration,
+    /// `gate.backup_storage`: where undo backups go.
+    pub backup_storage: Option<String>,
+    /// `gate.health_timeout_seconds`.
+    pub health_timeout: Duration,
 }
 
 impl std::fmt::Debug for ExecEnv {
@@ -266,7 +282,20 @@ pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unf
     let Some(g) = spec.guest() else {
         return Ok(None);
     };
+    if let OpSpec::Gated(gated) = spec {
+        // Undo and release may act on a guest that is gone (a destroy's undo); the gate
+        // checks the rest itself.
+        if matches!(gated.op, GateOp::Undo { .. } | GateOp::ReleaseUndo { .. }) {
+            return Ok(None);
+        }
+    }
     let found = find_guest(env, g.vmid).await?;
+    if let OpSpec::Gated(gated) = spec
+        && matches!(gated.op, GateOp::Restore { .. })
+        && found.is_none()
+    {
+        return Ok(None);
+    }
     if let OpSpec::CreateContainer { .. } = spec {
         return Ok(found.map(|(kind, _)| {
             refused(format!(
@@ -336,6 +365,10 @@ pub struct Progress {
     pub upids: Vec<String>,
     /// True when resuming after a crash or a lost wait.
     pub resuming: bool,
+    /// The gate's steps so far (the record's `gate`).
+    pub gate: Value,
+    /// Who asked: `local:<user>` for a local request, else `signed:<op_id>`.
+    pub by: String,
 }
 
 /// Runs (or resumes) `spec`. The intent is committed. `permit` is the guest's lane permit
@@ -382,16 +415,31 @@ pub async fn execute(
         (_, None) => Ok(Final::Failed(
             "a guest operation ran outside its guest's lane".into(),
         )),
+        (OpSpec::Gated(g), Some(p)) => {
+            let who = Who {
+                op_id: &progress.op_id,
+                by: progress.by.clone(),
+            };
+            gate::run(env, g, p, who, &progress.gate, progress.resuming).await
+        }
         (OpSpec::CreateContainer { guest, spec }, Some(_)) => {
             if progress.resuming && find_guest(env, guest.vmid).await?.is_some() {
                 return Ok(Final::Applied(obj(
                     json!({"vmid": guest.vmid.get(), "resumed": true}),
                 )));
             }
-            Ok(match env.privileged.create_keyctl(spec).await {
-                Ok(c) => Final::Applied(obj(json!({"vmid": c.vmid.get()}))),
-                Err(e) => Final::Failed(format!("pct helper: {e}")),
-            })
+            match env.privileged.create_keyctl(spec).await {
+                Ok(c) => Ok(Final::Applied(obj(json!({"vmid": c.vmid.get()})))),
+                Err(e) => {
+                    let why = format!("pct helper: {e}");
+                    Ok(Final::Failed(
+                        match destroy_half_made(env, guest, permit).await? {
+                            Some(done) => format!("{why}; {done}"),
+                            None => why,
+                        },
+                    ))
+                }
+            }
         }
         (OpSpec::Start { guest }, Some(p)) => {
             let ty = task_type("start", guest.kind);
@@ -468,7 +516,16 @@ pub async fn execute(
             {
                 Ok(u) => {
                     record_upid(env, &progress.op_id, &u).await?;
-                    wait_final(env, &u, env.task_timeout, done).await
+                    match wait_final(env, &u, env.task_timeout, done).await? {
+                        Final::Failed(why) => {
+                            let cleaned = delete_partial_snapshot(env, guest, p, &snap).await?;
+                            Ok(Final::Failed(match cleaned {
+                                Some(c) => format!("{why}; {c}"),
+                                None => why,
+                            }))
+                        }
+                        other => Ok(other),
+                    }
                 }
                 Err(e) => Ok(Final::Failed(e.to_string())),
             }
@@ -531,6 +588,61 @@ pub async fn execute(
             }
         }
     }
+}
+
+/// A failed `create_container` may leave the container half made: destroyed through the
+/// API (`purge`) when the vmid exists. `Some(what happened)` when there was one.
+async fn destroy_half_made(
+    env: &ExecEnv,
+    guest: &GuestRef,
+    permit: Option<&GuestPermit>,
+) -> Result<Option<String>, Unfinished> {
+    let (Some(p), Some(_)) = (permit, find_guest(env, guest.vmid).await?) else {
+        return Ok(None);
+    };
+    tracing::warn!(vmid = %guest.vmid, "create_container failed and left the container: destroying it");
+    Ok(Some(
+        match env.pve.destroy(p, guest.kind, true, true).await {
+            Ok(u) => match Pve::wait(&env.pve, &u, env.task_timeout).await {
+                Ok(_) => "the half-made container was destroyed".to_string(),
+                Err(e) => format!("destroying the half-made container failed: {e}"),
+            },
+            Err(e) => format!("destroying the half-made container failed: {e}"),
+        },
+    ))
+}
+
+/// A failed snapshot may leave a partial snapshot in the config: deleted with `force`.
+async fn delete_partial_snapshot(
+    env: &ExecEnv,
+    guest: &GuestRef,
+    permit: &GuestPermit,
+    name: &SnapshotName,
+) -> Result<Option<String>, Unfinished> {
+    let listed = env
+        .pve
+        .snapshots(guest.kind, guest.vmid)
+        .await
+        .map_err(px("listing the guest's snapshots"))?
+        .iter()
+        .any(|s| s.name == name.as_str());
+    if !listed {
+        return Ok(None);
+    }
+    tracing::warn!(vmid = %guest.vmid, snapshot = %name, "failed snapshot left a partial one: deleting it");
+    Ok(Some(
+        match env
+            .pve
+            .snapshot_delete(permit, guest.kind, name, true)
+            .await
+        {
+            Ok(u) => match Pve::wait(&env.pve, &u, env.task_timeout).await {
+                Ok(_) => format!("the partial snapshot {name} was deleted"),
+                Err(e) => format!("deleting the partial snapshot {name} failed: {e}"),
+            },
+            Err(e) => format!("deleting the partial snapshot {name} failed: {e}"),
+        },
+    ))
 }
 
 fn obj(v: Value) -> Map<String, Value> {

@@ -9,3 +9,7 @@
 //! finished step after a restart.
 
 pub mod capability;
+pub mod run;
+pub mod steps;
+
+pub use run::{GateOp, Gated, Who, run};
