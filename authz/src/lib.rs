@@ -13,7 +13,10 @@
 //! - [`verify`]: strict Ed25519 verification counting **distinct trusted public keys**,
 //!   before a single byte of the body is parsed;
 //! - [`payload`]: the operation and desired-state payloads, parsed only after verification,
-//!   with every field checked (`deny_unknown_fields` at every level);
+//!   with every field checked (`deny_unknown_fields` at every level), and each operation's
+//!   class (the grant it needs, which for issue 13's gated kinds may depend on the params);
+//! - [`params`]: the gated kinds' params that need more than a struct (`set_config`'s
+//!   config map, `restore`'s backup volume id);
 //! - [`refusal`]: the typed refusal reasons, whose `as_str()` is the wire code.
 //!
 //! Must never: parse any part of a payload before its signatures are verified; treat a
@@ -26,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod params;
 pub mod payload;
 pub mod refusal;
 pub mod trust;
@@ -35,10 +39,13 @@ pub use envelope::{
     DESIRED_PAYLOAD_TYPE, Envelope, MAX_ENVELOPE_BYTES, OP_PAYLOAD_TYPE, PayloadType,
     SignatureEntry, decode_base64, encode_base64, pae, payload_sha256,
 };
+pub use params::{
+    BackupFormat, BackupVolid, ConfigKey, ConfigValue, MAX_CONFIG_KEYS, ParamError, SetConfigParams,
+};
 pub use payload::{
-    Action, AgentId, BackupCompress, BackupMode, BackupParams, Context, DesiredPayload, Expect,
-    GuestOp, GuestType, HostOp, Kind, OpId, OpPayload, SnapshotParams, StopParams, Target,
-    parse_desired, parse_op,
+    Action, AgentId, BackupCompress, BackupMode, BackupParams, ConfigDigest, Context,
+    DesiredPayload, Expect, GuestOp, GuestType, HostOp, Kind, OpId, OpPayload, SnapshotName,
+    SnapshotParams, StopParams, Target, parse_desired, parse_op,
 };
 pub use refusal::{Reason, Refusal};
 pub use trust::{FileCheckError, Grant, Trust, TrustError, check_file_metadata, check_owner_mode};

@@ -3,8 +3,10 @@
 //! Owns: the operation payload ([`OpPayload`], `application/vnd.felhom.op+json`) and the
 //! desired-state payload ([`DesiredPayload`], `application/vnd.felhom.desired+json`), every
 //! per-field rule of issue 12 (version, ids, binding to this agent and node, the time
-//! window, the kind list and its params, the grant), and the mapping of each failure to
-//! its reason code.
+//! window, the kind list and its params, the grant), the gated kinds of issue 13 and their
+//! classes (which may depend on the params: [`GuestOp::class`]), and the mapping of each
+//! failure to its reason code. The params types that need more than a struct live in
+//! [`crate::params`].
 //! Must never: accept an unknown field at any level (an old agent must not ignore a
 //! restriction it does not understand), be called on bytes that were not verified (its
 //! entry points take a [`Verified`]), or read the clock (the caller passes `now`).
@@ -13,8 +15,11 @@
 //! (not JSON, no `v`), `unsupported_version`, `bad_payload` (fields, types, unknown
 //! top-level fields, `op_id`, `reason`), `wrong_agent`, `wrong_node`, `window_too_long`
 //! (or `bad_payload` when `not_after <= not_before`), `not_yet_valid`, `expired`,
-//! `unknown_op`, `grant_mismatch`, `below_threshold` (a grant of `irreversible` without the
-//! irreversible threshold), `invalid_params` (`target`, `expect`, `params`).
+//! `unknown_op`, `grant_mismatch` (the grant is below the kind's class), `below_threshold`
+//! (fewer distinct keys than the grant's threshold), `invalid_params` (`target`, `expect`,
+//! `params`), then `grant_mismatch` again against the class the params make (a `set_config`
+//! that clears `protection` is irreversible): the grant decides the threshold, so a payload
+//! whose grant is too weak for its params is refused whatever the number of signatures.
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -24,6 +29,7 @@ use felhom_protocol::{BlockDevicePath, MountName, PctCreateSpec, StorageId, Vmid
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::params::{BackupVolid, SetConfigParams};
 use crate::refusal::{Reason, Refusal};
 use crate::trust::{Grant, Trust};
 use crate::verify::Verified;
@@ -117,10 +123,17 @@ pub enum Kind {
     CreateContainer,
     UsbMount,
     UsbUnmount,
+    SetConfig,
+    Rollback,
+    Restore,
+    DeleteSnapshot,
+    Destroy,
+    Undo,
+    ReleaseUndo,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Start,
         Kind::Stop,
         Kind::Reboot,
@@ -129,6 +142,13 @@ impl Kind {
         Kind::CreateContainer,
         Kind::UsbMount,
         Kind::UsbUnmount,
+        Kind::SetConfig,
+        Kind::Rollback,
+        Kind::Restore,
+        Kind::DeleteSnapshot,
+        Kind::Destroy,
+        Kind::Undo,
+        Kind::ReleaseUndo,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +161,13 @@ impl Kind {
             Kind::CreateContainer => "create_container",
             Kind::UsbMount => "usb_mount",
             Kind::UsbUnmount => "usb_unmount",
+            Kind::SetConfig => "set_config",
+            Kind::Rollback => "rollback",
+            Kind::Restore => "restore",
+            Kind::DeleteSnapshot => "delete_snapshot",
+            Kind::Destroy => "destroy",
+            Kind::Undo => "undo",
+            Kind::ReleaseUndo => "release_undo",
         }
     }
 
@@ -148,7 +175,10 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// The kind's class: every kind of this issue is reversible by nature.
+    /// The kind's class, whatever its params: the kinds of issue 12 are reversible by
+    /// nature; of issue 13's gated kinds `delete_snapshot`, `destroy` and `release_undo`
+    /// are irreversible. An operation's class can be stronger than its kind's
+    /// ([`GuestOp::class`]).
     pub fn class(self) -> Grant {
         match self {
             Kind::Start
@@ -158,8 +188,28 @@ impl Kind {
             | Kind::Backup
             | Kind::CreateContainer
             | Kind::UsbMount
-            | Kind::UsbUnmount => Grant::Reversible,
+            | Kind::UsbUnmount
+            | Kind::SetConfig
+            | Kind::Rollback
+            | Kind::Restore
+            | Kind::Undo => Grant::Reversible,
+            Kind::DeleteSnapshot | Kind::Destroy | Kind::ReleaseUndo => Grant::Irreversible,
         }
+    }
+
+    /// Whether the reversibility gate of issue 13 runs it (an undo point before, a health
+    /// check after).
+    pub fn is_gated(self) -> bool {
+        matches!(
+            self,
+            Kind::SetConfig
+                | Kind::Rollback
+                | Kind::Restore
+                | Kind::DeleteSnapshot
+                | Kind::Destroy
+                | Kind::Undo
+                | Kind::ReleaseUndo
+        )
     }
 
     /// Whether the kind acts on a guest (`target` required) or on the host (`target` null).
@@ -365,6 +415,45 @@ pub struct BackupParams {
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RollbackParams {
+    snapshot: SnapshotName,
+    #[serde(default)]
+    start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreParams {
+    archive: BackupVolid,
+    storage: StorageId,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteSnapshotParams {
+    name: SnapshotName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestroyParams {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `undo`'s and `release_undo`'s params.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UndoParams {
+    op_id: OpId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UsbMountParams {
     device: BlockDevicePath,
     name: MountName,
@@ -385,6 +474,64 @@ pub enum GuestOp {
     Snapshot(SnapshotParams),
     Backup(BackupParams),
     CreateContainer(Box<PctCreateSpec>),
+    /// Writes (or with `None`, deletes) the named config keys.
+    SetConfig(SetConfigParams),
+    /// Rolls the guest back to `snapshot`, then starts it when `start`.
+    Rollback {
+        snapshot: SnapshotName,
+        start: bool,
+    },
+    /// Restores `archive` (of the target's guest type) as the target vmid onto `storage`;
+    /// `force` overwrites an existing guest.
+    Restore {
+        archive: BackupVolid,
+        storage: StorageId,
+        force: bool,
+        start: bool,
+    },
+    DeleteSnapshot {
+        name: SnapshotName,
+    },
+    Destroy {
+        purge: bool,
+    },
+    /// Undoes the operation `op_id` from its undo point.
+    Undo {
+        op_id: OpId,
+    },
+    /// Deletes the undo point of the operation `op_id`.
+    ReleaseUndo {
+        op_id: OpId,
+    },
+}
+
+impl GuestOp {
+    pub fn kind(&self) -> Kind {
+        match self {
+            GuestOp::Start => Kind::Start,
+            GuestOp::Stop(_) => Kind::Stop,
+            GuestOp::Reboot => Kind::Reboot,
+            GuestOp::Snapshot(_) => Kind::Snapshot,
+            GuestOp::Backup(_) => Kind::Backup,
+            GuestOp::CreateContainer(_) => Kind::CreateContainer,
+            GuestOp::SetConfig(_) => Kind::SetConfig,
+            GuestOp::Rollback { .. } => Kind::Rollback,
+            GuestOp::Restore { .. } => Kind::Restore,
+            GuestOp::DeleteSnapshot { .. } => Kind::DeleteSnapshot,
+            GuestOp::Destroy { .. } => Kind::Destroy,
+            GuestOp::Undo { .. } => Kind::Undo,
+            GuestOp::ReleaseUndo { .. } => Kind::ReleaseUndo,
+        }
+    }
+
+    /// The operation's class, params included: the kind's class, except that a
+    /// `set_config` that clears `protection` (false, 0 or null) is irreversible.
+    pub fn class(&self) -> Grant {
+        match self {
+            GuestOp::SetConfig(p) if p.clears_protection() => Grant::Irreversible,
+            op => op.kind().class(),
+        }
+    }
 }
 
 /// An operation on the host.
@@ -408,6 +555,17 @@ pub enum Action {
         op: GuestOp,
     },
     Host(HostOp),
+}
+
+impl Action {
+    /// The least grant the operation needs ([`GuestOp::class`]; host operations are
+    /// reversible).
+    pub fn required_grant(&self) -> Grant {
+        match self {
+            Action::Guest { op, .. } => op.class(),
+            Action::Host(_) => Grant::Reversible,
+        }
+    }
 }
 
 /// A verified, fully checked operation.
@@ -641,6 +799,52 @@ pub fn parse_op(v: &Verified, trust: &Trust, ctx: &Context) -> Result<OpPayload,
                 }
                 GuestOp::CreateContainer(Box::new(spec))
             }
+            Kind::SetConfig => {
+                let p: SetConfigParams = params_of(kind, raw.params)?;
+                p.check_target(target.guest_type)
+                    .map_err(|e| invalid_params(format!("params of set_config: {e}")))?;
+                GuestOp::SetConfig(p)
+            }
+            Kind::Rollback => {
+                let p: RollbackParams = params_of(kind, raw.params)?;
+                GuestOp::Rollback {
+                    snapshot: p.snapshot,
+                    start: p.start,
+                }
+            }
+            Kind::Restore => {
+                let p: RestoreParams = params_of(kind, raw.params)?;
+                if p.archive.guest_type() != target.guest_type {
+                    return Err(invalid_params(format!(
+                        "archive {} is a {} backup, the target is {}",
+                        p.archive,
+                        type_name(p.archive.guest_type()),
+                        type_name(target.guest_type)
+                    )));
+                }
+                GuestOp::Restore {
+                    archive: p.archive,
+                    storage: p.storage,
+                    force: p.force,
+                    start: p.start,
+                }
+            }
+            Kind::DeleteSnapshot => {
+                let p: DeleteSnapshotParams = params_of(kind, raw.params)?;
+                GuestOp::DeleteSnapshot { name: p.name }
+            }
+            Kind::Destroy => {
+                let p: DestroyParams = params_of(kind, raw.params)?;
+                GuestOp::Destroy { purge: p.purge }
+            }
+            Kind::Undo => {
+                let p: UndoParams = params_of(kind, raw.params)?;
+                GuestOp::Undo { op_id: p.op_id }
+            }
+            Kind::ReleaseUndo => {
+                let p: UndoParams = params_of(kind, raw.params)?;
+                GuestOp::ReleaseUndo { op_id: p.op_id }
+            }
             Kind::UsbMount | Kind::UsbUnmount => unreachable_host(kind)?,
         };
         Action::Guest { target, expect, op }
@@ -672,6 +876,19 @@ pub fn parse_op(v: &Verified, trust: &Trust, ctx: &Context) -> Result<OpPayload,
             _ => return Err(invalid_params("not a host operation")),
         })
     };
+    let need = action.required_grant();
+    if raw.grant < need {
+        return Err(Refusal::new(
+            Reason::GrantMismatch,
+            format!(
+                "this {} is {} ({}), granted only {}",
+                kind.as_str(),
+                need.as_str(),
+                why_class(&action),
+                raw.grant.as_str()
+            ),
+        ));
+    }
     Ok(OpPayload {
         op_id,
         agent_id: ctx.agent_id.clone(),
@@ -685,6 +902,24 @@ pub fn parse_op(v: &Verified, trust: &Trust, ctx: &Context) -> Result<OpPayload,
         signers: v.signers.clone(),
         payload_sha256: v.payload_sha256,
     })
+}
+
+fn type_name(t: GuestType) -> &'static str {
+    match t {
+        GuestType::Lxc => "lxc",
+        GuestType::Qemu => "qemu",
+    }
+}
+
+/// Why an operation's class is above its kind's (for the `grant_mismatch` message).
+fn why_class(action: &Action) -> &'static str {
+    match action {
+        Action::Guest {
+            op: GuestOp::SetConfig(p),
+            ..
+        } if p.clears_protection() => "it clears protection",
+        _ => "its kind",
+    }
 }
 
 /// `is_guest` is false for the usb kinds, so this arm is never taken; it still answers

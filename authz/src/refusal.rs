@@ -1,6 +1,7 @@
 //! Why an envelope was refused: the closed set of reason codes of issue 12 that apply to
 //! one envelope on its own (replay, rollback, conflicts and preconditions are decided by
-//! the agent with its journal).
+//! the agent with its journal, as are issue 13's `protected`, `not_reversible` and
+//! `undo_point_failed`).
 //!
 //! Owns: [`Reason`] (its `as_str()` is the wire code) and [`Refusal`] (a reason plus a
 //! message for humans). Must never: put secret or unbounded input in a message.
@@ -37,7 +38,9 @@ pub enum Reason {
     WindowTooLong,
     /// `op` is not a kind this agent knows.
     UnknownOp,
-    /// The grant is below the kind's class.
+    /// The grant is below the operation's class: its kind's (`delete_snapshot`, `destroy`,
+    /// `release_undo` are irreversible), or the class its params make (a `set_config` that
+    /// clears `protection` is irreversible).
     GrantMismatch,
     /// `target`, `expect` or `params` do not fit the kind.
     InvalidParams,

@@ -211,7 +211,9 @@ fn hostile_envelopes_each_get_their_exact_reason() {
         ("not yet valid", alice_signed(&with(with(stop_payload(), &["not_before"], json!(NOW + 100)), &["not_after"], json!(NOW + 200))), &t11, Reason::NotYetValid),
         ("expired", alice_signed(&with(with(stop_payload(), &["not_before"], json!(NOW - 1000)), &["not_after"], json!(NOW - 100))), &t11, Reason::Expired),
         ("a window one second too long", alice_signed(&with(with(stop_payload(), &["not_before"], json!(NOW - 10)), &["not_after"], json!(NOW + 3591))), &t11, Reason::WindowTooLong),
-        ("unknown op", alice_signed(&with(stop_payload(), &["op"], json!("destroy"))), &t11, Reason::UnknownOp),
+        ("unknown op", alice_signed(&with(stop_payload(), &["op"], json!("format_disks"))), &t11, Reason::UnknownOp),
+        ("destroy granted reversible", alice_signed(&with(with(stop_payload(), &["op"], json!("destroy")), &["params"], json!({"purge": true}))), &t11, Reason::GrantMismatch),
+        ("set_config clearing protection granted reversible", alice_signed(&with(with(stop_payload(), &["op"], json!("set_config")), &["params"], json!({"config": {"protection": 0}}))), &t11, Reason::GrantMismatch),
         ("an unknown field in params", alice_signed(&with(stop_payload(), &["params", "force"], json!(true))), &t11, Reason::InvalidParams),
         ("a float vmid", alice_signed(&with(stop_payload(), &["target", "vmid"], json!(101.0))), &t11, Reason::InvalidParams),
         ("a string vmid", alice_signed(&with(stop_payload(), &["target", "vmid"], json!("101"))), &t11, Reason::InvalidParams),
@@ -243,19 +245,41 @@ fn hostile_envelopes_each_get_their_exact_reason() {
         assert_eq!(got.reason, *want, "{name}: {got}");
         seen.insert(*want);
     }
-    // Every reason this crate can give, except grant_mismatch (every kind of issue 12 is
-    // reversible, so no grant is below a kind's class yet).
+    // Every reason this crate can give.
     for r in Reason::ALL {
-        if r != Reason::GrantMismatch {
-            assert!(seen.contains(&r), "no hostile case for {r}");
-        }
+        assert!(seen.contains(&r), "no hostile case for {r}");
     }
 }
 
 #[test]
-fn every_kind_of_issue_12_is_reversible() {
+fn the_kinds_of_issue_12_are_reversible_and_three_gated_kinds_are_not() {
+    use felhom_authz::Grant::{Irreversible, Reversible};
+    let classes: Vec<(&str, felhom_authz::Grant, bool)> = Kind::ALL
+        .iter()
+        .map(|k| (k.as_str(), k.class(), k.is_gated()))
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            ("start", Reversible, false),
+            ("stop", Reversible, false),
+            ("reboot", Reversible, false),
+            ("snapshot", Reversible, false),
+            ("backup", Reversible, false),
+            ("create_container", Reversible, false),
+            ("usb_mount", Reversible, false),
+            ("usb_unmount", Reversible, false),
+            ("set_config", Reversible, true),
+            ("rollback", Reversible, true),
+            ("restore", Reversible, true),
+            ("delete_snapshot", Irreversible, true),
+            ("destroy", Irreversible, true),
+            ("undo", Reversible, true),
+            ("release_undo", Irreversible, true),
+        ]
+    );
     for k in Kind::ALL {
-        assert_eq!(k.class(), felhom_authz::Grant::Reversible, "{}", k.as_str());
+        assert_eq!(Kind::parse(k.as_str()), Some(k));
     }
 }
 

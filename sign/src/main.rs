@@ -91,7 +91,10 @@ struct OpArgs {
     agent_id: String,
     #[arg(long)]
     node: String,
-    /// start, stop, reboot, snapshot, backup, create_container, usb_mount, usb_unmount.
+    /// start, stop, reboot, snapshot, backup, create_container, usb_mount, usb_unmount;
+    /// gated: set_config, rollback, restore, undo; irreversible (sign with --grant
+    /// irreversible, then cosign up to the irreversible threshold): delete_snapshot,
+    /// destroy, release_undo, and a set_config that clears protection.
     #[arg(long)]
     op: String,
     /// The guest (guest operations only).

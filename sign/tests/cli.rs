@@ -180,7 +180,33 @@ fn bad_params_are_refused_before_anything_is_printed() {
             "invalid_params",
         ),
         (&["--op", "stop"][..], "invalid_params"),
-        (&["--op", "destroy", "--vmid", "101"][..], "unknown_op"),
+        (&["--op", "format_disks", "--vmid", "101"][..], "unknown_op"),
+        // issue 13: the grant must reach the operation's class
+        (&["--op", "destroy", "--vmid", "101"][..], "grant_mismatch"),
+        (
+            &[
+                "--op",
+                "set_config",
+                "--vmid",
+                "101",
+                "--param",
+                r#"config={"protection":0}"#,
+            ][..],
+            "grant_mismatch",
+        ),
+        (
+            &[
+                "--op",
+                "restore",
+                "--vmid",
+                "101",
+                "--param",
+                "archive=local:backup/vzdump-qemu-101-2025_01_31-02_00_05.vma.zst",
+                "--param",
+                "storage=local-lvm",
+            ][..],
+            "invalid_params",
+        ),
         (
             &["--op", "stop", "--vmid", "101", "--valid", "8d"][..],
             "window_too_long",
@@ -274,6 +300,83 @@ fn usb_and_desired_state() {
     assert_eq!(doc.generation, 4);
     assert_eq!(doc.guests.len(), 1);
     assert_eq!(doc.signers, ["alice"]);
+}
+
+#[test]
+fn gated_kinds_sign_and_irreversible_ones_need_the_cosignature() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let alice = ok(d, &["keygen", "alice"]);
+    let bob = ok(d, &["keygen", "bob"]);
+    let t = trust(&[&alice, &bob], 1, 2);
+    let base = [
+        "op",
+        "--key",
+        "alice.pem",
+        "--agent-id",
+        AGENT,
+        "--node",
+        "pve1",
+        "--vmid",
+        "101",
+    ];
+    let op = |extra: &[&str]| -> String {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        ok(d, &args)
+    };
+    let env = op(&[
+        "--op",
+        "set_config",
+        "--param",
+        r#"config={"memory":2048,"onboot":true}"#,
+    ]);
+    let o = verify_op(env.trim().as_bytes(), &t, &ctx()).unwrap();
+    assert!(matches!(
+        o.action,
+        Action::Guest {
+            op: GuestOp::SetConfig(_),
+            ..
+        }
+    ));
+    let env = op(&[
+        "--op",
+        "rollback",
+        "--param",
+        "snapshot=daily",
+        "--param",
+        "start=true",
+    ]);
+    let o = verify_op(env.trim().as_bytes(), &t, &ctx()).unwrap();
+    assert!(matches!(
+        o.action,
+        Action::Guest {
+            op: GuestOp::Rollback { start: true, .. },
+            ..
+        }
+    ));
+    // destroy granted irreversible: alice alone is below the threshold of 2, with bob's
+    // cosignature it verifies
+    let env = op(&[
+        "--op",
+        "destroy",
+        "--param",
+        "purge=true",
+        "--grant",
+        "irreversible",
+    ]);
+    let r = verify_op(env.trim().as_bytes(), &t, &ctx()).unwrap_err();
+    assert_eq!(r.reason, Reason::BelowThreshold);
+    std::fs::write(d.join("destroy.json"), &env).unwrap();
+    let both = ok(d, &["cosign", "--key", "bob.pem", "destroy.json"]);
+    let o = verify_op(both.trim().as_bytes(), &t, &ctx()).unwrap();
+    assert!(matches!(
+        o.action,
+        Action::Guest {
+            op: GuestOp::Destroy { purge: true },
+            ..
+        }
+    ));
+    assert_eq!(o.signers, ["alice", "bob"]);
 }
 
 fn openssl() -> Option<()> {

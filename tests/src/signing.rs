@@ -608,6 +608,62 @@ impl Fixture {
             .params(json!({"timeout_seconds": 5}))
     }
 
+    /// A valid operation of `kind` with `params` on the fixture's guest (an lxc), granted
+    /// the kind's class: `irreversible` for `delete_snapshot`, `destroy` and
+    /// `release_undo`, else `reversible`.
+    pub fn guest(&self, kind: &str, params: Value) -> Payload {
+        let grant = match felhom_authz::Kind::parse(kind).map(|k| k.class()) {
+            Some(felhom_authz::Grant::Irreversible) => "irreversible",
+            _ => "reversible",
+        };
+        Payload::guest_op(&self.agent_id, &self.node, kind, "lxc", self.vmid)
+            .params(params)
+            .grant(grant)
+    }
+
+    /// `set_config` of `config` (`{KEY: VALUE|null}`); granted `irreversible` when it
+    /// clears `protection` (false, 0 or null), as it must be.
+    pub fn set_config(&self, config: Value) -> Payload {
+        let clears = config
+            .get("protection")
+            .is_some_and(|v| v.is_null() || *v == json!(false) || *v == json!(0));
+        let p = self.guest("set_config", json!({ "config": config }));
+        if clears { p.grant("irreversible") } else { p }
+    }
+
+    /// `rollback` to `snapshot`, started afterwards when `start`.
+    pub fn rollback(&self, snapshot: &str, start: bool) -> Payload {
+        self.guest("rollback", json!({"snapshot": snapshot, "start": start}))
+    }
+
+    /// `restore` of `archive` (a backup volid of an lxc) onto `storage`.
+    pub fn restore(&self, archive: &str, storage: &str, force: bool, start: bool) -> Payload {
+        self.guest(
+            "restore",
+            json!({"archive": archive, "storage": storage, "force": force, "start": start}),
+        )
+    }
+
+    /// `delete_snapshot` of `name` (irreversible).
+    pub fn delete_snapshot(&self, name: &str) -> Payload {
+        self.guest("delete_snapshot", json!({ "name": name }))
+    }
+
+    /// `destroy` (irreversible).
+    pub fn destroy(&self, purge: bool) -> Payload {
+        self.guest("destroy", json!({ "purge": purge }))
+    }
+
+    /// `undo` of the operation `op_id`.
+    pub fn undo(&self, op_id: &str) -> Payload {
+        self.guest("undo", json!({ "op_id": op_id }))
+    }
+
+    /// `release_undo` of the operation `op_id`'s undo point (irreversible).
+    pub fn release_undo(&self, op_id: &str) -> Payload {
+        self.guest("release_undo", json!({ "op_id": op_id }))
+    }
+
     /// A valid desired state of `generation` with no guests.
     pub fn desired(&self, generation: u64) -> Payload {
         Payload::desired(&self.agent_id, &self.node, generation, json!([]))
@@ -670,6 +726,13 @@ pub enum Hostile {
     HostOpWithTarget,
     BadExpectDigest,
     TimeoutOutOfRange,
+    DestroyGrantedReversible,
+    DeleteSnapshotGrantedReversible,
+    ReleaseUndoGrantedReversible,
+    ClearProtectionGrantedReversible,
+    DestroyOneSigner,
+    ClearProtectionOneSigner,
+    RestoreArchiveOfOtherType,
     DesiredUnknownField,
     DesiredOtherAgent,
     DesiredSignedAsOp,
@@ -677,7 +740,7 @@ pub enum Hostile {
 }
 
 impl Hostile {
-    pub const ALL: [Hostile; 35] = [
+    pub const ALL: [Hostile; 42] = [
         Hostile::TooLarge,
         Hostile::UnknownEnvelopeField,
         Hostile::PayloadNotBase64,
@@ -709,6 +772,13 @@ impl Hostile {
         Hostile::HostOpWithTarget,
         Hostile::BadExpectDigest,
         Hostile::TimeoutOutOfRange,
+        Hostile::DestroyGrantedReversible,
+        Hostile::DeleteSnapshotGrantedReversible,
+        Hostile::ReleaseUndoGrantedReversible,
+        Hostile::ClearProtectionGrantedReversible,
+        Hostile::DestroyOneSigner,
+        Hostile::ClearProtectionOneSigner,
+        Hostile::RestoreArchiveOfOtherType,
         Hostile::DesiredUnknownField,
         Hostile::DesiredOtherAgent,
         Hostile::DesiredSignedAsOp,
@@ -907,6 +977,64 @@ impl Hostile {
                 alice(&stop.clone().params(json!({"timeout_seconds": 0}))),
                 "invalid_params",
             ),
+            // Issue 13: the grant against the operation's class. Signed by both keys, so
+            // only the grant is wrong.
+            Hostile::DestroyGrantedReversible => (
+                "destroy_granted_reversible",
+                fx.destroy(true)
+                    .grant("reversible")
+                    .sign(&[a, &fx.bob])
+                    .text(),
+                "grant_mismatch",
+            ),
+            Hostile::DeleteSnapshotGrantedReversible => (
+                "delete_snapshot_granted_reversible",
+                fx.delete_snapshot("before-upgrade")
+                    .grant("reversible")
+                    .sign(&[a, &fx.bob])
+                    .text(),
+                "grant_mismatch",
+            ),
+            Hostile::ReleaseUndoGrantedReversible => (
+                "release_undo_granted_reversible",
+                fx.release_undo(&random_op_id())
+                    .grant("reversible")
+                    .sign(&[a, &fx.bob])
+                    .text(),
+                "grant_mismatch",
+            ),
+            Hostile::ClearProtectionGrantedReversible => (
+                "clear_protection_granted_reversible",
+                fx.set_config(json!({"protection": 0}))
+                    .grant("reversible")
+                    .sign(&[a, &fx.bob])
+                    .text(),
+                "grant_mismatch",
+            ),
+            // Granted irreversible but signed by one key (the irreversible threshold is 2).
+            Hostile::DestroyOneSigner => (
+                "destroy_one_signer",
+                alice(&fx.destroy(false)),
+                "below_threshold",
+            ),
+            Hostile::ClearProtectionOneSigner => (
+                "clear_protection_one_signer",
+                alice(&fx.set_config(json!({"protection": false}))),
+                "below_threshold",
+            ),
+            Hostile::RestoreArchiveOfOtherType => (
+                "restore_archive_of_other_type",
+                alice(&fx.restore(
+                    &format!(
+                        "local:backup/vzdump-qemu-{}-2025_01_31-02_00_05.vma.zst",
+                        fx.vmid
+                    ),
+                    "local",
+                    true,
+                    false,
+                )),
+                "invalid_params",
+            ),
             Hostile::DesiredUnknownField => {
                 channel = Channel::Desired;
                 (
@@ -1020,6 +1148,38 @@ mod tests {
             verify_op(&p.sign(&[&fx.alice]).bytes(), &trust, &ctx())
                 .unwrap_or_else(|r| panic!("{r}: {}", String::from_utf8_lossy(&p.body())));
         }
+        // the gated kinds' builders, signed as their class needs (both keys for an
+        // irreversible grant)
+        let irreversible = [
+            fx.destroy(true),
+            fx.delete_snapshot("old-1"),
+            fx.release_undo(&random_op_id()),
+            fx.set_config(json!({"protection": null})),
+        ];
+        for p in &irreversible {
+            assert_eq!(p.get("grant"), Some("\"irreversible\""));
+        }
+        let reversible = [
+            fx.set_config(json!({"memory": 1024, "onboot": true, "protection": 1})),
+            fx.rollback("daily", true),
+            fx.restore(
+                "nas:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst",
+                "local-lvm",
+                false,
+                true,
+            ),
+            fx.undo(&random_op_id()),
+        ];
+        for p in irreversible.iter().chain(&reversible) {
+            let keys: &[&TestKey] = if p.get("grant") == Some("\"irreversible\"") {
+                &[&fx.alice, &fx.bob]
+            } else {
+                &[&fx.alice]
+            };
+            let op = verify_op(&p.sign(keys).bytes(), &trust, &ctx())
+                .unwrap_or_else(|r| panic!("{r}: {}", String::from_utf8_lossy(&p.body())));
+            assert!(op.kind.is_gated());
+        }
         let d = verify_desired(&fx.desired(7).sign(&[&fx.bob]).bytes(), &trust, &ctx()).unwrap();
         assert_eq!((d.generation, d.signers), (7, vec!["bob".to_string()]));
     }
@@ -1085,14 +1245,11 @@ mod tests {
             }
         }
         assert!(names.len() >= 25);
-        // every authz reason but grant_mismatch (no kind of issue 12 is irreversible) is
-        // among them
+        // every authz reason is among them
         let covered: std::collections::HashSet<&str> =
             Hostile::ALL.iter().map(|h| h.build(&fx).reason).collect();
         for r in Reason::ALL {
-            if r != Reason::GrantMismatch {
-                assert!(covered.contains(r.as_str()), "{r} not covered");
-            }
+            assert!(covered.contains(r.as_str()), "{r} not covered");
         }
     }
 

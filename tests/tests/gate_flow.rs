@@ -30,7 +30,13 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
     let agent = stack.start_agent();
 
     // A change that works: applied, the previous values kept as its undo point.
-    let p = stack.gated("set_config", "lxc", 301, json!({"config": {"memory": 1024}}), "reversible");
+    let p = stack.gated(
+        "set_config",
+        "lxc",
+        301,
+        json!({"config": {"memory": 1024}}),
+        "reversible",
+    );
     let first = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &first).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
@@ -47,7 +53,13 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
         .await
         .unwrap();
     let before = comparable_without(sim, 302, None).await;
-    let p = stack.gated("set_config", "lxc", 302, json!({"config": {"memory": 2048, "cores": 2}}), "reversible");
+    let p = stack.gated(
+        "set_config",
+        "lxc",
+        302,
+        json!({"config": {"memory": 2048, "cores": 2}}),
+        "reversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
     assert_eq!(r["state"], "rolled_back", "{r}\n{}", agent.log_text());
@@ -64,7 +76,13 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
     assert_eq!(status(sim, 301).await, "running");
 
     // A change edited by someone else afterwards is not overwritten by an undo.
-    let p = stack.gated("set_config", "lxc", 301, json!({"config": {"memory": 768}}), "reversible");
+    let p = stack.gated(
+        "set_config",
+        "lxc",
+        301,
+        json!({"config": {"memory": 768}}),
+        "reversible",
+    );
     let third = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &third).await;
     assert_eq!(r["state"], "applied", "{r}");
@@ -77,7 +95,10 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
     assert_eq!(r["state"], "failed", "{r}\n{}", agent.log_text());
     assert_eq!(undo_of(&r)["status"], "not_possible", "{r}");
     let msg = r["message"].as_str().unwrap();
-    assert!(msg.contains("digest") && msg.contains("not overwritten"), "{msg}");
+    assert!(
+        msg.contains("digest") && msg.contains("not overwritten"),
+        "{msg}"
+    );
     assert_eq!(config(sim, 301).await["memory"], json!(999));
     drop(agent);
 }
@@ -96,7 +117,13 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
     }
     let agent = stack.start_agent();
 
-    let p = stack.gated("rollback", "lxc", 311, json!({"snapshot": "before", "start": true}), "reversible");
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        311,
+        json!({"snapshot": "before", "start": true}),
+        "reversible",
+    );
     let first = op_id_of(&p);
     let undo_name = format!("felhom-undo-{}", &first[..12]);
     let r = stack.run_op(&stack.signed(&p), &first).await;
@@ -113,8 +140,16 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
 
     // The rollback task fails: rolled back to the undo snapshot, as before.
     let before = comparable_without(sim, 312, None).await;
-    sim.add_task_fault("vzrollback", Some(312), None).await.unwrap();
-    let p = stack.gated("rollback", "lxc", 312, json!({"snapshot": "before", "start": false}), "reversible");
+    sim.add_task_fault("vzrollback", Some(312), None)
+        .await
+        .unwrap();
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        312,
+        json!({"snapshot": "before", "start": false}),
+        "reversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
     assert_eq!(r["state"], "rolled_back", "{r}\n{}", agent.log_text());
@@ -127,15 +162,31 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
     let r = stack.run_op(&stack.signed(&u), &uid).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
     assert_eq!(config(sim, 311).await["memory"], json!(640));
-    assert_eq!(status(sim, 311).await, "stopped", "the power state from before");
+    assert_eq!(
+        status(sim, 311).await,
+        "stopped",
+        "the power state from before"
+    );
 
     // release_undo is irreversible: one key is not enough, two are.
-    let rel = stack.gated("release_undo", "lxc", 311, json!({"op_id": first}), "irreversible");
+    let rel = stack.gated(
+        "release_undo",
+        "lxc",
+        311,
+        json!({"op_id": first}),
+        "irreversible",
+    );
     let rid = op_id_of(&rel);
     let r = stack.run_op(&stack.signed(&rel), &rid).await;
     assert_eq!(r["state"], "refused", "{r}");
     assert_eq!(r["reason"], "below_threshold", "{r}");
-    let rel = stack.gated("release_undo", "lxc", 311, json!({"op_id": first}), "irreversible");
+    let rel = stack.gated(
+        "release_undo",
+        "lxc",
+        311,
+        json!({"op_id": first}),
+        "irreversible",
+    );
     let rid = op_id_of(&rel);
     let r = stack.run_op(&stack.cosigned(&rel), &rid).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
@@ -152,7 +203,8 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_irreversible_grant() {
+async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_irreversible_grant()
+{
     needs_root!();
     let stack = Stack::new(json!({"gate": {"health_timeout_seconds": 8}}));
     let sim = &stack.pve.pve;
@@ -180,15 +232,29 @@ async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_
     .unwrap();
     let agent = stack.start_agent();
 
-    let p = stack.gated("rollback", "lxc", 321, json!({"snapshot": "before"}), "reversible");
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        321,
+        json!({"snapshot": "before"}),
+        "reversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
     let undo = undo_of(&r);
     assert_eq!(undo["kind"], "backup", "{r}");
     let volid = undo["ref"].as_str().unwrap().to_string();
-    assert!(volid.starts_with("nas-backup:backup/vzdump-lxc-321-"), "{volid}");
-    assert!(backups(sim, 321).await.iter().any(|b| b["volid"] == volid.as_str()));
+    assert!(
+        volid.starts_with("nas-backup:backup/vzdump-lxc-321-"),
+        "{volid}"
+    );
+    assert!(
+        backups(sim, 321)
+            .await
+            .iter()
+            .any(|b| b["volid"] == volid.as_str())
+    );
     assert_eq!(
         comparable_without(sim, 321, None).await.snapshots,
         vec!["before".to_string()],
@@ -197,15 +263,31 @@ async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_
 
     // dir + bind mount: neither a snapshot nor a complete backup.
     let before = comparable_without(sim, 322, None).await;
-    let p = stack.gated("rollback", "lxc", 322, json!({"snapshot": "before"}), "reversible");
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        322,
+        json!({"snapshot": "before"}),
+        "reversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
     assert_eq!(r["state"], "refused", "{r}");
     assert_eq!(r["reason"], "not_reversible", "{r}");
     assert!(r["message"].as_str().unwrap().contains("mp0"), "{r}");
-    assert_eq!(comparable_without(sim, 322, None).await, before, "nothing changed");
+    assert_eq!(
+        comparable_without(sim, 322, None).await,
+        before,
+        "nothing changed"
+    );
     // Granted irreversible with two keys it runs without an undo point and says so.
-    let p = stack.gated("rollback", "lxc", 322, json!({"snapshot": "before"}), "irreversible");
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        322,
+        json!({"snapshot": "before"}),
+        "irreversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.cosigned(&p), &id).await;
     assert_ne!(r["state"], "refused", "{r}\n{}", agent.log_text());
@@ -254,7 +336,9 @@ async fn restore_to_a_new_vmid_and_over_a_guest_with_failures_undone() {
     assert!(sim.comparable_guest(331).await.unwrap().exists);
 
     // The restore task fails: the half-made guest is destroyed.
-    sim.add_task_fault("vzrestore", Some(332), None).await.unwrap();
+    sim.add_task_fault("vzrestore", Some(332), None)
+        .await
+        .unwrap();
     let p = restore(332, false);
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
@@ -268,11 +352,18 @@ async fn restore_to_a_new_vmid_and_over_a_guest_with_failures_undone() {
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
     let undo = undo_of(&r);
     assert_eq!(undo["kind"], "backup", "{r}");
-    assert!(backups(sim, 333).await.iter().any(|b| b["volid"] == undo["ref"]));
+    assert!(
+        backups(sim, 333)
+            .await
+            .iter()
+            .any(|b| b["volid"] == undo["ref"])
+    );
 
     // ... and when that restore fails, the backup is restored over it.
     let before = comparable_without(sim, 334, None).await;
-    sim.add_task_fault("vzrestore", Some(334), None).await.unwrap();
+    sim.add_task_fault("vzrestore", Some(334), None)
+        .await
+        .unwrap();
     let p = restore(334, true);
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
@@ -318,7 +409,13 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
     .await;
     let agent = stack.start_agent();
 
-    let p = stack.gated("destroy", "lxc", 341, json!({"purge": true}), "irreversible");
+    let p = stack.gated(
+        "destroy",
+        "lxc",
+        341,
+        json!({"purge": true}),
+        "irreversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &id).await;
     assert_eq!(r["state"], "refused", "{r}");
@@ -327,14 +424,28 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
 
     // A failed destroy changes nothing; its backup stays.
     let before = comparable_without(sim, 341, None).await;
-    sim.add_task_fault("vzdestroy", Some(341), None).await.unwrap();
-    let p = stack.gated("destroy", "lxc", 341, json!({"purge": true}), "irreversible");
+    sim.add_task_fault("vzdestroy", Some(341), None)
+        .await
+        .unwrap();
+    let p = stack.gated(
+        "destroy",
+        "lxc",
+        341,
+        json!({"purge": true}),
+        "irreversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.cosigned(&p), &id).await;
     assert_eq!(r["state"], "failed", "{r}\n{}", agent.log_text());
     assert_eq!(comparable_without(sim, 341, None).await, before);
 
-    let p = stack.gated("destroy", "lxc", 341, json!({"purge": true}), "irreversible");
+    let p = stack.gated(
+        "destroy",
+        "lxc",
+        341,
+        json!({"purge": true}),
+        "irreversible",
+    );
     let destroyed = op_id_of(&p);
     let r = stack.run_op(&stack.cosigned(&p), &destroyed).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
@@ -349,7 +460,13 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
     assert_eq!(b["protected"], json!(1), "{b}");
 
     // A signed undo restores the destroyed guest from its protected backup.
-    let u = stack.gated("undo", "lxc", 341, json!({"op_id": destroyed}), "reversible");
+    let u = stack.gated(
+        "undo",
+        "lxc",
+        341,
+        json!({"op_id": destroyed}),
+        "reversible",
+    );
     let uid = op_id_of(&u);
     let r = stack.run_op(&stack.signed(&u), &uid).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
@@ -365,10 +482,21 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
     assert_eq!(r["reason"], "protected", "{r}");
 
     // delete_snapshot: irreversible, no undo point.
-    let p = stack.gated("delete_snapshot", "lxc", 342, json!({"name": "old"}), "irreversible");
+    let p = stack.gated(
+        "delete_snapshot",
+        "lxc",
+        342,
+        json!({"name": "old"}),
+        "irreversible",
+    );
     let id = op_id_of(&p);
     let r = stack.run_op(&stack.cosigned(&p), &id).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
-    assert!(comparable_without(sim, 342, None).await.snapshots.is_empty());
+    assert!(
+        comparable_without(sim, 342, None)
+            .await
+            .snapshots
+            .is_empty()
+    );
     drop(agent);
 }

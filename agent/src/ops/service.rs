@@ -795,7 +795,10 @@ impl Inner {
                 "no operation {undone} is known to this agent"
             )));
         };
-        let Ok(OpSpec::Gated(gated)) = serde_json::from_value::<OpSpec>(target.spec.clone()) else {
+        let Some(gated) = serde_json::from_value::<OpSpec>(target.spec.clone())
+            .ok()
+            .and_then(|s| s.gated())
+        else {
             return Err(OpsError::Local(format!(
                 "operation {undone} ({}) is not a gated operation: it has no undo point",
                 target.kind
@@ -810,21 +813,20 @@ impl Inner {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .map_err(|_| OpsError::Local("no randomness for an operation id".into()))?;
         let op_id = hex::encode(bytes);
-        let spec = OpSpec::Gated(Box::new(super::gate::Gated {
-            guest: super::exec::GuestRef {
-                expect_digest: None,
-                ..gated.guest.clone()
+        let guest = super::exec::GuestRef {
+            expect_digest: None,
+            ..gated.guest.clone()
+        };
+        let spec = match req {
+            LocalRequest::Undo { .. } => OpSpec::Undo {
+                guest,
+                op_id: undone.clone(),
             },
-            op: match req {
-                LocalRequest::Undo { .. } => super::gate::GateOp::Undo {
-                    op_id: undone.clone(),
-                },
-                LocalRequest::Release { .. } => super::gate::GateOp::ReleaseUndo {
-                    op_id: undone.clone(),
-                },
+            LocalRequest::Release { .. } => OpSpec::ReleaseUndo {
+                guest,
+                op_id: undone.clone(),
             },
-            irreversible: kind == "release_undo",
-        }));
+        };
         let described =
             serde_json::json!({"local": kind, "op_id": op_id, "undone": undone, "by": by});
         let rec = OpRecord {

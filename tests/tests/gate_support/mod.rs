@@ -64,7 +64,9 @@ pub async fn pve(sim: &PveSim, method: &str, rel: &str, form: &[(&str, &str)]) -
 /// A PVE task call, waited on.
 pub async fn pve_task(sim: &PveSim, method: &str, rel: &str, form: &[(&str, &str)]) {
     let upid = pve(sim, method, rel, form).await;
-    let upid = upid.as_str().unwrap_or_else(|| panic!("{rel}: no UPID: {upid}"));
+    let upid = upid
+        .as_str()
+        .unwrap_or_else(|| panic!("{rel}: no UPID: {upid}"));
     let st = sim.wait_task(upid, T).await.expect("task ends");
     assert_eq!(st["exitstatus"], "OK", "{rel}: {st}");
 }

@@ -1191,10 +1191,9 @@ async fn undo_op<'a>(
 
 /// The gated spec of a record (its `spec` as the ops service keeps it).
 fn gated_of(spec: &Value) -> Option<Gated> {
-    match serde_json::from_value::<crate::ops::exec::OpSpec>(spec.clone()).ok()? {
-        crate::ops::exec::OpSpec::Gated(g) => Some(*g),
-        _ => None,
-    }
+    serde_json::from_value::<crate::ops::exec::OpSpec>(spec.clone())
+        .ok()?
+        .gated()
 }
 
 async fn load_undone(
