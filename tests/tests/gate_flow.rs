@@ -45,7 +45,7 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
         json!({"kind": "previous_values", "ref": null, "status": "kept"}),
         "{r}"
     );
-    assert_eq!(config(sim, 301).await["memory"], json!(1024));
+    assert_eq!(memory(sim, 301).await, 1024);
 
     // A change that stops the guest: the health check fails, the old values are written
     // back and the guest started: everything as before.
@@ -72,7 +72,7 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
     let r = stack.run_op(&stack.signed(&u), &uid).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
     assert_eq!(r["result"]["undone_op_id"], json!(first), "{r}");
-    assert_eq!(config(sim, 301).await["memory"], json!(512));
+    assert_eq!(memory(sim, 301).await, 512);
     assert_eq!(status(sim, 301).await, "running");
 
     // A change edited by someone else afterwards is not overwritten by an undo.
@@ -86,7 +86,7 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
     let third = op_id_of(&p);
     let r = stack.run_op(&stack.signed(&p), &third).await;
     assert_eq!(r["state"], "applied", "{r}");
-    sim.set_guest(301, json!({"config": {"memory": 999}}))
+    sim.set_guest(301, json!({"config": {"memory": "999"}}))
         .await
         .unwrap();
     let u = stack.gated("undo", "lxc", 301, json!({"op_id": third}), "reversible");
@@ -99,7 +99,7 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
         msg.contains("digest") && msg.contains("not overwritten"),
         "{msg}"
     );
-    assert_eq!(config(sim, 301).await["memory"], json!(999));
+    assert_eq!(memory(sim, 301).await, 999);
     drop(agent);
 }
 
@@ -111,7 +111,7 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
     for vmid in [311, 312] {
         lvm_ct(sim, vmid, "stopped").await;
         snapshot(sim, "lxc", vmid, "before").await;
-        sim.set_guest(vmid, json!({"config": {"memory": 640}}))
+        sim.set_guest(vmid, json!({"config": {"memory": "640"}}))
             .await
             .unwrap();
     }
@@ -133,7 +133,7 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
         json!({"kind": "snapshot", "ref": undo_name, "status": "kept"}),
         "{r}"
     );
-    assert_eq!(config(sim, 311).await["memory"], json!(512));
+    assert_eq!(memory(sim, 311).await, 512);
     assert_eq!(status(sim, 311).await, "running");
     let snaps = comparable_without(sim, 311, None).await.snapshots;
     assert_eq!(snaps, vec!["before".to_string(), undo_name.clone()]);
@@ -161,7 +161,7 @@ async fn rollback_keeps_an_undo_snapshot_a_failed_one_is_undone_and_release_need
     let uid = op_id_of(&u);
     let r = stack.run_op(&stack.signed(&u), &uid).await;
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
-    assert_eq!(config(sim, 311).await["memory"], json!(640));
+    assert_eq!(memory(sim, 311).await, 640);
     assert_eq!(
         status(sim, 311).await,
         "stopped",
@@ -215,7 +215,7 @@ async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_
         sim,
         321,
         "lxc",
-        json!({"hostname": "zfs", "memory": 512, "ostype": "debian",
+        json!({"hostname": "zfs", "memory": "512", "ostype": "debian",
             "rootfs": "local-zfs:subvol-321-disk-0,size=4G"}),
         "stopped",
     )
@@ -312,7 +312,7 @@ async fn restore_to_a_new_vmid_and_over_a_guest_with_failures_undone() {
         sim,
         335,
         "lxc",
-        json!({"hostname": "prot", "memory": 512, "protection": 1,
+        json!({"hostname": "prot", "memory": "512", "protection": "1",
             "rootfs": "local-lvm:vm-335-disk-0,size=4G"}),
         "stopped",
     )
@@ -402,7 +402,7 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
         sim,
         343,
         "lxc",
-        json!({"hostname": "prot", "memory": 512, "protection": 1,
+        json!({"hostname": "prot", "memory": "512", "protection": "1",
             "rootfs": "local-lvm:vm-343-disk-0,size=4G"}),
         "stopped",
     )

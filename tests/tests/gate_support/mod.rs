@@ -31,8 +31,8 @@ pub async fn lvm_ct(sim: &PveSim, vmid: u32, status: &str) {
         "lxc",
         json!({
             "hostname": format!("ct{vmid}"),
-            "memory": 512,
-            "cores": 1,
+            "memory": "512",
+            "cores": "1",
             "ostype": "debian",
             "arch": "amd64",
             "rootfs": format!("local-lvm:vm-{vmid}-disk-0,size=4G"),
@@ -129,6 +129,14 @@ pub async fn status(sim: &PveSim, vmid: u32) -> String {
         .as_str()
         .unwrap_or("")
         .to_string()
+}
+
+/// The guest's `memory` (PVE gives it as a number, the control API as written).
+pub async fn memory(sim: &PveSim, vmid: u32) -> u64 {
+    let v = config(sim, vmid).await["memory"].clone();
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("memory of {vmid}: {v}"))
 }
 
 pub async fn config(sim: &PveSim, vmid: u32) -> Value {
