@@ -160,6 +160,20 @@ impl Fault {
     }
 }
 
+/// What a gate test compares of one guest before and after an operation: whether it
+/// exists, its power state, its config without `digest` and `lock`, and its snapshot
+/// names (sorted). Equal values mean "the guest is as it was".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestComparable {
+    pub exists: bool,
+    /// `running` / `stopped`; `None` when it does not exist.
+    pub status: Option<String>,
+    /// The config as `GET …/config` shows it (pending values merged), without `digest`
+    /// and `lock`.
+    pub config: std::collections::BTreeMap<String, Value>,
+    pub snapshots: Vec<String>,
+}
+
 /// A running `felhom-pvesim` child.
 #[derive(Debug)]
 pub struct PveSim {
@@ -378,6 +392,90 @@ impl PveSim {
     /// Changes (or with `"type"` creates) a guest directly.
     pub async fn set_guest(&self, vmid: u32, patch: Value) -> Result<Value, HarnessError> {
         self.control("PUT", &format!("/_sim/guests/{vmid}"), Some(patch))
+            .await
+    }
+
+    /// The comparable state of guest `vmid` ([`GuestComparable`]); a guest that does
+    /// not exist is `exists: false`, not an error.
+    pub async fn comparable_guest(&self, vmid: u32) -> Result<GuestComparable, HarnessError> {
+        let v = match self.guest(vmid).await {
+            Ok(v) => v,
+            Err(HarnessError::Status { status: 404, .. }) => {
+                return Ok(GuestComparable {
+                    exists: false,
+                    status: None,
+                    config: Default::default(),
+                    snapshots: Vec::new(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let mut config: std::collections::BTreeMap<String, Value> = v["config"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        config.remove("digest");
+        config.remove("lock");
+        let mut snapshots: Vec<String> = v["snapshots"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["name"].as_str())
+                    .filter(|n| *n != "current")
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        snapshots.sort();
+        Ok(GuestComparable {
+            exists: true,
+            status: v["status"].as_str().map(str::to_owned),
+            config,
+            snapshots,
+        })
+    }
+
+    /// Arms a task fault (`POST /_sim/task-faults`): the next task of worker type
+    /// `wtype` (for guest `vmid` when given) fails midway with its type's partial effect;
+    /// returns the fault's id.
+    pub async fn add_task_fault(
+        &self,
+        wtype: &str,
+        vmid: Option<u32>,
+        message: Option<&str>,
+    ) -> Result<u64, HarnessError> {
+        let body = serde_json::json!({"type": wtype, "vmid": vmid, "message": message});
+        let v = self
+            .control("POST", "/_sim/task-faults", Some(body))
+            .await?;
+        v["id"].as_u64().ok_or_else(|| HarnessError::Decode {
+            what: "task fault id".into(),
+            detail: v.to_string(),
+        })
+    }
+
+    /// Arms a task fault from a full `POST /_sim/task-faults` body (e.g. with
+    /// `"keep_lock": true` or `"times"`); returns its id.
+    pub async fn add_task_fault_spec(&self, spec: Value) -> Result<u64, HarnessError> {
+        let v = self
+            .control("POST", "/_sim/task-faults", Some(spec))
+            .await?;
+        v["id"].as_u64().ok_or_else(|| HarnessError::Decode {
+            what: "task fault id".into(),
+            detail: v.to_string(),
+        })
+    }
+
+    /// Disarms every task fault.
+    pub async fn clear_task_faults(&self) -> Result<(), HarnessError> {
+        self.control("DELETE", "/_sim/task-faults", None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Changes (or with `"type"` creates) a storage (`PUT /_sim/storages/{sid}`).
+    pub async fn set_storage(&self, sid: &str, patch: Value) -> Result<Value, HarnessError> {
+        self.control("PUT", &format!("/_sim/storages/{sid}"), Some(patch))
             .await
     }
 

@@ -463,7 +463,7 @@ async fn a_restored_guest_can_be_made_to_fail_its_start() {
     let r = api(&sim, "DELETE", "/nodes/pve1/lxc/101", &[("purge", "1")]).await;
     assert_eq!(
         r.reason.as_deref(),
-        Some("CT 101 is running - destroy failed")
+        Some("unable to destroy CT 101 - container is running")
     );
     let (_, st) = task(
         &sim,

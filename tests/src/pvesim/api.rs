@@ -159,6 +159,9 @@ pub fn dispatch(
             if s.len() >= 4 && s[2] == "storage" {
                 params.insert("storage".to_owned(), s[3].to_owned());
             }
+            if s.len() >= 6 && s[2] == "storage" && s[4] == "content" {
+                params.insert("volume".to_owned(), s[5].to_owned());
+            }
             if s.len() >= 4 && s[2] == "tasks" {
                 params.insert("upid".to_owned(), s[3].to_owned());
             }
@@ -248,6 +251,8 @@ pub fn dispatch(
         Route::QemuAgentPing => qemu_agent_ping(st, &params),
         Route::StorageList => get_storage_list(st, caller, &params),
         Route::StorageContent => get_storage_content(st, caller, &params),
+        Route::StorageVolumeUpdate => update_volume(st, caller, &params),
+        Route::StorageVolumeDelete => delete_volume(st, caller, &params, ctx),
         Route::Vzdump => vzdump(st, caller, params, ctx),
         Route::TaskList => get_task_list(st, caller, &params),
         Route::TaskStatus => get_task_status(st, caller, &params),
@@ -288,6 +293,8 @@ enum Route {
     QemuAgentPing,
     StorageList,
     StorageContent,
+    StorageVolumeUpdate,
+    StorageVolumeDelete,
     Vzdump,
     TaskList,
     TaskStatus,
@@ -330,6 +337,8 @@ fn route_of(method: &str, s: &[&str]) -> Option<Route> {
         }
         ("GET", ["nodes", _, "storage"]) => Route::StorageList,
         ("GET", ["nodes", _, "storage", _, "content"]) => Route::StorageContent,
+        ("PUT", ["nodes", _, "storage", _, "content", _]) => Route::StorageVolumeUpdate,
+        ("DELETE", ["nodes", _, "storage", _, "content", _]) => Route::StorageVolumeDelete,
         ("POST", ["nodes", _, "vzdump"]) => Route::Vzdump,
         ("GET", ["nodes", _, "tasks"]) => Route::TaskList,
         ("GET", ["nodes", _, "tasks", _, "status"]) => Route::TaskStatus,
@@ -1046,6 +1055,7 @@ fn put_lxc_config(
     }
     work.touch();
     *g = work;
+    st.config_changed(vmid);
     data(Value::Null)
 }
 
@@ -1276,6 +1286,7 @@ fn qemu_config(
         let mut work = g.clone();
         qemu_apply(&mut work, &params, &delete, &revert, &mut rng).map_err(ApiError::die)?;
         *g = work;
+        st.config_changed(vmid);
         return data(Value::Null);
     }
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
@@ -1285,6 +1296,7 @@ fn qemu_config(
         let mut work = g.clone();
         qemu_apply(&mut work, &params, &delete, &revert, &mut rng)?;
         *g = work;
+        st.config_changed(vmid);
         Ok(vec![])
     });
     spawn(
@@ -1297,6 +1309,7 @@ fn qemu_config(
             log: vec![],
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
@@ -1308,6 +1321,44 @@ struct NewTask {
     log: Vec<String>,
     finish: state::FinishFn,
     cleanup: state::CleanupFn,
+    /// What a task fault leaves (`None`: what `cleanup` leaves, i.e. nothing changed).
+    partial: Option<state::PartialFn>,
+}
+
+/// The exit status of a task failed by a task fault that gave no message.
+fn default_fault_message(wtype: &str) -> String {
+    format!("{wtype} failed midway (pvesim task fault)")
+}
+
+/// Splits a task's work for a fault that strikes at its very end: the finish, and a
+/// partial that does the whole work, then `after`, and then fails (a real error of the
+/// work wins over the fault's message).
+fn finish_then_fail(
+    work: state::FinishFn,
+    after: impl FnOnce(&mut SimState) + Send + 'static,
+) -> (state::FinishFn, state::PartialFn) {
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
+    let s2 = shared.clone();
+    let take = |s: &std::sync::Mutex<Option<state::FinishFn>>| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).take()
+    };
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| match take(&shared) {
+        Some(w) => w(st),
+        None => Err("task work already done".into()),
+    });
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        let Some(w) = take(&s2) else {
+            return msg.into();
+        };
+        match w(st) {
+            Err(e) => e,
+            Ok(lines) => {
+                after(st);
+                state::TaskErr { lines, msg }
+            }
+        }
+    });
+    (finish, partial)
 }
 
 /// Starts the task and answers with its UPID, as PVE answers every async call.
@@ -1332,6 +1383,13 @@ fn spawn_timed(
     if injected_failure.is_some() {
         ctx.task_fail_used = true;
     }
+    let midway = match injected_failure {
+        Some(_) => None,
+        None => st.task_faults.take(t.wtype, &t.id).map(|f| state::Midway {
+            msg: f.message.unwrap_or_else(|| default_fault_message(t.wtype)),
+            keep_lock: f.keep_lock.unwrap_or(false),
+        }),
+    };
     let upid = st.start_task(
         t.wtype,
         &t.id,
@@ -1341,6 +1399,8 @@ fn spawn_timed(
             finish: t.finish,
             cleanup: t.cleanup,
             injected_failure,
+            midway,
+            partial: t.partial,
         },
         extra,
     );
@@ -1448,6 +1508,7 @@ fn guest_action(
                 log,
                 finish,
                 cleanup: Box::new(|_| {}),
+                partial: None,
             },
         );
     }
@@ -1512,6 +1573,7 @@ fn guest_action(
             log,
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
@@ -1587,12 +1649,16 @@ fn guest_reboot(
             log: Vec::new(),
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
 }
 
 // ---------------------------------------------------------------- snapshots
 
+/// `has_feature('snapshot')` over every volume of the config: each must sit on a
+/// storage that can snapshot it in its format (section 11 of the API notes); a bind or
+/// device mount point (a host path, not a volume) has no such feature at all.
 fn snapshot_feature_ok(st: &SimState, g: &Guest) -> bool {
     g.conf
         .iter()
@@ -1600,8 +1666,28 @@ fn snapshot_feature_ok(st: &SimState, g: &Guest) -> bool {
         .all(|(_, v)| {
             guest::volume_of(v)
                 .and_then(schema::parse_volume_id)
-                .and_then(|(sid, _)| st.storage(sid))
-                .is_some_and(|s| s.supports_snapshots())
+                .and_then(|(sid, name)| st.storage(sid).map(|s| (s, name)))
+                .is_some_and(|(s, name)| storage::volume_can_snapshot(s.stype, name))
+        })
+}
+
+/// ZFS's rule, checked for each volume of the snapshot before a rollback changes
+/// anything: only the most recent snapshot of a dataset can be rolled back to. The
+/// error names the first volume (rootfs first) that has a newer snapshot.
+fn zfs_rollback_blocker(st: &SimState, g: &Guest, name: &str) -> Option<String> {
+    let target = g.snapshots.get(name)?;
+    let newer = g
+        .snapshots
+        .iter()
+        .any(|(n, s)| n != name && s.order > target.order);
+    if !newer {
+        return None;
+    }
+    guest::config_disks(g.kind, &target.conf)
+        .into_iter()
+        .find(|(_, sid, _, _)| st.storage(sid).is_some_and(|s| s.stype == "zfspool"))
+        .map(|(_, sid, vol, _)| {
+            format!("can't rollback, '{name}' is not most recent snapshot on '{sid}:{vol}'")
         })
 }
 
@@ -1657,12 +1743,14 @@ fn snapshot_create(
                 description: description.clone(),
                 snapstate: Some("prepare"),
                 vmstate: vmstate && g.running,
+                order: guest::next_snapshot_order(),
             },
         );
         g.touch();
         Ok(())
     })();
     let n2 = name.clone();
+    let prepared2 = prepared.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
         prepared?;
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
@@ -1688,6 +1776,27 @@ fn snapshot_create(
             g.touch();
         }
     });
+    // A task fault: a volume snapshot failed and PVE's cleanup could not remove the
+    // half-made snapshot, which stays in state `prepare` (delete it with `force=1`).
+    let n4 = name.clone();
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        if let Err(e) = prepared2 {
+            return e.into();
+        }
+        if let Some(g) = st.guests.get_mut(&vmid) {
+            if g.lock() == Some("snapshot") {
+                g.conf.remove("lock");
+            }
+            g.touch();
+        }
+        state::TaskErr {
+            lines: vec![
+                "snapshot create failed: starting cleanup".into(),
+                format!("unable to remove the partial snapshot '{n4}'"),
+            ],
+            msg,
+        }
+    });
     let wtype = if kind == Kind::Lxc {
         "vzsnapshot"
     } else {
@@ -1703,6 +1812,7 @@ fn snapshot_create(
             log: vec![],
             finish,
             cleanup,
+            partial: Some(partial),
         },
     )
 }
@@ -1717,7 +1827,8 @@ fn snapshot_delete(
     validate(&[NODE, VMID, SNAPNAME, opt("force", Ty::Bool)], &params)?;
     let vmid = vmid_of(&params);
     let name = params["snapname"].clone();
-    let prepared: Result<(), String> = (|| {
+    let force = flag(&params, "force");
+    let prepared: Result<Option<String>, String> = (|| {
         let g = load_task(st, kind, vmid)?;
         if !g.snapshots.contains_key(&name) {
             return Err(format!("snapshot '{name}' does not exist"));
@@ -1726,17 +1837,35 @@ fn snapshot_delete(
         if g.is_template() {
             return Err("you can't delete a snapshot if vm is a template".into());
         }
+        // A snapshot a failed task left in `prepare` has no volume snapshots to remove:
+        // without `force`, removing the first one fails (the task dies there, leaving
+        // the lock and `snapstate: delete`, as PVE's does).
+        let missing = g
+            .snapshots
+            .get(&name)
+            .filter(|s| s.snapstate == Some("prepare"))
+            .and_then(|s| guest::config_disks(kind, &s.conf).into_iter().next())
+            .map(|(_, sid, vol, _)| match st.storage(&sid).map(|s| s.stype) {
+                Some("zfspool") => {
+                    "zfs error: could not find any snapshots to destroy; check snapshot names."
+                        .to_owned()
+                }
+                _ => format!("snapshot '{name}' of volume '{sid}:{vol}' does not exist"),
+            })
+            .filter(|_| !force);
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
         g.conf.insert("lock".into(), "snapshot-delete".into());
         if let Some(s) = g.snapshots.get_mut(&name) {
             s.snapstate = Some("delete");
         }
         g.touch();
-        Ok(())
+        Ok(missing)
     })();
     let n2 = name.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
-        prepared?;
+        if let Some(e) = prepared? {
+            return Err(e.into());
+        }
         let g = st.guests.get_mut(&vmid).ok_or("vanished")?;
         let removed = g.snapshots.remove(&n2);
         let new_parent = removed.and_then(|s| s.conf.get("parent").cloned());
@@ -1787,6 +1916,7 @@ fn snapshot_delete(
             log: vec![],
             finish,
             cleanup,
+            partial: None,
         },
     )
 }
@@ -1811,6 +1941,9 @@ fn snapshot_rollback(
             .snapshots
             .get(&name)
             .ok_or_else(|| format!("snapshot '{name}' does not exist"))?;
+        if let Some(e) = zfs_rollback_blocker(st, g, &name) {
+            return Err(e);
+        }
         if let Some(state) = s.snapstate {
             return Err(format!(
                 "unable to rollback to incomplete snapshot (snapstate = {state})"
@@ -1823,6 +1956,7 @@ fn snapshot_rollback(
         Ok(())
     })();
     let n2 = name.clone();
+    let prepared2 = prepared.clone();
     let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
         prepared?;
         st.set_running(vmid, false);
@@ -1861,6 +1995,19 @@ fn snapshot_rollback(
             g.touch();
         }
     });
+    // A task fault: the rollback fails before it changes anything (the lock is lifted).
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        if let Some(g) = st.guests.get_mut(&vmid)
+            && g.lock() == Some("rollback")
+        {
+            g.conf.remove("lock");
+            g.touch();
+        }
+        match prepared2 {
+            Err(e) => e.into(),
+            Ok(()) => msg.into(),
+        }
+    });
     let wtype = if kind == Kind::Lxc {
         "vzrollback"
     } else {
@@ -1876,6 +2023,7 @@ fn snapshot_rollback(
             log: vec![],
             finish,
             cleanup,
+            partial: Some(partial),
         },
     )
 }
@@ -2002,6 +2150,150 @@ fn get_storage_content(
         .map(|v| v.content_json())
         .collect();
     data(Value::Array(items))
+}
+
+/// pve-storage's `real_volume_id`: a full volid must name the path's storage; a bare
+/// volume name is taken on it.
+fn real_volume_id(sid: &str, volume: &str) -> Result<String, ApiError> {
+    match schema::parse_volume_id(volume) {
+        Some((vsid, _)) if vsid != sid => Err(ApiError::die(format!(
+            "storage ID mismatch ({vsid} != {sid})"
+        ))),
+        Some(_) => Ok(volume.to_owned()),
+        None => Ok(format!("{sid}:{volume}")),
+    }
+}
+
+/// How many protected backups per guest a caller without `Datastore.Allocate` on the
+/// storage may keep there (pve-storage's default `max-protected-backups`).
+const MAX_PROTECTED_BACKUPS: usize = 5;
+
+/// `PUT /nodes/{node}/storage/{storage}/content/{volume}` (synchronous): `notes` and
+/// `protected` of a backup, after pve-storage's `check_volume_access`.
+fn update_volume(st: &mut SimState, caller: &Caller, params: &Params) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            req("volume", Ty::str()),
+            opt("notes", Ty::str()),
+            opt("protected", Ty::Bool),
+        ],
+        params,
+    )?;
+    let sid = params.get("storage").cloned().unwrap_or_default();
+    let volid = real_volume_id(&sid, &params["volume"])?;
+    check_volume_access(st, caller, None, &volid, None)?;
+    let s = st
+        .storage(&sid)
+        .ok_or_else(|| ApiError::die(format!("storage '{sid}' does not exist")))?;
+    let vol = s
+        .volumes
+        .iter()
+        .find(|v| v.volid == volid)
+        .ok_or_else(|| ApiError::die(format!("volume '{volid}' does not exist")))?;
+    if flag(params, "protected")
+        && !vol.protected
+        && vol.content == "backup"
+        && !caller.has(&format!("/storage/{sid}"), "Datastore.Allocate")
+    {
+        let count = s
+            .volumes
+            .iter()
+            .filter(|v| v.protected && v.vmid == vol.vmid && v.subtype == vol.subtype)
+            .count();
+        if count >= MAX_PROTECTED_BACKUPS {
+            return Err(ApiError::die(format!(
+                "The number of protected backups per guest is limited to {MAX_PROTECTED_BACKUPS} on storage '{sid}'"
+            )));
+        }
+    }
+    let vol = st
+        .storage_mut(&sid)
+        .and_then(|s| s.volumes.iter_mut().find(|v| v.volid == volid))
+        .ok_or_else(|| ApiError::die("vanished"))?;
+    if let Some(p) = params.get("protected") {
+        vol.protected = p == "1";
+    }
+    if let Some(n) = params.get("notes") {
+        vol.notes = (!n.is_empty()).then(|| n.clone());
+    }
+    data(Value::Null)
+}
+
+/// `DELETE /nodes/{node}/storage/{storage}/content/{volume}`: permission checked at
+/// once (a backup: `Datastore.AllocateSpace` plus `VM.Backup` on its guest; anything
+/// else `Datastore.Allocate`), then an `imgdel` task frees it; a protected volume makes
+/// the task fail (`free_image`'s refusal) and stays.
+fn delete_volume(
+    st: &mut SimState,
+    caller: &Caller,
+    params: &Params,
+    ctx: &mut RequestCtx,
+) -> Result<Answer, ApiError> {
+    validate(
+        &[
+            NODE,
+            opt("storage", Ty::fmt(Fmt::StorageId)),
+            req("volume", Ty::str()),
+            opt("delay", Ty::int(1, 30)),
+        ],
+        params,
+    )?;
+    let sid = params.get("storage").cloned().unwrap_or_default();
+    let volid = real_volume_id(&sid, &params["volume"])?;
+    let Some((_, volname)) = schema::parse_volume_id(&volid) else {
+        return Err(ApiError::die(format!(
+            "unable to parse volume ID '{volid}'"
+        )));
+    };
+    let volname = volname.to_owned();
+    if st.storage(&sid).is_none() {
+        return Err(ApiError::die(format!("storage '{sid}' does not exist")));
+    }
+    let owner = parse_backup_name(&volname).map(|(_, o)| o);
+    let spath = format!("/storage/{sid}");
+    match owner {
+        Some(o) => {
+            caller.check(&spath, &["Datastore.AllocateSpace"])?;
+            caller.check(&format!("/vms/{o}"), &["VM.Backup"])?;
+        }
+        None => caller.check(&spath, &["Datastore.Allocate"])?,
+    }
+    let v2 = volid.clone();
+    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+        let s = st
+            .storage_mut(&sid)
+            .ok_or_else(|| format!("storage '{sid}' does not exist"))?;
+        if let Some(i) = s.volumes.iter().position(|v| v.volid == v2) {
+            if s.volumes[i].protected {
+                return Err(
+                    format!("cannot remove protected volume '{volname}' on '{sid}'").into(),
+                );
+            }
+            s.volumes.remove(i);
+        } else if s.allocated.remove(&volname).is_none() {
+            return Err(format!("volume '{v2}' does not exist").into());
+        }
+        Ok(vec![format!("Removed volume '{v2}'")])
+    });
+    let id = match owner {
+        Some(o) => format!("{o}@{}", params.get("storage").cloned().unwrap_or_default()),
+        None => params.get("storage").cloned().unwrap_or_default(),
+    };
+    spawn(
+        st,
+        ctx,
+        caller,
+        NewTask {
+            wtype: "imgdel",
+            id,
+            log: Vec::new(),
+            finish,
+            cleanup: Box::new(|_| {}),
+            partial: None,
+        },
+    )
 }
 
 // ---------------------------------------------------------------- vzdump
@@ -2170,6 +2462,15 @@ fn vzdump(
         .unwrap_or_else(|| "0".into());
     let notes_template = params.get("notes-template").cloned();
     let protected = flag(&params, "protected");
+    // Writing the archives takes their size / `backup_bytes_per_second`.
+    let bytes: u64 = local
+        .iter()
+        .filter_map(|v| st.guests.get(v))
+        .map(|g| state::backup_volume(&storage, false, g, 0, "0", None, false).size)
+        .sum();
+    let extra = std::time::Duration::from_secs_f64(
+        bytes as f64 / st.settings.backup_bytes_per_second.max(1.0),
+    );
     let mut cmdline = format!(
         "vzdump {}",
         local
@@ -2264,6 +2565,9 @@ fn vzdump(
                 if g.running { "running" } else { "stopped" }
             ));
             lines.push(format!("INFO: backup mode: {mode}"));
+            if g.kind == Kind::Lxc {
+                lines.extend(excluded_mount_points(&g.conf));
+            }
             // Unique ctime per guest and storage (two backups in one second would collide).
             let mut ctime = start_time;
             let notes = notes_template.as_ref().map(|t| {
@@ -2296,6 +2600,19 @@ fn vzdump(
                 .split_once(":backup/")
                 .map(|x| x.1.to_owned())
                 .unwrap_or_default();
+            // A full backup storage: the archive tool hits ENOSPC, vzdump removes the
+            // partial file, the guest is unlocked and the job ends with errors.
+            if st.storage(&storage).is_some_and(|s| s.avail() < vol.size) {
+                lines.extend(backup_no_space(st, &storage, g.kind, *v, &file));
+                errors += 1;
+                if let Some(gm) = st.guests.get_mut(v)
+                    && gm.lock() == Some("backup")
+                {
+                    gm.conf.remove("lock");
+                    gm.touch();
+                }
+                continue;
+            }
             if let Some(s) = st.storage_mut(&storage) {
                 lines.push(if s.is_pbs() {
                     format!("INFO: creating Proxmox Backup Server archive '{file}'")
@@ -2332,7 +2649,7 @@ fn vzdump(
             }
         }
     });
-    spawn(
+    spawn_timed(
         st,
         ctx,
         caller,
@@ -2342,8 +2659,74 @@ fn vzdump(
             log,
             finish,
             cleanup,
+            partial: None,
         },
+        extra,
     )
+}
+
+/// pve-container's `mountpoint_backup_enabled`: the container mount points a backup
+/// leaves out (bind and device mounts, and volumes without `backup=1`), as vzdump logs
+/// them. Their data is not in the archive.
+fn excluded_mount_points(conf: &BTreeMap<String, String>) -> Vec<String> {
+    conf.iter()
+        .filter(|(k, _)| guest::is_indexed(k, "mp"))
+        .filter_map(|(k, v)| {
+            let mut parts = v.split(',');
+            let first = parts.next().unwrap_or("");
+            let first = first.strip_prefix("volume=").unwrap_or(first);
+            let opts: Vec<&str> = parts.collect();
+            let mount = opts.iter().find_map(|o| o.strip_prefix("mp="))?;
+            let (ty, reason) = if guest::volume_of(v).is_some() {
+                let backup = opts
+                    .iter()
+                    .find_map(|o| o.strip_prefix("backup="))
+                    .is_some_and(|b| matches!(b, "1" | "yes" | "on" | "true"));
+                if backup {
+                    return None;
+                }
+                ("volume", "disabled")
+            } else if first.starts_with("/dev/") {
+                ("device", "not a volume")
+            } else {
+                ("bind", "not a volume")
+            };
+            Some(format!(
+                "INFO: excluding {ty} mount point {k} ('{mount}') from backup ({reason})"
+            ))
+        })
+        .collect()
+}
+
+/// The log of a backup that ran out of space on `storage` (modelled on vzdump's
+/// forms: tar's or vma's ENOSPC on a file storage, the PBS client's upload error).
+fn backup_no_space(st: &SimState, storage: &str, kind: Kind, vmid: u32, file: &str) -> Vec<String> {
+    let Some(s) = st.storage(storage) else {
+        return Vec::new();
+    };
+    if s.is_pbs() {
+        return vec![
+            format!("INFO: creating Proxmox Backup Server archive '{file}'"),
+            format!(
+                "ERROR: Backup of VM {vmid} failed - backup write data failed: command error: write_data upload error: pipelined request failed: No space left on device (os error 28)"
+            ),
+        ];
+    }
+    let path = s.dump_path(file);
+    let mut lines = vec![format!("INFO: creating vzdump archive '{path}'")];
+    match kind {
+        Kind::Lxc => {
+            lines.push("INFO: tar: -: Cannot write: No space left on device".into());
+            lines.push("INFO: tar: Error is not recoverable: exiting now".into());
+            lines.push(format!(
+                "ERROR: Backup of VM {vmid} failed - command 'set -o pipefail && lxc-usernsexec -m u:0:100000:65536 -m g:0:100000:65536 -- tar cpf - --totals --one-file-system -p --sparse --numeric-owner --acls --xattrs '--xattrs-include=user.*' '--xattrs-include=security.capability' '--warning=no-file-ignored' '--warning=no-xattr-write' --one-file-system '--warning=no-file-ignored' '--directory=/var/tmp/vzdumptmp{vmid}' ./etc/vzdump/pct.conf '--directory=/mnt/vzsnap0' --no-anchored '--exclude=lost+found' --anchored '--exclude=./tmp/?*' '--exclude=./var/tmp/?*' '--exclude=./var/run/?*.pid' ./ >{path}.dat' failed: exit code 2"
+            ));
+        }
+        Kind::Qemu => lines.push(format!(
+            "ERROR: Backup of VM {vmid} failed - job failed with err -28 - No space left on device"
+        )),
+    }
+    lines
 }
 
 // ---------------------------------------------------------------- create / restore
@@ -2548,28 +2931,51 @@ fn lxc_create(
     let extra = plan.as_ref().map(|p| p.duration).unwrap_or_default();
     let plan_for_cleanup = plan.clone();
     let existed_for_cleanup = existed.clone();
-    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
-        let fail = |st: &mut SimState, msg: String| -> Result<Vec<String>, state::TaskErr> {
-            if let Some(p) = &plan {
-                free_plan(st, p);
-            }
-            undo_create(st, vmid, existed.as_ref());
-            Err(format!("{emsg} {vmid} - {msg}").into())
-        };
+    let work: state::FinishFn = Box::new(move |st: &mut SimState| {
+        // pve-container's error path: before the disks are made, only the `create` lock
+        // goes; from then on the new disks are freed and the config is destroyed, even
+        // over an existing container (whose old volumes were already freed when the
+        // failure came after the new disks were made).
+        let fail =
+            |st: &mut SimState, stage: Stage, msg: String| -> Result<Vec<String>, state::TaskErr> {
+                if let Some(p) = &plan {
+                    free_plan(st, p);
+                }
+                match (stage, &existed) {
+                    (Stage::Early, _) | (_, None) => undo_create(st, vmid, existed.as_ref()),
+                    (Stage::Disks, Some(_)) => {
+                        st.guests.remove(&vmid);
+                    }
+                    (Stage::Extract, Some(old)) => {
+                        st.free_disks(Kind::Lxc, &old.conf);
+                        st.guests.remove(&vmid);
+                    }
+                }
+                Err(format!("{emsg} {vmid} - {msg}").into())
+            };
         let (sid, _) = schema::parse_volume_id(&ostemplate).unwrap_or(("", ""));
         let vol = st
             .storage(sid)
             .and_then(|s| s.volumes.iter().find(|v| v.volid == ostemplate))
             .cloned();
         let Some(vol) = vol else {
-            return fail(st, format!("volume '{ostemplate}' does not exist"));
+            return fail(
+                st,
+                Stage::Early,
+                format!("volume '{ostemplate}' does not exist"),
+            );
         };
         if let Some(p) = &plan
             && let Some((lines, msg)) = plan_failure(Kind::Lxc, vmid, st, p)
         {
             let mut lines = lines;
             lines.insert(0, format!("extracting archive '{ostemplate}'"));
-            return fail(st, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
+            let stage = if p.bad_target.is_some() || p.no_space.is_some() {
+                Stage::Disks
+            } else {
+                Stage::Extract
+            };
+            return fail(st, stage, msg).map_err(|e| state::TaskErr { lines, msg: e.msg });
         }
         // Bind and device mount points come back only for root@pam (never a token).
         if restore
@@ -2586,6 +2992,7 @@ fn lxc_create(
             };
             return fail(
                 st,
+                Stage::Extract,
                 format!("restoring '{k}' to {ty} mount is only possible for root"),
             );
         }
@@ -2601,6 +3008,7 @@ fn lxc_create(
             else {
                 return fail(
                     st,
+                    Stage::Early,
                     format!("unable to read config from archive '{ostemplate}'"),
                 );
             };
@@ -2727,6 +3135,13 @@ fn lxc_create(
         }
         Ok(lines)
     });
+    // A task fault strikes after the restore is done (as a failed start after it): the
+    // old volumes are freed, the new config is written, the guest stays stopped.
+    let (finish, partial) = finish_then_fail(work, move |st: &mut SimState| {
+        if st.guests.get(&vmid).is_some_and(|g| g.running) {
+            st.set_running(vmid, false);
+        }
+    });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         if let Some(p) = &plan_for_cleanup {
             free_plan(st, p);
@@ -2743,9 +3158,21 @@ fn lxc_create(
             log,
             finish,
             cleanup,
+            partial: Some(partial),
         },
         extra,
     )
+}
+
+/// Where a container restore failed (its error path depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before the new disks were made: nothing but the lock changed.
+    Early,
+    /// Making the new disks.
+    Disks,
+    /// After the old volumes were freed (extracting, merging the config).
+    Extract,
 }
 
 /// After a restore over an existing guest: its old disks are freed, except those the
@@ -2903,7 +3330,7 @@ fn qemu_create(
         }
     }
     let plan_for_cleanup = plan.clone();
-    let finish: state::FinishFn = Box::new(move |st: &mut SimState| {
+    let work: state::FinishFn = Box::new(move |st: &mut SimState| {
         let not_cleaned = format!(
             "error before or during data restore, some or all disks were not completely restored. VM {vmid} state is NOT cleaned up."
         );
@@ -2918,6 +3345,14 @@ fn qemu_create(
             lines.push(not_cleaned.clone());
             Err(state::TaskErr { lines, msg })
         };
+        // qemu-server checks protection, then the power state, in the worker.
+        if st
+            .guests
+            .get(&vmid)
+            .is_some_and(|g| g.conf.get("protection").is_some_and(|v| v == "1"))
+        {
+            return fail(st, Vec::new(), format!("{emsg} protection mode enabled"));
+        }
         if st.guests.get(&vmid).is_some_and(|g| g.running) {
             return fail(st, Vec::new(), format!("{emsg} vm is running"));
         }
@@ -3016,6 +3451,23 @@ fn qemu_create(
         }
         Ok(lines)
     });
+    // A task fault strikes after the data was restored (qemu-server's "error after data
+    // was restored" path): the old disks and snapshots are gone, the new config is
+    // written, the lock dropped, the VM stopped.
+    let (finish, partial) = finish_then_fail(work, move |st: &mut SimState| {
+        if st.guests.get(&vmid).is_some_and(|g| g.running) {
+            st.set_running(vmid, false);
+        }
+    });
+    let partial: state::PartialFn = Box::new(move |st: &mut SimState, msg: String| {
+        let mut e = partial(st, msg);
+        if st.guests.get(&vmid).is_some_and(|g| g.lock().is_none()) {
+            e.lines.push(format!(
+                "error after data was restored, VM disks should be OK but config may require adaptions. VM {vmid} state is NOT cleaned up."
+            ));
+        }
+        e
+    });
     let cleanup: state::CleanupFn = Box::new(move |st: &mut SimState| {
         free_plan(st, &plan_for_cleanup);
         if let Some(g) = st.guests.get_mut(&vmid)
@@ -3035,6 +3487,7 @@ fn qemu_create(
             log,
             finish,
             cleanup,
+            partial: Some(partial),
         },
         extra,
     )
@@ -3144,10 +3597,12 @@ fn guest_destroy(
         )));
     }
     if g.running && !force {
-        return Err(ApiError::die(format!(
-            "{label} {vmid} is running - destroy failed"
-        )));
+        return Err(ApiError::die(match kind {
+            Kind::Lxc => format!("unable to destroy CT {vmid} - container is running"),
+            Kind::Qemu => format!("VM {vmid} is running - destroy failed"),
+        }));
     }
+    let unreferenced = flag(&params, "destroy-unreferenced-disks");
     let wtype = match kind {
         Kind::Lxc => "vzdestroy",
         Kind::Qemu => "qmdestroy",
@@ -3170,6 +3625,14 @@ fn guest_destroy(
                 lines.push(format!("removing volume '{volid}'"));
             }
         }
+        if unreferenced {
+            for (sid, name) in unreferenced_disks(st, vmid, &g.conf) {
+                if let Some(s) = st.storage_mut(&sid) {
+                    s.allocated.remove(&name);
+                }
+                lines.push(format!("removing volume '{sid}:{name}'"));
+            }
+        }
         if purge {
             lines.push(format!(
                 "purging {label} {vmid} from related configurations.."
@@ -3188,8 +3651,35 @@ fn guest_destroy(
             log: Vec::new(),
             finish,
             cleanup: Box::new(|_| {}),
+            partial: None,
         },
     )
+}
+
+/// Disks the simulator allocated for `vmid` (its volume names carry the vmid) that the
+/// config does not reference: what `destroy-unreferenced-disks` finds on the storages.
+fn unreferenced_disks(
+    st: &SimState,
+    vmid: u32,
+    conf: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let referenced: Vec<(String, String)> = conf
+        .values()
+        .filter_map(|v| guest::volume_of(v))
+        .filter_map(schema::parse_volume_id)
+        .map(|(s, n)| (s.to_owned(), n.to_owned()))
+        .collect();
+    let owned = |name: &str| {
+        let file = name.rsplit('/').next().unwrap_or(name);
+        [format!("vm-{vmid}-"), format!("subvol-{vmid}-")]
+            .iter()
+            .any(|p| file.starts_with(p.as_str()))
+    };
+    st.storages
+        .iter()
+        .flat_map(|s| s.allocated.keys().map(move |n| (s.id.clone(), n.clone())))
+        .filter(|(sid, n)| owned(n) && !referenced.iter().any(|(rs, rn)| rs == sid && rn == n))
+        .collect()
 }
 
 // ---------------------------------------------------------------- restore helpers
@@ -3251,6 +3741,16 @@ fn plan_restore(
         .map(|b| b.conf.clone())
         .unwrap_or_default();
     let mut need: BTreeMap<String, u64> = BTreeMap::new();
+    let in_use: Vec<(String, String)> = st
+        .guests
+        .get(&vmid)
+        .map(|g| {
+            guest::config_disks(g.kind, &g.conf)
+                .into_iter()
+                .map(|(_, sid, name, _)| (sid, name))
+                .collect()
+        })
+        .unwrap_or_default();
     for (n, (key, orig, _, size)) in guest::config_disks(kind, &conf).into_iter().enumerate() {
         let (tsid, tsize) = target(&key, &orig, size);
         let Some(s) = st.storage(&tsid) else {
@@ -3268,7 +3768,24 @@ fn plan_restore(
             });
             return plan;
         }
-        let name = new_disk_name(s.stype, vmid, n);
+        // pve-storage's `find_free_diskname`: the first index not in use on the target
+        // (over an existing guest its old disks still exist when the new ones are made).
+        let taken = |name: &str| {
+            s.allocated.contains_key(name)
+                || in_use.iter().any(|(sid, n)| *sid == tsid && n == name)
+                || plan
+                    .disks
+                    .iter()
+                    .any(|(_, v, _)| *v == format!("{tsid}:{name}"))
+        };
+        let mut k = n;
+        let name = loop {
+            let name = new_disk_name(s.stype, vmid, k);
+            if !taken(&name) {
+                break name;
+            }
+            k += 1;
+        };
         *need.entry(tsid.clone()).or_default() += tsize;
         plan.disks.push((key, format!("{tsid}:{name}"), tsize));
     }

@@ -3,8 +3,11 @@
 //! request is served, so a test can put a change by hand between a client's read and its
 //! write without racing on time), state inspection and direct state changes.
 //!
-//! Owns: the request log and the fault table. Must never: accept a PVE token, or log
-//! a PVE request it changed itself.
+//! Owns: the request log and the fault table (request faults; task faults by worker
+//! type are kept with the state, [`super::tasks::TaskFaults`], since a task's type is
+//! known only where it starts), and the guest, volume and storage patches (creating a
+//! storage of a given type). Must never: accept a PVE token, or log a PVE request it
+//! changed itself.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -311,6 +314,7 @@ pub fn guest_state_json(g: &guest::Guest) -> Value {
         "start_fails": g.start_fails,
         "agent_fails": g.agent_fails,
         "stops_after_seconds": g.stops_after_seconds,
+        "stops_after_config_change": g.stops_after_config_change,
         "config": g.config_json(false),
         "current_config": g.config_json(true),
         "pending": g.pending,
@@ -362,6 +366,8 @@ pub struct GuestPatch {
     /// guest's countdown starts now).
     #[serde(default, deserialize_with = "seconds_option")]
     pub stops_after_seconds: Option<Option<f64>>,
+    /// Its next config change stops it if it runs (a change that breaks the guest).
+    pub stops_after_config_change: Option<bool>,
     pub config: Option<BTreeMap<String, Option<String>>>,
     /// Another cluster node: the guest moves there (as after a migration done
     /// elsewhere) and leaves this node's API; only the cluster's vmlist still names it.
@@ -452,6 +458,9 @@ pub fn patch_guest(st: &mut SimState, vmid: u32, p: GuestPatch) -> Result<Value,
     if let Some(f) = p.agent_fails {
         g.agent_fails = f;
     }
+    if let Some(f) = p.stops_after_config_change {
+        g.stops_after_config_change = f;
+    }
     if let Some(s) = p.stops_after_seconds {
         g.stops_after_seconds = s;
         g.stops_at = s
@@ -492,6 +501,7 @@ fn move_to_other_node(
         || p.start_fails.is_some()
         || p.agent_fails.is_some()
         || p.stops_after_seconds.is_some()
+        || p.stops_after_config_change.is_some()
         || p.config.is_some();
     if others {
         return Err("\"node\" cannot be combined with other changes".into());
@@ -529,6 +539,7 @@ pub struct SettingsPatch {
     pub task_seconds: Option<f64>,
     pub latency_ms: Option<u64>,
     pub restore_bytes_per_second: Option<f64>,
+    pub backup_bytes_per_second: Option<f64>,
 }
 
 /// `PUT /_sim/volumes/{volid}` body: flags of a backup archive.
@@ -583,18 +594,68 @@ pub fn patch_volume(st: &mut SimState, volid: &str, p: VolumePatch) -> Result<Va
     Ok(vol.control_json())
 }
 
-/// `PUT /_sim/storages/{storage}` body: its size and how full it is.
+/// `PUT /_sim/storages/{storage}` body: its size and how full it is; with `type`, a
+/// storage that does not exist yet is created (empty, `total` default 1 TiB).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoragePatch {
+    /// PVE's storage type (`zfspool`, `lvmthin`, `dir`, `lvm`, `nfs`, `pbs`, …): only to
+    /// create a storage.
+    #[serde(rename = "type")]
+    pub stype: Option<String>,
+    /// Content types (`["rootdir","images"]`); default `rootdir,images`, or `backup`
+    /// for `pbs`. Only to create a storage.
+    pub content: Option<Vec<String>>,
     pub total: Option<u64>,
     /// Bytes free afterwards (the untracked base usage is set to match).
     pub avail: Option<u64>,
     pub active: Option<bool>,
 }
 
-/// Resizes or fills a storage; answers its control view.
+/// Creates storage `sid` from a patch with `type`.
+fn create_storage(st: &mut SimState, sid: &str, p: &StoragePatch) -> Result<(), String> {
+    let Some(t) = &p.stype else {
+        return Err(format!("no storage {sid:?}; give \"type\" to create it"));
+    };
+    if !super::schema::is_dns_name(sid) || sid.contains('.') || sid.len() > 64 {
+        return Err(format!("bad storage id {sid:?}"));
+    }
+    let stype =
+        super::storage::known_type(t).ok_or_else(|| format!("unknown storage type {t:?}"))?;
+    let content = match &p.content {
+        Some(c) => c
+            .iter()
+            .map(|c| {
+                super::storage::known_content(c).ok_or_else(|| format!("unknown content {c:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None if stype == "pbs" => vec!["backup"],
+        None => vec!["rootdir", "images"],
+    };
+    if stype == "pbs" && content != ["backup"] {
+        return Err("a pbs storage holds only backup content".into());
+    }
+    st.storages.push(super::storage::Storage::new(
+        sid,
+        stype,
+        content,
+        p.total.unwrap_or(1 << 40),
+    ));
+    Ok(())
+}
+
+/// Resizes or fills a storage (creates it with `type`); answers its control view.
 pub fn patch_storage(st: &mut SimState, sid: &str, p: StoragePatch) -> Result<Value, String> {
+    match st.storage(sid) {
+        None => create_storage(st, sid, &p)?,
+        Some(s) => {
+            if p.stype.as_deref().is_some_and(|t| t != s.stype) || p.content.is_some() {
+                return Err(format!(
+                    "storage {sid:?} exists; its type and content cannot change"
+                ));
+            }
+        }
+    }
     let s = st
         .storage_mut(sid)
         .ok_or_else(|| format!("no storage {sid:?}"))?;

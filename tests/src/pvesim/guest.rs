@@ -61,6 +61,15 @@ pub struct Snapshot {
     /// `prepare` while being taken, `delete` while being removed.
     pub snapstate: Option<&'static str>,
     pub vmstate: bool,
+    /// Creation order (ZFS orders a dataset's snapshots by creation, finer than
+    /// `snaptime`'s seconds): see [`next_snapshot_order`].
+    pub order: u64,
+}
+
+/// A process-wide increasing number for each snapshot taken.
+pub fn next_snapshot_order() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A guest.
@@ -90,6 +99,9 @@ pub struct Guest {
     pub stops_after_seconds: Option<f64>,
     /// When the running guest stops on its own (set at start from the flag above).
     pub stops_at: Option<std::time::Instant>,
+    /// Control flag: the next config change (PUT/POST config) stops it if it runs, as a
+    /// change that breaks a guest would; cleared once it has acted.
+    pub stops_after_config_change: bool,
 }
 
 /// How a config value is typed in JSON.

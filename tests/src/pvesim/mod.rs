@@ -139,6 +139,7 @@ impl Sim {
                 task_seconds: opts.task_seconds,
                 latency_ms: opts.latency_ms,
                 restore_bytes_per_second: state::DEFAULT_RESTORE_BPS,
+                backup_bytes_per_second: state::DEFAULT_RESTORE_BPS,
             },
             opts.seed,
             fingerprint,
@@ -420,6 +421,33 @@ impl Sim {
                     _ => Reply::Respond(control_json(404, json!({"error": "no such fault"}))),
                 }
             }
+            ("GET", ["_sim", "task-faults"]) => {
+                Reply::Respond(control_json(200, lock(&self.state).task_faults.json()))
+            }
+            ("POST", ["_sim", "task-faults"]) => {
+                let spec: tasks::TaskFaultSpec =
+                    match body.and_then(|b| serde_json::from_value(b).map_err(|e| e.to_string())) {
+                        Ok(s) => s,
+                        Err(e) => return bad(e),
+                    };
+                match lock(&self.state).task_faults.add(spec) {
+                    Ok(id) => Reply::Respond(control_json(200, json!({"id": id}))),
+                    Err(e) => bad(e),
+                }
+            }
+            ("DELETE", ["_sim", "task-faults"]) => {
+                lock(&self.state).task_faults.clear();
+                Reply::Respond(control_json(200, json!({})))
+            }
+            ("DELETE", ["_sim", "task-faults", id]) => {
+                match id
+                    .parse()
+                    .map(|id| lock(&self.state).task_faults.remove(id))
+                {
+                    Ok(true) => Reply::Respond(control_json(200, json!({}))),
+                    _ => Reply::Respond(control_json(404, json!({"error": "no such task fault"}))),
+                }
+            }
             ("GET", ["_sim", "state"]) => {
                 let mut st = lock(&self.state);
                 st.settle();
@@ -508,6 +536,12 @@ impl Sim {
                     }
                     st.settings.restore_bytes_per_second = b;
                 }
+                if let Some(b) = patch.backup_bytes_per_second {
+                    if !(b.is_finite() && b >= 1.0) {
+                        return bad("backup_bytes_per_second must be at least 1".into());
+                    }
+                    st.settings.backup_bytes_per_second = b;
+                }
                 Reply::Respond(control_json(200, settings_json(&st.settings)))
             }
             _ => Reply::Respond(control_json(
@@ -534,7 +568,8 @@ impl Handler for Sim {
 /// The `GET`/`PUT /_sim/settings` answer.
 fn settings_json(s: &Settings) -> Value {
     json!({"task_seconds": s.task_seconds, "latency_ms": s.latency_ms,
-           "restore_bytes_per_second": s.restore_bytes_per_second})
+           "restore_bytes_per_second": s.restore_bytes_per_second,
+           "backup_bytes_per_second": s.backup_bytes_per_second})
 }
 
 fn find_api_token(header: &str) -> Option<&str> {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guest::{Guest, Ha, Kind, Snapshot};
 use super::storage::{BackupConf, Storage, Verification, Volume};
-use super::tasks::{Task, TaskTable, encode_upid};
+use super::tasks::{Task, TaskFaults, TaskTable, encode_upid};
 use super::version::PveVersion;
 
 /// Epoch seconds now.
@@ -29,6 +29,9 @@ pub struct Settings {
     /// How fast a restore reads its archive: a restore task takes `task_seconds` plus
     /// archive size / this.
     pub restore_bytes_per_second: f64,
+    /// How fast vzdump writes: a backup task takes `task_seconds` plus the archives'
+    /// size / this.
+    pub backup_bytes_per_second: f64,
 }
 
 /// Default restore speed: 16 GiB/s, so a seeded archive adds a few milliseconds.
@@ -63,6 +66,9 @@ impl From<&str> for TaskErr {
 pub type FinishFn = Box<dyn FnOnce(&mut SimState) -> Result<Vec<String>, TaskErr> + Send>;
 /// What undoes a task's preparation when it is failed or killed from outside.
 pub type CleanupFn = Box<dyn FnOnce(&mut SimState) + Send>;
+/// What a task that fails midway (a task fault) leaves behind, given the exit status:
+/// its partial effect, and the error it ends with.
+pub type PartialFn = Box<dyn FnOnce(&mut SimState, String) -> TaskErr + Send>;
 
 /// The effect of a running task.
 pub struct TaskWork {
@@ -70,6 +76,19 @@ pub struct TaskWork {
     pub cleanup: CleanupFn,
     /// A `task_fail` fault: stop with this exit status instead of finishing.
     pub injected_failure: Option<String>,
+    /// A task fault (`/_sim/task-faults`): fail midway, leaving what `partial` leaves
+    /// (without one: what `cleanup` leaves).
+    pub midway: Option<Midway>,
+    pub partial: Option<PartialFn>,
+}
+
+/// How a task fault makes a task fail.
+#[derive(Debug, Clone)]
+pub struct Midway {
+    /// The exit status.
+    pub msg: String,
+    /// The guest keeps the lock the task held (a killed worker).
+    pub keep_lock: bool,
 }
 
 impl std::fmt::Debug for TaskWork {
@@ -92,6 +111,8 @@ pub struct SimState {
     pub other_nodes: BTreeMap<u32, (String, Kind)>,
     pub storages: Vec<Storage>,
     pub tasks: TaskTable,
+    /// Armed task faults (`/_sim/task-faults`).
+    pub task_faults: TaskFaults,
     pub work: HashMap<String, TaskWork>,
     /// Timers to start once the lock is released: `(upid, duration)`.
     pub timers: Vec<(String, Duration)>,
@@ -122,6 +143,7 @@ impl SimState {
             other_nodes: BTreeMap::new(),
             storages: Vec::new(),
             tasks: TaskTable::default(),
+            task_faults: TaskFaults::default(),
             work: HashMap::new(),
             timers: Vec::new(),
             settings,
@@ -190,13 +212,28 @@ impl SimState {
         let Some(work) = self.work.remove(upid) else {
             return;
         };
-        let result = match work.injected_failure {
-            Some(msg) => {
+        // The lock the task's guest holds now, for a fault that keeps it.
+        let held = work
+            .midway
+            .as_ref()
+            .filter(|m| m.keep_lock && work.injected_failure.is_none())
+            .and_then(|_| self.tasks.get(upid))
+            .and_then(|t| t.id.parse::<u32>().ok())
+            .and_then(|vmid| Some((vmid, self.guests.get(&vmid)?.lock()?.to_owned())));
+        let result = match (work.injected_failure, work.midway, work.partial) {
+            (Some(msg), _, _) | (None, Some(Midway { msg, .. }), None) => {
                 (work.cleanup)(self);
                 Err(TaskErr::from(msg))
             }
-            None => (work.finish)(self),
+            (None, Some(m), Some(partial)) => Err(partial(self, m.msg)),
+            (None, None, _) => (work.finish)(self),
         };
+        if let Some((vmid, lock)) = held
+            && let Some(g) = self.guests.get_mut(&vmid)
+        {
+            g.conf.insert("lock".into(), lock);
+            g.touch();
+        }
         self.stop_task(upid, result);
     }
 
@@ -267,6 +304,18 @@ impl SimState {
             .map(|g| g.vmid)
             .collect();
         for vmid in due {
+            self.set_running(vmid, false);
+        }
+    }
+
+    /// After a config change of `vmid` was written: a running guest flagged
+    /// `stops_after_config_change` stops now (the flag is spent).
+    pub fn config_changed(&mut self, vmid: u32) {
+        let hit = self
+            .guests
+            .get_mut(&vmid)
+            .is_some_and(|g| std::mem::take(&mut g.stops_after_config_change) && g.running);
+        if hit {
             self.set_running(vmid, false);
         }
     }
@@ -431,6 +480,7 @@ impl SimState {
                         description: Some("before upgrade\n".into()),
                         snapstate: None,
                         vmstate: false,
+                        order: super::guest::next_snapshot_order(),
                     },
                 );
                 c1.insert("parent".into(), "pre-upgrade".into());
@@ -442,6 +492,7 @@ impl SimState {
                         description: None,
                         snapstate: None,
                         vmstate: false,
+                        order: super::guest::next_snapshot_order(),
                     },
                 );
                 g.conf.insert("parent".into(), "nightly".into());
@@ -579,6 +630,7 @@ pub fn new_guest(vmid: u32, kind: Kind, conf: BTreeMap<String, String>) -> Guest
         agent_fails: false,
         stops_after_seconds: None,
         stops_at: None,
+        stops_after_config_change: false,
     };
     g.touch();
     g

@@ -1,7 +1,8 @@
 //! Storages and the volumes the simulator tracks on them (backups and templates), and
 //! the space guest disks made by the simulator (restores) take there.
-//! Owns the storage list, content JSON and space accounting; guest disks are named in
-//! guest configs. Must never: let the reported `used` exceed `total`.
+//! Owns the storage list, content JSON, space accounting and which volumes can be
+//! snapshotted (by storage type and image format); guest disks are named in guest
+//! configs. Must never: let the reported `used` exceed `total`.
 
 use serde_json::{Map, Value, json};
 
@@ -71,10 +72,95 @@ pub struct BackupConf {
     pub raw_lxc: Vec<(String, String)>,
 }
 
+/// The storage types the simulator knows (PVE's plugin names), as `&'static str`.
+pub const TYPES: &[&str] = &[
+    "dir",
+    "nfs",
+    "cifs",
+    "glusterfs",
+    "btrfs",
+    "lvm",
+    "lvmthin",
+    "zfspool",
+    "zfs",
+    "rbd",
+    "cephfs",
+    "iscsi",
+    "pbs",
+];
+
+/// The content types a storage can hold.
+pub const CONTENTS: &[&str] = &[
+    "rootdir", "images", "backup", "vztmpl", "iso", "snippets", "import",
+];
+
+/// A storage type's static name, or `None` when the simulator does not know it.
+pub fn known_type(t: &str) -> Option<&'static str> {
+    TYPES.iter().copied().find(|k| *k == t)
+}
+
+/// A content type's static name, or `None` when unknown.
+pub fn known_content(c: &str) -> Option<&'static str> {
+    CONTENTS.iter().copied().find(|k| *k == c)
+}
+
+/// Whether a storage of this type keeps guest images as files in a directory tree
+/// (where the image format follows the file name).
+pub fn is_file_based(stype: &str) -> bool {
+    matches!(
+        stype,
+        "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" | "cephfs"
+    )
+}
+
+/// The format of guest volume `volname` on a storage of type `stype`: on file-based
+/// storages it follows the name (`101/vm-101-disk-0.qcow2` → `qcow2`, `subvol-…` →
+/// `subvol`), elsewhere it is `raw` (`subvol` for ZFS datasets of containers).
+pub fn volume_format(stype: &str, volname: &str) -> &'static str {
+    let file = volname.rsplit('/').next().unwrap_or(volname);
+    if file.starts_with("subvol-") || file.starts_with("basevol-") {
+        return "subvol";
+    }
+    if is_file_based(stype) {
+        for f in ["qcow2", "vmdk", "raw"] {
+            if file.ends_with(&format!(".{f}")) {
+                return f;
+            }
+        }
+    }
+    "raw"
+}
+
+/// pve-storage's `volume_has_feature(snapshot)`: ZFS, LVM-thin, Ceph RBD and btrfs can
+/// snapshot any volume; directory-like storages only qcow2 images (so never a
+/// container's raw image or subvolume); thick LVM, iSCSI, PBS and the rest cannot.
+pub fn volume_can_snapshot(stype: &str, volname: &str) -> bool {
+    match stype {
+        "zfspool" | "zfs" | "lvmthin" | "rbd" | "btrfs" => true,
+        "dir" | "nfs" | "cifs" | "glusterfs" | "cephfs" => volume_format(stype, volname) == "qcow2",
+        _ => false,
+    }
+}
+
 impl Storage {
-    /// Whether volumes here can be snapshotted (LVM-thin, ZFS, Ceph, btrfs).
-    pub fn supports_snapshots(&self) -> bool {
-        matches!(self.stype, "lvmthin" | "zfspool" | "rbd" | "btrfs")
+    /// A new empty, active storage of `stype` holding `content`.
+    pub fn new(id: &str, stype: &'static str, content: Vec<&'static str>, total: u64) -> Storage {
+        Storage {
+            id: id.to_owned(),
+            stype,
+            content,
+            path: is_file_based(stype).then(|| format!("/mnt/pve/{id}")),
+            shared: matches!(
+                stype,
+                "nfs" | "cifs" | "glusterfs" | "rbd" | "cephfs" | "pbs"
+            ),
+            active: true,
+            enabled: true,
+            total,
+            used: 0,
+            volumes: Vec::new(),
+            allocated: std::collections::BTreeMap::new(),
+        }
     }
 
     pub fn has_content(&self, c: &str) -> bool {
@@ -259,6 +345,37 @@ mod tests {
         assert_eq!((s.used, s.used_bytes(), s.avail()), (0, 30, 70));
         s.used = 500;
         assert_eq!((s.used_bytes(), s.avail()), (100, 0));
+    }
+
+    #[test]
+    fn snapshot_support_follows_type_and_format() {
+        for (stype, volname, yes) in [
+            ("zfspool", "subvol-101-disk-0", true),
+            ("zfspool", "vm-103-disk-0", true),
+            ("lvmthin", "vm-101-disk-0", true),
+            ("rbd", "vm-101-disk-0", true),
+            ("btrfs", "101/vm-101-disk-0.raw", true),
+            ("dir", "101/vm-101-disk-0.raw", false),
+            ("dir", "101/subvol-101-disk-0.subvol", false),
+            ("dir", "103/vm-103-disk-0.qcow2", true),
+            ("nfs", "103/vm-103-disk-0.qcow2", true),
+            ("nfs", "103/vm-103-disk-0.vmdk", false),
+            ("cifs", "103/vm-103-disk-0.raw", false),
+            ("lvm", "vm-101-disk-0", false),
+            ("iscsi", "0.0.1.scsi-x", false),
+            ("pbs", "backup/ct/101/2025-01-31T02:00:05Z", false),
+        ] {
+            assert_eq!(
+                volume_can_snapshot(stype, volname),
+                yes,
+                "{stype}:{volname}"
+            );
+        }
+        assert_eq!(volume_format("dir", "101/vm-101-disk-0.qcow2"), "qcow2");
+        assert_eq!(volume_format("zfspool", "subvol-101-disk-0"), "subvol");
+        assert_eq!(volume_format("lvmthin", "vm-101-disk-0"), "raw");
+        assert_eq!(known_type("zfspool"), Some("zfspool"));
+        assert_eq!(known_type("floppy"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Worker tasks: UPIDs in PVE's format, their log, status and the task list with PVE's
-//! filters (pve-manager `API2/Tasks.pm`). Owns the task table; what a task *does* when
-//! it finishes lives with the state (`state.rs`).
+//! filters (pve-manager `API2/Tasks.pm`), and the task faults armed by worker type
+//! (`/_sim/task-faults`). Owns the task table and the fault table; what a task *does*
+//! when it finishes, or leaves when a fault strikes, lives with its handler (`api.rs`)
+//! and the state (`state.rs`). Must never: decide a task's effect here.
 
 use std::collections::HashMap;
 
@@ -193,6 +195,100 @@ pub struct TaskFilter {
     pub statusfilter: Option<Vec<String>>,
 }
 
+/// A fault armed through `POST /_sim/task-faults`: the next task(s) of worker type
+/// `wtype` (for guest `vmid` when given) fail midway, each with its type's partial
+/// effect (see `docs/testbed.md`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFaultSpec {
+    /// The worker type (`vzrollback`, `qmrestore`, `vzdump`, …).
+    #[serde(rename = "type")]
+    pub wtype: String,
+    pub vmid: Option<u32>,
+    /// The task's exit status; a per-type default when absent.
+    pub message: Option<String>,
+    /// How many tasks it fails (default 1).
+    pub times: Option<u32>,
+    /// The task dies holding the guest's lock (`snapshot`, `rollback`, `backup`,
+    /// `create`), as a killed worker leaves it; without it the lock goes as the task's
+    /// own error path lifts it.
+    pub keep_lock: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+struct TaskFault {
+    id: u64,
+    spec: TaskFaultSpec,
+    remaining: u32,
+    hits: u64,
+}
+
+/// The armed task faults.
+#[derive(Debug, Default)]
+pub struct TaskFaults {
+    faults: Vec<TaskFault>,
+    next_id: u64,
+}
+
+impl TaskFaults {
+    /// Arms a fault; returns its id.
+    pub fn add(&mut self, spec: TaskFaultSpec) -> Result<u64, String> {
+        let ok_type = !spec.wtype.is_empty()
+            && spec.wtype.len() <= 32
+            && spec.wtype.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !ok_type {
+            return Err(format!("bad worker type {:?}", spec.wtype));
+        }
+        if spec.times == Some(0) {
+            return Err("times must be at least 1".into());
+        }
+        self.next_id += 1;
+        self.faults.push(TaskFault {
+            id: self.next_id,
+            remaining: spec.times.unwrap_or(1),
+            spec,
+            hits: 0,
+        });
+        Ok(self.next_id)
+    }
+
+    pub fn clear(&mut self) {
+        self.faults.clear();
+    }
+
+    pub fn remove(&mut self, id: u64) -> bool {
+        let before = self.faults.len();
+        self.faults.retain(|f| f.id != id);
+        before != self.faults.len()
+    }
+
+    /// Takes one use of the first fault matching a task of `wtype` for `id`.
+    pub fn take(&mut self, wtype: &str, id: &str) -> Option<TaskFaultSpec> {
+        let f = self
+            .faults
+            .iter_mut()
+            .find(|f| f.spec.wtype == wtype && f.spec.vmid.is_none_or(|v| v.to_string() == id))?;
+        f.remaining -= 1;
+        f.hits += 1;
+        let spec = f.spec.clone();
+        self.faults.retain(|f| f.remaining > 0);
+        Some(spec)
+    }
+
+    pub fn json(&self) -> Value {
+        let items: Vec<Value> = self
+            .faults
+            .iter()
+            .map(|f| {
+                json!({"id": f.id, "type": f.spec.wtype, "vmid": f.spec.vmid,
+                       "message": f.spec.message, "keep_lock": f.spec.keep_lock.unwrap_or(false),
+                       "remaining": f.remaining, "hits": f.hits})
+            })
+            .collect();
+        json!({"task_faults": items})
+    }
+}
+
 /// All tasks, in creation order, with an index by UPID.
 #[derive(Debug, Default)]
 pub struct TaskTable {
@@ -343,6 +439,30 @@ mod tests {
             endtime: exit.map(|_| start + 1),
             log: vec![],
         }
+    }
+
+    #[test]
+    fn task_faults_match_type_and_guest_and_count_down() {
+        let mut f = TaskFaults::default();
+        let spec = |t: &str, vmid: Option<u32>, times: Option<u32>| TaskFaultSpec {
+            wtype: t.into(),
+            vmid,
+            message: None,
+            times,
+            keep_lock: None,
+        };
+        assert!(f.add(spec("vz rollback", None, None)).is_err());
+        assert!(f.add(spec("vzdump", None, Some(0))).is_err());
+        f.add(spec("vzrollback", Some(101), Some(2))).unwrap();
+        let mut take = |t: &str, id: &str| f.take(t, id).map(|s| s.wtype);
+        assert_eq!(take("vzrollback", "102"), None);
+        assert_eq!(take("qmrollback", "101"), None);
+        assert_eq!(take("vzrollback", "101").as_deref(), Some("vzrollback"));
+        assert_eq!(take("vzrollback", "101").as_deref(), Some("vzrollback"));
+        assert_eq!(take("vzrollback", "101"), None, "spent after two tasks");
+        let id = f.add(spec("vzdump", None, None)).unwrap();
+        assert!(f.remove(id));
+        assert!(f.take("vzdump", "").is_none());
     }
 
     #[test]
