@@ -211,6 +211,7 @@ async fn decide(
         previous: Map::new(),
         digest: None,
         existed: true,
+        restore_storage: None,
         at_ms,
     };
     let found = exists(env, guest).await?;
@@ -251,6 +252,12 @@ async fn decide(
         .get("digest")
         .and_then(Value::as_str)
         .map(str::to_string);
+    if guest.kind == GuestKind::Lxc {
+        d.restore_storage = capability::volumes(guest.kind, &config)
+            .ok()
+            .and_then(|v| v.into_iter().find(|v| v.key == "rootfs"))
+            .and_then(|v| v.storage);
+    }
     let backup_storage = env.backup_storage.as_deref();
     let protected = capability::protected(&config);
     let not_reversible = |why: String| {
@@ -361,7 +368,8 @@ async fn make_undo_point<'a>(
                 reference,
                 storage,
                 size_bytes: size,
-                detail: json!({"power": d.power, "previous": d.previous, "digest": d.digest}),
+                detail: json!({"power": d.power, "previous": d.previous, "digest": d.digest,
+                "restore_storage": d.restore_storage}),
                 created_ms: d.at_ms,
                 status: "kept".into(),
                 released_ms: None,
@@ -900,7 +908,8 @@ async fn run_undo<'a>(
         ) if kind == "backup" => {
             let force = !matches!(from.op, GateOp::Destroy { .. });
             let existed = !force;
-            restore_slot(m, &main, guest, permit, r, None, force, false, existed).await?
+            let storage = from.decided.restore_storage.clone();
+            restore_slot(m, &main, guest, permit, r, storage, force, false, existed).await?
         }
         _ => {
             return Ok(Verdict {
