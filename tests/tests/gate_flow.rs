@@ -12,6 +12,7 @@ mod hub_support;
 mod ops_support;
 mod proxmox_client_support;
 
+use felhom_testbed::harness::Fault;
 use gate_support::*;
 use ops_support::*;
 use serde_json::{Value, json};
@@ -100,7 +101,66 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
         "{msg}"
     );
     assert_eq!(memory(sim, 301).await, 999);
+
+    // A config write Proxmox refuses changed nothing: failed, and nothing is written back
+    // over what is there.
+    sim.add_fault(
+        &Fault::http_500("/nodes/pve1/lxc/301/config", "simulated refusal")
+            .method("PUT")
+            .times(1),
+    )
+    .await
+    .unwrap();
+    let writes_before = config_writes(&stack, 301).await;
+    let p = stack.gated(
+        "set_config",
+        "lxc",
+        301,
+        json!({"config": {"memory": 256}}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "failed", "{r}\n{}", agent.log_text());
+    assert_eq!(memory(sim, 301).await, 999);
+    assert_eq!(
+        config_writes(&stack, 301).await,
+        writes_before + 1,
+        "only the refused write"
+    );
+
+    // A VM's config change is a qmconfig task.
+    make_guest(
+        sim,
+        303,
+        "qemu",
+        json!({"name": "vm303", "memory": "2048", "cores": "2",
+            "scsi0": "local-lvm:vm-303-disk-0,size=8G"}),
+        "stopped",
+    )
+    .await;
+    let p = stack.gated(
+        "set_config",
+        "qemu",
+        303,
+        json!({"config": {"memory": 4096}}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    assert_eq!(memory(sim, 303).await, 4096);
     drop(agent);
+}
+
+async fn config_writes(stack: &Stack, vmid: u32) -> usize {
+    let path = format!("/lxc/{vmid}/config");
+    stack
+        .mutations()
+        .await
+        .iter()
+        .filter(|m| m.path.ends_with(&path))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

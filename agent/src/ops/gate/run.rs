@@ -906,8 +906,10 @@ async fn run_undo<'a>(
                 ..
             }),
         ) if kind == "backup" => {
+            // Over the guest, except after a destroy (then the guest is gone and a
+            // listed, unlocked guest means the restore is done).
             let force = !matches!(from.op, GateOp::Destroy { .. });
-            let existed = !force;
+            let existed = force;
             let storage = from.decided.restore_storage.clone();
             restore_slot(m, &main, guest, permit, r, storage, force, false, existed).await?
         }
@@ -1056,8 +1058,12 @@ pub async fn run(
     };
     let mut r = Map::new();
     // Irreversible kinds are not undone automatically; their undo point (a destroy's
-    // backup) stays.
-    if matches!(g.op, GateOp::Destroy { .. } | GateOp::DeleteSnapshot { .. }) {
+    // backup) stays. A refused config write changed nothing (PVE writes a config file
+    // whole or not at all): writing the previous values back could only overwrite an
+    // edit someone else made meanwhile.
+    let config_refused =
+        matches!(g.op, GateOp::SetConfig { .. }) && matches!(action, Outcome::Failed { .. });
+    if config_refused || matches!(g.op, GateOp::Destroy { .. } | GateOp::DeleteSnapshot { .. }) {
         r.insert("undo".into(), undo_json(made.as_ref(), "kept"));
         return Ok(Final::Ended {
             state: "failed",
