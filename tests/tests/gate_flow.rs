@@ -643,3 +643,48 @@ async fn an_undo_point_that_cannot_be_made_refuses_and_a_failed_snapshot_leaves_
     );
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gated_kind_is_refused_on_a_guest_the_desired_state_manages() {
+    needs_root!();
+    let stack = Stack::new(json!({"gate": {"health_timeout_seconds": 8}}));
+    let sim = &stack.pve.pve;
+    lvm_ct(sim, 381, "running").await;
+    snapshot(sim, "lxc", 381, "old").await;
+    stack.write_desired(&json!({"generation": 1, "guests": [{"vmid": 381, "power": "running"}]}));
+    stack.patch_config(&json!({"reconcile": {"desired_file": stack.desired}}));
+    let before = comparable_without(sim, 381, None).await;
+    let agent = stack.start_agent();
+    let other = "0123456789abcdef0123456789abcdef";
+    for (kind, params, grant) in [
+        (
+            "set_config",
+            json!({"config": {"memory": 1024}}),
+            "reversible",
+        ),
+        ("rollback", json!({"snapshot": "old"}), "reversible"),
+        ("delete_snapshot", json!({"name": "old"}), "irreversible"),
+        ("destroy", json!({"purge": true}), "irreversible"),
+        ("undo", json!({"op_id": other}), "reversible"),
+        ("release_undo", json!({"op_id": other}), "irreversible"),
+    ] {
+        let p = stack.gated(kind, "lxc", 381, params, grant);
+        let id = op_id_of(&p);
+        let r = stack.run_op(&stack.cosigned(&p), &id).await;
+        assert_eq!(r["state"], "refused", "{kind}: {r}\n{}", agent.log_text());
+        assert_eq!(r["reason"], "conflicts_with_desired", "{kind}: {r}");
+    }
+    assert_eq!(comparable_without(sim, 381, None).await, before);
+    let touched: Vec<String> = stack
+        .mutations()
+        .await
+        .iter()
+        .filter(|m| m.path.contains("/381"))
+        .map(|m| format!("{} {}", m.method, m.path))
+        .collect();
+    assert!(
+        touched.iter().all(|t| t.ends_with("/381/snapshot")),
+        "only the setup's snapshot: {touched:?}"
+    );
+    drop(agent);
+}
