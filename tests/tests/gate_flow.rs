@@ -290,7 +290,36 @@ async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_
     )
     .await
     .unwrap();
+    // A VM with a qcow2 disk on a `dir` storage: snapshots work there.
+    sim.set_storage(
+        "dirimg",
+        json!({"type": "dir", "content": ["rootdir", "images"]}),
+    )
+    .await
+    .unwrap();
+    make_guest(
+        sim,
+        323,
+        "qemu",
+        json!({"name": "vm323", "memory": "2048",
+            "scsi0": "dirimg:323/vm-323-disk-0.qcow2,size=8G"}),
+        "stopped",
+    )
+    .await;
+    snapshot(sim, "qemu", 323, "before").await;
     let agent = stack.start_agent();
+
+    let p = stack.gated(
+        "rollback",
+        "qemu",
+        323,
+        json!({"snapshot": "before"}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    assert_eq!(undo_of(&r)["kind"], "snapshot", "{r}");
 
     let p = stack.gated(
         "rollback",
