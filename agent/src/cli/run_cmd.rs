@@ -439,6 +439,8 @@ fn exec_env(
         journal,
         shutdown_timeout: Duration::from_secs(cfg.reconcile.shutdown_timeout_seconds),
         task_timeout: Duration::from_secs(600),
+        backup_storage: cfg.gate.backup_storage.clone(),
+        health_timeout: Duration::from_secs(cfg.gate.health_timeout_seconds),
     }
 }
 
