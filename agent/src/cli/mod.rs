@@ -9,7 +9,7 @@
 //! typed errors from the modules are turned into text for the operator.
 //!
 //! Output: results go to stdout, logs and error messages to stderr (logs through `tracing`,
-//! filtered by `RUST_LOG`, default `info`). With `--json`, stdout carries exactly one JSON
+//! filtered by `FELHOM_AGENT_LOG`, else `RUST_LOG`, default `info`). With `--json`, stdout carries exactly one JSON
 //! document. A command that fails before printing its own document leaves it to `main`,
 //! which prints `{"ok": false, "exit": <code>, "error": "<message>"}`; a command that
 //! already printed its document (e.g. a selftest report with problems) returns
@@ -311,12 +311,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`). Idempotent.
+/// The log filter directives: `FELHOM_AGENT_LOG` (the documented knob, e.g.
+/// `Environment=FELHOM_AGENT_LOG=debug` in a drop-in), else `RUST_LOG`, else `info`. An
+/// empty value counts as unset.
+fn log_directives(var: impl Fn(&str) -> Option<String>) -> String {
+    ["FELHOM_AGENT_LOG", "RUST_LOG"]
+        .into_iter()
+        .filter_map(var)
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "info".to_string())
+}
+
+/// Logs to stderr, filtered by [`log_directives`]. Idempotent; every command, `run`
+/// included, sets logging up here once.
 /// Under journald (stderr is the stream `JOURNAL_STREAM` names) lines carry no time of
 /// their own: the journal stamps each one, and two timestamps per line only confuse.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let directives = log_directives(|name| std::env::var(name).ok());
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("felhom-agent: log filter {directives:?} is not valid ({e}); logging at info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -373,6 +388,33 @@ pub(crate) fn load_host_config(cli: &Cli) -> Result<crate::config::HostConfig, C
 /// prints them itself).
 pub(crate) fn load_config_full(cli: &Cli) -> Result<crate::config::LoadedConfig, CliError> {
     Ok(crate::config::Config::load(cli.config.as_deref())?)
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::log_directives;
+
+    #[test]
+    fn felhom_agent_log_wins_then_rust_log_then_info() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            log_directives(env(&[("FELHOM_AGENT_LOG", "debug"), ("RUST_LOG", "warn")])),
+            "debug"
+        );
+        assert_eq!(log_directives(env(&[("RUST_LOG", "warn")])), "warn");
+        assert_eq!(
+            log_directives(env(&[("FELHOM_AGENT_LOG", " "), ("RUST_LOG", "warn")])),
+            "warn"
+        );
+        assert_eq!(log_directives(env(&[])), "info");
+    }
 }
 
 #[cfg(test)]

@@ -61,7 +61,6 @@ use crate::reconcile::{EngineHandle, Gate};
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn run(cli: &Cli) -> Result<(), CliError> {
-    init_logging();
     let cfg = load(cli.config.as_deref())?;
     // The daemon writes its state (envelope, audit cursor, journal) there.
     crate::config::ensure_state_dir_owner(&cfg.state_dir, "felhom-agent run")
@@ -121,18 +120,6 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, CliError> {
         tracing::warn!("{w}");
     }
     Ok(loaded.config)
-}
-
-/// Logs to stderr (the journal under systemd); level from `FELHOM_AGENT_LOG`, default
-/// `info`.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FELHOM_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
 }
 
 async fn daemon(
@@ -452,6 +439,8 @@ fn exec_env(
         journal,
         shutdown_timeout: Duration::from_secs(cfg.reconcile.shutdown_timeout_seconds),
         task_timeout: Duration::from_secs(600),
+        backup_storage: cfg.gate.backup_storage.clone(),
+        health_timeout: Duration::from_secs(cfg.gate.health_timeout_seconds),
     }
 }
 

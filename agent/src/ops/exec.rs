@@ -18,9 +18,9 @@
 //! the helper or checked against the node (a container that exists is not created again).
 //!
 //! The gated kinds of issue 13 (`set_config`, `rollback`, `restore`, `delete_snapshot`,
-//! `destroy`, `undo`, `release_undo`) are parsed into their [`OpSpec`] variants but not
-//! carried out here yet: [`precheck`] refuses them (`unknown_op`) before the intent, so
-//! nothing is half done.
+//! `destroy`, `undo`, `release_undo`) are carried out by the reversibility gate
+//! ([`super::gate`]): undo point first, then the action, the health check, and the undo on
+//! failure, each step committed in the record's `gate` object.
 //!
 //! Must never: send a request before the caller committed the intent, or report a
 //! guess: a lost wait leaves the operation `running` ([`Unfinished`]) to be resumed.
@@ -29,11 +29,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use felhom_authz::{Action, BackupCompress, BackupMode, GuestOp, GuestType, HostOp, OpPayload};
+use felhom_authz::{
+    Action, BackupCompress, BackupMode, Grant, GuestOp, GuestType, HostOp, OpPayload,
+};
 use felhom_protocol::{BlockDevicePath, MountName, PctCreateSpec, Vmid};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::gate::{self, GateOp, Gated, Who};
 use crate::privileged;
 use crate::proxmox::{
     Client, GuestKind, GuestPermit, ProxmoxError, SnapshotName, Upid, VzdumpCompress, VzdumpMode,
@@ -97,6 +100,10 @@ pub enum OpSpec {
         guest: GuestRef,
         snapshot: String,
         start: bool,
+        /// Granted `irreversible` (with that threshold): runs without an undo point when
+        /// none can be made.
+        #[serde(default)]
+        irreversible: bool,
     },
     Restore {
         guest: GuestRef,
@@ -104,6 +111,9 @@ pub enum OpSpec {
         storage: String,
         force: bool,
         start: bool,
+        /// As for `Rollback`.
+        #[serde(default)]
+        irreversible: bool,
     },
     DeleteSnapshot {
         guest: GuestRef,
@@ -177,6 +187,7 @@ impl OpSpec {
                         guest,
                         snapshot: snapshot.as_str().to_string(),
                         start: *start,
+                        irreversible: p.grant == Grant::Irreversible,
                     },
                     GuestOp::Restore {
                         archive,
@@ -189,6 +200,7 @@ impl OpSpec {
                         storage: storage.as_str().to_string(),
                         force: *force,
                         start: *start,
+                        irreversible: p.grant == Grant::Irreversible,
                     },
                     GuestOp::DeleteSnapshot { name } => OpSpec::DeleteSnapshot {
                         guest,
@@ -272,8 +284,8 @@ impl OpSpec {
 
     /// Whether it changes a guest the desired state manages (then the desired state is the
     /// authority: `conflicts_with_desired`). Snapshots and backups in `snapshot` or
-    /// `suspend` mode leave the guest as it is, and so do deleting a snapshot and
-    /// releasing an undo point.
+    /// `suspend` mode leave the guest as it is. Every gated kind is refused there (issue
+    /// 13): the gate's undo points and the desired state must not fight over a guest.
     pub fn conflicts_with_desired(&self) -> bool {
         match self {
             OpSpec::Start { .. }
@@ -284,14 +296,60 @@ impl OpSpec {
             | OpSpec::Rollback { .. }
             | OpSpec::Restore { .. }
             | OpSpec::Destroy { .. }
-            | OpSpec::Undo { .. } => true,
-            OpSpec::Backup { mode, .. } => *mode == VzdumpMode::Stop,
-            OpSpec::Snapshot { .. }
-            | OpSpec::UsbMount { .. }
-            | OpSpec::UsbUnmount { .. }
+            | OpSpec::Undo { .. }
             | OpSpec::DeleteSnapshot { .. }
-            | OpSpec::ReleaseUndo { .. } => false,
+            | OpSpec::ReleaseUndo { .. } => true,
+            OpSpec::Backup { mode, .. } => *mode == VzdumpMode::Stop,
+            OpSpec::Snapshot { .. } | OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => false,
         }
+    }
+
+    /// The gate's view of a gated kind (`None` for the others).
+    pub fn gated(&self) -> Option<Gated> {
+        let (guest, op, irreversible) = match self.clone() {
+            OpSpec::SetConfig { guest, config } => (
+                guest,
+                GateOp::SetConfig {
+                    config: config.into_iter().collect(),
+                },
+                false,
+            ),
+            OpSpec::Rollback {
+                guest,
+                snapshot,
+                start,
+                irreversible,
+            } => (guest, GateOp::Rollback { snapshot, start }, irreversible),
+            OpSpec::Restore {
+                guest,
+                archive,
+                storage,
+                force,
+                start,
+                irreversible,
+            } => (
+                guest,
+                GateOp::Restore {
+                    archive,
+                    storage,
+                    force,
+                    start,
+                },
+                irreversible,
+            ),
+            OpSpec::DeleteSnapshot { guest, name } => {
+                (guest, GateOp::DeleteSnapshot { name }, true)
+            }
+            OpSpec::Destroy { guest, purge } => (guest, GateOp::Destroy { purge }, true),
+            OpSpec::Undo { guest, op_id } => (guest, GateOp::Undo { op_id }, false),
+            OpSpec::ReleaseUndo { guest, op_id } => (guest, GateOp::ReleaseUndo { op_id }, true),
+            _ => return None,
+        };
+        Some(Gated {
+            guest,
+            op,
+            irreversible,
+        })
     }
 }
 
@@ -300,6 +358,13 @@ impl OpSpec {
 pub enum Final {
     Applied(Map<String, Value>),
     Failed(String),
+    /// A gated operation's end: `applied`, `failed` or `rolled_back`, with its result
+    /// (which carries the `undo` object).
+    Ended {
+        state: &'static str,
+        message: Option<String>,
+        result: Map<String, Value>,
+    },
     /// Refused in the lane (`precondition_failed`); nothing was sent.
     Refused {
         reason: &'static str,
@@ -337,6 +402,10 @@ pub struct ExecEnv {
     pub shutdown_timeout: Duration,
     /// How long a task may run before we stop waiting (the operation then stays running).
     pub task_timeout: Duration,
+    /// `gate.backup_storage`: where undo backups go.
+    pub backup_storage: Option<String>,
+    /// `gate.health_timeout_seconds`.
+    pub health_timeout: Duration,
 }
 
 impl std::fmt::Debug for ExecEnv {
@@ -382,14 +451,6 @@ async fn status(env: &ExecEnv, g: &GuestRef) -> Result<String, Unfinished> {
         .to_string())
 }
 
-/// The answer to a gated kind until the gate carries it out: refused before the intent.
-fn not_carried_out(spec: &OpSpec) -> Final {
-    Final::Refused {
-        reason: "unknown_op",
-        message: format!("{} is not carried out by this agent yet", spec.kind_name()),
-    }
-}
-
 fn refused(message: String) -> Final {
     Final::Refused {
         reason: "precondition_failed",
@@ -399,13 +460,18 @@ fn refused(message: String) -> Final {
 
 /// The preconditions checked in the lane before the intent; `Some` refuses.
 pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unfinished> {
-    if spec.is_gated() {
-        return Ok(Some(not_carried_out(spec)));
-    }
     let Some(g) = spec.guest() else {
         return Ok(None);
     };
+    // Undo and release may act on a guest that is gone (a destroy's undo); the gate
+    // checks the rest itself.
+    if matches!(spec, OpSpec::Undo { .. } | OpSpec::ReleaseUndo { .. }) {
+        return Ok(None);
+    }
     let found = find_guest(env, g.vmid).await?;
+    if matches!(spec, OpSpec::Restore { .. }) && found.is_none() {
+        return Ok(None);
+    }
     if let OpSpec::CreateContainer { .. } = spec {
         return Ok(found.map(|(kind, _)| {
             refused(format!(
@@ -475,6 +541,10 @@ pub struct Progress {
     pub upids: Vec<String>,
     /// True when resuming after a crash or a lost wait.
     pub resuming: bool,
+    /// The gate's steps so far (the record's `gate`).
+    pub gate: Value,
+    /// Who asked: `local:<user>` for a local request, else `signed:<op_id>`.
+    pub by: String,
 }
 
 /// Runs (or resumes) `spec`. The intent is committed. `permit` is the guest's lane permit
@@ -518,6 +588,9 @@ pub async fn execute(
             }))),
             Err(e) => Final::Failed(format!("usb helper: {e}")),
         }),
+        (_, None) => Ok(Final::Failed(
+            "a guest operation ran outside its guest's lane".into(),
+        )),
         (
             OpSpec::SetConfig { .. }
             | OpSpec::Rollback { .. }
@@ -526,21 +599,35 @@ pub async fn execute(
             | OpSpec::Destroy { .. }
             | OpSpec::Undo { .. }
             | OpSpec::ReleaseUndo { .. },
-            _,
-        ) => Ok(not_carried_out(spec)),
-        (_, None) => Ok(Final::Failed(
-            "a guest operation ran outside its guest's lane".into(),
-        )),
+            Some(p),
+        ) => {
+            let Some(g) = spec.gated() else {
+                return Ok(Final::Failed("a gated kind without its gate".into()));
+            };
+            let who = Who {
+                op_id: &progress.op_id,
+                by: progress.by.clone(),
+            };
+            gate::run(env, &g, p, who, &progress.gate, progress.resuming).await
+        }
         (OpSpec::CreateContainer { guest, spec }, Some(_)) => {
             if progress.resuming && find_guest(env, guest.vmid).await?.is_some() {
                 return Ok(Final::Applied(obj(
                     json!({"vmid": guest.vmid.get(), "resumed": true}),
                 )));
             }
-            Ok(match env.privileged.create_keyctl(spec).await {
-                Ok(c) => Final::Applied(obj(json!({"vmid": c.vmid.get()}))),
-                Err(e) => Final::Failed(format!("pct helper: {e}")),
-            })
+            match env.privileged.create_keyctl(spec).await {
+                Ok(c) => Ok(Final::Applied(obj(json!({"vmid": c.vmid.get()})))),
+                Err(e) => {
+                    let why = format!("pct helper: {e}");
+                    Ok(Final::Failed(
+                        match destroy_half_made(env, guest, permit).await? {
+                            Some(done) => format!("{why}; {done}"),
+                            None => why,
+                        },
+                    ))
+                }
+            }
         }
         (OpSpec::Start { guest }, Some(p)) => {
             let ty = task_type("start", guest.kind);
@@ -617,7 +704,16 @@ pub async fn execute(
             {
                 Ok(u) => {
                     record_upid(env, &progress.op_id, &u).await?;
-                    wait_final(env, &u, env.task_timeout, done).await
+                    match wait_final(env, &u, env.task_timeout, done).await? {
+                        Final::Failed(why) => {
+                            let cleaned = delete_partial_snapshot(env, guest, p, &snap).await?;
+                            Ok(Final::Failed(match cleaned {
+                                Some(c) => format!("{why}; {c}"),
+                                None => why,
+                            }))
+                        }
+                        other => Ok(other),
+                    }
                 }
                 Err(e) => Ok(Final::Failed(e.to_string())),
             }
@@ -680,6 +776,61 @@ pub async fn execute(
             }
         }
     }
+}
+
+/// A failed `create_container` may leave the container half made: destroyed through the
+/// API (`purge`) when the vmid exists. `Some(what happened)` when there was one.
+async fn destroy_half_made(
+    env: &ExecEnv,
+    guest: &GuestRef,
+    permit: Option<&GuestPermit>,
+) -> Result<Option<String>, Unfinished> {
+    let (Some(p), Some(_)) = (permit, find_guest(env, guest.vmid).await?) else {
+        return Ok(None);
+    };
+    tracing::warn!(vmid = %guest.vmid, "create_container failed and left the container: destroying it");
+    Ok(Some(
+        match env.pve.destroy(p, guest.kind, true, true).await {
+            Ok(u) => match Pve::wait(&env.pve, &u, env.task_timeout).await {
+                Ok(_) => "the half-made container was destroyed".to_string(),
+                Err(e) => format!("destroying the half-made container failed: {e}"),
+            },
+            Err(e) => format!("destroying the half-made container failed: {e}"),
+        },
+    ))
+}
+
+/// A failed snapshot may leave a partial snapshot in the config: deleted with `force`.
+async fn delete_partial_snapshot(
+    env: &ExecEnv,
+    guest: &GuestRef,
+    permit: &GuestPermit,
+    name: &SnapshotName,
+) -> Result<Option<String>, Unfinished> {
+    let listed = env
+        .pve
+        .snapshots(guest.kind, guest.vmid)
+        .await
+        .map_err(px("listing the guest's snapshots"))?
+        .iter()
+        .any(|s| s.name == name.as_str());
+    if !listed {
+        return Ok(None);
+    }
+    tracing::warn!(vmid = %guest.vmid, snapshot = %name, "failed snapshot left a partial one: deleting it");
+    Ok(Some(
+        match env
+            .pve
+            .snapshot_delete(permit, guest.kind, name, true)
+            .await
+        {
+            Ok(u) => match Pve::wait(&env.pve, &u, env.task_timeout).await {
+                Ok(_) => format!("the partial snapshot {name} was deleted"),
+                Err(e) => format!("deleting the partial snapshot {name} failed: {e}"),
+            },
+            Err(e) => format!("deleting the partial snapshot {name} failed: {e}"),
+        },
+    ))
 }
 
 fn obj(v: Value) -> Map<String, Value> {
@@ -891,7 +1042,8 @@ mod tests {
                         start: true,
                     },
                 ),
-                json!({"op": "rollback", "guest": guest, "snapshot": "daily", "start": true}),
+                json!({"op": "rollback", "guest": guest, "snapshot": "daily", "start": true,
+                       "irreversible": true}),
                 true,
             ),
             (
@@ -905,7 +1057,8 @@ mod tests {
                     },
                 ),
                 json!({"op": "restore", "guest": guest, "archive": vz,
-                       "storage": "local-lvm", "force": true, "start": false}),
+                       "storage": "local-lvm", "force": true, "start": false,
+                       "irreversible": true}),
                 true,
             ),
             (
@@ -914,7 +1067,7 @@ mod tests {
                     GuestOp::DeleteSnapshot { name: snap("old") },
                 ),
                 json!({"op": "delete_snapshot", "guest": guest, "name": "old"}),
-                false,
+                true,
             ),
             (
                 payload(Kind::Destroy, GuestOp::Destroy { purge: true }),
@@ -939,7 +1092,7 @@ mod tests {
                     },
                 ),
                 json!({"op": "release_undo", "guest": guest, "op_id": OTHER}),
-                false,
+                true,
             ),
         ]
     }
@@ -981,32 +1134,47 @@ mod tests {
             journal: Arc::new(Journal::open(dir).unwrap()),
             shutdown_timeout: Duration::from_secs(5),
             task_timeout: Duration::from_secs(5),
+            backup_storage: Some("nas-backup".into()),
+            health_timeout: Duration::from_secs(5),
         }
     }
 
     #[tokio::test]
-    async fn gated_kinds_are_refused_before_the_intent_without_a_request() {
+    async fn undo_and_release_pass_the_lane_check_without_a_request() {
+        // They may act on a guest that is gone (a destroy's undo): the gate checks them.
         let dir = tempfile::tempdir().unwrap();
         let env = env(dir.path());
         for (p, _, _) in gated() {
             let spec = OpSpec::from_payload(&p);
-            let want = Final::Refused {
-                reason: "unknown_op",
-                message: format!("{} is not carried out by this agent yet", p.kind.as_str()),
-            };
-            assert_eq!(precheck(&env, &spec).await.unwrap(), Some(want.clone()));
-            // and were one resumed from an older record, execute refuses it too
-            let progress = Progress {
-                op_id: "0".repeat(32),
-                intent_ms: 0,
-                upids: Vec::new(),
-                resuming: true,
-            };
-            assert_eq!(execute(&env, &spec, None, &progress).await.unwrap(), want);
+            let r = precheck(&env, &spec).await;
+            match p.kind {
+                Kind::Undo | Kind::ReleaseUndo => assert_eq!(r.unwrap(), None),
+                // the others read the node, which is unreachable here
+                _ => assert!(r.is_err(), "{:?}", p.kind),
+            }
         }
-        // A kind of issue 12 does reach Proxmox (and fails here): the refusal above is
-        // not an artefact of the unreachable node.
-        let start = OpSpec::from_payload(&payload(Kind::Start, GuestOp::Start));
-        assert!(precheck(&env, &start).await.is_err());
+    }
+
+    #[test]
+    fn the_grant_reaches_the_gate() {
+        let mut p = payload(
+            Kind::Rollback,
+            GuestOp::Rollback {
+                snapshot: snap("daily"),
+                start: false,
+            },
+        );
+        p.grant = Grant::Reversible;
+        assert!(!OpSpec::from_payload(&p).gated().unwrap().irreversible);
+        p.grant = Grant::Irreversible;
+        assert!(OpSpec::from_payload(&p).gated().unwrap().irreversible);
+        // irreversible kinds always run as such
+        let d = payload(Kind::Destroy, GuestOp::Destroy { purge: false });
+        assert!(OpSpec::from_payload(&d).gated().unwrap().irreversible);
+        assert!(
+            OpSpec::from_payload(&payload(Kind::Start, GuestOp::Start))
+                .gated()
+                .is_none()
+        );
     }
 }

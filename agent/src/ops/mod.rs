@@ -12,6 +12,7 @@
 pub mod channel;
 pub mod desired;
 pub mod exec;
+pub mod gate;
 pub mod identity;
 pub mod service;
 pub mod trust;

@@ -209,6 +209,14 @@ fn envelope_sha(raw: &[u8]) -> Option<String> {
     env.body().ok().map(|b| hex::encode(payload_sha256(&b)))
 }
 
+/// `local:<user>` when the record is a local request (`ops undo` / `ops release`).
+fn local_signer(rec: &OpRecord) -> Option<&str> {
+    rec.signers
+        .first()
+        .filter(|s| rec.envelope.is_empty() && s.starts_with("local:"))
+        .map(String::as_str)
+}
+
 /// The `op_id` of a verified body, when it has a well-formed one.
 fn probe_op_id(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -344,10 +352,19 @@ impl OpsService {
     /// new operation's `op_id`; its decision follows like a signed operation's
     /// ([`OpsService::show`]).
     pub async fn submit_local(&self, req: LocalRequest, by: &str) -> Result<String, OpsError> {
-        let _ = (req, by);
-        Err(OpsError::Local(
-            "local undo and release are not carried out by this agent yet".into(),
-        ))
+        let inner = self.inner.clone();
+        let by = if by.starts_with("local:") {
+            by.to_string()
+        } else {
+            format!("local:{by}")
+        };
+        let op_id = tokio::task::spawn_blocking(move || inner.accept_local(req, &by))
+            .await
+            .map_err(|e| OpsError::Blocking(e.to_string()))??;
+        self.inner.refresh();
+        self.inner.results.notify_one();
+        self.inner.kick.notify_one();
+        Ok(op_id)
     }
 
     /// The undo points the gate made and still keeps, oldest first.
@@ -723,6 +740,11 @@ impl Inner {
         let (state, reason, message, result) = match f {
             Final::Applied(r) => ("applied", None, None, r),
             Final::Failed(m) => ("failed", None, Some(m), Map::new()),
+            Final::Ended {
+                state,
+                message,
+                result,
+            } => (state, None, message, result),
             Final::Refused { reason, message } => (
                 "refused",
                 Some(reason.to_string()),
@@ -757,8 +779,106 @@ impl Inner {
         }
     }
 
+    /// Records a local undo or release as an operation of its own: an empty envelope,
+    /// signer `local:<user>`, held for its guest's lane like a signed one.
+    fn accept_local(&self, req: LocalRequest, by: &str) -> Result<String, OpsError> {
+        let (kind, undone) = match &req {
+            LocalRequest::Undo { op_id } => ("undo", op_id.clone()),
+            LocalRequest::Release { op_id } => ("release_undo", op_id.clone()),
+        };
+        let undone = felhom_authz::OpId::new(undone.clone())
+            .map_err(|_| OpsError::Local(format!("{undone:?} is not an operation id")))?
+            .as_str()
+            .to_string();
+        let Some(target) = self.journal.op_get(&undone)? else {
+            return Err(OpsError::Local(format!(
+                "no operation {undone} is known to this agent"
+            )));
+        };
+        // The guest: from the operation's spec, else from its undo point.
+        let from_spec = serde_json::from_value::<OpSpec>(target.spec.clone())
+            .ok()
+            .and_then(|s| s.gated())
+            .map(|g| g.guest);
+        let from_point = self.journal.undo_point_get(&undone)?.and_then(|p| {
+            let vmid = felhom_protocol::Vmid::new(u64::from(p.vmid)).ok()?;
+            let kind = match p.guest_kind.as_str() {
+                "lxc" => crate::proxmox::GuestKind::Lxc,
+                "qemu" => crate::proxmox::GuestKind::Qemu,
+                _ => return None,
+            };
+            Some(super::exec::GuestRef {
+                kind,
+                vmid,
+                expect_digest: None,
+            })
+        });
+        let Some(target_guest) = from_spec.or(from_point) else {
+            return Err(OpsError::Local(format!(
+                "operation {undone} ({}) is not a gated operation and holds no undo point",
+                target.kind
+            )));
+        };
+        if kind == "release_undo" && !self.journal.undo_point_kept(&undone)? {
+            return Err(OpsError::Local(format!(
+                "operation {undone} holds no undo point to release"
+            )));
+        }
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| OpsError::Local("no randomness for an operation id".into()))?;
+        let op_id = hex::encode(bytes);
+        let guest = super::exec::GuestRef {
+            expect_digest: None,
+            ..target_guest.clone()
+        };
+        let spec = match req {
+            LocalRequest::Undo { .. } => OpSpec::Undo {
+                guest,
+                op_id: undone.clone(),
+            },
+            LocalRequest::Release { .. } => OpSpec::ReleaseUndo {
+                guest,
+                op_id: undone.clone(),
+            },
+        };
+        let described =
+            serde_json::json!({"local": kind, "op_id": op_id, "undone": undone, "by": by});
+        let rec = OpRecord {
+            op_id: op_id.clone(),
+            payload_sha256: hex::encode(payload_sha256(described.to_string().as_bytes())),
+            not_after: unix_now() + 3600,
+            kind: kind.to_string(),
+            vmid: Some(target_guest.vmid.get()),
+            envelope: String::new(),
+            delivery_id: None,
+            signers: vec![by.to_string()],
+            received_ms: now_ms(),
+            state: "held".into(),
+            reason: None,
+            message: None,
+            upids: Vec::new(),
+            result: Map::new(),
+            intent_ms: None,
+            finished_ms: None,
+            spec: serde_json::to_value(&spec).unwrap_or(Value::Null),
+            gate: Value::Null,
+        };
+        let _d = lock(&self.decide);
+        self.journal
+            .op_accept(&rec, |seq| body(&result_of(&rec, seq)))?
+            .ok_or_else(|| OpsError::Local("operation id taken; ask again".into()))?;
+        tracing::info!(op_id = %op_id, op = kind, undone = %undone, %by, "local request accepted");
+        Ok(op_id)
+    }
+
     /// Verifies a held operation's envelope again against the current trust and clock.
+    /// A local request (no envelope, signer `local:<user>`) was authorised by the control
+    /// socket's peer check and is not verified against the trust.
     fn reverify(&self, rec: &OpRecord) -> Result<(), (&'static str, String)> {
+        if local_signer(rec).is_some() {
+            return Ok(());
+        }
         let Some(trust) = self.trust() else {
             return Err((
                 "ops_disabled",
@@ -1024,6 +1144,8 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
         intent_ms: rec.intent_ms.unwrap_or(rec.received_ms),
         upids: rec.upids.clone(),
         resuming,
+        gate: rec.gate.clone(),
+        by: local_signer(&rec).map_or_else(|| format!("signed:{op_id}"), str::to_string),
     };
     if resuming {
         tracing::info!(op_id, upids = ?rec.upids, "resuming an unfinished signed operation");

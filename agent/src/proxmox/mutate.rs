@@ -815,6 +815,80 @@ impl Client {
         self.task_call(Method::DELETE, path, form, permit).await
     }
 
+    /// `PUT /nodes/{node}/storage/{storage}/content/{volid}` with `protected`: marks the
+    /// permit's backup archive protected (prune jobs and the GUI keep it) or not. PVE
+    /// answers `null`. The archive must be the permit's guest's backup.
+    pub async fn backup_protect(
+        &self,
+        permit: &GuestPermit,
+        storage: &str,
+        volid: &str,
+        protected: bool,
+    ) -> Result<(), ProxmoxError> {
+        let path = self.backup_content_path(permit, storage, volid)?;
+        let form = vec![("protected".to_string(), b01(protected))];
+        let _: Value = self.call(Method::PUT, &path, &[], Some(&form)).await?;
+        tracing::info!(vmid = %permit.vmid(), %volid, protected, "backup protection set");
+        Ok(())
+    }
+
+    /// `DELETE /nodes/{node}/storage/{storage}/content/{volid}`: removes the permit's
+    /// backup archive. PVE ≥ 7 answers with a task (`imgdel`), older ones with `null`
+    /// (removed synchronously): `Some(upid)` or `None`. PVE refuses a protected archive.
+    pub async fn backup_delete(
+        &self,
+        permit: &GuestPermit,
+        storage: &str,
+        volid: &str,
+    ) -> Result<Option<Upid>, ProxmoxError> {
+        let path = self.backup_content_path(permit, storage, volid)?;
+        let endpoint = format!("DELETE {path}");
+        let v: Value = self.call(Method::DELETE, &path, &[], None).await?;
+        if v.is_null() {
+            tracing::info!(vmid = %permit.vmid(), %volid, "backup removed");
+            return Ok(None);
+        }
+        let upid = expect_upid(&endpoint, v)?;
+        tracing::info!(vmid = %permit.vmid(), %endpoint, upid = %upid, "proxmox task started");
+        Ok(Some(upid))
+    }
+
+    /// The content path of a backup archive of the permit's guest on `storage`: the volid
+    /// must be `<storage>:backup/...` and name the guest (`vzdump-<kind>-<vmid>-` or the
+    /// PBS `ct|vm/<vmid>/`).
+    fn backup_content_path(
+        &self,
+        permit: &GuestPermit,
+        storage: &str,
+        volid: &str,
+    ) -> Result<String, ProxmoxError> {
+        check_storage(storage)?;
+        check_text("volid", volid)?;
+        let vmid = permit.vmid().to_string();
+        let ours = volid
+            .strip_prefix(storage)
+            .and_then(|r| r.strip_prefix(":backup/"))
+            .is_some_and(|name| {
+                ["lxc", "qemu"]
+                    .iter()
+                    .any(|k| name.starts_with(&format!("vzdump-{k}-{vmid}-")))
+                    || ["ct", "vm"]
+                        .iter()
+                        .any(|k| name.starts_with(&format!("{k}/{vmid}/")))
+            });
+        if !ours {
+            return Err(ProxmoxError::InvalidRequest(format!(
+                "{volid:?} is not a backup of guest {vmid} on storage {storage}"
+            )));
+        }
+        Ok(format!(
+            "{}/storage/{}/content/{}",
+            self.node_path(),
+            seg(storage),
+            seg(volid)
+        ))
+    }
+
     /// `POST /nodes/{node}/qemu/{vmid}/agent/ping` (synchronous): `Ok` when the guest agent
     /// of the permit's running VM answers. PVE's 500s (`No QEMU guest agent configured`,
     /// `VM N is not running`, `QEMU guest agent is not running`) are [`ProxmoxError::Api`].
@@ -866,6 +940,53 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_backup_is_only_addressed_as_the_permits_guests_on_its_storage() {
+        let client = Client::new(
+            &crate::config::ProxmoxConfig {
+                url: "https://127.0.0.1:1".into(),
+                token_id: "felhom@pve!agent".into(),
+                token_secret: crate::config::Secret::new("unused"),
+                tls: crate::config::TlsVerify::Insecure,
+            },
+            "pve1",
+        )
+        .unwrap();
+        let permit = GuestPermit::for_test(Vmid::new(101).unwrap());
+        let ok = "nas:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst";
+        let path = client.backup_content_path(&permit, "nas", ok).unwrap();
+        assert!(
+            path.ends_with(
+                "/storage/nas/content/nas%3Abackup%2Fvzdump-lxc-101-2025_01_31-02_00_05.tar.zst"
+            ),
+            "{path}"
+        );
+        assert!(
+            client
+                .backup_content_path(&permit, "pbs", "pbs:backup/ct/101/2025-01-31T02:00:05Z")
+                .is_ok()
+        );
+        for (storage, volid) in [
+            (
+                "nas",
+                "nas:backup/vzdump-lxc-1010-2025_01_31-02_00_05.tar.zst",
+            ),
+            (
+                "nas",
+                "nas:backup/vzdump-qemu-102-2025_01_31-02_00_05.vma.zst",
+            ),
+            ("other", ok),
+            ("nas", "nas:images/vm-101-disk-0"),
+            ("pbs", "pbs:backup/vm/1010/2025-01-31T02:00:05Z"),
+            ("nas", ""),
+        ] {
+            assert!(
+                client.backup_content_path(&permit, storage, volid).is_err(),
+                "{storage} {volid}"
+            );
+        }
+    }
 
     #[test]
     fn snapshot_names() {
