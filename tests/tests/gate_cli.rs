@@ -3,9 +3,10 @@
 //! (`felhom-agent run` as uid 65534) and without one, and the report's `ops.undo_points`
 //! and undo-space error as `felhom-hubsim` receives them.
 //!
-//! The undo points are written into the agent's journal through the agent's own library
-//! (`Journal::op_update_with_undo`, the call the gate makes when it made one) before the
-//! daemon starts, so the surface is tested independently of the gate's execution.
+//! In the first test the undo points are written into the agent's journal through the
+//! agent's own library (`Journal::op_update_with_undo`, the call the gate makes when it
+//! made one) before the daemon starts, so every kind and size can be laid out; the second
+//! makes one through a real gated rollback and undoes and releases it from the host.
 //!
 //! Needs root (see `ops_support`; a CLI also runs as a uid that is neither root nor the
 //! agent's).
@@ -389,4 +390,121 @@ async fn operators_see_undo_points_and_only_root_or_the_agent_may_undo_through_t
         "kept",
         "a refused release released it"
     );
+}
+
+/// A PVE API call as the test bed's full token; waits for the task it starts.
+async fn pve_task(sim: &felhom_testbed::harness::PveSim, rel: &str, form: &[(&str, &str)]) {
+    let resp = sim
+        .client()
+        .post(sim.api_url(rel))
+        .header("Authorization", sim.auth_header())
+        .form(form)
+        .send()
+        .await
+        .expect("pvesim answers");
+    assert!(resp.status().is_success(), "{rel}: {}", resp.status());
+    let body: Value = resp.json().await.unwrap();
+    let upid = body["data"].as_str().expect("a UPID").to_string();
+    let st = sim.wait_task(&upid, T).await.expect("task ends");
+    assert_eq!(st["exitstatus"], "OK", "{rel}: {st}");
+}
+
+async fn memory(sim: &felhom_testbed::harness::PveSim, vmid: u32) -> u64 {
+    let v = sim.guest(vmid).await.unwrap()["config"]["memory"].clone();
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("memory of {vmid}: {v}"))
+}
+
+async fn snapshots(sim: &felhom_testbed::harness::PveSim, vmid: u32) -> Vec<String> {
+    sim.comparable_guest(vmid).await.unwrap().snapshots
+}
+
+/// With the gate carrying operations out: a real gated rollback's undo snapshot is listed
+/// exactly once; `ops undo` (the agent's user) brings back what the rollback discarded and
+/// prints the decision; `ops release` (root) deletes the undo snapshot from the node; a
+/// released point is neither listed nor released again, and can no longer be undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_rollback_is_undone_and_released_from_the_host() {
+    needs_root!();
+    let stack = Stack::new(json!({"gate": {"health_timeout_seconds": 30}}));
+    let sim = &stack.pve.pve;
+    let vmid = 321;
+    sim.set_guest(
+        vmid,
+        json!({"type": "lxc", "status": "stopped", "config": {
+            "hostname": "ct321", "memory": "512", "cores": "1", "ostype": "debian",
+            "arch": "amd64", "rootfs": "local-lvm:vm-321-disk-0,size=4G"}}),
+    )
+    .await
+    .unwrap();
+    pve_task(
+        sim,
+        &format!("/nodes/pve1/lxc/{vmid}/snapshot"),
+        &[("snapname", "before")],
+    )
+    .await;
+    sim.set_guest(vmid, json!({"config": {"memory": "640"}}))
+        .await
+        .unwrap();
+    let agent = stack.start_agent();
+
+    let p = stack
+        .guest_op("rollback", "lxc", vmid)
+        .params(json!({"snapshot": "before", "start": false}))
+        .grant("reversible");
+    let id = op_id_of(&p);
+    let undo_name = format!("felhom-undo-{}", &id[..12]);
+    stack.deliver(&stack.signed(&p)).await;
+    let r = stack.final_result(&id, T).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    assert_eq!(memory(sim, vmid).await, 512);
+    // Listed exactly once, as the gate made it.
+    let (points, _) = listed(&stack);
+    let mine: Vec<&Value> = points
+        .iter()
+        .filter(|p| p["op_id"] == id.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "{points:?}");
+    assert_eq!(mine[0]["kind"], "snapshot");
+    assert_eq!(mine[0]["ref"], undo_name.as_str());
+    assert_eq!(mine[0]["op_kind"], "rollback");
+
+    // `ops undo` as the agent's user: the memory the rollback discarded is back.
+    let (code, out, err) = stack.cli(&["ops", "undo", &id, "--wait", "120"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", agent.log_text());
+    assert!(
+        out.starts_with(&format!("undo of {id}: applied (operation ")),
+        "{out}"
+    );
+    assert!(out.contains("requested by local:"), "{out}");
+    assert_eq!(memory(sim, vmid).await, 640);
+
+    // `ops release` as root: the undo snapshot goes from the node, the point is released.
+    let (code, out, err) = cli_as(&stack, 0, &["ops", "release", &id, "--json"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", agent.log_text());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "applied", "{v}");
+    assert_eq!(v["undo_point"]["status"], "released", "{v}");
+    assert_eq!(v["undo_point"]["released_by"], "local:root", "{v}");
+    assert_eq!(snapshots(sim, vmid).await, vec!["before".to_string()]);
+    let (points, _) = listed(&stack);
+    assert!(
+        points.iter().all(|p| p["op_id"] != id.as_str()),
+        "{points:?}"
+    );
+    let (code, out, _) = stack.cli(&["ops", "show", &id, "--json"]);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["undo_point"]["status"], "released");
+
+    // Released: a second release is refused before it is queued, an undo is not_reversible.
+    let (code, out, err) = stack.cli(&["ops", "release", &id]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("release not queued"), "{err}");
+    let (code, out, err) = stack.cli(&["ops", "undo", &id, "--wait", "120"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("reason: not_reversible"), "{out}");
+    assert_eq!(memory(sim, vmid).await, 640);
+    drop(agent);
 }
