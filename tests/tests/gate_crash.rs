@@ -31,7 +31,7 @@ const ROUNDS: usize = 40;
 /// Operations per guest.
 const PER_GUEST: usize = 4;
 /// How long a pvesim task runs: long enough that kills land while tasks run.
-const TASK_SECONDS: f64 = 0.3;
+const TASK_SECONDS: f64 = 0.5;
 
 const ROLLBACK_GUESTS: [u32; 3] = [361, 362, 363];
 const RESTORE_GUESTS: [u32; 3] = [371, 372, 373];
@@ -89,9 +89,11 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
             planned.push((op_id_of(&p), vmid, "restore", stack.signed(&p).text()));
         }
     }
-    let per_round = planned.len().div_ceil(ROUNDS / 2);
+    // One operation per round at first, so kills keep landing inside operations.
+    let per_round = planned.len().div_ceil(ROUNDS * 3 / 4);
     let mut next = 0;
     let mut during_task = 0;
+    let mut during_op = 0;
     for round in 0..ROUNDS {
         let agent = stack.start_agent();
         let base = stack.ops.result_list(0).await.expect("results").len();
@@ -123,8 +125,16 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.u64(0..1200))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
         agent.kill9();
+        let list = stack.ops.result_list(0).await.expect("results");
+        if planned.iter().take(next).any(|(id, ..)| {
+            !list.iter().any(|r| {
+                r["result"]["op_id"].as_str() == Some(id.as_str()) && r["result"]["state"] != "held"
+            })
+        }) {
+            during_op += 1;
+        }
         let running = stack.pve.state_json().await["tasks"]
             .as_array()
             .map(|t| t.iter().filter(|t| t["status"] == "running").count())
@@ -135,8 +145,12 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
     }
     assert_eq!(next, planned.len(), "every operation was enqueued");
     eprintln!(
-        "{ROUNDS} kills ({during_task} while a pvesim task ran) in {:?}",
+        "{ROUNDS} kills ({during_op} while an operation was unfinished, {during_task} while a pvesim task ran) in {:?}",
         t0.elapsed()
+    );
+    assert!(
+        during_op >= ROUNDS / 2,
+        "only {during_op} kills landed inside an operation (seed {seed})"
     );
 
     let agent = stack.start_agent();

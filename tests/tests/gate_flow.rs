@@ -12,6 +12,7 @@ mod hub_support;
 mod ops_support;
 mod proxmox_client_support;
 
+use felhom_testbed::harness::Fault;
 use gate_support::*;
 use ops_support::*;
 use serde_json::{Value, json};
@@ -100,7 +101,66 @@ async fn set_config_applies_a_broken_change_is_undone_and_a_signed_undo_writes_b
         "{msg}"
     );
     assert_eq!(memory(sim, 301).await, 999);
+
+    // A config write Proxmox refuses changed nothing: failed, and nothing is written back
+    // over what is there.
+    sim.add_fault(
+        &Fault::http_500("/nodes/pve1/lxc/301/config", "simulated refusal")
+            .method("PUT")
+            .times(1),
+    )
+    .await
+    .unwrap();
+    let writes_before = config_writes(&stack, 301).await;
+    let p = stack.gated(
+        "set_config",
+        "lxc",
+        301,
+        json!({"config": {"memory": 256}}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "failed", "{r}\n{}", agent.log_text());
+    assert_eq!(memory(sim, 301).await, 999);
+    assert_eq!(
+        config_writes(&stack, 301).await,
+        writes_before + 1,
+        "only the refused write"
+    );
+
+    // A VM's config change is a qmconfig task.
+    make_guest(
+        sim,
+        303,
+        "qemu",
+        json!({"name": "vm303", "memory": "2048", "cores": "2",
+            "scsi0": "local-lvm:vm-303-disk-0,size=8G"}),
+        "stopped",
+    )
+    .await;
+    let p = stack.gated(
+        "set_config",
+        "qemu",
+        303,
+        json!({"config": {"memory": 4096}}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    assert_eq!(memory(sim, 303).await, 4096);
     drop(agent);
+}
+
+async fn config_writes(stack: &Stack, vmid: u32) -> usize {
+    let path = format!("/lxc/{vmid}/config");
+    stack
+        .mutations()
+        .await
+        .iter()
+        .filter(|m| m.path.ends_with(&path))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,6 +554,89 @@ async fn destroy_and_delete_snapshot_need_two_keys_keep_a_protected_backup_and_c
     assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
     assert!(
         comparable_without(sim, 342, None)
+            .await
+            .snapshots
+            .is_empty()
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_point_that_cannot_be_made_refuses_and_a_failed_snapshot_leaves_none() {
+    needs_root!();
+    let stack = Stack::new(json!({"gate": {"health_timeout_seconds": 8}}));
+    let sim = &stack.pve.pve;
+    lvm_ct(sim, 351, "stopped").await;
+    snapshot(sim, "lxc", 351, "before").await;
+    lvm_ct(sim, 352, "stopped").await;
+    lvm_ct(sim, 353, "running").await;
+    lvm_ct(sim, 354, "stopped").await;
+    let archive = backup(sim, 354).await;
+    let agent = stack.start_agent();
+
+    // The undo snapshot's task fails midway: refused, its partial snapshot deleted.
+    let before = comparable_without(sim, 351, None).await;
+    sim.add_task_fault("vzsnapshot", Some(351), None)
+        .await
+        .unwrap();
+    let p = stack.gated(
+        "rollback",
+        "lxc",
+        351,
+        json!({"snapshot": "before"}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "refused", "{r}\n{}", agent.log_text());
+    assert_eq!(r["reason"], "undo_point_failed", "{r}");
+    assert_eq!(
+        comparable_without(sim, 351, None).await,
+        before,
+        "nothing changed"
+    );
+
+    // No room for the undo backup: refused, nothing changed.
+    let before = comparable_without(sim, 352, None).await;
+    sim.set_storage("nas-backup", json!({"avail": 1024}))
+        .await
+        .unwrap();
+    let p = stack.gated(
+        "restore",
+        "lxc",
+        352,
+        json!({"archive": archive, "storage": "local-lvm", "force": true}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "refused", "{r}\n{}", agent.log_text());
+    assert_eq!(r["reason"], "undo_point_failed", "{r}");
+    assert_eq!(
+        comparable_without(sim, 352, None).await,
+        before,
+        "nothing changed"
+    );
+
+    // A plain signed snapshot whose task fails midway: the partial snapshot is deleted.
+    sim.add_task_fault("vzsnapshot", Some(353), None)
+        .await
+        .unwrap();
+    let p = stack
+        .guest_op("snapshot", "lxc", 353)
+        .params(json!({"name": "halfway"}));
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "failed", "{r}\n{}", agent.log_text());
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("partial snapshot halfway was deleted"),
+        "{r}"
+    );
+    assert!(
+        comparable_without(sim, 353, None)
             .await
             .snapshots
             .is_empty()

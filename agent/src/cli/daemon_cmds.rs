@@ -146,6 +146,21 @@ fn render_status(v: &Value) -> String {
             out.push_str(&format!("skipped: {} {}\n", s["vmid"], s["reason"]));
         }
     }
+    if let Some(rt) = v.get("restore_tests") {
+        if let Some(e) = rt["error"].as_str() {
+            out.push_str(&format!("restore tests: cannot read the journal: {e}\n"));
+        }
+        for n in rt["not_destroyed"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "restore tests BLOCKED: scratch guest {} (test #{} of guest {}) cannot be destroyed since {}: {}\n",
+                n["scratch_vmid"],
+                n["test"],
+                n["vmid"],
+                n["since"].as_str().unwrap_or("?"),
+                n["last_error"].as_str().unwrap_or("?")
+            ));
+        }
+    }
     out.push_str(&format!("last envelope: {}\n", v["last_envelope"]));
     out
 }

@@ -191,6 +191,32 @@ pub enum Reply {
     Error { kind: ErrorKind, message: String },
 }
 
+/// The restore tests' part of `status`: the scratch guests that cannot be destroyed
+/// (which block further tests), or the error reading them.
+async fn restore_status(tests: &crate::restore::RestoreTests) -> Value {
+    match tests.not_destroyed().await {
+        Ok(list) => {
+            let items: Vec<Value> = list
+                .iter()
+                .map(|r| {
+                    let since = r
+                        .cleanup_failing_since_ms
+                        .and_then(|ms| crate::timestamp::Timestamp::from_unix(ms.div_euclid(1000)));
+                    serde_json::json!({
+                        "test": r.id,
+                        "vmid": r.vmid,
+                        "scratch_vmid": r.scratch_vmid,
+                        "since": since,
+                        "last_error": r.cleanup_error,
+                    })
+                })
+                .collect();
+            serde_json::json!({ "blocked": !items.is_empty(), "not_destroyed": items })
+        }
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+}
+
 /// Answers requests in the daemon.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> BoxFut<'_, Reply>;
@@ -446,6 +472,9 @@ impl Handler for DaemonHandler {
                         "reconcile": self.engine.status(),
                         "last_envelope": last_envelope,
                     });
+                    if let Some(tests) = self.restore.get() {
+                        v["restore_tests"] = restore_status(tests).await;
+                    }
                     if let Some(so) = &self.signed_ops {
                         v["agent_id"] = so.agent_id.as_str().into();
                         v["agent_id_source"] = so.agent_id_source.as_str().into();

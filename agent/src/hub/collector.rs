@@ -273,10 +273,11 @@ impl HostCollector {
             Ok::<_, crate::reconcile::journal::JournalError>((
                 j.restore_results_after(after, 100)?,
                 j.restore_per_guest()?,
+                j.restore_left_behind()?,
             ))
         })
         .await;
-        let (results, per) = match read {
+        let (results, per, left) = match read {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 report.errors.push(err(
@@ -290,6 +291,25 @@ impl HostCollector {
             Err(_) => return,
         };
         let ts = |ms: i64| crate::timestamp::Timestamp::from_unix(ms.div_euclid(1000));
+        // A scratch guest that cannot be destroyed blocks every further test: loud.
+        for r in left.iter().filter(|r| r.cleanup_error.is_some()) {
+            let scratch = r.scratch_vmid.map(|v| v.to_string()).unwrap_or_default();
+            report.errors.push(err(
+                Component::Reconcile,
+                Some(scratch.clone()),
+                ErrorKind::Other,
+                format!(
+                    "restore tests blocked: scratch guest {scratch} (test #{} of guest {}) cannot be destroyed since {}: {}",
+                    r.id,
+                    r.vmid,
+                    r.cleanup_failing_since_ms
+                        .and_then(ts)
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    r.cleanup_error.as_deref().unwrap_or("")
+                ),
+            ));
+        }
         for r in &results {
             let result = match r.result.as_deref() {
                 Some("passed") => RestoreTestResult::Passed,

@@ -795,12 +795,27 @@ impl Inner {
                 "no operation {undone} is known to this agent"
             )));
         };
-        let Some(gated) = serde_json::from_value::<OpSpec>(target.spec.clone())
+        // The guest: from the operation's spec, else from its undo point.
+        let from_spec = serde_json::from_value::<OpSpec>(target.spec.clone())
             .ok()
             .and_then(|s| s.gated())
-        else {
+            .map(|g| g.guest);
+        let from_point = self.journal.undo_point_get(&undone)?.and_then(|p| {
+            let vmid = felhom_protocol::Vmid::new(u64::from(p.vmid)).ok()?;
+            let kind = match p.guest_kind.as_str() {
+                "lxc" => crate::proxmox::GuestKind::Lxc,
+                "qemu" => crate::proxmox::GuestKind::Qemu,
+                _ => return None,
+            };
+            Some(super::exec::GuestRef {
+                kind,
+                vmid,
+                expect_digest: None,
+            })
+        });
+        let Some(target_guest) = from_spec.or(from_point) else {
             return Err(OpsError::Local(format!(
-                "operation {undone} ({}) is not a gated operation: it has no undo point",
+                "operation {undone} ({}) is not a gated operation and holds no undo point",
                 target.kind
             )));
         };
@@ -815,7 +830,7 @@ impl Inner {
         let op_id = hex::encode(bytes);
         let guest = super::exec::GuestRef {
             expect_digest: None,
-            ..gated.guest.clone()
+            ..target_guest.clone()
         };
         let spec = match req {
             LocalRequest::Undo { .. } => OpSpec::Undo {
@@ -834,7 +849,7 @@ impl Inner {
             payload_sha256: hex::encode(payload_sha256(described.to_string().as_bytes())),
             not_after: unix_now() + 3600,
             kind: kind.to_string(),
-            vmid: Some(gated.guest.vmid.get()),
+            vmid: Some(target_guest.vmid.get()),
             envelope: String::new(),
             delivery_id: None,
             signers: vec![by.to_string()],

@@ -72,7 +72,19 @@ pub enum RestoreError {
     Queue(#[from] QueueError),
     #[error("journal worker stopped: {0}")]
     Blocking(String),
+    #[error(
+        "scratch guest {scratch} (restore test #{test}) could not be destroyed: {error}; no restore test runs until it is"
+    )]
+    ScratchNotDestroyed {
+        scratch: u32,
+        test: i64,
+        error: String,
+    },
 }
+
+/// The start of the reason of a test that says nothing about the backup.
+pub const NO_VERDICT: &str =
+    "no verdict on the backup (the guest is tested again at the next run): ";
 
 /// The suffix of a scratch guest's hostname (LXC) or name (QEMU).
 pub const NAME_SUFFIX: &str = "-restoretest";
@@ -312,11 +324,19 @@ impl RestoreTests {
             upids: Vec::new(),
             finished_ms: None,
             seq: None,
+            retry: false,
+            cleanup_error: None,
+            cleanup_failing_since_ms: None,
         };
         let verdict = match self.test(&mut rec, vmid, kind).await {
             Ok(v) => v,
             Err(e @ (RestoreError::Journal(_) | RestoreError::Blocking(_))) => return Err(e),
-            Err(e) => Some(("failed", format!("{e}"))),
+            // PVE could not be read (or the queue stopped): nothing was learnt about the
+            // backup, so this is no `failed`; the guest keeps its place in the round-robin.
+            Err(e) => {
+                rec.retry = true;
+                Some(("skipped", format!("{NO_VERDICT}{e}")))
+            }
         };
         let (result, reason) =
             verdict.unwrap_or(("failed", "the test ended without a verdict".to_string()));
@@ -324,9 +344,15 @@ impl RestoreTests {
         let cleanup_note = if rec.scratch == "maybe" {
             match self.destroy_scratch(&mut rec, true).await {
                 Ok(()) => None,
-                Err(e) => Some(format!(
-                    "; the scratch guest is not destroyed yet ({e}); the next run retries"
-                )),
+                Err(e @ (RestoreError::Journal(_) | RestoreError::Blocking(_))) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    note_cleanup_failure(&mut rec, &e);
+                    Some(format!(
+                        "; the scratch guest is not destroyed yet ({e}); the next run retries"
+                    ))
+                }
             }
         } else {
             None
@@ -480,21 +506,35 @@ impl RestoreTests {
             .await?;
         let upid: Upid = match refused {
             Ok(u) => u,
+            // No answer: PVE may have started the restore; the scratch guest stays
+            // `maybe` and is cleaned up (by its marker) like any other.
+            Err(e) if e.is_unreachable() => {
+                return Err(e.into());
+            }
             Err(e) => {
-                // Refused before a task started: nothing was made.
+                // Refused before a task started: nothing was made, and nothing was learnt
+                // about the backup (vmid taken elsewhere in the cluster, permission, …).
                 rec.scratch = "gone".to_string();
-                return Ok(Some(("failed", format!("the restore was refused: {e}"))));
+                return Ok(Some((
+                    "skipped",
+                    format!("PVE refused the restore before it started: {e}"),
+                )));
             }
         };
         rec.upids.push(upid.to_string());
         self.journal_put(rec).await?;
         let waited = self.deps.client.wait_task(&upid, self.deps.task_wait).await;
         rec.restore_seconds = Some(restore_start.elapsed().as_secs_f64());
-        if let Err(e) = waited {
-            return Ok(Some((
-                "failed",
-                format!("the restore failed: {}", task_text(&e)),
-            )));
+        match waited {
+            Ok(_) => {}
+            Err(e @ ProxmoxError::TaskFailed { .. }) => {
+                return Ok(Some((
+                    "failed",
+                    format!("the restore failed: {}", task_text(&e)),
+                )));
+            }
+            // The task's end could not be read: no verdict.
+            Err(e) => return Err(e.into()),
         }
         rec.step = "restored".to_string();
         self.journal_put(rec).await?;
@@ -506,9 +546,10 @@ impl RestoreTests {
                 format!("stopped after the restore: {why}"),
             )));
         }
-        if let Some(why) = self.prepare(scratch, kind).await? {
-            return Ok(Some(("skipped", why)));
-        }
+        let restored = match self.prepare(scratch, kind).await? {
+            Ok(cfg) => cfg,
+            Err(why) => return Ok(Some(("skipped", why))),
+        };
         rec.step = "prepared".to_string();
         self.journal_put(rec).await?;
 
@@ -527,18 +568,32 @@ impl RestoreTests {
             .await?;
         let upid = match upid {
             Ok(u) => u,
-            Err(e) => return Ok(Some(("failed", format!("the start was refused: {e}")))),
+            Err(e) if e.is_unreachable() => {
+                return Err(e.into());
+            }
+            // PVE refused the request (a start that fails is a failed task, below).
+            Err(e) => {
+                return Ok(Some((
+                    "skipped",
+                    format!("PVE refused to start the scratch guest: {e}"),
+                )));
+            }
         };
         rec.upids.push(upid.to_string());
         rec.step = "checking".to_string();
         self.journal_put(rec).await?;
-        if let Err(e) = self.deps.client.wait_task(&upid, self.deps.task_wait).await {
-            return Ok(Some((
-                "failed",
-                format!("the scratch guest did not start: {}", task_text(&e)),
-            )));
+        match self.deps.client.wait_task(&upid, self.deps.task_wait).await {
+            Ok(_) => {}
+            Err(e @ ProxmoxError::TaskFailed { .. }) => {
+                return Ok(Some((
+                    "failed",
+                    format!("the scratch guest did not start: {}", task_text(&e)),
+                )));
+            }
+            Err(e) => return Err(e.into()),
         }
-        let agent = kind == GuestKind::Qemu && rules::agent_enabled(&source);
+        // The backed-up config decides (the restored one), not the guest's current one.
+        let agent = kind == GuestKind::Qemu && rules::agent_enabled(&restored);
         let verdict = self.check(scratch, kind, agent, boot_start).await?;
         match verdict {
             Ok(boot) => {
@@ -595,15 +650,15 @@ impl RestoreTests {
     }
 
     /// Detaches every interface and removes what reaches outside; then reads the config
-    /// again and says why it must not start, if anything is left.
+    /// again: `Ok(config)` to start, or `Err(why)` it must not start.
     async fn prepare(
         &self,
         scratch: Vmid,
         kind: GuestKind,
-    ) -> Result<Option<String>, RestoreError> {
+    ) -> Result<Result<GuestConfig, String>, RestoreError> {
         let cfg = self.deps.client.guest_config(kind, scratch).await?;
         if kind == GuestKind::Lxc && !cfg.lxc_raw()?.is_empty() {
-            return Ok(Some(
+            return Ok(Err(
                 "the restored config has raw lxc.* keys, which the API cannot remove".to_string(),
             ));
         }
@@ -635,7 +690,7 @@ impl RestoreTests {
                 })
                 .await?;
             if let Err(e) = r {
-                return Ok(Some(format!(
+                return Ok(Err(format!(
                     "could not detach the scratch guest from the outside: {e}"
                 )));
             }
@@ -651,12 +706,12 @@ impl RestoreTests {
             .collect();
         let outside = rules::outside_keys(kind, &cfg);
         if !attached.is_empty() || !outside.is_empty() {
-            return Ok(Some(format!(
+            return Ok(Err(format!(
                 "the scratch guest still has attached interfaces {attached:?} or outside keys {:?}; not started",
                 outside.iter().map(|(k, _)| k).collect::<Vec<_>>()
             )));
         }
-        Ok(None)
+        Ok(Ok(cfg))
     }
 
     /// Running within the boot window (and the agent answering), then still running after
@@ -693,6 +748,13 @@ impl RestoreTests {
                     .await?;
                 match r {
                     Ok(()) => break,
+                    // The token may not ask (a missing `VM.GuestAgent.Audit`): nothing
+                    // about the guest, and waiting does not change it.
+                    Err(e) if e.is_config_problem() => return Err(e.into()),
+                    // PVE itself did not answer: that says nothing about the guest.
+                    Err(e) if e.is_unreachable() && Instant::now() >= boot_deadline => {
+                        return Err(e.into());
+                    }
                     Err(e) if Instant::now() >= boot_deadline => {
                         return Ok(Err(format!(
                             "the guest agent did not answer within {} s: {e}",
@@ -800,6 +862,8 @@ impl RestoreTests {
             .await??;
         rec.upids.extend(upids);
         rec.scratch = "gone".to_string();
+        rec.cleanup_error = None;
+        rec.cleanup_failing_since_ms = None;
         self.journal_put(rec).await?;
         Ok(())
     }
@@ -809,11 +873,23 @@ impl RestoreTests {
         if desc.starts_with(&marker(rec.id)) {
             return true;
         }
-        // A failed QEMU restore of this test leaves an empty config behind.
+        // A failed QEMU restore of this test leaves an empty config behind: destroyed only
+        // by the run that just saw its own restore fail there. After a crash an empty
+        // guest on the vmid may be anyone's (`qm create` without a name): left alone.
         let empty = cfg.get("description").is_none()
             && cfg.get("name").is_none()
             && cfg.get("hostname").is_none();
-        empty && (made_now || !rec.upids.is_empty())
+        empty && made_now
+    }
+
+    /// The scratch guests that could not be destroyed (each blocks further tests until it
+    /// is): their tests' records, with `cleanup_error` and `cleanup_failing_since_ms` set.
+    pub async fn not_destroyed(&self) -> Result<Vec<RestoreRecord>, RestoreError> {
+        let left = self.journal_read(|j| j.restore_left_behind()).await?;
+        Ok(left
+            .into_iter()
+            .filter(|r| r.cleanup_error.is_some())
+            .collect())
     }
 
     /// Cleans up every scratch guest earlier tests left behind; closes their records.
@@ -829,7 +905,27 @@ impl RestoreTests {
         for mut rec in left {
             tracing::info!(id = rec.id, scratch = ?rec.scratch_vmid, step = %rec.step,
                 "cleaning up after an interrupted restore test");
-            self.destroy_scratch(&mut rec, false).await?;
+            match self.destroy_scratch(&mut rec, false).await {
+                Ok(()) => {}
+                Err(
+                    e @ (RestoreError::Journal(_)
+                    | RestoreError::Blocking(_)
+                    | RestoreError::NotAllowed(_)),
+                ) => return Err(e),
+                Err(e) => {
+                    // Loud and safe: recorded (status and the report show it), and no
+                    // further test runs while a scratch guest is left over.
+                    note_cleanup_failure(&mut rec, &e);
+                    self.journal_put(&mut rec).await?;
+                    tracing::error!(id = rec.id, scratch = ?rec.scratch_vmid, error = %e,
+                        "the scratch guest of a restore test cannot be destroyed");
+                    return Err(RestoreError::ScratchNotDestroyed {
+                        scratch: rec.scratch_vmid.unwrap_or(0),
+                        test: rec.id,
+                        error: e.to_string(),
+                    });
+                }
+            }
             if rec.result.is_none() {
                 rec.result = Some("skipped".to_string());
                 rec.reason = Some(format!(
@@ -844,6 +940,16 @@ impl RestoreTests {
         }
         Ok(n)
     }
+}
+
+/// Records a failed destroy of `rec`'s scratch guest: the error, and since when (kept
+/// from the first failure). A closed gate is no failure: the destroy only waits.
+fn note_cleanup_failure(rec: &mut RestoreRecord, e: &RestoreError) {
+    if matches!(e, RestoreError::NotAllowed(_)) {
+        return;
+    }
+    rec.cleanup_error = Some(e.to_string());
+    rec.cleanup_failing_since_ms.get_or_insert_with(now_ms);
 }
 
 /// `<name>-restoretest`, cut so that the whole stays a valid DNS label (63 bytes).

@@ -71,7 +71,10 @@ pub fn is_detached(value: &str) -> bool {
 
 /// Why a config key reaches outside the guest, or `None`. LXC: a mount point whose
 /// volume is a host path (bind) or device, `devN`, `hookscript`; QEMU: `hostpciN`,
-/// `usbN`, `serialN`, `hookscript`. Raw `lxc.*` lines are checked separately.
+/// `usbN`, `serialN`, `parallelN`, `virtiofsN` (a host directory), a disk or CD drive
+/// that is a host path (a passed-through block device: the scratch guest would write to
+/// the real guest's disk), `args` (raw QEMU arguments), `hookscript`. Raw `lxc.*` lines
+/// are checked separately.
 pub fn reaches_outside(kind: GuestKind, key: &str, value: &Value) -> Option<String> {
     if key == "hookscript" {
         return Some("a hook script runs on the host".to_string());
@@ -102,6 +105,22 @@ pub fn reaches_outside(kind: GuestKind, key: &str, value: &Value) -> Option<Stri
                 Some("a host USB device passed through".to_string())
             } else if numbered(key, "serial") {
                 Some("a host serial port".to_string())
+            } else if numbered(key, "parallel") {
+                Some("a host parallel port".to_string())
+            } else if numbered(key, "virtiofs") {
+                Some("a host directory shared in (virtiofs)".to_string())
+            } else if key == "args" {
+                Some("raw QEMU arguments".to_string())
+            } else if ["scsi", "virtio", "sata", "ide"]
+                .iter()
+                .any(|p| numbered(key, p))
+            {
+                let v = text(value);
+                let volume = v.split(',').next().unwrap_or("").trim();
+                let volume = volume.strip_prefix("file=").unwrap_or(volume);
+                volume
+                    .starts_with('/')
+                    .then(|| format!("a host block device or file passed through ({volume})"))
             } else {
                 None
             }
@@ -173,7 +192,11 @@ pub fn disk_bytes(kind: GuestKind, cfg: &GuestConfig) -> u64 {
         .filter(|(k, _)| is_disk(k))
         .map(|(_, v)| text(v))
         .filter(|v| {
-            let volume = v.split(',').next().unwrap_or("");
+            let volume = v.split(',').next().unwrap_or("").trim();
+            let volume = volume
+                .strip_prefix("file=")
+                .or_else(|| volume.strip_prefix("volume="))
+                .unwrap_or(volume);
             !volume.starts_with('/') && volume != "none" && !v.contains("media=cdrom")
         })
         .filter_map(|v| {
@@ -270,12 +293,32 @@ mod tests {
             "serial0": "socket",
             "net1": "virtio=BC:24:11:00:00:02,bridge=vmbr0",
             "agent": "enabled=1,fstrim_cloned_disks=1",
+            "scsi1": "/dev/disk/by-id/ata-WDC_WD40-XYZ,backup=0,size=3726G",
+            "sata0": "file=/dev/sdc,size=1T",
+            "ide0": "none,media=cdrom",
+            "ide3": "/dev/cdrom,media=cdrom",
+            "virtiofs0": "dirid=share,cache=auto",
+            "parallel0": "/dev/parport0",
+            "args": "-drive file=/dev/sda,if=virtio",
         }));
         let keys: Vec<String> = outside_keys(GuestKind::Qemu, &vm)
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(keys, ["hostpci0", "serial0", "usb1"]);
+        assert_eq!(
+            keys,
+            [
+                "args",
+                "hostpci0",
+                "ide3",
+                "parallel0",
+                "sata0",
+                "scsi1",
+                "serial0",
+                "usb1",
+                "virtiofs0"
+            ]
+        );
         assert!(cannot_test(GuestKind::Qemu, &vm).is_none());
         assert_eq!(disk_bytes(GuestKind::Qemu, &vm), (32 << 30) + (4 << 20));
         assert!(agent_enabled(&vm));

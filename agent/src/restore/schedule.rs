@@ -73,10 +73,12 @@ pub fn spawn(
                 _ = shutdown.wait_for(|s| *s) => break,
             }
             wait = TICK;
-            if tests.closed().is_some() {
+            if let Some(why) = tests.closed() {
+                tracing::debug!(why, "restore tests: the gate is closed");
                 continue;
             }
             if busy() {
+                tracing::debug!("restore tests: the reconcile queue is busy; looking again soon");
                 wait = RETRY;
                 continue;
             }
@@ -95,12 +97,16 @@ pub fn spawn(
             }
             let s = tests.settings().clone();
             if !s.enabled {
+                tracing::debug!("restore tests: scheduled tests are off");
                 continue;
             }
             let j = tests.journal().clone();
             let last = match tokio::task::spawn_blocking(move || j.restore_recent(1)).await {
                 Ok(Ok(r)) => r.first().map(|r| r.started_ms),
-                _ => continue,
+                other => {
+                    tracing::warn!(?other, "restore tests: cannot read the journal");
+                    continue;
+                }
             };
             let minute = if s.window.is_some() {
                 local_minute().await
@@ -108,6 +114,7 @@ pub fn spawn(
                 None
             };
             if !due(now_ms(), last, s.interval_hours, s.window, minute) {
+                tracing::debug!(local_minute = ?minute, last_started_ms = ?last, "restore tests: not due");
                 continue;
             }
             match tests.run(None).await {

@@ -211,6 +211,7 @@ async fn decide(
         previous: Map::new(),
         digest: None,
         existed: true,
+        restore_storage: None,
         at_ms,
     };
     let found = exists(env, guest).await?;
@@ -251,6 +252,12 @@ async fn decide(
         .get("digest")
         .and_then(Value::as_str)
         .map(str::to_string);
+    if guest.kind == GuestKind::Lxc {
+        d.restore_storage = capability::volumes(guest.kind, &config)
+            .ok()
+            .and_then(|v| v.into_iter().find(|v| v.key == "rootfs"))
+            .and_then(|v| v.storage);
+    }
     let backup_storage = env.backup_storage.as_deref();
     let protected = capability::protected(&config);
     let not_reversible = |why: String| {
@@ -361,7 +368,8 @@ async fn make_undo_point<'a>(
                 reference,
                 storage,
                 size_bytes: size,
-                detail: json!({"power": d.power, "previous": d.previous, "digest": d.digest}),
+                detail: json!({"power": d.power, "previous": d.previous, "digest": d.digest,
+                "restore_storage": d.restore_storage}),
                 created_ms: d.at_ms,
                 status: "kept".into(),
                 released_ms: None,
@@ -898,9 +906,12 @@ async fn run_undo<'a>(
                 ..
             }),
         ) if kind == "backup" => {
+            // Over the guest, except after a destroy (then the guest is gone and a
+            // listed, unlocked guest means the restore is done).
             let force = !matches!(from.op, GateOp::Destroy { .. });
-            let existed = !force;
-            restore_slot(m, &main, guest, permit, r, None, force, false, existed).await?
+            let existed = force;
+            let storage = from.decided.restore_storage.clone();
+            restore_slot(m, &main, guest, permit, r, storage, force, false, existed).await?
         }
         _ => {
             return Ok(Verdict {
@@ -1047,8 +1058,12 @@ pub async fn run(
     };
     let mut r = Map::new();
     // Irreversible kinds are not undone automatically; their undo point (a destroy's
-    // backup) stays.
-    if matches!(g.op, GateOp::Destroy { .. } | GateOp::DeleteSnapshot { .. }) {
+    // backup) stays. A refused config write changed nothing (PVE writes a config file
+    // whole or not at all): writing the previous values back could only overwrite an
+    // edit someone else made meanwhile.
+    let config_refused =
+        matches!(g.op, GateOp::SetConfig { .. }) && matches!(action, Outcome::Failed { .. });
+    if config_refused || matches!(g.op, GateOp::Destroy { .. } | GateOp::DeleteSnapshot { .. }) {
         r.insert("undo".into(), undo_json(made.as_ref(), "kept"));
         return Ok(Final::Ended {
             state: "failed",

@@ -51,6 +51,11 @@ pub struct Decided {
     /// Whether the guest existed before (restore).
     #[serde(default)]
     pub existed: bool,
+    /// Where an undo backup is restored to: the storage of the container's `rootfs`
+    /// (PVE would otherwise put it on `local`); `None` for a VM (each disk goes back to
+    /// its own storage).
+    #[serde(default)]
+    pub restore_storage: Option<String>,
     pub at_ms: i64,
 }
 

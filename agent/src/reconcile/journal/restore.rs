@@ -68,6 +68,17 @@ pub struct RestoreRecord {
     pub finished_ms: Option<i64>,
     /// Report order, given when the result became final.
     pub seq: Option<u64>,
+    /// The result is no verdict on the backup (PVE could not be read, or refused the
+    /// restore before it started): the guest keeps its place in the round-robin, so the
+    /// next run tests it again.
+    #[serde(default)]
+    pub retry: bool,
+    /// The last error destroying the scratch guest, while it is not destroyed.
+    #[serde(default)]
+    pub cleanup_error: Option<String>,
+    /// Since when the scratch guest cannot be destroyed (the first failed attempt).
+    #[serde(default)]
+    pub cleanup_failing_since_ms: Option<i64>,
 }
 
 fn checksum(
@@ -337,7 +348,8 @@ impl Journal {
         })
     }
 
-    /// Per tested guest: its newest test (any result) and its newest passed one.
+    /// Per tested guest: its newest test that counts for the round-robin (any result but
+    /// a `retry`) and its newest passed one. A guest with only `retry` results is absent.
     pub fn restore_per_guest(
         &self,
     ) -> Result<std::collections::BTreeMap<u32, (RestoreRecord, Option<RestoreRecord>)>, JournalError>
@@ -348,7 +360,7 @@ impl Journal {
             &format!("SELECT {COLUMNS} FROM restore_tests ORDER BY id"),
             [],
         )?;
-        for rec in all {
+        for rec in all.into_iter().filter(|r| !r.retry) {
             let passed = rec.result.as_deref() == Some("passed");
             let e = out.entry(rec.vmid).or_insert_with(|| (rec.clone(), None));
             e.0 = rec.clone();
@@ -384,6 +396,9 @@ mod tests {
             upids: Vec::new(),
             finished_ms: None,
             seq: None,
+            retry: false,
+            cleanup_error: None,
+            cleanup_failing_since_ms: None,
         }
     }
 
@@ -440,6 +455,15 @@ mod tests {
         assert_eq!(per[&102].1.as_ref().map(|r| r.id), Some(2));
         assert!(per[&101].1.is_none());
         assert_eq!(j.restore_recent(1).unwrap()[0].id, 2);
+        // A result that is no verdict on the backup does not move the guest back in the
+        // round-robin: its newest counted test stays the passed one.
+        let mut c = rec(102);
+        c.retry = true;
+        c.scratch = "gone".into();
+        c.result = Some("skipped".into());
+        j.restore_put(&mut c).unwrap();
+        assert_eq!(j.restore_per_guest().unwrap()[&102].0.id, 2);
+        assert_eq!(j.restore_recent(1).unwrap()[0].id, 3);
 
         // The report cursor moves forward only.
         assert_eq!(j.restore_reported().unwrap(), 0);
