@@ -4,7 +4,9 @@
 //! moments (so at every step boundary: the decision, the undo point's task, the action's
 //! task, the health check) and restarted, at least 40 times, then left to finish.
 //! Afterwards:
-//! - every operation has its final result at the hub, `applied`, with its undo point;
+//! - every operation has its final result at the hub, with its undo point: `applied`,
+//!   except the first rollback of one guest, whose rollback task is made to fail
+//!   (pvesim task fault): `rolled_back`, through one rollback to its undo snapshot;
 //! - `felhom-pvesim`'s request log shows each step's request exactly once per operation:
 //!   one undo snapshot (named after the operation) and one rollback per rollback, one
 //!   vzdump and one restore per force-restore, and nothing else;
@@ -63,6 +65,11 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
         .settings(Some(TASK_SECONDS), None)
         .await
         .expect("PUT /_sim/settings");
+    // The first rollback of this guest fails in its task: undone.
+    let faulted = ROLLBACK_GUESTS[2];
+    sim.add_task_fault("vzrollback", Some(faulted), None)
+        .await
+        .expect("task fault");
     stack.pve.clear_log().await;
 
     // (op_id, vmid, kind, envelope), guests interleaved round-robin.
@@ -161,11 +168,21 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
             stack.final_result(id, Duration::from_secs(300)).await,
         );
     }
+    let first_faulted = planned
+        .iter()
+        .find(|(_, v, ..)| *v == faulted)
+        .map(|(id, ..)| id.clone())
+        .expect("a rollback of the faulted guest");
     for (id, vmid, kind, _) in &planned {
         let r = &finals[id];
+        let want = if *id == first_faulted {
+            "rolled_back"
+        } else {
+            "applied"
+        };
         assert_eq!(
             r["state"],
-            "applied",
+            want,
             "{kind} on {vmid} (seed {seed}): {r}\n{}",
             agent.log_text()
         );
@@ -223,6 +240,13 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
                 .entry((*vmid, format!("snapshot felhom-undo-{}", &id[..12])))
                 .or_default() += 1;
             *want.entry((*vmid, "rollback".into())).or_default() += 1;
+            if *id == first_faulted {
+                let back = format!(
+                    "POST /api2/json/nodes/pve1/lxc/{vmid}/snapshot/felhom-undo-{}/rollback",
+                    &id[..12]
+                );
+                *want.entry((*vmid, back)).or_default() += 1;
+            }
         } else {
             *want.entry((*vmid, "vzdump".into())).or_default() += 1;
             *want.entry((*vmid, "restore".into())).or_default() += 1;

@@ -290,7 +290,36 @@ async fn rollback_on_zfs_keeps_a_backup_and_one_that_cannot_be_undone_needs_the_
     )
     .await
     .unwrap();
+    // A VM with a qcow2 disk on a `dir` storage: snapshots work there.
+    sim.set_storage(
+        "dirimg",
+        json!({"type": "dir", "content": ["rootdir", "images"]}),
+    )
+    .await
+    .unwrap();
+    make_guest(
+        sim,
+        323,
+        "qemu",
+        json!({"name": "vm323", "memory": "2048",
+            "scsi0": "dirimg:323/vm-323-disk-0.qcow2,size=8G"}),
+        "stopped",
+    )
+    .await;
+    snapshot(sim, "qemu", 323, "before").await;
     let agent = stack.start_agent();
+
+    let p = stack.gated(
+        "rollback",
+        "qemu",
+        323,
+        json!({"snapshot": "before"}),
+        "reversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.signed(&p), &id).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    assert_eq!(undo_of(&r)["kind"], "snapshot", "{r}");
 
     let p = stack.gated(
         "rollback",
@@ -640,6 +669,51 @@ async fn an_undo_point_that_cannot_be_made_refuses_and_a_failed_snapshot_leaves_
             .await
             .snapshots
             .is_empty()
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gated_kind_is_refused_on_a_guest_the_desired_state_manages() {
+    needs_root!();
+    let stack = Stack::new(json!({"gate": {"health_timeout_seconds": 8}}));
+    let sim = &stack.pve.pve;
+    lvm_ct(sim, 381, "running").await;
+    snapshot(sim, "lxc", 381, "old").await;
+    stack.write_desired(&json!({"generation": 1, "guests": [{"vmid": 381, "power": "running"}]}));
+    stack.patch_config(&json!({"reconcile": {"desired_file": stack.desired}}));
+    let before = comparable_without(sim, 381, None).await;
+    let agent = stack.start_agent();
+    let other = "0123456789abcdef0123456789abcdef";
+    for (kind, params, grant) in [
+        (
+            "set_config",
+            json!({"config": {"memory": 1024}}),
+            "reversible",
+        ),
+        ("rollback", json!({"snapshot": "old"}), "reversible"),
+        ("delete_snapshot", json!({"name": "old"}), "irreversible"),
+        ("destroy", json!({"purge": true}), "irreversible"),
+        ("undo", json!({"op_id": other}), "reversible"),
+        ("release_undo", json!({"op_id": other}), "irreversible"),
+    ] {
+        let p = stack.gated(kind, "lxc", 381, params, grant);
+        let id = op_id_of(&p);
+        let r = stack.run_op(&stack.cosigned(&p), &id).await;
+        assert_eq!(r["state"], "refused", "{kind}: {r}\n{}", agent.log_text());
+        assert_eq!(r["reason"], "conflicts_with_desired", "{kind}: {r}");
+    }
+    assert_eq!(comparable_without(sim, 381, None).await, before);
+    let touched: Vec<String> = stack
+        .mutations()
+        .await
+        .iter()
+        .filter(|m| m.path.contains("/381"))
+        .map(|m| format!("{} {}", m.method, m.path))
+        .collect();
+    assert!(
+        touched.iter().all(|t| t.ends_with("/381/snapshot")),
+        "only the setup's snapshot: {touched:?}"
     );
     drop(agent);
 }

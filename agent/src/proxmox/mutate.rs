@@ -942,6 +942,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_backup_is_only_addressed_as_the_permits_guests_on_its_storage() {
+        let client = Client::new(
+            &crate::config::ProxmoxConfig {
+                url: "https://127.0.0.1:1".into(),
+                token_id: "felhom@pve!agent".into(),
+                token_secret: crate::config::Secret::new("unused"),
+                tls: crate::config::TlsVerify::Insecure,
+            },
+            "pve1",
+        )
+        .unwrap();
+        let permit = GuestPermit::for_test(Vmid::new(101).unwrap());
+        let ok = "nas:backup/vzdump-lxc-101-2025_01_31-02_00_05.tar.zst";
+        let path = client.backup_content_path(&permit, "nas", ok).unwrap();
+        assert!(
+            path.ends_with(
+                "/storage/nas/content/nas%3Abackup%2Fvzdump-lxc-101-2025_01_31-02_00_05.tar.zst"
+            ),
+            "{path}"
+        );
+        assert!(
+            client
+                .backup_content_path(&permit, "pbs", "pbs:backup/ct/101/2025-01-31T02:00:05Z")
+                .is_ok()
+        );
+        for (storage, volid) in [
+            (
+                "nas",
+                "nas:backup/vzdump-lxc-1010-2025_01_31-02_00_05.tar.zst",
+            ),
+            (
+                "nas",
+                "nas:backup/vzdump-qemu-102-2025_01_31-02_00_05.vma.zst",
+            ),
+            ("other", ok),
+            ("nas", "nas:images/vm-101-disk-0"),
+            ("pbs", "pbs:backup/vm/1010/2025-01-31T02:00:05Z"),
+            ("nas", ""),
+        ] {
+            assert!(
+                client.backup_content_path(&permit, storage, volid).is_err(),
+                "{storage} {volid}"
+            );
+        }
+    }
+
+    #[test]
     fn snapshot_names() {
         assert!(SnapshotName::new("felhom-selftest-1718000000").is_ok());
         assert!(SnapshotName::new("a_b-C1").is_ok());
