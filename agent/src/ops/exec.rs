@@ -601,6 +601,13 @@ pub async fn execute(
             | OpSpec::ReleaseUndo { .. },
             Some(p),
         ) => {
+            #[cfg(feature = "bench-gate-off")]
+            if let OpSpec::SetConfig { guest, config } = spec
+                && super::bench_gate_off::gate_off()
+            {
+                return super::bench_gate_off::set_config(env, guest, config, p, &progress.op_id)
+                    .await;
+            }
             let Some(g) = spec.gated() else {
                 return Ok(Final::Failed("a gated kind without its gate".into()));
             };
