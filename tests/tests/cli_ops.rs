@@ -410,7 +410,7 @@ async fn the_daemon_creates_its_id_once_reports_it_and_rereads_trust_on_sighup()
     assert_valid_report(&reports[0]["report"]);
     assert_eq!(
         reports[0]["report"]["ops"],
-        json!({"enabled": false, "signers": [], "held": [], "pending_results": []})
+        json!({"enabled": false, "signers": [], "held": [], "pending_results": [], "undo_points": []})
     );
     wait_log(
         &agent,

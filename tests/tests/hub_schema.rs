@@ -6,6 +6,7 @@ mod hub_support;
 
 use felhom_agent::hub::report::*;
 use felhom_agent::hub::smart::parse_smartctl;
+use felhom_agent::ops::wire::{UndoKind, UndoPointReport, UndoStatus};
 use hub_support::{assert_valid_report, test_agent_id};
 use serde_json::{Value, json};
 
@@ -210,7 +211,37 @@ fn full_report() -> HostReport {
             started_at: Some(at),
             finished_at: Some(at),
         }],
+        undo_points: vec![
+            UndoPointReport {
+                op_id: "00112233445566778899aabbccddeeff".into(),
+                vmid: 101,
+                kind: UndoKind::Backup,
+                reference: Some(
+                    "nas-backup:backup/vzdump-lxc-101-2025_11_25-19_46_40.tar.zst".into(),
+                ),
+                storage: Some("nas-backup".into()),
+                size_bytes: Some(3 << 30),
+                created_at: at,
+                status: UndoStatus::Kept,
+            },
+            UndoPointReport {
+                op_id: "ffeeddccbbaa99887766554433221100".into(),
+                vmid: 102,
+                kind: UndoKind::Snapshot,
+                reference: Some("felhom-undo-ffeeddccbbaa".into()),
+                storage: None,
+                size_bytes: None,
+                created_at: at,
+                status: UndoStatus::Kept,
+            },
+        ],
     };
+    r.errors.push(CollectError {
+        component: Component::Ops,
+        subject: Some("nas-backup".into()),
+        kind: ErrorKind::UndoSpace,
+        message: "1 kept undo backup uses 30.0% of storage nas-backup (3.0 GiB of 10.0 GiB), above gate.undo_warn_fraction 0.2".into(),
+    });
     r
 }
 
@@ -283,6 +314,23 @@ fn the_schema_rejects_what_the_agent_cannot_send() {
             Box::new(|v| {
                 v["ops"].as_object_mut().unwrap().remove("enabled");
             }),
+        ),
+        (
+            "undo point of an unknown kind",
+            Box::new(|v| v["ops"]["undo_points"][0]["kind"] = json!("clone")),
+        ),
+        (
+            "undo point without ref",
+            Box::new(|v| {
+                v["ops"]["undo_points"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("ref");
+            }),
+        ),
+        (
+            "undo point with a short op_id",
+            Box::new(|v| v["ops"]["undo_points"][1]["op_id"] = json!("ffee")),
         ),
         (
             "short agent_id",

@@ -1,6 +1,7 @@
-//! `felhom-agent status | plan | journal show|verify`: asked of the running daemon over the
-//! control socket; when no daemon runs, done here (the journal commands take the
-//! `state_dir` lock first, as its owner).
+//! `felhom-agent status | plan | journal show|verify | ops list|show|undo|release |
+//! restore-test`: asked of the running daemon over the control socket; when no daemon runs,
+//! done here (the journal commands take the `state_dir` lock first, as its owner), except
+//! `ops undo` and `ops release`, which change a guest only through the daemon's queue.
 
 use std::sync::Arc;
 
@@ -90,8 +91,51 @@ pub fn status(cli: &Cli) -> Result<(), CliError> {
             obj.insert("ops".into(), ops);
         }
     }
+    add_undo_warnings(&config, &mut v);
     print(cli, &v, render_status);
     Ok(())
+}
+
+/// `ops.undo_points_kept` and `ops.undo_warnings` from the kept undo points the daemon
+/// listed: the same per-storage sum the report carries, with the storages' totals read
+/// from Proxmox now (only when undo backups are kept). Without a daemon nothing is added:
+/// `status` does not take the `state_dir` lock (`ops list` does).
+fn add_undo_warnings(config: &Config, v: &mut Value) {
+    let Some(points) = v["ops"].get("undo_points").cloned() else {
+        return;
+    };
+    let mut points: Vec<crate::ops::wire::UndoPointReport> = match serde_json::from_value(points) {
+        Ok(p) => p,
+        Err(e) => {
+            v["ops"]["undo_points_error"] = format!("undo points: {e}").into();
+            return;
+        }
+    };
+    v["ops"]["undo_points_kept"] = points.len().into();
+    let warned = runtime().and_then(|rt| {
+        let client = crate::proxmox::Client::from_config(config)
+            .map_err(|e| CliError::Usage(format!("proxmox: {e}")))?;
+        rt.block_on(crate::ops::undo_view::warnings_from_node(
+            &client,
+            &mut points,
+            config.gate.undo_warn_fraction,
+        ))
+        .map_err(|e| CliError::Unreachable(e.to_string()))
+    });
+    match warned {
+        Ok(w) => {
+            v["ops"]["undo_warnings"] = w
+                .iter()
+                .map(|w| json!({"storage": w.storage, "message": w.message()}))
+                .collect();
+        }
+        Err(e) => {
+            v["ops"]["undo_warnings"] = json!([]);
+            v["ops"]["undo_warnings_error"] =
+                format!("cannot read the storages' sizes: {e}").into();
+        }
+    }
+    v["ops"]["undo_points"] = serde_json::to_value(&points).unwrap_or_default();
 }
 
 fn render_status(v: &Value) -> String {
@@ -101,6 +145,7 @@ fn render_status(v: &Value) -> String {
         v["daemon"].as_str().unwrap_or("?")
     ));
     out.push_str(&super::ops_cmd::render_identity_and_ops(v, &v["ops"]));
+    out.push_str(&render_undo_status(&v["ops"]));
     if let Some(r) = v.get("reconcile") {
         out.push_str(&format!("gate: {}  blocked: {}\n", r["gate"], r["blocked"]));
         out.push_str(&format!(
@@ -162,6 +207,33 @@ fn render_status(v: &Value) -> String {
         }
     }
     out.push_str(&format!("last envelope: {}\n", v["last_envelope"]));
+    out
+}
+
+/// `status`'s undo-point lines: how many are kept, and each warning.
+fn render_undo_status(ops: &Value) -> String {
+    let mut out = String::new();
+    if let Some(n) = ops["undo_points_kept"].as_u64() {
+        out.push_str(&format!(
+            "  undo points kept: {n}{}\n",
+            if n > 0 {
+                " (felhom-agent ops list)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for key in ["undo_points_error", "undo_warnings_error"] {
+        if let Some(e) = ops[key].as_str() {
+            out.push_str(&format!("  undo points: {e}\n"));
+        }
+    }
+    for w in ops["undo_warnings"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  warning: {}\n",
+            w["message"].as_str().unwrap_or("?")
+        ));
+    }
     out
 }
 
@@ -289,8 +361,11 @@ pub fn ops_list(cli: &Cli, limit: u32) -> Result<(), CliError> {
         Some(v) => v,
         None => {
             let (_lock, j) = local_journal(&config, "ops list")?;
-            crate::ops::service::list_json(&j, limit.clamp(1, 10_000) as usize)
-                .map_err(|e| CliError::Problem(e.to_string()))?
+            let mut v = crate::ops::service::list_json(&j, limit.clamp(1, 10_000) as usize)
+                .map_err(|e| CliError::Problem(e.to_string()))?;
+            v["undo_points"] = crate::ops::undo_view::list_json(&j, now_ms())
+                .map_err(|e| CliError::Problem(e.to_string()))?;
+            v
         }
     };
     print(cli, &v, render_ops_list);
@@ -334,6 +409,12 @@ fn render_ops_list(v: &Value) -> String {
         "results not yet accepted by the hub: {}\n",
         v["pending_results"]
     ));
+    out.push_str(&crate::ops::undo_view::render_lines(
+        v["undo_points"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+    ));
     out
 }
 
@@ -350,7 +431,11 @@ pub fn ops_show(cli: &Cli, op_id: &str) -> Result<(), CliError> {
             match crate::ops::service::show_json(&j, op_id)
                 .map_err(|e| CliError::Problem(e.to_string()))?
             {
-                Some(v) => v,
+                Some(mut v) => {
+                    v["undo_point"] = crate::ops::undo_view::show_json(&j, op_id, now_ms())
+                        .map_err(|e| CliError::Problem(e.to_string()))?;
+                    v
+                }
                 None => {
                     return Err(CliError::Problem(format!(
                         "no operation {op_id} in the replay store"
@@ -365,6 +450,117 @@ pub fn ops_show(cli: &Cli, op_id: &str) -> Result<(), CliError> {
     };
     print(cli, &v, pretty);
     Ok(())
+}
+
+/// Which local change `ops_local` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalOp {
+    Undo,
+    Release,
+}
+
+impl LocalOp {
+    fn verb(self) -> &'static str {
+        match self {
+            LocalOp::Undo => "undo",
+            LocalOp::Release => "release",
+        }
+    }
+}
+
+/// `ops undo OP_ID` / `ops release OP_ID`: only through the running daemon (its queue
+/// runs the new operation in the guest's lane and its journal records it); with no daemon
+/// nothing is changed (exit 3). Prints the new operation's decision: exit 0 `applied`, 1
+/// anything else (refused, failed, or not decided within `--wait`).
+pub fn ops_local(
+    cli: &Cli,
+    what: LocalOp,
+    op_id: &felhom_authz::OpId,
+    wait: u32,
+) -> Result<(), CliError> {
+    // Only the socket's path is needed: no Proxmox or hub secret.
+    let config = super::load_host_config(cli)?;
+    let wait_seconds = wait.clamp(1, control::MAX_LOCAL_WAIT.as_secs() as u32);
+    let req = match what {
+        LocalOp::Undo => Request::OpsUndo {
+            op_id: op_id.clone(),
+            wait_seconds,
+        },
+        LocalOp::Release => Request::OpsRelease {
+            op_id: op_id.clone(),
+            wait_seconds,
+        },
+    };
+    let rt = runtime()?;
+    let v = match rt.block_on(control::request(&config.control.socket, &req)) {
+        Ok(v) => v,
+        Err(ControlError::NotRunning { path }) => {
+            return Err(CliError::Unreachable(format!(
+                "no felhom-agent daemon is listening on {}: `ops {}` runs only through the daemon's queue (systemctl start felhom-agent); nothing was changed",
+                path.display(),
+                what.verb()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print(cli, &v, |v| render_local(what, op_id.as_str(), v));
+    let state = v["state"].as_str().unwrap_or("?");
+    if v["final"] == Value::Bool(true) && state == "applied" {
+        return Ok(());
+    }
+    let new_id = v["op_id"].as_str().unwrap_or("?");
+    let summary = if v["final"] == Value::Bool(true) {
+        format!(
+            "{} of {}: {state}{}",
+            what.verb(),
+            op_id.as_str(),
+            v["operation"]["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        )
+    } else {
+        format!(
+            "{} of {}: not decided within {wait_seconds} s; follow it with `felhom-agent ops show {new_id}`",
+            what.verb(),
+            op_id.as_str()
+        )
+    };
+    Err(CliError::Reported {
+        exit: super::Exit::Problem,
+        summary,
+    })
+}
+
+fn render_local(what: LocalOp, target: &str, v: &Value) -> String {
+    let mut out = format!(
+        "{} of {target}: {}{} (operation {}, requested by {})\n",
+        what.verb(),
+        v["state"].as_str().unwrap_or("?"),
+        if v["final"] == Value::Bool(true) {
+            ""
+        } else {
+            ", not decided yet"
+        },
+        v["op_id"].as_str().unwrap_or("?"),
+        v["requested_by"].as_str().unwrap_or("?"),
+    );
+    let op = &v["operation"];
+    if let Some(r) = op["reason"].as_str() {
+        out.push_str(&format!("reason: {r}\n"));
+    }
+    if let Some(m) = op["message"].as_str() {
+        out.push_str(&format!("{m}\n"));
+    }
+    if v["undo_point"].is_object() {
+        out.push_str("undo point:\n");
+        out.push_str(&crate::ops::undo_view::render_one(&v["undo_point"]));
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    crate::reconcile::journal::now_ms()
 }
 
 fn control_request(config: &Config, req: &Request) -> Result<Option<Value>, ControlError> {
@@ -483,4 +679,58 @@ pub fn restore_test_list(cli: &Cli, limit: u32) -> Result<(), CliError> {
         tests.iter().map(render_restore_test).collect()
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_undo_count_and_each_warning() {
+        let ops = json!({
+            "undo_points_kept": 2,
+            "undo_warnings": [{"storage": "nas", "message": "2 kept undo backups use 25.0% of storage nas"}],
+        });
+        assert_eq!(
+            render_undo_status(&ops),
+            "  undo points kept: 2 (felhom-agent ops list)\n  warning: 2 kept undo backups use 25.0% of storage nas\n"
+        );
+        let none = json!({"undo_points_kept": 0, "undo_warnings": []});
+        assert_eq!(render_undo_status(&none), "  undo points kept: 0\n");
+        let unread = json!({"undo_points_kept": 1, "undo_warnings": [],
+            "undo_warnings_error": "cannot read the storages' sizes: timeout"});
+        assert!(
+            render_undo_status(&unread).contains("undo points: cannot read the storages' sizes")
+        );
+        // no daemon: nothing about undo points
+        assert_eq!(render_undo_status(&json!({})), "");
+    }
+
+    #[test]
+    fn a_local_undo_says_its_decision_and_why() {
+        let v = json!({"op_id": "ab".repeat(16), "requested_by": "local:root", "state": "refused",
+            "final": true, "operation": {"reason": "not_reversible", "message": "its undo point was released"}});
+        let text = render_local(LocalOp::Undo, &"cd".repeat(16), &v);
+        assert_eq!(
+            text,
+            format!(
+                "undo of {}: refused (operation {}, requested by local:root)\nreason: not_reversible\nits undo point was released\n",
+                "cd".repeat(16),
+                "ab".repeat(16)
+            )
+        );
+        let pending = json!({"op_id": "ab".repeat(16), "requested_by": "local:felhom-agent",
+            "state": "running", "final": false, "operation": {}});
+        assert!(
+            render_local(LocalOp::Release, "x", &pending)
+                .starts_with("release of x: running, not decided yet")
+        );
+        let released = json!({"op_id": "ab".repeat(16), "requested_by": "local:root", "state": "applied",
+            "final": true, "operation": {}, "undo_point": {"op_id": "cd".repeat(16), "vmid": 101,
+            "kind": "snapshot", "ref": "felhom-undo-cdcdcdcdcdcd", "storage": null, "size_bytes": null,
+            "age_seconds": 90, "op_kind": "rollback", "status": "released", "released_by": "local:root"}});
+        let text = render_local(LocalOp::Release, &"cd".repeat(16), &released);
+        assert!(text.contains("undo point:\n  cdcd"), "{text}");
+        assert!(text.contains("released by local:root"), "{text}");
+    }
 }

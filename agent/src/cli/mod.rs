@@ -180,14 +180,35 @@ pub enum OpsCmd {
     /// current time, without running or recording it (exit 0 valid, 1 refused, 2
     /// configuration error).
     Verify { file: PathBuf },
-    /// The newest signed operations this host received, with their decisions.
+    /// The newest signed operations this host received, with their decisions, and every
+    /// undo point the reversibility gate keeps.
     List {
         /// How many (newest first).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// One signed operation: its record, envelope and every result sent about it.
+    /// One signed operation: its record, envelope, every result sent about it, and its
+    /// undo point (kept or released).
     Show { op_id: String },
+    /// Undo an applied operation from its undo point, through the running daemon (root or
+    /// the agent's user). Waits for the undo's decision: exit 0 applied, 1 otherwise.
+    Undo {
+        /// The operation to undo (32 lower-case hex characters).
+        op_id: felhom_authz::OpId,
+        /// How long to wait for the decision, in seconds (at most 3600).
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        wait: u32,
+    },
+    /// Remove an operation's undo point from the node (snapshot or backup deleted), through
+    /// the running daemon (root or the agent's user); it can then no longer be undone.
+    /// Waits for the decision: exit 0 applied, 1 otherwise.
+    Release {
+        /// The operation whose undo point goes (32 lower-case hex characters).
+        op_id: felhom_authz::OpId,
+        /// How long to wait for the decision, in seconds (at most 3600).
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        wait: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +282,12 @@ pub fn main() -> ExitCode {
         Command::Ops(OpsCmd::Verify { file }) => ops_cmd::verify(&cli, file),
         Command::Ops(OpsCmd::List { limit }) => daemon_cmds::ops_list(&cli, *limit),
         Command::Ops(OpsCmd::Show { op_id }) => daemon_cmds::ops_show(&cli, op_id),
+        Command::Ops(OpsCmd::Undo { op_id, wait }) => {
+            daemon_cmds::ops_local(&cli, daemon_cmds::LocalOp::Undo, op_id, *wait)
+        }
+        Command::Ops(OpsCmd::Release { op_id, wait }) => {
+            daemon_cmds::ops_local(&cli, daemon_cmds::LocalOp::Release, op_id, *wait)
+        }
         Command::RestoreTest(RestoreTestCmd::Run { vmid }) => {
             daemon_cmds::restore_test_run(&cli, *vmid)
         }

@@ -14,7 +14,11 @@
 //! - [`DaemonHandler`]: the daemon's answers (status, plan, journal show/verify) over the
 //!   reconcile engine, and the mutating CLI commands (`selftest --task`, `privileged
 //!   create-keyctl`), which it hands to a [`Mutations`] implementation together with the
-//!   daemon's queue, so they run in the guest's lane like every other mutation.
+//!   daemon's queue, so they run in the guest's lane like every other mutation; and
+//!   `ops undo` / `ops release`, which it queues through the signed-operations service and
+//!   answers with the new operation's decision (waiting at most [`MAX_LOCAL_WAIT`]).
+//! - [`Peer`]: who is connected (`SO_PEERCRED`). Undo and release are for root and the
+//!   agent's own user only; members of the socket's group are refused them.
 //!
 //! Must never: let two processes own the journal (the lock is taken before the journal is
 //! opened and held until exit), remove a socket file it does not own (only while holding
@@ -160,6 +164,19 @@ pub enum Request {
     RestoreTestList {
         limit: u32,
     },
+    /// `ops undo OP_ID`: undo that operation from its undo point, as an operation of its
+    /// own in the guest's lane; the reply waits up to `wait_seconds` for its decision.
+    /// Root or the agent's user only.
+    OpsUndo {
+        op_id: felhom_authz::OpId,
+        wait_seconds: u32,
+    },
+    /// `ops release OP_ID`: remove that operation's undo point from the node, as an
+    /// operation of its own; waits like [`Request::OpsUndo`]. Root or the agent's user only.
+    OpsRelease {
+        op_id: felhom_authz::OpId,
+        wait_seconds: u32,
+    },
 }
 
 impl Request {
@@ -170,6 +187,8 @@ impl Request {
             Request::SelftestTask { .. }
                 | Request::CreateKeyctl { .. }
                 | Request::RestoreTestRun { .. }
+                | Request::OpsUndo { .. }
+                | Request::OpsRelease { .. }
         )
     }
 }
@@ -189,6 +208,35 @@ pub enum ErrorKind {
 pub enum Reply {
     Ok { body: Value },
     Error { kind: ErrorKind, message: String },
+}
+
+/// Who is on the other end of a connection, from the kernel (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// `None` when the kernel did not say (then nothing that needs a user is allowed).
+    pub uid: Option<u32>,
+}
+
+impl Peer {
+    /// Who may undo or release: root, or the user the daemon runs as (`daemon_uid`).
+    /// Members of the socket's group may read through the socket, not this. `Ok` names
+    /// the asker as the journal records it (`local:<user name>`, or `local:uid <N>`).
+    pub fn may_change_undo(&self, daemon_uid: u32) -> Result<String, String> {
+        let Some(uid) = self.uid else {
+            return Err("the kernel did not name the peer of this connection; only root or the agent's user may undo or release".into());
+        };
+        if uid != 0 && uid != daemon_uid {
+            return Err(format!(
+                "only root or the agent's user (uid {daemon_uid}) may undo or release an operation; this request came from uid {uid}"
+            ));
+        }
+        Ok(
+            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                Ok(Some(u)) if !u.name.is_empty() => format!("local:{}", u.name),
+                _ => format!("local:uid {uid}"),
+            },
+        )
+    }
 }
 
 /// The restore tests' part of `status`: the scratch guests that cannot be destroyed
@@ -219,7 +267,7 @@ async fn restore_status(tests: &crate::restore::RestoreTests) -> Value {
 
 /// Answers requests in the daemon.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request) -> BoxFut<'_, Reply>;
+    fn handle(&self, req: Request, peer: Peer) -> BoxFut<'_, Reply>;
 }
 
 /// Runs the mutating requests ([`Request::is_mutation`]) on the daemon's `queue`. The CLI
@@ -328,16 +376,25 @@ async fn read_line_capped<R: tokio::io::AsyncRead + Unpin>(
 }
 
 async fn serve_one(mut stream: UnixStream, handler: &dyn Handler) -> Result<(), String> {
-    if let Ok(cred) = stream.peer_cred() {
-        tracing::debug!(uid = cred.uid(), pid = ?cred.pid(), "control connection");
-    }
+    let peer = match stream.peer_cred() {
+        Ok(cred) => {
+            tracing::debug!(uid = cred.uid(), pid = ?cred.pid(), "control connection");
+            Peer {
+                uid: Some(cred.uid()),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection without peer credentials");
+            Peer { uid: None }
+        }
+    };
     let (r, mut w) = stream.split();
     let line = tokio::time::timeout(Duration::from_secs(10), read_line_capped(r))
         .await
         .map_err(|_| "no request within 10 s".to_string())??;
     let Some(line) = line else { return Ok(()) };
     let reply = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => handler.handle(req).await,
+        Ok(req) => handler.handle(req, peer).await,
         Err(e) => Reply::Error {
             kind: ErrorKind::Usage,
             message: format!("bad request: {e}"),
@@ -454,8 +511,91 @@ fn problem(e: impl std::fmt::Display) -> Reply {
     }
 }
 
+/// Longest a local undo or release waits for its decision before the reply says it is
+/// still under way.
+pub const MAX_LOCAL_WAIT: Duration = Duration::from_secs(3600);
+
+impl DaemonHandler {
+    /// `ops undo` / `ops release`: checks the peer, queues the request through the
+    /// signed-operations service, and waits (bounded) for the new operation's decision.
+    async fn local_op(
+        &self,
+        req: crate::ops::service::LocalRequest,
+        peer: Peer,
+        wait: Duration,
+    ) -> Reply {
+        let usage = |message: String| Reply::Error {
+            kind: ErrorKind::Usage,
+            message,
+        };
+        let by = match peer.may_change_undo(nix::unistd::geteuid().as_raw()) {
+            Ok(by) => by,
+            Err(e) => return usage(e),
+        };
+        let Some(svc) = self.signed_ops.as_ref().and_then(|so| so.service.get()) else {
+            return usage("the signed-operations service is not running in this daemon".into());
+        };
+        // Subscribed before submitting, so a decision that comes at once is not missed.
+        let mut changes = svc.changes();
+        let (what, target) = match &req {
+            crate::ops::service::LocalRequest::Undo { op_id } => ("undo", op_id.clone()),
+            crate::ops::service::LocalRequest::Release { op_id } => ("release", op_id.clone()),
+        };
+        let op_id = match svc.submit_local(req, &by).await {
+            Ok(id) => id,
+            Err(e) => return problem(format!("{what} not queued: {e}")),
+        };
+        tracing::info!(%op_id, %by, "local {what} queued");
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_LOCAL_WAIT);
+        loop {
+            let j = svc.journal().clone();
+            let (id, undone) = (op_id.clone(), target.clone());
+            let shown = tokio::task::spawn_blocking(move || {
+                let v = crate::ops::service::show_json(&j, &id)?;
+                let point = crate::ops::undo_view::show_json(
+                    &j,
+                    &undone,
+                    crate::reconcile::journal::now_ms(),
+                )?;
+                Ok::<_, crate::ops::service::OpsError>((v, point))
+            })
+            .await;
+            let (v, point) = match shown {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return problem(e),
+                Err(e) => return problem(e),
+            };
+            let state = v
+                .as_ref()
+                .and_then(|v| v["state"].as_str())
+                .unwrap_or("held")
+                .to_string();
+            let done = !matches!(state.as_str(), "held" | "running");
+            let now = tokio::time::Instant::now();
+            if done || now >= deadline {
+                return ok(serde_json::json!({
+                    "op_id": op_id,
+                    "requested_by": by,
+                    "state": state,
+                    "final": done,
+                    "operation": v,
+                    "undone_op_id": target,
+                    "undo_point": point,
+                }));
+            }
+            // The service's change counter moves with every decision; the bounded step is
+            // only a backstop for a change it does not count.
+            let step = (deadline - now).min(Duration::from_secs(2));
+            if let Ok(Err(_)) = tokio::time::timeout(step, changes.changed()).await {
+                // The service is gone (shutting down): no more changes will be counted.
+                tokio::time::sleep(step).await;
+            }
+        }
+    }
+}
+
 impl Handler for DaemonHandler {
-    fn handle(&self, req: Request) -> BoxFut<'_, Reply> {
+    fn handle(&self, req: Request, peer: Peer) -> BoxFut<'_, Reply> {
         Box::pin(async move {
             match req {
                 Request::Status => {
@@ -484,6 +624,18 @@ impl Handler for DaemonHandler {
                             let (held, pending) = svc.snapshot();
                             v["ops"]["held"] = serde_json::to_value(held).unwrap_or_default();
                             v["ops"]["pending_results"] = pending.len().into();
+                        }
+                        // The kept undo points; `status` sums the backups per storage.
+                        let j = self.engine.journal().clone();
+                        match tokio::task::spawn_blocking(move || crate::ops::undo_view::kept(&j))
+                            .await
+                        {
+                            Ok(Ok(points)) => {
+                                v["ops"]["undo_points"] =
+                                    serde_json::to_value(points).unwrap_or_default()
+                            }
+                            Ok(Err(e)) => v["ops"]["undo_points_error"] = e.to_string().into(),
+                            Err(e) => v["ops"]["undo_points_error"] = e.to_string().into(),
                         }
                     }
                     ok(v)
@@ -529,7 +681,12 @@ impl Handler for DaemonHandler {
                     let j = self.engine.journal().clone();
                     let limit = limit.clamp(1, 10_000) as usize;
                     match tokio::task::spawn_blocking(move || {
-                        crate::ops::service::list_json(&j, limit)
+                        let mut v = crate::ops::service::list_json(&j, limit)?;
+                        v["undo_points"] = crate::ops::undo_view::list_json(
+                            &j,
+                            crate::reconcile::journal::now_ms(),
+                        )?;
+                        Ok::<_, crate::ops::service::OpsError>(v)
                     })
                     .await
                     {
@@ -541,7 +698,15 @@ impl Handler for DaemonHandler {
                 Request::OpsShow { op_id } => {
                     let j = self.engine.journal().clone();
                     match tokio::task::spawn_blocking(move || {
-                        crate::ops::service::show_json(&j, &op_id)
+                        let Some(mut v) = crate::ops::service::show_json(&j, &op_id)? else {
+                            return Ok(None);
+                        };
+                        v["undo_point"] = crate::ops::undo_view::show_json(
+                            &j,
+                            &op_id,
+                            crate::reconcile::journal::now_ms(),
+                        )?;
+                        Ok::<_, crate::ops::service::OpsError>(Some(v))
                     })
                     .await
                     {
@@ -574,6 +739,32 @@ impl Handler for DaemonHandler {
                         Ok(rec) => ok(rec),
                         Err(e) => problem(e),
                     }
+                }
+                Request::OpsUndo {
+                    op_id,
+                    wait_seconds,
+                } => {
+                    self.local_op(
+                        crate::ops::service::LocalRequest::Undo {
+                            op_id: op_id.as_str().to_string(),
+                        },
+                        peer,
+                        Duration::from_secs(wait_seconds.into()),
+                    )
+                    .await
+                }
+                Request::OpsRelease {
+                    op_id,
+                    wait_seconds,
+                } => {
+                    self.local_op(
+                        crate::ops::service::LocalRequest::Release {
+                            op_id: op_id.as_str().to_string(),
+                        },
+                        peer,
+                        Duration::from_secs(wait_seconds.into()),
+                    )
+                    .await
                 }
                 Request::RestoreTestList { limit } => {
                     let j = self.engine.journal().clone();

@@ -165,11 +165,51 @@ async fn a_non_socket_file_is_never_removed() {
     let lock = StateLock::acquire(dir.path()).unwrap();
     struct Nothing;
     impl Handler for Nothing {
-        fn handle(&self, _req: Request) -> BoxFut<'_, Reply> {
+        fn handle(&self, _req: Request, _peer: Peer) -> BoxFut<'_, Reply> {
             Box::pin(async { ok(1) })
         }
     }
     let err = ControlServer::start(&sock, &lock, Arc::new(Nothing)).unwrap_err();
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&sock).unwrap(), b"precious");
+}
+
+#[test]
+fn only_root_and_the_agents_user_may_undo_or_release() {
+    let daemon = 65534;
+    assert!(
+        Peer { uid: Some(0) }
+            .may_change_undo(daemon)
+            .unwrap()
+            .starts_with("local:")
+    );
+    assert!(Peer { uid: Some(daemon) }.may_change_undo(daemon).is_ok());
+    let e = Peer { uid: Some(1234) }
+        .may_change_undo(daemon)
+        .unwrap_err();
+    assert!(e.contains("uid 65534") && e.contains("uid 1234"), "{e}");
+    assert!(Peer { uid: None }.may_change_undo(daemon).is_err());
+    // a uid without a name is recorded by number
+    assert_eq!(
+        Peer {
+            uid: Some(4_000_000_000)
+        }
+        .may_change_undo(4_000_000_000)
+        .unwrap(),
+        "local:uid 4000000000"
+    );
+}
+
+#[test]
+fn undo_and_release_requests_carry_a_valid_op_id_only() {
+    let good = r#"{"cmd":"ops_undo","op_id":"0123456789abcdef0123456789abcdef","wait_seconds":5}"#;
+    let req: Request = serde_json::from_str(good).unwrap();
+    assert!(req.is_mutation());
+    for bad in [
+        r#"{"cmd":"ops_undo","op_id":"0123456789ABCDEF0123456789ABCDEF","wait_seconds":5}"#,
+        r#"{"cmd":"ops_release","op_id":"../../etc","wait_seconds":5}"#,
+        r#"{"cmd":"ops_release","op_id":"0123456789abcdef0123456789abcdef"}"#,
+    ] {
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+    }
 }

@@ -129,6 +129,10 @@ pub struct HostCollector {
     restore: Option<Arc<crate::reconcile::journal::Journal>>,
     /// The highest restore-test `seq` the last collected report carried.
     pending_restore: Option<u64>,
+    /// The journal holding the gate's undo points (`ops.undo_points`).
+    undo: Option<Arc<crate::reconcile::journal::Journal>>,
+    /// `gate.undo_warn_fraction`.
+    undo_warn_fraction: f64,
     log: ChangeLog,
 }
 
@@ -178,6 +182,8 @@ impl HostCollector {
             ops: None,
             restore: None,
             pending_restore: None,
+            undo: None,
+            undo_warn_fraction: cfg.gate.undo_warn_fraction,
             log: ChangeLog::default(),
         }
     }
@@ -259,6 +265,73 @@ impl HostCollector {
     ) -> Self {
         self.restore = Some(journal);
         self
+    }
+
+    /// The journal whose kept undo points go into each report's `ops.undo_points`, with an
+    /// `errors` entry per storage they use more of than `gate.undo_warn_fraction`.
+    pub fn with_undo_journal(mut self, journal: Arc<crate::reconcile::journal::Journal>) -> Self {
+        self.undo = Some(journal);
+        self
+    }
+
+    /// Fills `ops.undo_points` from the journal (a backup's size from the storage's listing
+    /// when the gate did not record it) and adds the undo-space warnings, from the
+    /// storages' totals this report read.
+    async fn add_undo_points(&mut self, report: &mut HostReport) {
+        let Some(j) = self.undo.clone() else {
+            return;
+        };
+        let points = match tokio::task::spawn_blocking(move || crate::ops::undo_view::kept(&j))
+            .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                let kind = match e {
+                    crate::ops::undo_view::UndoViewError::Journal(_) => ErrorKind::Io,
+                    crate::ops::undo_view::UndoViewError::Malformed { .. } => ErrorKind::Integrity,
+                };
+                report
+                    .errors
+                    .push(err(Component::Ops, None, kind, format!("undo points: {e}")));
+                return;
+            }
+            Err(_) => return,
+        };
+        report.ops.undo_points = points
+            .into_iter()
+            .map(|mut p| {
+                if p.size_bytes.is_none()
+                    && let Some(volid) = p.reference.as_deref()
+                    && p.kind == crate::ops::wire::UndoKind::Backup
+                {
+                    p.size_bytes = report
+                        .backups
+                        .iter()
+                        .find(|b| b.volid == volid)
+                        .and_then(|b| b.size_bytes);
+                }
+                p
+            })
+            .collect();
+        let storage = &report.storage;
+        let warnings = crate::ops::undo_view::undo_space_warnings(
+            &report.ops.undo_points,
+            |id| {
+                storage
+                    .iter()
+                    .find(|s| s.id == id)
+                    .and_then(|s| s.total_bytes)
+            },
+            self.undo_warn_fraction,
+        );
+        for w in warnings {
+            report.errors.push(err(
+                Component::Ops,
+                Some(w.storage.clone()),
+                ErrorKind::UndoSpace,
+                w.message(),
+            ));
+        }
     }
 
     /// Fills `restore_tests` (after the accepted cursor, at most 100) and each guest's
@@ -492,6 +565,7 @@ impl HostCollector {
         }));
         self.pending_audit = commit;
         self.add_restore_tests(&mut report).await;
+        self.add_undo_points(&mut report).await;
         self.log.observe(&report.errors);
         report
     }

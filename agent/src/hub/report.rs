@@ -91,6 +91,10 @@ pub struct OpsReport {
     /// report), oldest first, at most 100; once a report carrying them is accepted they
     /// are not sent again (the cursor moves past their `seq`).
     pub pending_results: Vec<crate::ops::wire::OpResult>,
+    /// The undo points the reversibility gate keeps (oldest first): each stays on the node
+    /// until operators release it (a signed `release_undo`, or `felhom-agent ops release`
+    /// on the host); the agent never removes one on its own.
+    pub undo_points: Vec<crate::ops::wire::UndoPointReport>,
 }
 
 impl OpsReport {
@@ -101,6 +105,7 @@ impl OpsReport {
             signers: Vec::new(),
             held: Vec::new(),
             pending_results: Vec::new(),
+            undo_points: Vec::new(),
         }
     }
 
@@ -112,6 +117,7 @@ impl OpsReport {
                 signers: t.names().into_iter().map(str::to_owned).collect(),
                 held: Vec::new(),
                 pending_results: Vec::new(),
+                undo_points: Vec::new(),
             },
             None => OpsReport::disabled(),
         }
@@ -175,6 +181,8 @@ pub enum Component {
     Cloudflared,
     Audit,
     Reconcile,
+    /// Signed operations: the reversibility gate's undo points.
+    Ops,
 }
 
 /// The class of a collection error.
@@ -197,6 +205,9 @@ pub enum ErrorKind {
     Io,
     /// Data is missing or inconsistent (e.g. audit records rotated away before they were sent).
     Integrity,
+    /// The undo points kept on a storage (`subject`) use more of it than
+    /// `gate.undo_warn_fraction`; operators should release those no longer needed.
+    UndoSpace,
     Other,
 }
 

@@ -70,7 +70,8 @@ pub struct HubService {
     trust: watch::Receiver<TrustState>,
     /// Held operations and pending results, for the report's `ops`.
     ops: Option<Arc<dyn OpsFeed>>,
-    /// The journal of the restore tests, for `restore_tests` and `restore_proof`.
+    /// The journal of the restore tests and the gate's undo points, for `restore_tests`,
+    /// `restore_proof` and `ops.undo_points`.
     restore: Option<Arc<crate::reconcile::journal::Journal>>,
     task: JoinHandle<()>,
 }
@@ -105,7 +106,9 @@ impl HubService {
             collector = collector.with_ops_feed(feed.clone());
         }
         if let Some(j) = &restore {
-            collector = collector.with_restore_journal(j.clone());
+            collector = collector
+                .with_restore_journal(j.clone())
+                .with_undo_journal(j.clone());
         }
         let heartbeat = Heartbeat::new(
             collector,
@@ -150,7 +153,9 @@ impl HubService {
             collector = collector.with_ops_feed(feed.clone());
         }
         if let Some(j) = &self.restore {
-            collector = collector.with_restore_journal(j.clone());
+            collector = collector
+                .with_restore_journal(j.clone())
+                .with_undo_journal(j.clone());
         }
         self.commands
             .send(Command::Reload {

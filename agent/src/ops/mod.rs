@@ -18,6 +18,7 @@ pub mod gate;
 pub mod identity;
 pub mod service;
 pub mod trust;
+pub mod undo_view;
 pub mod wire;
 
 pub use felhom_authz::AgentId;

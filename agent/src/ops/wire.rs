@@ -148,3 +148,81 @@ pub struct HeldOp {
     pub waiting_for: Option<String>,
     pub received_at: Timestamp,
 }
+
+/// What an undo point is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UndoKind {
+    /// A snapshot of the guest (`ref`: its name, `felhom-undo-<12 hex>`).
+    Snapshot,
+    /// A backup archive (`ref`: its volid, on `storage`).
+    Backup,
+    /// The previous values of the config keys a `set_config` changed (`ref`: null).
+    PreviousValues,
+}
+
+impl UndoKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UndoKind::Snapshot => "snapshot",
+            UndoKind::Backup => "backup",
+            UndoKind::PreviousValues => "previous_values",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UndoKind> {
+        [
+            UndoKind::Snapshot,
+            UndoKind::Backup,
+            UndoKind::PreviousValues,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// Whether an undo point is still held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UndoStatus {
+    /// Held on the node until a signed `release_undo` or `felhom-agent ops release`.
+    Kept,
+    Released,
+}
+
+impl UndoStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UndoStatus::Kept => "kept",
+            UndoStatus::Released => "released",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UndoStatus> {
+        [UndoStatus::Kept, UndoStatus::Released]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// One undo point the reversibility gate holds, as the report's `ops.undo_points` lists
+/// it (the kept ones, oldest first) so the hub can remind operators to release those no
+/// longer needed: the agent never removes one on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UndoPointReport {
+    /// The operation that made it (`felhom-agent ops undo OP_ID` undoes that operation).
+    #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
+    pub op_id: String,
+    pub vmid: u32,
+    pub kind: UndoKind,
+    /// The snapshot's name or the backup's volid; null for previous values.
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// The storage a backup is on; null for a snapshot or previous values.
+    pub storage: Option<String>,
+    /// The backup's size where PVE says it; null otherwise.
+    pub size_bytes: Option<u64>,
+    pub created_at: Timestamp,
+    pub status: UndoStatus,
+}
