@@ -287,15 +287,16 @@ async fn sigkill_at_every_step_of_gated_operations_repeats_no_step_and_loses_no_
         l.sort();
         assert_eq!(l, refs, "undo backups of {vmid}");
     }
-    // ... and listed by the agent once each, when `ops list` shows undo points.
+    // ... and listed by the agent once each.
     let (code, out, err) = stack.cli(&["ops", "list", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
-    if let Some(points) = v["undo_points"].as_array() {
-        for (id, ..) in &planned {
-            let n = points.iter().filter(|p| p["op_id"] == id.as_str()).count();
-            assert_eq!(n, 1, "undo point of {id} listed {n} times: {v}");
-        }
+    let points = v["undo_points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("ops list --json has no undo_points: {v}"));
+    for (id, ..) in &planned {
+        let n = points.iter().filter(|p| p["op_id"] == id.as_str()).count();
+        assert_eq!(n, 1, "undo point of {id} listed {n} times: {v}");
     }
     drop(agent);
 }
