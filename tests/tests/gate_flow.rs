@@ -692,10 +692,8 @@ async fn every_gated_kind_is_refused_on_a_guest_the_desired_state_manages() {
             "reversible",
         ),
         ("rollback", json!({"snapshot": "old"}), "reversible"),
-        ("delete_snapshot", json!({"name": "old"}), "irreversible"),
         ("destroy", json!({"purge": true}), "irreversible"),
         ("undo", json!({"op_id": other}), "reversible"),
-        ("release_undo", json!({"op_id": other}), "irreversible"),
     ] {
         let p = stack.gated(kind, "lxc", 381, params, grant);
         let id = op_id_of(&p);
@@ -715,5 +713,30 @@ async fn every_gated_kind_is_refused_on_a_guest_the_desired_state_manages() {
         touched.iter().all(|t| t.ends_with("/381/snapshot")),
         "only the setup's snapshot: {touched:?}"
     );
+    // Removing snapshots is not what the desired state governs (taking one is not either):
+    // a release of an unknown undo point gets its own answer, and a snapshot is deleted.
+    let p = stack.gated(
+        "release_undo",
+        "lxc",
+        381,
+        json!({"op_id": other}),
+        "irreversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.cosigned(&p), &id).await;
+    assert_eq!(r["state"], "refused", "{r}");
+    assert_ne!(r["reason"], "conflicts_with_desired", "{r}");
+    let p = stack.gated(
+        "delete_snapshot",
+        "lxc",
+        381,
+        json!({"name": "old"}),
+        "irreversible",
+    );
+    let id = op_id_of(&p);
+    let r = stack.run_op(&stack.cosigned(&p), &id).await;
+    assert_eq!(r["state"], "applied", "{r}\n{}", agent.log_text());
+    let after = comparable_without(sim, 381, None).await;
+    assert!(!after.snapshots.iter().any(|s| s == "old"), "{after:?}");
     drop(agent);
 }

@@ -284,8 +284,11 @@ impl OpSpec {
 
     /// Whether it changes a guest the desired state manages (then the desired state is the
     /// authority: `conflicts_with_desired`). Snapshots and backups in `snapshot` or
-    /// `suspend` mode leave the guest as it is. Every gated kind is refused there (issue
-    /// 13): the gate's undo points and the desired state must not fight over a guest.
+    /// `suspend` mode leave the guest as it is. Every gated kind that changes the guest's
+    /// config, power state, disks or existence is refused there (issue 13). Deleting a
+    /// snapshot (`delete_snapshot`, `release_undo`) changes none of what the desired state
+    /// governs, as taking one does not: refusing those would leave the undo points of a
+    /// guest that came under the desired state impossible to release.
     pub fn conflicts_with_desired(&self) -> bool {
         match self {
             OpSpec::Start { .. }
@@ -296,11 +299,13 @@ impl OpSpec {
             | OpSpec::Rollback { .. }
             | OpSpec::Restore { .. }
             | OpSpec::Destroy { .. }
-            | OpSpec::Undo { .. }
-            | OpSpec::DeleteSnapshot { .. }
-            | OpSpec::ReleaseUndo { .. } => true,
+            | OpSpec::Undo { .. } => true,
             OpSpec::Backup { mode, .. } => *mode == VzdumpMode::Stop,
-            OpSpec::Snapshot { .. } | OpSpec::UsbMount { .. } | OpSpec::UsbUnmount { .. } => false,
+            OpSpec::Snapshot { .. }
+            | OpSpec::DeleteSnapshot { .. }
+            | OpSpec::ReleaseUndo { .. }
+            | OpSpec::UsbMount { .. }
+            | OpSpec::UsbUnmount { .. } => false,
         }
     }
 
@@ -1074,7 +1079,7 @@ mod tests {
                     GuestOp::DeleteSnapshot { name: snap("old") },
                 ),
                 json!({"op": "delete_snapshot", "guest": guest, "name": "old"}),
-                true,
+                false,
             ),
             (
                 payload(Kind::Destroy, GuestOp::Destroy { purge: true }),
@@ -1099,7 +1104,7 @@ mod tests {
                     },
                 ),
                 json!({"op": "release_undo", "guest": guest, "op_id": OTHER}),
-                true,
+                false,
             ),
         ]
     }
