@@ -36,8 +36,9 @@
 //!     now is the digest after;
 //!   - otherwise someone else edited the config: `failed`, undo `not_possible`, nothing
 //!     written over the edit.
-//!   (A write Proxmox refused changed nothing, so a resume finds the digest unmoved and
-//!   sends it again; refused again, it ends `failed` with nothing changed.)
+//!
+//!   A write Proxmox refused changed nothing, so a resume finds the digest unmoved and
+//!   sends it again; refused again, it ends `failed` with nothing changed.
 //! - the health check is read again (a read); the undo, if it fails, runs through its own
 //!   slots, committed before the write back and guarded by the digest after, so the
 //!   previous values are written back at most once with effect.
