@@ -375,6 +375,12 @@ pub enum Final {
         reason: &'static str,
         message: String,
     },
+    /// A gated end together with the gate's last steps (its `gate` object), recorded in
+    /// the same commit as the end.
+    Stepped {
+        gate: Value,
+        end: Box<Final>,
+    },
 }
 
 /// The operation could not reach an end now (Proxmox unreachable, a lost wait, the
@@ -463,78 +469,109 @@ fn refused(message: String) -> Final {
     }
 }
 
+/// What the precheck read in the guest's lane, handed on to the gate so it does not read
+/// it again: the gate runs under the same lane permit right after, so nothing else in this
+/// agent mutates the guest in between, and a foreign edit meanwhile is caught by the digest
+/// guard on the gate's write.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Seen {
+    /// The node's listing of the guest (kind, power state): `None` when not read,
+    /// `Some(None)` when the guest is not listed.
+    pub listing: Option<Option<(GuestKind, String)>>,
+    /// The guest's config as read (with its `digest`), when read.
+    pub config: Option<Map<String, Value>>,
+}
+
 /// The preconditions checked in the lane before the intent; `Some` refuses.
 pub async fn precheck(env: &ExecEnv, spec: &OpSpec) -> Result<Option<Final>, Unfinished> {
+    Ok(precheck_seen(env, spec).await?.0)
+}
+
+/// [`precheck`], and what it read (for the gate).
+pub async fn precheck_seen(
+    env: &ExecEnv,
+    spec: &OpSpec,
+) -> Result<(Option<Final>, Seen), Unfinished> {
+    let mut seen = Seen::default();
     let Some(g) = spec.guest() else {
-        return Ok(None);
+        return Ok((None, seen));
     };
     // Undo and release may act on a guest that is gone (a destroy's undo); the gate
     // checks the rest itself.
     if matches!(spec, OpSpec::Undo { .. } | OpSpec::ReleaseUndo { .. }) {
-        return Ok(None);
+        return Ok((None, seen));
     }
     let found = find_guest(env, g.vmid).await?;
+    seen.listing = Some(found.clone());
     if matches!(spec, OpSpec::Restore { .. }) && found.is_none() {
-        return Ok(None);
+        return Ok((None, seen));
     }
     if let OpSpec::CreateContainer { .. } = spec {
-        return Ok(found.map(|(kind, _)| {
+        let r = found.map(|(kind, _)| {
             refused(format!(
                 "vmid {} already exists on this node ({kind})",
                 g.vmid
             ))
-        }));
+        });
+        return Ok((r, seen));
     }
     let Some((kind, status)) = found else {
-        return Ok(Some(refused(format!(
-            "guest {} does not exist on this node",
-            g.vmid
-        ))));
+        let r = refused(format!("guest {} does not exist on this node", g.vmid));
+        return Ok((Some(r), seen));
     };
     if kind != g.kind {
-        return Ok(Some(refused(format!(
+        let r = refused(format!(
             "guest {} is {kind}, the operation was signed for {}",
             g.vmid, g.kind
-        ))));
+        ));
+        return Ok((Some(r), seen));
     }
-    if let Some(want) = &g.expect_digest {
+    // A gated kind reads the config anyway (its decision needs it): read once, here.
+    if g.expect_digest.is_some() || spec.is_gated() {
         let config = env
             .pve
             .guest_config(g.kind, g.vmid)
             .await
-            .map_err(px("reading the guest's config"))?;
-        let have = config
+            .map_err(px("reading the guest's config"))?
             .raw()
+            .clone();
+        let have = config
             .get("digest")
             .and_then(Value::as_str)
-            .unwrap_or("");
-        if have != want {
-            return Ok(Some(refused(format!(
+            .unwrap_or("")
+            .to_string();
+        seen.config = Some(config);
+        if let Some(want) = &g.expect_digest
+            && &have != want
+        {
+            let r = refused(format!(
                 "guest {}'s config digest is {have}, the operation expects {want}",
                 g.vmid
-            ))));
+            ));
+            return Ok((Some(r), seen));
         }
     }
-    match spec {
-        OpSpec::Reboot { .. } if status != "running" => Ok(Some(refused(format!(
+    let r = match spec {
+        OpSpec::Reboot { .. } if status != "running" => Some(refused(format!(
             "guest {} is {status}; only a running guest can be rebooted",
             g.vmid
-        )))),
+        ))),
         OpSpec::Snapshot { name, .. } => {
             let snaps = env
                 .pve
                 .snapshots(g.kind, g.vmid)
                 .await
                 .map_err(px("listing the guest's snapshots"))?;
-            Ok(snaps.iter().any(|s| &s.name == name).then(|| {
+            snaps.iter().any(|s| &s.name == name).then(|| {
                 refused(format!(
                     "guest {} already has a snapshot named {name}",
                     g.vmid
                 ))
-            }))
+            })
         }
-        _ => Ok(None),
-    }
+        _ => None,
+    };
+    Ok((r, seen))
 }
 
 /// Where an operation stands, from its record: the UPIDs so far and when its intent was
@@ -550,6 +587,8 @@ pub struct Progress {
     pub gate: Value,
     /// Who asked: `local:<user>` for a local request, else `signed:<op_id>`.
     pub by: String,
+    /// What the precheck read just before, in this lane (`None` when resuming).
+    pub seen: Option<Seen>,
 }
 
 /// Runs (or resumes) `spec`. The intent is committed. `permit` is the guest's lane permit
@@ -620,7 +659,16 @@ pub async fn execute(
                 op_id: &progress.op_id,
                 by: progress.by.clone(),
             };
-            gate::run(env, &g, p, who, &progress.gate, progress.resuming).await
+            gate::run(
+                env,
+                &g,
+                p,
+                who,
+                &progress.gate,
+                progress.resuming,
+                progress.seen.as_ref(),
+            )
+            .await
         }
         (OpSpec::CreateContainer { guest, spec }, Some(_)) => {
             if progress.resuming && find_guest(env, guest.vmid).await?.is_some() {

@@ -737,6 +737,10 @@ impl Inner {
 
     fn finalize(&self, op_id: &str, from: &[&str], f: Final) -> Result<(), OpsError> {
         let finished = now_ms();
+        let (gate, f) = match f {
+            Final::Stepped { gate, end } => (Some(gate), *end),
+            f => (None, f),
+        };
         let (state, reason, message, result) = match f {
             Final::Applied(r) => ("applied", None, None, r),
             Final::Failed(m) => ("failed", None, Some(m), Map::new()),
@@ -751,6 +755,12 @@ impl Inner {
                 Some(message),
                 Map::new(),
             ),
+            Final::Stepped { end, .. } => (
+                "failed",
+                None,
+                Some(format!("a gated end wrapped twice: {end:?}")),
+                Map::new(),
+            ),
         };
         let done = self.transition(
             op_id,
@@ -761,6 +771,9 @@ impl Inner {
                 r.message = message;
                 r.result = result;
                 r.finished_ms = Some(finished);
+                if let Some(g) = gate {
+                    r.gate = g;
+                }
             },
             true,
         )?;
@@ -1085,9 +1098,9 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
                 .await;
                 return;
             }
-            match exec::precheck(&env, &spec).await {
-                Ok(None) => {}
-                Ok(Some(f)) => {
+            let seen = match exec::precheck_seen(&env, &spec).await {
+                Ok((None, seen)) => seen,
+                Ok((Some(f), _)) => {
                     let id = op_id.to_string();
                     let _ = blocking(inner, move |i| i.finalize(&id, &["held"], f)).await;
                     return;
@@ -1097,7 +1110,7 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
                     inner.retry_later(op_id);
                     return;
                 }
-            }
+            };
             // The window, just before the first request.
             if unix_now() >= rec.not_after.saturating_add(inner.skew()) {
                 let id = op_id.to_string();
@@ -1130,11 +1143,13 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
             }
             inner.refresh();
             tracing::info!(op_id, op = %rec.kind, vmid = ?rec.vmid, "signed operation: intent recorded");
-            false
+            Some(seen)
         }
-        "running" => true,
+        "running" => None,
         _ => return,
     };
+    let seen = resuming;
+    let resuming = seen.is_none();
     let id = op_id.to_string();
     let Some(Ok(Some(rec))) = blocking(inner, move |i| i.journal.op_get(&id)).await else {
         return;
@@ -1146,6 +1161,7 @@ async fn run_checked(inner: &Arc<Inner>, op_id: &str, permit: Option<&GuestPermi
         resuming,
         gate: rec.gate.clone(),
         by: local_signer(&rec).map_or_else(|| format!("signed:{op_id}"), str::to_string),
+        seen,
     };
     if resuming {
         tracing::info!(op_id, upids = ?rec.upids, "resuming an unfinished signed operation");

@@ -5,6 +5,44 @@
 //! and the result's `undo` object. Every request goes through [`Machine::task`], so a
 //! resume never repeats a finished one.
 //!
+//! ## set_config: three commits
+//! A `set_config` is the gate's most frequent kind and its undo point costs no request (the
+//! previous values), so its steps are laid out to commit only where a crash needs a
+//! record, and to reuse what the lane's precheck read just before (the guest's listing:
+//! kind and power state; its config and digest). The precheck runs under the same lane
+//! permit, so nothing in this agent changes the guest in between; a foreign edit
+//! meanwhile moves the digest, and the write carries the digest read, so Proxmox refuses it.
+//! 1. The intent (`running`, issue 12's commit, in the ops service).
+//! 2. One commit (`op_update_with_undo`): the decision, the undo point (previous values of
+//!    exactly the keys touched, the digest before, the power state before) with its
+//!    `undo_points` row, and the action's slot (its start): the intent of the write.
+//! 3. The write (`PUT …/config` with the digest before). An LXC write is synchronous; a
+//!    QEMU one may answer with a task, whose UPID is committed the moment Proxmox answers
+//!    and waited on. Then the config is read for the digest after, and the power state for
+//!    the health check (it is still read after the change). Neither is committed yet.
+//! 4. The end, in one commit with the steps so far (action outcome, digest after, health
+//!    verdict): [`Final::Stepped`]. On a failed health check, the undo's first slot commit
+//!    records them instead, before the previous values are written back.
+//!
+//! Resume (a kill -9 anywhere; the record says `running`):
+//! - no undo point/slot in the record: nothing was sent; the steps start again (the
+//!   decision is made again from fresh reads, since a resume has no precheck).
+//! - the action's slot with an outcome: not sent again.
+//! - the slot with a UPID (QEMU): waited on. Without one, a QEMU config task of ours since
+//!   the slot began is adopted; otherwise (and for LXC) the config is read:
+//!   - digest still the one before: the write did not happen; it is sent again, with the
+//!     same digest guard, so it cannot apply twice;
+//!   - digest moved and the touched keys hold the signed values: it happened; the digest
+//!     now is the digest after;
+//!   - otherwise someone else edited the config: `failed`, undo `not_possible`, nothing
+//!     written over the edit.
+//!
+//!   A write Proxmox refused changed nothing, so a resume finds the digest unmoved and
+//!   sends it again; refused again, it ends `failed` with nothing changed.
+//! - the health check is read again (a read); the undo, if it fails, runs through its own
+//!   slots, committed before the write back and guarded by the digest after, so the
+//!   previous values are written back at most once with effect.
+//!
 //! Must never: act before the undo point is confirmed (a snapshot listed, a backup's archive
 //! listed), remove an undo point outside `release_undo`, or overwrite a config that changed
 //! since the gate's own write (the digest moved: the undo is `not_possible`).
@@ -15,8 +53,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::capability::{self, Plan};
+use super::steps::Slot;
 use super::steps::{BoxFut, Decided, Machine, Made, Outcome, Sent, Verdict, await_power};
-use crate::ops::exec::{ExecEnv, Final, GuestRef, Unfinished, task_type};
+use crate::ops::exec::{ExecEnv, Final, GuestRef, Seen, Unfinished, task_type};
 use crate::proxmox::{
     ConfigChange, ConfigValue, GuestKind, GuestPermit, ProxmoxError, QemuRestoreOptions,
     RestoreOptions, SetConfigOutcome, SnapshotName, VzdumpCompress, VzdumpMode, VzdumpOptions,
@@ -199,6 +238,7 @@ async fn decide(
     env: &ExecEnv,
     g: &Gated,
     op_id: &str,
+    seen: Option<&Seen>,
 ) -> Result<Result<Decided, Final>, Unfinished> {
     let guest = &g.guest;
     let at_ms = now_ms();
@@ -214,7 +254,11 @@ async fn decide(
         restore_storage: None,
         at_ms,
     };
-    let found = exists(env, guest).await?;
+    // What the precheck just read in this lane is reused, not read again.
+    let found = match seen.and_then(|s| s.listing.clone()) {
+        Some(l) => l.map(|(_, status)| (guest.kind, status)),
+        None => exists(env, guest).await?,
+    };
     if let GateOp::Restore { force, .. } = &g.op {
         match &found {
             None => {
@@ -247,7 +291,10 @@ async fn decide(
         }
         .to_string(),
     );
-    let config = read_config(env, guest).await?;
+    let config = match seen.and_then(|s| s.config.clone()) {
+        Some(c) => c,
+        None => read_config(env, guest).await?,
+    };
     d.digest = config
         .get("digest")
         .and_then(Value::as_str)
@@ -270,6 +317,19 @@ async fn decide(
     };
     match &g.op {
         GateOp::SetConfig { config: set } => {
+            // A resume decides without the precheck: the signed digest still holds.
+            if let Some(want) = &guest.expect_digest
+                && d.digest.as_deref() != Some(want.as_str())
+            {
+                return Ok(Err(refused(
+                    "precondition_failed",
+                    format!(
+                        "guest {}'s config digest is {}, the operation expects {want}",
+                        guest.vmid,
+                        d.digest.as_deref().unwrap_or("none")
+                    ),
+                )));
+            }
             d.previous_values = true;
             d.plan = Plan::None {
                 why: "previous values".into(),
@@ -376,16 +436,6 @@ async fn make_undo_point<'a>(
                 released_by: None,
             }
         };
-    if d.previous_values {
-        let p = base("previous_values", None, None, None);
-        let made = Made {
-            kind: "previous_values".into(),
-            reference: None,
-            storage: None,
-        };
-        m.commit_with_undo(|s| s.undo_point = Some(made), p).await?;
-        return Ok(Ok(()));
-    }
     match d.plan.clone() {
         Plan::None { .. } => {
             m.commit(|s| {
@@ -578,30 +628,11 @@ async fn act<'a>(
     m: &mut Machine<'a>,
     g: &'a Gated,
     permit: &'a GuestPermit,
-    d: &'a Decided,
+    d: &Decided,
 ) -> Result<Outcome, Unfinished> {
     let env = m.env;
     let guest = &g.guest;
     match &g.op {
-        GateOp::SetConfig { config } => {
-            let change = change_of(config, d.digest.as_deref());
-            m.task(
-                "action",
-                type_of(guest.kind, "config"),
-                move || -> BoxFut<'a, _> {
-                    Box::pin(async move { Ok(config_has(&read_config(env, guest).await?, config)) })
-                },
-                move || -> BoxFut<'a, _> {
-                    Box::pin(async move {
-                        match env.pve.set_config(permit, guest.kind, &change).await? {
-                            SetConfigOutcome::Applied => Ok(Sent::Done),
-                            SetConfigOutcome::Task(u) => Ok(Sent::Task(u)),
-                        }
-                    })
-                },
-            )
-            .await
-        }
         GateOp::Rollback { snapshot, start } => {
             let snap = SnapshotName::new(snapshot.clone())
                 .map_err(|e| Unfinished::Blocking(e.to_string()))?;
@@ -680,9 +711,12 @@ async fn act<'a>(
             )
             .await
         }
-        GateOp::Undo { .. } | GateOp::ReleaseUndo { .. } => Ok(Outcome::Failed {
-            error: "not a mutation".into(),
-        }),
+        // set_config runs its own steps; undo and release are not mutations of their own.
+        GateOp::SetConfig { .. } | GateOp::Undo { .. } | GateOp::ReleaseUndo { .. } => {
+            Ok(Outcome::Failed {
+                error: "not run through the generic steps".into(),
+            })
+        }
     }
 }
 
@@ -991,7 +1025,9 @@ async fn run_undo<'a>(
     )
 }
 
-/// Runs (or resumes) a gated operation. The intent is committed.
+/// Runs (or resumes) a gated operation. The intent is committed. `seen`: what the
+/// precheck read just before in this lane (`None` when resuming). The end carries the
+/// gate's steps ([`Final::Stepped`]), so the last ones are recorded with it in one commit.
 pub async fn run(
     env: &ExecEnv,
     g: &Gated,
@@ -999,15 +1035,32 @@ pub async fn run(
     who: Who<'_>,
     gate: &Value,
     resuming: bool,
+    seen: Option<&Seen>,
 ) -> Result<Final, Unfinished> {
     let mut m = Machine::new(env, who.op_id, g.guest.vmid, gate, resuming);
+    let end = run_steps(&mut m, g, permit, &who, seen).await?;
+    Ok(Final::Stepped {
+        gate: serde_json::to_value(&m.steps).unwrap_or(Value::Null),
+        end: Box::new(end),
+    })
+}
+
+async fn run_steps<'a>(
+    m: &mut Machine<'a>,
+    g: &'a Gated,
+    permit: &'a GuestPermit,
+    who: &Who<'_>,
+    seen: Option<&Seen>,
+) -> Result<Final, Unfinished> {
+    let env = m.env;
     match &g.op {
-        GateOp::Undo { op_id } => return undo_op(&mut m, g, permit, op_id).await,
-        GateOp::ReleaseUndo { op_id } => return release(&mut m, g, permit, op_id, &who.by).await,
+        GateOp::Undo { op_id } => return undo_op(m, g, permit, op_id).await,
+        GateOp::ReleaseUndo { op_id } => return release(m, g, permit, op_id, &who.by).await,
+        GateOp::SetConfig { config } => return set_config(m, g, permit, config, seen).await,
         _ => {}
     }
     if m.steps.decided.is_none() {
-        match decide(env, g, who.op_id).await? {
+        match decide(env, g, who.op_id, seen).await? {
             Ok(d) => m.commit(|s| s.decided = Some(d)).await?,
             Err(f) => return Ok(f),
         }
@@ -1016,17 +1069,27 @@ pub async fn run(
         return Ok(Final::Failed("the gate's decision was not recorded".into()));
     };
     if m.steps.undo_point.is_none()
-        && let Err(f) = make_undo_point(&mut m, g, permit, &d).await?
+        && let Err(f) = make_undo_point(m, g, permit, &d).await?
     {
         return Ok(f);
     }
     let made = m.steps.undo_point.clone();
-    let action = act(&mut m, g, permit, &d).await?;
-    if matches!(g.op, GateOp::SetConfig { .. }) && m.steps.digest_after.is_none() {
-        let c = read_config(env, &g.guest).await?;
-        let after = c.get("digest").and_then(Value::as_str).map(str::to_string);
-        m.commit(|s| s.digest_after = after).await?;
-    }
+    let action = act(m, g, permit, &d).await?;
+    finish(m, g, permit, &d, made, action).await
+}
+
+/// After the action: the health check (committed unless already known), then the end,
+/// or the undo and its end.
+async fn finish<'a>(
+    m: &mut Machine<'a>,
+    g: &'a Gated,
+    permit: &'a GuestPermit,
+    d: &Decided,
+    made: Option<Made>,
+    action: Outcome,
+) -> Result<Final, Unfinished> {
+    let env = m.env;
+    let d = d.clone();
     let failure = match &action {
         Outcome::Failed { error } => Some(error.clone()),
         Outcome::Ok => {
@@ -1074,7 +1137,7 @@ pub async fn run(
     if m.steps.undo.is_none() {
         let after = m.steps.digest_after.clone();
         let v = run_undo(
-            &mut m,
+            m,
             "undo",
             &g.guest,
             permit,
@@ -1113,6 +1176,164 @@ pub async fn run(
             message: Some(format!("{why}; {}", u.detail)),
             result: r,
         })
+    }
+}
+
+/// `set_config`'s action slot.
+const ACTION: &str = "action";
+
+/// `set_config`: see the module doc ("set_config: three commits"). One commit before the
+/// write (decision, previous values as the undo point, the action's slot: its intent),
+/// the write (a QEMU task's UPID committed as Proxmox answers), the digest after and the
+/// health check kept in memory and recorded with the end (or with the undo's first step).
+async fn set_config<'a>(
+    m: &mut Machine<'a>,
+    g: &'a Gated,
+    permit: &'a GuestPermit,
+    values: &'a Map<String, Value>,
+    seen: Option<&Seen>,
+) -> Result<Final, Unfinished> {
+    let env = m.env;
+    let guest = &g.guest;
+    let made = Made {
+        kind: "previous_values".into(),
+        reference: None,
+        storage: None,
+    };
+    if m.steps.decided.is_none() {
+        let op_id = m.op_id.clone();
+        match decide(env, g, &op_id, seen).await? {
+            Ok(d) => m.steps.decided = Some(d),
+            Err(f) => return Ok(f),
+        }
+    }
+    let Some(d) = m.steps.decided.clone() else {
+        return Ok(Final::Failed("the gate's decision was not recorded".into()));
+    };
+    // The decision, the undo point and the action's slot in one commit: the intent of
+    // the write. (A record from before this layout may hold the decision alone, or the
+    // undo point without the slot: then nothing was sent yet either.)
+    let mut fresh = false;
+    if m.steps.undo_point.is_none() || !m.steps.slots.contains_key(ACTION) {
+        let at = now_ms();
+        m.steps.slots.insert(
+            ACTION.into(),
+            Slot {
+                started_ms: at,
+                upid: None,
+                outcome: None,
+            },
+        );
+        if m.steps.undo_point.is_none() {
+            let point = previous_values_point(&m.op_id, g, &d);
+            let mk = made.clone();
+            m.commit_with_undo(|s| s.undo_point = Some(mk), point)
+                .await?;
+        } else {
+            m.commit(|_| {}).await?;
+        }
+        fresh = true;
+    }
+    let action = match m.outcome(ACTION).cloned() {
+        Some(o) => o,
+        None => {
+            let mut upid = m.upid(ACTION);
+            let mut send = fresh && upid.is_none();
+            if !fresh && upid.is_none() {
+                // Resumed with the slot open: did the write happen?
+                if guest.kind == GuestKind::Qemu {
+                    upid = m.adopt(ACTION, type_of(guest.kind, "config")).await?;
+                }
+                if upid.is_none() {
+                    let now = read_config(env, guest).await?;
+                    let have = now
+                        .get("digest")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    match (&d.digest, &have) {
+                        // Not written: send it (again). Its digest guard makes a double
+                        // apply impossible.
+                        (Some(before), Some(h)) if before == h => send = true,
+                        // Written: the digest moved and the keys hold the signed values.
+                        _ if config_has(&now, values) => m.steps.digest_after = have,
+                        // Nothing to tell a write by: the values are not there, write.
+                        (None, _) => send = true,
+                        // Someone else edited the config: not ours to write over.
+                        (Some(before), _) => {
+                            let msg = format!(
+                                "the config changed before the change was known to be written (digest {before} before, {} now, without the signed values); nothing written over it",
+                                have.as_deref().unwrap_or("none")
+                            );
+                            m.steps.slots.entry(ACTION.into()).and_modify(|s| {
+                                s.outcome = Some(Outcome::Failed { error: msg.clone() })
+                            });
+                            let mut r = Map::new();
+                            r.insert("undo".into(), undo_json(Some(&made), "not_possible"));
+                            return Ok(Final::Ended {
+                                state: "failed",
+                                message: Some(msg),
+                                result: r,
+                            });
+                        }
+                    }
+                }
+            }
+            let o = match upid {
+                Some(u) => m.wait(&u).await?,
+                None if send => {
+                    let change = change_of(values, d.digest.as_deref());
+                    match env.pve.set_config(permit, guest.kind, &change).await {
+                        Ok(SetConfigOutcome::Applied) => Outcome::Ok,
+                        Ok(SetConfigOutcome::Task(u)) => {
+                            m.record_upid(ACTION, &u).await?;
+                            m.wait(&u).await?
+                        }
+                        // It may have reached Proxmox: the resume reads the digest.
+                        Err(e) if e.is_transient() => {
+                            return Err(px("writing the guest's config")(e));
+                        }
+                        Err(e) => Outcome::Failed {
+                            error: e.to_string(),
+                        },
+                    }
+                }
+                None => Outcome::Ok,
+            };
+            if let Some(s) = m.steps.slots.get_mut(ACTION) {
+                s.outcome = Some(o.clone());
+            }
+            o
+        }
+    };
+    if action.is_ok() {
+        if m.steps.digest_after.is_none() {
+            let c = read_config(env, guest).await?;
+            m.steps.digest_after = c.get("digest").and_then(Value::as_str).map(str::to_string);
+        }
+        if m.steps.health.is_none() {
+            m.steps.health = Some(health(env, g, &d).await?);
+        }
+    }
+    finish(m, g, permit, &d, Some(made), action).await
+}
+
+/// The previous values of a `set_config` as its undo point's row.
+fn previous_values_point(op_id: &str, g: &Gated, d: &Decided) -> UndoPoint {
+    UndoPoint {
+        op_id: op_id.to_string(),
+        op_kind: g.op.kind().to_string(),
+        vmid: g.guest.vmid.get(),
+        guest_kind: g.guest.kind.as_str().to_string(),
+        kind: "previous_values".into(),
+        reference: None,
+        storage: None,
+        size_bytes: None,
+        detail: json!({"power": d.power, "previous": d.previous, "digest": d.digest,
+            "restore_storage": d.restore_storage}),
+        created_ms: d.at_ms,
+        status: "kept".into(),
+        released_ms: None,
+        released_by: None,
     }
 }
 

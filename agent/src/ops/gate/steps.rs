@@ -12,6 +12,11 @@
 //!   step's effect is already there (a snapshot listed, a guest gone, ...); only then is the
 //!   request sent.
 //!
+//! `set_config` (see `run`'s module doc) uses the slots without [`Machine::task`]: its slot
+//! is committed together with the decision and the undo point, and a resumed open slot is
+//! told done or not by the config's digest, so its outcome, the digest after and the
+//! health verdict can wait in memory for the end's commit.
+//!
 //! Must never: send a request before its slot is committed, send one again whose slot has
 //! an outcome, or write an undo point except in the same transaction as its step.
 
@@ -235,40 +240,13 @@ impl<'a> Machine<'a> {
                     "the journal holds an unreadable task id {u:?}: {e}"
                 ))
             })?),
-            Some(Slot { started_ms, .. }) => {
-                // Started before a crash without a UPID: adopt the task, or see the effect.
-                let vmid = self.vmid;
-                let v = vmid.get();
-                let j = self.env.journal.clone();
-                let known =
-                    tokio::task::spawn_blocking(move || -> Result<Vec<String>, JournalError> {
-                        let mut k = j.upids_of(vmid)?;
-                        k.extend(j.op_upids_of(v)?);
-                        Ok(k)
-                    })
-                    .await
-                    .map_err(|e| Unfinished::Blocking(e.to_string()))??;
-                let found = self
-                    .env
-                    .pve
-                    .find_task(self.vmid, ty, started_ms.div_euclid(1000), &known)
-                    .await
-                    .map_err(|source| Unfinished::Proxmox {
-                        what: "searching the task list",
-                        source,
-                    })?;
-                match found {
-                    Some(u) => {
-                        tracing::info!(op_id = %self.op_id, slot = name, upid = %u, "adopting the task an interrupted step started");
-                        self.record_upid(name, &u).await?;
-                        Some(u)
-                    }
-                    None if done_already().await? => {
-                        return self.set_outcome(name, Outcome::Ok).await;
-                    }
-                    None => None,
+            Some(Slot { .. }) => match self.adopt(name, ty).await? {
+                Some(u) => Some(u),
+                None if done_already().await? => {
+                    return self.set_outcome(name, Outcome::Ok).await;
                 }
-            }
+                None => None,
+            },
             None => {
                 let n = name.to_string();
                 let at = now_ms();
@@ -313,17 +291,17 @@ impl<'a> Machine<'a> {
                 }
             },
         };
-        match Pve::wait(&self.env.pve, &upid, self.env.task_timeout).await {
-            Ok(_) => self.set_outcome(name, Outcome::Ok).await,
-            Err(e @ ProxmoxError::TaskFailed { .. }) => {
-                self.set_outcome(
-                    name,
-                    Outcome::Failed {
-                        error: e.to_string(),
-                    },
-                )
-                .await
-            }
+        let o = self.wait(&upid).await?;
+        self.set_outcome(name, o).await
+    }
+
+    /// Waits for a task's end: its outcome, or `Err` when the wait itself was lost.
+    pub async fn wait(&self, upid: &Upid) -> Result<Outcome, Unfinished> {
+        match Pve::wait(&self.env.pve, upid, self.env.task_timeout).await {
+            Ok(_) => Ok(Outcome::Ok),
+            Err(e @ ProxmoxError::TaskFailed { .. }) => Ok(Outcome::Failed {
+                error: e.to_string(),
+            }),
             Err(source) => Err(Unfinished::Proxmox {
                 what: "waiting for a gated step's task",
                 source,
@@ -331,7 +309,44 @@ impl<'a> Machine<'a> {
         }
     }
 
-    async fn record_upid(&mut self, name: &str, u: &Upid) -> Result<(), Unfinished> {
+    /// For slot `name`, started before a crash without a UPID: our token's task of type
+    /// `ty` for the guest since the slot's start that no record knows, adopted (its UPID
+    /// committed).
+    pub async fn adopt(&mut self, name: &str, ty: &str) -> Result<Option<Upid>, Unfinished> {
+        let Some(started_ms) = self.started_ms(name) else {
+            return Ok(None);
+        };
+        let vmid = self.vmid;
+        let v = vmid.get();
+        let j = self.env.journal.clone();
+        let known = tokio::task::spawn_blocking(move || -> Result<Vec<String>, JournalError> {
+            let mut k = j.upids_of(vmid)?;
+            k.extend(j.op_upids_of(v)?);
+            Ok(k)
+        })
+        .await
+        .map_err(|e| Unfinished::Blocking(e.to_string()))??;
+        let found = self
+            .env
+            .pve
+            .find_task(self.vmid, ty, started_ms.div_euclid(1000), &known)
+            .await
+            .map_err(|source| Unfinished::Proxmox {
+                what: "searching the task list",
+                source,
+            })?;
+        match found {
+            Some(u) => {
+                tracing::info!(op_id = %self.op_id, slot = name, upid = %u, "adopting the task an interrupted step started");
+                self.record_upid(name, &u).await?;
+                Ok(Some(u))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records slot `name`'s UPID (committed, with the record's `upids`).
+    pub async fn record_upid(&mut self, name: &str, u: &Upid) -> Result<(), Unfinished> {
         if let Some(slot) = self.steps.slots.get_mut(name) {
             slot.upid = Some(u.as_str().to_string());
         }
