@@ -471,10 +471,7 @@ async fn bench(n: usize, latency_ms: u64) -> Result<bool, String> {
             println!("    {at:>7} {r}");
         }
     }
-    println!(
-        "  gate steps the record holds (each committed on its own): {}",
-        steps_on.join(", ")
-    );
+    println!("  gate steps the record holds: {}", steps_on.join(", "));
     println!("  what the gate adds, each alone ({n} of each, interleaved):");
     summary("one config read", &mut reads);
     summary("one record commit", &mut commits);
