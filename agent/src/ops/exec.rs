@@ -681,7 +681,7 @@ pub async fn execute(
                 Err(e) => {
                     let why = format!("pct helper: {e}");
                     Ok(Final::Failed(
-                        match destroy_half_made(env, guest, permit).await? {
+                        match destroy_half_made(env, guest, spec, permit).await? {
                             Some(done) => format!("{why}; {done}"),
                             None => why,
                         },
@@ -839,15 +839,31 @@ pub async fn execute(
 }
 
 /// A failed `create_container` may leave the container half made: destroyed through the
-/// API (`purge`) when the vmid exists. `Some(what happened)` when there was one.
+/// API (`purge`) when the vmid exists, is not running, and its config is the one this
+/// operation described ([`looks_like_ours`]). A guest someone else put on that vmid
+/// meanwhile (the precheck found it free) is left alone and the result says so.
+/// `Some(what happened)` when there was a guest on the vmid.
 async fn destroy_half_made(
     env: &ExecEnv,
     guest: &GuestRef,
+    spec: &PctCreateSpec,
     permit: Option<&GuestPermit>,
 ) -> Result<Option<String>, Unfinished> {
-    let (Some(p), Some(_)) = (permit, find_guest(env, guest.vmid).await?) else {
+    let (Some(p), Some((_, status))) = (permit, find_guest(env, guest.vmid).await?) else {
         return Ok(None);
     };
+    let config = env
+        .pve
+        .guest_config(guest.kind, guest.vmid)
+        .await
+        .map_err(px("reading the half-made container's config"))?;
+    if status == "running" || !looks_like_ours(config.raw(), spec) {
+        tracing::warn!(vmid = %guest.vmid, %status, "create_container failed; the guest on its vmid is not the one it described: left alone");
+        return Ok(Some(format!(
+            "guest {} exists ({status}) but is not the container this operation described; left alone",
+            guest.vmid
+        )));
+    }
     tracing::warn!(vmid = %guest.vmid, "create_container failed and left the container: destroying it");
     Ok(Some(
         match env.pve.destroy(p, guest.kind, true, true).await {
@@ -858,6 +874,23 @@ async fn destroy_half_made(
             Err(e) => format!("destroying the half-made container failed: {e}"),
         },
     ))
+}
+
+/// Whether a container's config is the one `spec` describes: its hostname, memory, swap
+/// and cores as the spec set them. A config without them (a creation that stopped before
+/// writing them) is not taken as ours: destroying a guest is only done on evidence.
+fn looks_like_ours(config: &Map<String, Value>, spec: &PctCreateSpec) -> bool {
+    let num = |k: &str| -> Option<u64> {
+        match config.get(k)? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    };
+    config.get("hostname").and_then(Value::as_str) == Some(spec.hostname.as_str())
+        && num("memory") == Some(u64::from(spec.memory_mib.get()))
+        && num("swap") == Some(u64::from(spec.swap_mib.get()))
+        && num("cores") == Some(u64::from(spec.cores.get()))
 }
 
 /// A failed snapshot may leave a partial snapshot in the config: deleted with `force`.
@@ -1236,5 +1269,31 @@ mod tests {
                 .gated()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn only_the_container_the_spec_described_is_taken_for_a_half_made_one() {
+        let spec: PctCreateSpec = serde_json::from_value(json!({
+            "vmid": 120, "ostemplate": "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst",
+            "hostname": "web1", "memory_mib": 1024, "swap_mib": 512, "cores": 2,
+            "rootfs": {"storage": "local-lvm", "size_gib": 8},
+            "net": {"bridge": "vmbr0", "ip": "dhcp", "gw": null},
+            "nesting": false, "ssh_public_keys": [], "start": false, "onboot": false
+        }))
+        .expect("spec");
+        let ours = obj(json!({"hostname": "web1", "memory": 1024, "swap": "512", "cores": 2}));
+        assert!(looks_like_ours(&ours, &spec));
+        for (k, v) in [
+            ("hostname", json!("db1")),
+            ("memory", json!(2048)),
+            ("swap", json!(0)),
+            ("cores", json!("4")),
+        ] {
+            let mut other = ours.clone();
+            other.insert(k.into(), v);
+            assert!(!looks_like_ours(&other, &spec), "{k}");
+            other.remove(k);
+            assert!(!looks_like_ours(&other, &spec), "{k} absent");
+        }
     }
 }
